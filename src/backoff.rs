@@ -1,0 +1,129 @@
+//! The one backoff policy of Spiegel: how long to wait before attempt N+1.
+//!
+//! It serves both the user-facing retry options (`--backoff-strategy`,
+//! `--backoff-delay`, `--backoff-multiplier`, `--backoff-limit`, with Spiegel
+//! 1.2's meaning) and the internal reconnects of CouchDB feeds (exponential,
+//! capped, with jitter so that many workers do not reconnect in step).
+
+use std::time::Duration;
+
+use rand::Rng;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// The same delay before every retry (Spiegel 1.2's "linear").
+    Linear,
+    /// `delay * multiplier^(retry - 1)`.
+    Exponential,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backoff {
+    pub strategy: Strategy,
+    pub delay: Duration,
+    pub multiplier: f64,
+    /// Upper bound of one wait; `None` for no bound.
+    pub max_delay: Option<Duration>,
+    /// Number of retries after the first attempt; 0 retries forever.
+    pub limit: u32,
+    /// Draw each wait uniformly from [wait/2, wait] ("equal jitter").
+    pub jitter: bool,
+}
+
+impl Backoff {
+    /// The policy for reconnecting a dropped feed: 250 ms doubling up to
+    /// `cap`, jittered, forever.
+    pub fn reconnect(cap: Duration) -> Self {
+        Backoff {
+            strategy: Strategy::Exponential,
+            delay: Duration::from_millis(250),
+            multiplier: 2.0,
+            max_delay: Some(cap),
+            limit: 0,
+            jitter: true,
+        }
+    }
+
+    /// The wait before retry number `retry` (1 for the first retry).
+    pub fn wait(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(64) as i32;
+        let secs = match self.strategy {
+            Strategy::Linear => self.delay.as_secs_f64(),
+            Strategy::Exponential => self.delay.as_secs_f64() * self.multiplier.powi(exponent),
+        };
+        let mut wait = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
+        if let Some(max) = self.max_delay {
+            wait = wait.min(max);
+        }
+        if self.jitter && !wait.is_zero() {
+            let half = wait / 2;
+            wait = half + rand::rng().random_range(Duration::ZERO..=half);
+        }
+        wait
+    }
+
+    /// True when `retries` retries have been made and no more are allowed.
+    pub fn exhausted(&self, retries: u32) -> bool {
+        self.limit != 0 && retries >= self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(strategy: Strategy) -> Backoff {
+        Backoff {
+            strategy,
+            delay: Duration::from_secs(5),
+            multiplier: 2.0,
+            max_delay: None,
+            limit: 3,
+            jitter: false,
+        }
+    }
+
+    #[test]
+    fn linear_waits_the_same_delay_every_time() {
+        let b = policy(Strategy::Linear);
+        assert_eq!(b.wait(1), Duration::from_secs(5));
+        assert_eq!(b.wait(4), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn exponential_multiplies_and_caps() {
+        let mut b = policy(Strategy::Exponential);
+        assert_eq!(b.wait(1), Duration::from_secs(5));
+        assert_eq!(b.wait(2), Duration::from_secs(10));
+        assert_eq!(b.wait(3), Duration::from_secs(20));
+        b.max_delay = Some(Duration::from_secs(12));
+        assert_eq!(b.wait(3), Duration::from_secs(12));
+        assert!(b.wait(u32::MAX) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn limit_zero_means_forever() {
+        let mut b = policy(Strategy::Linear);
+        assert!(!b.exhausted(2));
+        assert!(b.exhausted(3));
+        b.limit = 0;
+        assert!(!b.exhausted(1_000_000));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_full_wait() {
+        let b = Backoff::reconnect(Duration::from_secs(8));
+        for retry in 1..20 {
+            let w = b.wait(retry);
+            assert!(w <= Duration::from_secs(8), "{w:?}");
+        }
+        let w = b.wait(1);
+        assert!(
+            w >= Duration::from_millis(125) && w <= Duration::from_millis(250),
+            "{w:?}"
+        );
+    }
+}

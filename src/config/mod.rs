@@ -1,0 +1,398 @@
+//! Command line and environment: both `spiegel replicator --url ...` and
+//! Spiegel 1.2's `spiegel --type=replicator --url=...`, every option also as
+//! an upper-snake-case environment variable, with Spiegel 1.2's defaults.
+
+mod passwords;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+pub use self::passwords::{Passwords, PasswordsError};
+use crate::backoff::{Backoff, Strategy};
+use crate::couch::{SecretUrl, UrlError};
+
+/// What the process does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand, ValueEnum)]
+pub enum Command {
+    /// Create the spiegel database, its security and internal documents, and
+    /// `_global_changes` when missing. Safe to run again.
+    Install,
+    /// Remove what install made (user documents only with --delete-user-docs).
+    Uninstall,
+    /// Run every worker role in one process (small deployments).
+    Run,
+    /// Run the replicator role: replicate each database that changed.
+    Replicator,
+    /// Run the change-listener role: call on_change rules' APIs.
+    ChangeListener,
+    /// Spiegel 1.2's update-listener; no longer needed, stays idle.
+    UpdateListener,
+    /// Show the installation's state.
+    Status,
+}
+
+impl Command {
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Install => "install",
+            Command::Uninstall => "uninstall",
+            Command::Run => "run",
+            Command::Replicator => "replicator",
+            Command::ChangeListener => "change-listener",
+            Command::UpdateListener => "update-listener",
+            Command::Status => "status",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+    /// Spiegel 1.2's name for its most severe level; same as error.
+    Fatal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON lines otherwise.
+    Auto,
+    Human,
+    Json,
+}
+
+const AFTER_HELP: &str = "\
+Every option can also be set by an environment variable in upper snake case \
+(URL, TYPE, LOG_LEVEL, PASSWORDS_FILE, ...); a command-line option wins over \
+its variable. See docs/configuration.md for the full reference.";
+
+/// Scalable replication and change listening for Apache CouchDB.
+#[derive(Debug, Parser)]
+#[command(name = "spiegel", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The command, Spiegel 1.2 style: install, uninstall, run, replicator,
+    /// change-listener, update-listener or status.
+    #[arg(
+        long = "type",
+        env = "TYPE",
+        value_enum,
+        global = true,
+        value_name = "TYPE"
+    )]
+    pub type_: Option<Command>,
+
+    /// The CouchDB server, with an admin's credentials, e.g.
+    /// http://admin:secret@localhost:5984.
+    ///
+    /// Read as text and checked later, so that a malformed URL's password is
+    /// never echoed in an error.
+    #[arg(
+        long,
+        env = "URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub url: Option<String>,
+
+    #[arg(
+        long,
+        env = "LOG_LEVEL",
+        value_enum,
+        default_value = "info",
+        global = true
+    )]
+    pub log_level: LogLevel,
+
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "auto",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// The name of the spiegel database, which holds the replicator and
+    /// on_change docs and Spiegel's own bookkeeping.
+    #[arg(
+        long,
+        env = "DB_NAME",
+        default_value = "spiegel",
+        global = true,
+        value_name = "NAME"
+    )]
+    pub db_name: String,
+
+    /// A prefix for the ids of Spiegel's internal documents, to keep several
+    /// installations apart in one database.
+    #[arg(long, env = "NAMESPACE", default_value = "", global = true)]
+    pub namespace: String,
+
+    /// A JSON file {"<host>": {"<user>": "<password>"}} with the passwords of
+    /// user@host URLs in replicator and on_change docs.
+    #[arg(long, env = "PASSWORDS_FILE", global = true, value_name = "PATH")]
+    pub passwords_file: Option<PathBuf>,
+
+    /// The most changes read from a database's _changes feed at once.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 100, global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+
+    /// The most runs (replications, change batches) in flight at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 20, global = true,
+          value_parser = clap::value_parser!(u64).range(1..10_000))]
+    pub concurrency: u64,
+
+    /// Seconds after which a database that keeps answering "not found" is
+    /// taken for deleted: its work stops until it is created again.
+    #[arg(
+        long,
+        env = "ASSUME_DELETED_AFTER",
+        default_value_t = 300,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub assume_deleted_after: u64,
+
+    /// Seconds between saves of a worker's feed checkpoints, at most.
+    #[arg(
+        long,
+        env = "SAVE_SEQ_AFTER",
+        default_value_t = 60,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub save_seq_after: u64,
+
+    /// How the wait between retries of a failed API call or replication grows.
+    #[arg(
+        long,
+        env = "BACKOFF_STRATEGY",
+        value_enum,
+        default_value = "linear",
+        global = true
+    )]
+    pub backoff_strategy: Strategy,
+
+    /// Seconds to wait before the first retry (fractions allowed).
+    #[arg(long, env = "BACKOFF_DELAY", default_value_t = 5.0, global = true, value_name = "SECS",
+          value_parser = non_negative_secs)]
+    pub backoff_delay: f64,
+
+    /// Factor between successive waits with the exponential strategy.
+    #[arg(long, env = "BACKOFF_MULTIPLIER", default_value_t = 2.0, global = true,
+          value_parser = positive_number)]
+    pub backoff_multiplier: f64,
+
+    /// Retries after the first attempt; 0 retries forever.
+    #[arg(long, env = "BACKOFF_LIMIT", default_value_t = 0, global = true)]
+    pub backoff_limit: u32,
+
+    /// Spiegel 1.2's update-listener batching delay (ms). No effect: workers
+    /// follow database updates themselves, without a batching delay.
+    #[arg(
+        long,
+        env = "BATCH_TIMEOUT",
+        default_value_t = 1000,
+        global = true,
+        value_name = "MS"
+    )]
+    pub batch_timeout: u64,
+
+    /// Spiegel 1.2's wait before retrying locked work (s). No effect: a
+    /// crashed worker's work is taken over when its lease expires.
+    #[arg(
+        long,
+        env = "RETRY_AFTER",
+        default_value_t = 10800,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub retry_after: u64,
+
+    /// Spiegel 1.2's interval of stalled-work checks (s). No effect: leases
+    /// replace locks.
+    #[arg(
+        long,
+        env = "CHECK_STALLED",
+        default_value_t = 600,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub check_stalled: u64,
+
+    /// Partitions of database names, fixed at install (the most workers of
+    /// one role that can share the work).
+    #[arg(long, env = "PARTITIONS", default_value_t = 32, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
+
+    /// uninstall: also delete the spiegel database with the user's
+    /// replicator and on_change docs.
+    #[arg(long, global = true)]
+    pub delete_user_docs: bool,
+
+    /// status: print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Options that Spiegel 1.2 had and this design makes meaningless: accepted
+/// so that existing deployments start, and warned about when set.
+const OBSOLETE: [(&str, &str); 3] = [
+    ("batch_timeout", "workers follow database updates themselves, without a batching delay"),
+    ("retry_after", "there are no locks to wait for; a crashed worker's work is taken over when its lease expires"),
+    ("check_stalled", "there are no locks to check; leases replace them"),
+];
+
+/// Why the command line or the environment was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--url (or URL) is required: the CouchDB server, e.g. http://admin:secret@localhost:5984"
+    )]
+    MissingUrl,
+    #[error("a command is required: spiegel <COMMAND> or --type=<TYPE> (see --help)")]
+    MissingCommand,
+    #[error("--url (or URL): {0}")]
+    BadUrl(#[from] UrlError),
+    #[error("two different commands given: {0} and --type={1}")]
+    TwoCommands(&'static str, &'static str),
+    #[error(transparent)]
+    Passwords(#[from] PasswordsError),
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub command: Command,
+    pub url: SecretUrl,
+    pub db_name: String,
+    pub namespace: String,
+    pub passwords: Passwords,
+    pub batch_size: u64,
+    pub concurrency: usize,
+    pub assume_deleted_after: Duration,
+    pub save_seq_after: Duration,
+    pub backoff: Backoff,
+    pub partitions: u32,
+    pub delete_user_docs: bool,
+    pub json: bool,
+    /// Obsolete options that were set explicitly, with why they do nothing.
+    pub obsolete_set: Vec<(String, &'static str)>,
+}
+
+impl Cli {
+    /// Parses the process's arguments and environment; clap exits with its
+    /// own message on a malformed option.
+    pub fn parse_with_sources() -> (Cli, ArgMatches) {
+        let matches = Cli::command().get_matches();
+        Self::from_matches(matches)
+    }
+
+    /// Parses given arguments (for tests), reading the environment as usual.
+    pub fn try_parse_with_sources<I, T>(args: I) -> Result<(Cli, ArgMatches), clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        Ok(Self::from_matches(matches))
+    }
+
+    fn from_matches(matches: ArgMatches) -> (Cli, ArgMatches) {
+        // The matches were produced by this very Cli's command, so they fit.
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        (cli, matches)
+    }
+
+    /// Checks what clap cannot and loads the passwords file.
+    pub fn into_config(self, matches: &ArgMatches) -> Result<Config, ConfigError> {
+        let command = match (self.command, self.type_) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ConfigError::TwoCommands(a.name(), b.name()))
+            }
+            (Some(c), _) | (None, Some(c)) => c,
+            (None, None) => return Err(ConfigError::MissingCommand),
+        };
+        let url = SecretUrl::parse(self.url.as_deref().ok_or(ConfigError::MissingUrl)?)?;
+        let passwords = match &self.passwords_file {
+            Some(path) => Passwords::load(path)?,
+            None => Passwords::default(),
+        };
+        let obsolete_set = OBSOLETE
+            .iter()
+            .filter(|(id, _)| {
+                matches!(
+                    matches.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|(id, why)| (format!("--{}", id.replace('_', "-")), *why))
+            .collect();
+        Ok(Config {
+            command,
+            url,
+            db_name: self.db_name,
+            namespace: self.namespace,
+            passwords,
+            batch_size: self.batch_size,
+            // Bounded to < 10,000 by the parser.
+            concurrency: self.concurrency as usize,
+            assume_deleted_after: Duration::from_secs(self.assume_deleted_after),
+            save_seq_after: Duration::from_secs(self.save_seq_after),
+            backoff: Backoff {
+                strategy: self.backoff_strategy,
+                delay: Duration::from_secs_f64(self.backoff_delay),
+                multiplier: self.backoff_multiplier,
+                max_delay: None,
+                limit: self.backoff_limit,
+                jitter: false,
+            },
+            partitions: self.partitions,
+            delete_user_docs: self.delete_user_docs,
+            json: self.json,
+            obsolete_set,
+        })
+    }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=86_400.0 * 365.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range (0 to one year)"))
+    }
+}
+
+fn positive_number(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 && v <= 1000.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range (above 0, at most 1000)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,107 @@
+//! How workers of one role share the work: database names are split into a
+//! fixed number of partitions by a stable hash, and workers hold partitions
+//! through lease documents in the spiegel database.
+//!
+//! This module owns the ids and shapes of Spiegel's internal documents.
+
+use serde::{Deserialize, Serialize};
+
+/// The id prefix of every internal document except change-listener
+/// checkpoints (whose ids are fixed by Spiegel 1.2 compatibility).
+pub const INTERNAL_PREFIX: &str = "spiegel_";
+
+/// Spiegel 1.2's change-listener checkpoint id: `spiegel_cl_<db_name>`.
+pub fn change_listener_checkpoint_id(db_name: &str) -> String {
+    format!("spiegel_cl_{db_name}")
+}
+
+/// The settings document that install writes (`<namespace>spiegel_settings`).
+pub fn settings_doc_id(namespace: &str) -> String {
+    format!("{namespace}{INTERNAL_PREFIX}settings")
+}
+
+/// True for the ids of Spiegel's own bookkeeping documents (and design
+/// documents): what the config follower skips without reading the body.
+pub fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
+    id.starts_with("_design/")
+        || id.starts_with(INTERNAL_PREFIX)
+        || (!namespace.is_empty()
+            && id
+                .strip_prefix(namespace)
+                .is_some_and(|rest| rest.starts_with(INTERNAL_PREFIX)))
+}
+
+/// The installation's fixed parameters.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Number of partitions of database names; fixed once installed.
+    pub partitions: u32,
+    /// The Spiegel version that installed.
+    pub installed_by: String,
+}
+
+impl Settings {
+    pub const KIND: &'static str = "spiegel_settings";
+
+    pub fn new(partitions: u32) -> Self {
+        Settings {
+            kind: Self::KIND.to_string(),
+            partitions,
+            installed_by: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// The partition of a database name: FNV-1a (64 bit) of the name's UTF-8
+/// bytes, modulo the partition count. Stable across versions, platforms and
+/// languages, which matters because every worker must agree on it.
+pub fn partition_of(db_name: &str, partitions: u32) -> u32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = db_name
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_known() {
+        // FNV-1a test vectors: "" -> cbf29ce484222325, "a" -> af63dc4c8601ec8c.
+        assert_eq!(
+            partition_of("", 1 << 31),
+            (0xcbf2_9ce4_8422_2325u64 % (1 << 31)) as u32
+        );
+        assert_eq!(
+            partition_of("a", 1 << 31),
+            (0xaf63_dc4c_8601_ec8cu64 % (1 << 31)) as u32
+        );
+        assert_eq!(partition_of("user/1", 32), partition_of("user/1", 32));
+        assert!(partition_of("anything", 1) == 0);
+    }
+
+    #[test]
+    fn partitions_spread_names_evenly() {
+        let mut counts = [0u32; 16];
+        for i in 0..16_000 {
+            counts[partition_of(&format!("userdb-{i:x}"), 16) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn internal_ids_are_recognised() {
+        assert!(is_internal_doc_id("spiegel_cl_db", ""));
+        assert!(is_internal_doc_id("_design/x", ""));
+        assert!(is_internal_doc_id("test_spiegel_settings", "test_"));
+        assert!(!is_internal_doc_id("my-replicator", "test_"));
+    }
+}

@@ -1,0 +1,206 @@
+//! Errors of the CouchDB client, typed so that a caller can decide what to do:
+//! retry ([`CouchError::is_transient`]), give up on a database that is gone,
+//! resolve a conflict, or report a configuration problem.
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+
+use super::url::redact_credentials;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CouchError {
+    #[error("database {0:?} does not exist")]
+    DbNotFound(String),
+    #[error("document {id:?} not found in database {db:?} ({reason})")]
+    DocNotFound {
+        db: String,
+        id: String,
+        reason: String,
+    },
+    #[error("document update conflict")]
+    Conflict,
+    #[error("unauthorized: {0} (check the credentials in the URL or passwords file)")]
+    Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    /// Worth retrying: connection refused or reset, timeout, a 5xx answer, a
+    /// feed that stopped sending.
+    #[error("transient CouchDB error: {0}")]
+    Transient(String),
+    /// Any other answer the client does not know how to classify.
+    #[error("unexpected CouchDB answer {status}: {error}: {reason}")]
+    Unexpected {
+        status: u16,
+        error: String,
+        reason: String,
+    },
+    #[error("cannot decode CouchDB answer: {0}")]
+    Decode(String),
+}
+
+impl CouchError {
+    /// True for failures that a later attempt may not see.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CouchError::Transient(_))
+    }
+
+    /// Classifies a transport error. The message goes through
+    /// [`redact_credentials`] because reqwest includes the URL.
+    pub(crate) fn from_transport(err: reqwest::Error) -> Self {
+        let msg = redact_credentials(&describe(&err));
+        if err.is_decode() {
+            CouchError::Decode(msg)
+        } else {
+            CouchError::Transient(msg)
+        }
+    }
+
+    /// Classifies an error answer. `db` and `doc` say what the request was
+    /// about, so that a 404 can tell a missing database from a missing
+    /// document.
+    pub(crate) fn from_response(
+        status: StatusCode,
+        body: &[u8],
+        db: Option<&str>,
+        doc: Option<&str>,
+    ) -> Self {
+        let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+        let error = redact_credentials(&parsed.error.unwrap_or_default());
+        let reason = redact_credentials(&match parsed.reason {
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => other.to_string(),
+            None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        });
+        match status.as_u16() {
+            400 => CouchError::BadRequest(join(&error, &reason)),
+            401 => CouchError::Unauthorized(join(&error, &reason)),
+            403 => CouchError::Forbidden(join(&error, &reason)),
+            404 => match (db, doc) {
+                (Some(db), Some(id)) if !is_missing_db(&error, &reason) => {
+                    CouchError::DocNotFound {
+                        db: db.to_string(),
+                        id: id.to_string(),
+                        reason,
+                    }
+                }
+                (Some(db), _) => CouchError::DbNotFound(db.to_string()),
+                _ => CouchError::Unexpected {
+                    status: 404,
+                    error,
+                    reason,
+                },
+            },
+            409 => CouchError::Conflict,
+            412 => CouchError::PreconditionFailed(join(&error, &reason)),
+            408 | 429 | 500..=599 => CouchError::Transient(format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                join(&error, &reason)
+            )),
+            code => CouchError::Unexpected {
+                status: code,
+                error,
+                reason,
+            },
+        }
+    }
+}
+
+/// CouchDB says "Database does not exist." (3.x) or `no_db_file` (older).
+fn is_missing_db(error: &str, reason: &str) -> bool {
+    error == "no_db_file" || reason.contains("Database does not exist")
+}
+
+fn join(error: &str, reason: &str) -> String {
+    match (error.is_empty(), reason.is_empty()) {
+        (false, false) => format!("{error}: {reason}"),
+        (false, true) => error.to_string(),
+        _ => reason.to_string(),
+    }
+}
+
+/// reqwest's Display hides the cause ("error sending request"); the chain
+/// says what happened (connection refused, timed out...).
+fn describe(err: &reqwest::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        msg.push_str(": ");
+        msg.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    msg
+}
+
+#[derive(Default, Deserialize)]
+struct ErrorBody {
+    error: Option<String>,
+    reason: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, body: &str, db: Option<&str>, doc: Option<&str>) -> CouchError {
+        CouchError::from_response(
+            StatusCode::from_u16(status).unwrap(),
+            body.as_bytes(),
+            db,
+            doc,
+        )
+    }
+
+    #[test]
+    fn not_found_tells_database_from_document() {
+        let missing_db = r#"{"error":"not_found","reason":"Database does not exist."}"#;
+        let missing_doc = r#"{"error":"not_found","reason":"missing"}"#;
+        assert!(matches!(
+            classify(404, missing_db, Some("db"), Some("x")),
+            CouchError::DbNotFound(_)
+        ));
+        assert!(matches!(
+            classify(404, missing_doc, Some("db"), Some("x")),
+            CouchError::DocNotFound { .. }
+        ));
+        assert!(matches!(
+            classify(404, missing_doc, Some("db"), None),
+            CouchError::DbNotFound(_)
+        ));
+    }
+
+    #[test]
+    fn statuses_map_to_kinds() {
+        assert!(matches!(
+            classify(409, "{}", None, None),
+            CouchError::Conflict
+        ));
+        assert!(matches!(
+            classify(401, "{}", None, None),
+            CouchError::Unauthorized(_)
+        ));
+        assert!(matches!(
+            classify(403, "{}", None, None),
+            CouchError::Forbidden(_)
+        ));
+        assert!(matches!(
+            classify(400, "{}", None, None),
+            CouchError::BadRequest(_)
+        ));
+        assert!(classify(503, "oops", None, None).is_transient());
+        assert!(!classify(418, "{}", None, None).is_transient());
+    }
+
+    #[test]
+    fn error_reasons_are_redacted() {
+        let body =
+            r#"{"error":"db_not_found","reason":"could not open http://admin:pw@h:5984/src/"}"#;
+        let msg = classify(404, body, None, None).to_string();
+        assert!(msg.contains("admin:***@h"), "{msg}");
+        assert!(!msg.contains(":pw@"));
+    }
+}

@@ -1,0 +1,204 @@
+//! Continuous feeds (`_changes`, `_db_updates`) as streams that survive.
+//!
+//! A feed asks CouchDB for a heartbeat newline; when no byte arrives within
+//! twice that time the connection is taken for dead. A dead, dropped or
+//! refused connection is reopened with capped exponential backoff and jitter,
+//! resuming with `since=` the last seq received, so nothing is lost and at
+//! most the events after that seq are seen again. Errors that a reconnect
+//! cannot fix (the database is gone, the credentials are refused) end the
+//! stream with that error.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::types::{Change, DbUpdate, Seq};
+use super::{CouchClient, CouchError};
+use crate::backoff::Backoff;
+
+/// A feed of `T`: each item, or the error that ended the feed.
+pub type Feed<T> = Pin<Box<dyn Stream<Item = Result<T, CouchError>> + Send>>;
+
+#[derive(Clone, Debug)]
+pub struct FeedOptions {
+    /// How often CouchDB sends a newline on an idle feed.
+    pub heartbeat: Duration,
+    /// The longest wait between two reconnect attempts.
+    pub max_reconnect_delay: Duration,
+    /// Incremented at every reconnect, for metrics.
+    pub reconnects: Arc<AtomicU64>,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions {
+            heartbeat: Duration::from_secs(10),
+            max_reconnect_delay: Duration::from_secs(30),
+            reconnects: Arc::default(),
+        }
+    }
+}
+
+/// An item of a feed: it carries the seq to resume after it.
+pub trait FeedItem: DeserializeOwned + Send + 'static {
+    fn seq(&self) -> &Seq;
+}
+
+impl FeedItem for Change {
+    fn seq(&self) -> &Seq {
+        &self.seq
+    }
+}
+
+impl FeedItem for DbUpdate {
+    fn seq(&self) -> &Seq {
+        &self.seq
+    }
+}
+
+/// What one connection of the feed ended with.
+enum Ended {
+    /// Worth reconnecting: the reason is logged.
+    Retry(String),
+    /// CouchDB closed the feed normally (it sends `last_seq` first).
+    Closed,
+}
+
+pub(crate) fn continuous<T: FeedItem>(
+    client: CouchClient,
+    path: String,
+    params: Vec<(String, String)>,
+    since: Option<Seq>,
+    options: FeedOptions,
+    db: Option<String>,
+) -> Feed<T> {
+    let stream = async_stream::stream! {
+        let backoff = Backoff::reconnect(options.max_reconnect_delay);
+        let idle_limit = options.heartbeat * 2;
+        let mut since = since;
+        let mut failures = 0u32;
+        loop {
+            let mut query = params.clone();
+            query.push(("feed".into(), "continuous".into()));
+            query.push(("heartbeat".into(), options.heartbeat.as_millis().to_string()));
+            if let Some(seq) = &since {
+                query.push(("since".into(), seq.as_param()));
+            }
+            let ended = match client.open_stream(&path, &query, db.as_deref()).await {
+                Err(e) if e.is_transient() => Ended::Retry(e.to_string()),
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+                Ok(resp) => {
+                    let mut body = resp.bytes_stream();
+                    let mut buf: Vec<u8> = Vec::new();
+                    loop {
+                        let chunk = match tokio::time::timeout(idle_limit, body.next()).await {
+                            Err(_) => break Ended::Retry(format!("no data for {idle_limit:?}")),
+                            Ok(None) => break Ended::Closed,
+                            Ok(Some(Err(e))) => break Ended::Retry(CouchError::from_transport(e).to_string()),
+                            Ok(Some(Ok(chunk))) => chunk,
+                        };
+                        // Any byte, heartbeat included, proves the connection works.
+                        failures = 0;
+                        buf.extend_from_slice(&chunk);
+                        let mut bad_line = None;
+                        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=pos).collect();
+                            match parse_line::<T>(&line) {
+                                Line::Heartbeat => {}
+                                Line::LastSeq(seq) => since = Some(seq),
+                                Line::Item(item) => {
+                                    since = Some(item.seq().clone());
+                                    yield Ok(item);
+                                }
+                                Line::Bad(reason) => {
+                                    bad_line = Some(reason);
+                                    break;
+                                }
+                            }
+                        }
+                        if let Some(reason) = bad_line {
+                            break Ended::Retry(reason);
+                        }
+                    }
+                }
+            };
+            options.reconnects.fetch_add(1, Ordering::Relaxed);
+            match ended {
+                Ended::Closed => {
+                    tracing::debug!(feed = %path, "feed closed by the server, reopening");
+                }
+                Ended::Retry(reason) => {
+                    failures += 1;
+                    let wait = backoff.wait(failures);
+                    tracing::warn!(feed = %path, %reason, retry_in = ?wait, "feed interrupted, reconnecting");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    };
+    Box::pin(stream)
+}
+
+enum Line<T> {
+    Heartbeat,
+    LastSeq(Seq),
+    Item(T),
+    Bad(String),
+}
+
+fn parse_line<T: FeedItem>(line: &[u8]) -> Line<T> {
+    let text = line.trim_ascii();
+    if text.is_empty() {
+        return Line::Heartbeat;
+    }
+    let value: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => return Line::Bad(format!("unreadable feed line: {e}")),
+    };
+    if let Some(error) = value.get("error") {
+        let reason = value.get("reason").cloned().unwrap_or(Value::Null);
+        return Line::Bad(super::redact_credentials(&format!(
+            "error in feed: {error}: {reason}"
+        )));
+    }
+    if value.get("seq").is_none() {
+        if let Some(last) = value.get("last_seq") {
+            return Line::LastSeq(Seq::from(last.clone()));
+        }
+    }
+    match serde_json::from_value(value) {
+        Ok(item) => Line::Item(item),
+        Err(e) => Line::Bad(format!("unexpected feed line: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_classified() {
+        assert!(matches!(parse_line::<DbUpdate>(b"\n"), Line::Heartbeat));
+        assert!(matches!(
+            parse_line::<DbUpdate>(br#"{"last_seq":"9-x"}"#),
+            Line::LastSeq(_)
+        ));
+        match parse_line::<DbUpdate>(br#"{"db_name":"a/b","type":"updated","seq":"3-y"}"#) {
+            Line::Item(u) => assert_eq!(u.db_name, "a/b"),
+            _ => panic!("expected an item"),
+        }
+        assert!(matches!(
+            parse_line::<DbUpdate>(br#"{"error":"x","reason":"http://u:p@h/"}"#),
+            Line::Bad(r) if !r.contains(":p@")
+        ));
+        assert!(matches!(parse_line::<DbUpdate>(b"{not json"), Line::Bad(_)));
+    }
+}

@@ -1,0 +1,452 @@
+//! The CouchDB client: one pooled keep-alive HTTP client per server, typed
+//! errors, percent-encoded paths, and continuous feeds that survive
+//! disconnects (see [`feed`]).
+
+mod error;
+pub mod feed;
+mod types;
+mod url;
+
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+pub use self::error::CouchError;
+pub use self::feed::FeedOptions;
+pub use self::types::*;
+pub use self::url::{redact_credentials, SecretUrl, UrlError};
+
+pub type Result<T, E = CouchError> = std::result::Result<T, E>;
+
+/// Characters left as they are in a path segment. Everything else, `/`, `+`,
+/// `$`, `(`, `)` included, is percent-encoded: CouchDB decodes `+` in a path
+/// as a space, so a database named `a+b` must be sent as `a%2Bb`.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Encodes a database name (or a document id) as one path segment.
+pub fn encode_segment(name: &str) -> String {
+    utf8_percent_encode(name, SEGMENT).to_string()
+}
+
+/// Encodes a document id. Design and local documents keep their prefix's
+/// slash, which CouchDB routes on.
+fn encode_doc_id(id: &str) -> String {
+    for prefix in ["_design/", "_local/"] {
+        if let Some(rest) = id.strip_prefix(prefix) {
+            return format!("{prefix}{}", encode_segment(rest));
+        }
+    }
+    encode_segment(id)
+}
+
+/// Settings of the HTTP client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Time limit of ordinary requests (not feeds, not `_replicate`).
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections kept per host.
+    pub max_idle_connections: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            max_idle_connections: 32,
+        }
+    }
+}
+
+/// A client for one CouchDB server. Cheap to clone: clones share the
+/// connection pool.
+#[derive(Clone)]
+pub struct CouchClient {
+    http: reqwest::Client,
+    /// The server URL without credentials and without a trailing slash.
+    base: ::url::Url,
+    auth: Option<(String, Option<String>)>,
+    display: SecretUrl,
+    options: ClientOptions,
+}
+
+impl std::fmt::Debug for CouchClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CouchClient")
+            .field("url", &self.display)
+            .finish()
+    }
+}
+
+impl CouchClient {
+    /// A client for the server at `url`; user info in the URL becomes Basic
+    /// auth on every request.
+    pub fn new(url: &SecretUrl, options: ClientOptions) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("spiegel/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(options.connect_timeout)
+            .pool_max_idle_per_host(options.max_idle_connections)
+            .tcp_keepalive(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(CouchError::from_transport)?;
+        let mut base = url.without_credentials();
+        let path = base.path().trim_end_matches('/').to_string();
+        base.set_path(&path);
+        base.set_query(None);
+        base.set_fragment(None);
+        let auth = url.username().map(|user| (user, url.password()));
+        Ok(CouchClient {
+            http,
+            base,
+            auth,
+            display: url.clone(),
+            options,
+        })
+    }
+
+    /// The server URL, safe to display.
+    pub fn url(&self) -> &SecretUrl {
+        &self.display
+    }
+
+    /// The URL of a database, with the client's credentials: what
+    /// `_replicate` needs to reach a database of this server.
+    pub fn db_url(&self, db: &str) -> SecretUrl {
+        let mut url = self.display.expose().clone();
+        let path = format!(
+            "{}/{}",
+            url.path().trim_end_matches('/'),
+            encode_segment(db)
+        );
+        url.set_path(&path);
+        url.set_query(None);
+        SecretUrl::parse(url.as_str()).unwrap_or_else(|_| self.display.clone())
+    }
+
+    fn url_for(&self, path: &str) -> ::url::Url {
+        let mut url = self.base.clone();
+        let full = format!("{}/{}", self.base.path().trim_end_matches('/'), path);
+        url.set_path(&full);
+        url
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let req = self.http.request(method, self.url_for(path));
+        match &self.auth {
+            Some((user, pass)) => req.basic_auth(user, pass.as_deref()),
+            None => req,
+        }
+    }
+
+    /// Sends a request and turns an error answer into a [`CouchError`].
+    async fn send(
+        &self,
+        req: RequestBuilder,
+        db: Option<&str>,
+        doc: Option<&str>,
+    ) -> Result<Response> {
+        let resp = req.send().await.map_err(CouchError::from_transport)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(CouchError::from_response(status, &body, db, doc))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        db: Option<&str>,
+        doc: Option<&str>,
+    ) -> Result<T> {
+        let resp = self
+            .send(req.timeout(self.options.request_timeout), db, doc)
+            .await?;
+        let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| CouchError::Decode(e.to_string()))
+    }
+
+    /// `GET /`.
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        self.json(self.request(Method::GET, ""), None, None).await
+    }
+
+    /// `PUT /{db}`. Returns false when the database already existed.
+    pub async fn create_db(&self, db: &str) -> Result<bool> {
+        let req = self.request(Method::PUT, &encode_segment(db));
+        match self.json::<Value>(req, Some(db), None).await {
+            Ok(_) => Ok(true),
+            Err(CouchError::PreconditionFailed(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /{db}`.
+    pub async fn delete_db(&self, db: &str) -> Result<()> {
+        let req = self.request(Method::DELETE, &encode_segment(db));
+        self.json::<Value>(req, Some(db), None).await.map(|_| ())
+    }
+
+    /// `GET /{db}`.
+    pub async fn db_info(&self, db: &str) -> Result<DbInfo> {
+        let req = self.request(Method::GET, &encode_segment(db));
+        self.json(req, Some(db), None).await
+    }
+
+    /// `GET /_all_dbs`, one page in name order.
+    pub async fn all_dbs(
+        &self,
+        start_key: Option<&str>,
+        limit: Option<u64>,
+    ) -> Result<Vec<String>> {
+        let mut req = self.request(Method::GET, "_all_dbs");
+        if let Some(key) = start_key {
+            req = req.query(&[("startkey", Value::from(key).to_string())]);
+        }
+        if let Some(limit) = limit {
+            req = req.query(&[("limit", limit)]);
+        }
+        self.json(req, None, None).await
+    }
+
+    /// `GET /{db}/{id}` with extra query parameters (`conflicts=true`, `rev=`...).
+    pub async fn get_doc_with<T: DeserializeOwned>(
+        &self,
+        db: &str,
+        id: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T> {
+        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let req = self.request(Method::GET, &path).query(query);
+        self.json(req, Some(db), Some(id)).await
+    }
+
+    /// `GET /{db}/{id}`.
+    pub async fn get_doc<T: DeserializeOwned>(&self, db: &str, id: &str) -> Result<T> {
+        self.get_doc_with(db, id, &[]).await
+    }
+
+    /// `GET /{db}/{id}`, with a missing document as `None`.
+    pub async fn get_doc_opt<T: DeserializeOwned>(&self, db: &str, id: &str) -> Result<Option<T>> {
+        match self.get_doc(db, id).await {
+            Ok(doc) => Ok(Some(doc)),
+            Err(CouchError::DocNotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /{db}/{id}`. The revision to replace goes in the document's
+    /// `_rev`; a stale one is [`CouchError::Conflict`].
+    pub async fn put_doc<D: Serialize + ?Sized>(
+        &self,
+        db: &str,
+        id: &str,
+        doc: &D,
+    ) -> Result<DocRev> {
+        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let req = self.request(Method::PUT, &path).json(doc);
+        self.json(req, Some(db), Some(id)).await
+    }
+
+    /// `DELETE /{db}/{id}?rev=`.
+    pub async fn delete_doc(&self, db: &str, id: &str, rev: &str) -> Result<DocRev> {
+        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let req = self.request(Method::DELETE, &path).query(&[("rev", rev)]);
+        self.json(req, Some(db), Some(id)).await
+    }
+
+    /// `_all_docs`; with `keys`, a POST so that many ids fit.
+    pub async fn all_docs(&self, db: &str, query: &AllDocsQuery) -> Result<AllDocs> {
+        let path = format!("{}/_all_docs", encode_segment(db));
+        let mut req = match &query.keys {
+            Some(keys) => self
+                .request(Method::POST, &path)
+                .json(&json!({ "keys": keys })),
+            None => self.request(Method::GET, &path),
+        };
+        if query.include_docs {
+            req = req.query(&[("include_docs", "true")]);
+        }
+        if let Some(key) = &query.start_key {
+            req = req.query(&[("startkey", Value::from(key.as_str()).to_string())]);
+        }
+        if let Some(key) = &query.end_key {
+            req = req.query(&[("endkey", Value::from(key.as_str()).to_string())]);
+        }
+        if let Some(limit) = query.limit {
+            req = req.query(&[("limit", limit)]);
+        }
+        self.json(req, Some(db), None).await
+    }
+
+    /// `POST /{db}/_bulk_docs`: one result per document, in order.
+    /// `new_edits: false` stores revisions as given (replication style).
+    pub async fn bulk_docs<D: Serialize>(
+        &self,
+        db: &str,
+        docs: &[D],
+        new_edits: bool,
+    ) -> Result<Vec<BulkResult>> {
+        let path = format!("{}/_bulk_docs", encode_segment(db));
+        let body = json!({ "docs": docs, "new_edits": new_edits });
+        let req = self.request(Method::POST, &path).json(&body);
+        self.json(req, Some(db), None).await
+    }
+
+    /// One page of `_changes` (feed=normal).
+    pub async fn changes(&self, db: &str, query: &ChangesQuery) -> Result<ChangesPage> {
+        let path = format!("{}/_changes", encode_segment(db));
+        let req = self
+            .request(Method::GET, &path)
+            .query(&changes_params(query));
+        self.json(req, Some(db), None).await
+    }
+
+    /// `_changes?feed=continuous` as a stream that reconnects by itself
+    /// (see [`feed`]).
+    pub fn changes_feed(
+        &self,
+        db: &str,
+        query: &ChangesQuery,
+        options: FeedOptions,
+    ) -> feed::Feed<Change> {
+        let mut params = changes_params(query);
+        params.retain(|(k, _)| k != "since");
+        let path = format!("{}/_changes", encode_segment(db));
+        feed::continuous(
+            self.clone(),
+            path,
+            params,
+            query.since.clone(),
+            options,
+            Some(db.to_string()),
+        )
+    }
+
+    /// One page of `_db_updates` (feed=normal). Admin only.
+    pub async fn db_updates(
+        &self,
+        since: Option<&Seq>,
+        limit: Option<u64>,
+    ) -> Result<DbUpdatesPage> {
+        let mut req = self.request(Method::GET, "_db_updates");
+        if let Some(since) = since {
+            req = req.query(&[("since", since.as_param())]);
+        }
+        if let Some(limit) = limit {
+            req = req.query(&[("limit", limit)]);
+        }
+        self.json(req, Some("_global_changes"), None).await
+    }
+
+    /// `_db_updates?feed=continuous` as a stream that reconnects by itself.
+    pub fn db_updates_feed(
+        &self,
+        since: Option<Seq>,
+        options: FeedOptions,
+    ) -> feed::Feed<DbUpdate> {
+        feed::continuous(
+            self.clone(),
+            "_db_updates".to_string(),
+            Vec::new(),
+            since,
+            options,
+            Some("_global_changes".to_string()),
+        )
+    }
+
+    /// `POST /_replicate`. Without `continuous` CouchDB answers when the
+    /// replication is done, so no time limit applies (TCP keep-alive still
+    /// detects a dead server).
+    pub async fn replicate(&self, body: &Value) -> Result<Value> {
+        let req = self.request(Method::POST, "_replicate").json(body);
+        let resp = self.send(req, None, None).await?;
+        let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| CouchError::Decode(e.to_string()))
+    }
+
+    /// `GET /{db}/_security`.
+    pub async fn get_security(&self, db: &str) -> Result<Value> {
+        let path = format!("{}/_security", encode_segment(db));
+        self.json(self.request(Method::GET, &path), Some(db), None)
+            .await
+    }
+
+    /// `PUT /{db}/_security`.
+    pub async fn put_security(&self, db: &str, security: &Value) -> Result<()> {
+        let path = format!("{}/_security", encode_segment(db));
+        let req = self.request(Method::PUT, &path).json(security);
+        self.json::<Value>(req, Some(db), None).await.map(|_| ())
+    }
+
+    /// Opens a streaming GET (used by [`feed`]); no overall time limit.
+    pub(crate) async fn open_stream(
+        &self,
+        path: &str,
+        params: &[(String, String)],
+        db: Option<&str>,
+    ) -> Result<Response> {
+        let req = self.request(Method::GET, path).query(params);
+        self.send(req, db, None).await
+    }
+}
+
+fn changes_params(query: &ChangesQuery) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    if let Some(since) = &query.since {
+        params.push(("since".into(), since.as_param()));
+    }
+    if let Some(limit) = query.limit {
+        params.push(("limit".into(), limit.to_string()));
+    }
+    if query.include_docs {
+        params.push(("include_docs".into(), "true".into()));
+    }
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_encoded_as_one_segment() {
+        assert_eq!(encode_segment("a/b+c$d(e)"), "a%2Fb%2Bc%24d%28e%29");
+        assert_eq!(encode_segment("_global_changes"), "_global_changes");
+        assert_eq!(encode_doc_id("_design/x/y"), "_design/x%2Fy");
+        assert_eq!(encode_doc_id("_local/a b"), "_local/a%20b");
+        assert_eq!(encode_doc_id("spiegel_cl_a/b"), "spiegel_cl_a%2Fb");
+    }
+
+    #[test]
+    fn client_keeps_credentials_out_of_its_base_and_debug() {
+        let url = SecretUrl::parse("http://admin:pw@127.0.0.1:5984/").unwrap();
+        let client = CouchClient::new(&url, ClientOptions::default()).unwrap();
+        assert_eq!(client.base.as_str(), "http://127.0.0.1:5984/");
+        assert!(!format!("{client:?}").contains("pw"));
+        assert_eq!(
+            client.url_for("a%2Fb/_changes").as_str(),
+            "http://127.0.0.1:5984/a%2Fb/_changes"
+        );
+        assert_eq!(client.db_url("a/b").password().as_deref(), Some("pw"));
+        assert_eq!(client.db_url("a/b").decoded_path(), "/a/b");
+    }
+
+    #[test]
+    fn a_path_prefix_in_the_server_url_is_kept() {
+        let url = SecretUrl::parse("https://host/couch/").unwrap();
+        let client = CouchClient::new(&url, ClientOptions::default()).unwrap();
+        assert_eq!(client.url_for("db").as_str(), "https://host/couch/db");
+    }
+}

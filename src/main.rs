@@ -1,0 +1,106 @@
+//! The `spiegel` binary: parses the configuration, sets up logging and runs
+//! the command. Errors end here as one readable line and a non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use spiegel::config::{Cli, Command, Config};
+use spiegel::couch::{ClientOptions, CouchClient};
+use spiegel::{install, logging, roles};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let (cli, matches) = match Cli::try_parse_with_sources(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's first line names the option and the problem; the usage
+            // lines after it are noise in a container log.
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(cli.log_level, cli.log_format);
+    let config = match cli.into_config(&matches) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    for (option, why) in &config.obsolete_set {
+        tracing::warn!(option = %option, "option has no effect: {why}");
+    }
+    let client = CouchClient::new(&config.url, ClientOptions::default())?;
+    match config.command {
+        Command::Install => {
+            install::install(
+                &client,
+                &config.db_name,
+                &config.namespace,
+                config.partitions,
+            )
+            .await?;
+        }
+        Command::Uninstall => {
+            install::uninstall(
+                &client,
+                &config.db_name,
+                &config.namespace,
+                config.delete_user_docs,
+            )
+            .await?;
+        }
+        Command::UpdateListener => roles::update_listener::run(shutdown_signal()).await,
+        other => anyhow::bail!(
+            "the {} command is not available in this build yet",
+            other.name()
+        ),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM (what Docker and Kubernetes send) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT, stopping"),
+        _ = term => tracing::info!("received SIGTERM, stopping"),
+    }
+}
