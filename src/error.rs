@@ -7,7 +7,7 @@ use crate::couch::CouchError;
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("CouchDB: {0}")]
+    #[error(transparent)]
     Couch(#[from] CouchError),
     #[error("{0}")]
     NotInstalled(String),

@@ -20,7 +20,9 @@ pub mod delivery;
 pub mod error;
 pub mod install;
 pub mod logging;
+pub mod metrics;
 pub mod roles;
 pub mod rules;
+pub mod worker;
 
 pub use error::{Error, Result};

@@ -4,7 +4,12 @@
 //!
 //! This module owns the ids and shapes of Spiegel's internal documents.
 
+pub mod coordinator;
+mod lease;
+
 use serde::{Deserialize, Serialize};
+
+pub use self::lease::{plan, DocIds, LeaseDoc, Liveness, Plan, WorkerDoc};
 
 /// The id prefix of every internal document except change-listener
 /// checkpoints (whose ids are fixed by Spiegel 1.2 compatibility).

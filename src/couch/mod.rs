@@ -278,6 +278,9 @@ impl CouchClient {
         if query.include_docs {
             req = req.query(&[("include_docs", "true")]);
         }
+        if query.conflicts {
+            req = req.query(&[("conflicts", "true")]);
+        }
         if let Some(key) = &query.start_key {
             req = req.query(&[("startkey", Value::from(key.as_str()).to_string())]);
         }

@@ -112,6 +112,8 @@ impl BulkResult {
 pub struct AllDocsQuery {
     pub keys: Option<Vec<String>>,
     pub include_docs: bool,
+    /// With `include_docs`: add `_conflicts` to documents that have them.
+    pub conflicts: bool,
     pub start_key: Option<String>,
     pub end_key: Option<String>,
     pub limit: Option<u64>,

@@ -1,0 +1,142 @@
+//! Prometheus metrics of the process. One [`Metrics`] per process, shared by
+//! its roles; series carry a `role` label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: String,
+}
+
+type Counters = Family<RoleLabel, Counter>;
+type Gauges = Family<RoleLabel, Gauge>;
+type Histograms = Family<RoleLabel, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 5 ms to about 80 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// The worker runtime's series.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub updates_received: Counters,
+    pub feed_reconnects: Counters,
+    pub runs_started: Counters,
+    pub runs_succeeded: Counters,
+    pub runs_failed: Counters,
+    pub runs_retried: Counters,
+    pub run_duration: Histograms,
+    pub update_to_run: Histograms,
+    pub owned_partitions: Gauges,
+    pub live_workers: Gauges,
+    pub checkpoint_writes: Counters,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub worker: WorkerMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("spiegel");
+        let histograms =
+            || Histograms::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let worker = WorkerMetrics {
+            updates_received: Counters::default(),
+            feed_reconnects: Counters::default(),
+            runs_started: Counters::default(),
+            runs_succeeded: Counters::default(),
+            runs_failed: Counters::default(),
+            runs_retried: Counters::default(),
+            run_duration: histograms(),
+            update_to_run: histograms(),
+            owned_partitions: Gauges::default(),
+            live_workers: Gauges::default(),
+            checkpoint_writes: Counters::default(),
+        };
+        let w = &worker;
+        registry.register(
+            "db_updates_received",
+            "Database updates received from _db_updates",
+            w.updates_received.clone(),
+        );
+        registry.register(
+            "feed_reconnects",
+            "Reconnects of the _db_updates feed",
+            w.feed_reconnects.clone(),
+        );
+        registry.register(
+            "runs_started",
+            "Runs started (one database handled by a role)",
+            w.runs_started.clone(),
+        );
+        registry.register(
+            "runs_succeeded",
+            "Runs that handled their database",
+            w.runs_succeeded.clone(),
+        );
+        registry.register(
+            "runs_failed",
+            "Runs that failed and will be retried",
+            w.runs_failed.clone(),
+        );
+        registry.register(
+            "runs_retried",
+            "Runs started again after a failure",
+            w.runs_retried.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "Duration of runs",
+            w.run_duration.clone(),
+        );
+        registry.register(
+            "update_to_run_seconds",
+            "Time from receiving a database update to the start of the run that covers it",
+            w.update_to_run.clone(),
+        );
+        registry.register(
+            "owned_partitions",
+            "Partitions this process holds",
+            w.owned_partitions.clone(),
+        );
+        registry.register(
+            "live_workers",
+            "Live workers of the role, as this process sees them",
+            w.live_workers.clone(),
+        );
+        registry.register(
+            "checkpoint_writes",
+            "Lease documents written to save checkpoints",
+            w.checkpoint_writes.clone(),
+        );
+        Metrics { registry, worker }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub fn role(role: &str) -> RoleLabel {
+    RoleLabel {
+        role: role.to_string(),
+    }
+}

@@ -1,0 +1,184 @@
+//! What a new owner of a partition does first: replay the updates since the
+//! partition's checkpoint, or, on a first start, list every database of the
+//! partition once. Runs beside the live feed; both may report the same
+//! database, which the scheduler coalesces.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::coordination::partition_of;
+use crate::couch::{CouchClient, CouchError, DbUpdateKind, Seq};
+
+/// Page size of the replay and of the database listing.
+const PAGE: u64 = 1000;
+
+#[derive(Debug)]
+pub enum CatchUpEvent {
+    /// A database of the partition to handle once.
+    Database {
+        partition: u32,
+        epoch: u64,
+        db: String,
+    },
+    /// Nothing more to replay: the history is covered up to `end`.
+    Done {
+        partition: u32,
+        epoch: u64,
+        end: Seq,
+    },
+}
+
+/// Replays one partition. Transient errors are retried (with backoff) from
+/// where the replay was, until the task is aborted.
+pub async fn replay(
+    client: CouchClient,
+    partition: u32,
+    epoch: u64,
+    partitions: u32,
+    checkpoint: Option<Seq>,
+    start_from_now: bool,
+    tx: mpsc::Sender<CatchUpEvent>,
+) {
+    let backoff = Backoff::reconnect(Duration::from_secs(30));
+    let mut failures = 0;
+    let mut replay = Replay {
+        client,
+        partition,
+        epoch,
+        partitions,
+        tx,
+        since: checkpoint.clone(),
+        end: None,
+        listed_after: None,
+    };
+    loop {
+        let result = match (&checkpoint, start_from_now) {
+            (Some(_), _) => replay.since_checkpoint().await,
+            (None, true) => replay.skip_history().await,
+            (None, false) => replay.every_database().await,
+        };
+        match result {
+            Ok(()) => return,
+            Err(Stop::Closed) => return,
+            Err(Stop::Couch(e)) => {
+                failures += 1;
+                let wait = backoff.wait(failures);
+                tracing::warn!(partition, error = %e, retry_in = ?wait, "partition replay failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+enum Stop {
+    /// The worker dropped the partition.
+    Closed,
+    Couch(CouchError),
+}
+
+impl From<CouchError> for Stop {
+    fn from(e: CouchError) -> Self {
+        Stop::Couch(e)
+    }
+}
+
+struct Replay {
+    client: CouchClient,
+    partition: u32,
+    epoch: u64,
+    partitions: u32,
+    tx: mpsc::Sender<CatchUpEvent>,
+    /// Progress, kept across retries.
+    since: Option<Seq>,
+    end: Option<Seq>,
+    listed_after: Option<String>,
+}
+
+impl Replay {
+    async fn send_db(&self, db: String) -> Result<(), Stop> {
+        let event = CatchUpEvent::Database {
+            partition: self.partition,
+            epoch: self.epoch,
+            db,
+        };
+        self.tx.send(event).await.map_err(|_| Stop::Closed)
+    }
+
+    async fn done(&self, end: Seq) -> Result<(), Stop> {
+        let event = CatchUpEvent::Done {
+            partition: self.partition,
+            epoch: self.epoch,
+            end,
+        };
+        self.tx.send(event).await.map_err(|_| Stop::Closed)
+    }
+
+    /// `_db_updates?since=<checkpoint>`, page by page, until a page is empty.
+    /// From an old seq CouchDB returns at most the latest event of each
+    /// database, so the replay is bounded by the number of databases.
+    async fn since_checkpoint(&mut self) -> Result<(), Stop> {
+        loop {
+            let page = self
+                .client
+                .db_updates(self.since.as_ref(), Some(PAGE))
+                .await?;
+            if page.results.is_empty() {
+                return self.done(page.last_seq).await;
+            }
+            for update in page.results {
+                if update.kind != DbUpdateKind::Deleted
+                    && partition_of(&update.db_name, self.partitions) == self.partition
+                {
+                    self.send_db(update.db_name).await?;
+                }
+            }
+            self.since = Some(page.last_seq);
+        }
+    }
+
+    /// First start with `--since=now`: the history is skipped.
+    async fn skip_history(&mut self) -> Result<(), Stop> {
+        let now = self
+            .client
+            .db_updates(Some(&Seq::now()), None)
+            .await?
+            .last_seq;
+        self.done(now).await
+    }
+
+    /// First start: every existing database of the partition, once. The
+    /// end seq is taken before listing, so that a database written during
+    /// the listing is either listed or seen on the live feed.
+    async fn every_database(&mut self) -> Result<(), Stop> {
+        if self.end.is_none() {
+            self.end = Some(
+                self.client
+                    .db_updates(Some(&Seq::now()), None)
+                    .await?
+                    .last_seq,
+            );
+        }
+        loop {
+            let names = self
+                .client
+                .all_dbs(self.listed_after.as_deref(), Some(PAGE + 1))
+                .await?;
+            let fresh: Vec<String> = names
+                .into_iter()
+                .filter(|n| self.listed_after.as_deref() != Some(n.as_str()))
+                .collect();
+            if fresh.is_empty() {
+                let end = self.end.clone().unwrap_or_else(Seq::now);
+                return self.done(end).await;
+            }
+            for db in &fresh {
+                if partition_of(db, self.partitions) == self.partition {
+                    self.send_db(db.clone()).await?;
+                }
+            }
+            self.listed_after = fresh.last().cloned();
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The worker runtime shared by every role: it follows `_db_updates`, holds
+//! a share of the partitions through leases, and hands each changed database
+//! of its partitions to the role, at least once, one run per database at a
+//! time, at most `concurrency` at once.
+//!
+//! A role implements [`Role`]: given a database name, do the work.
+
+mod catch_up;
+mod scheduler;
+mod watermark;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use self::catch_up::CatchUpEvent;
+use self::scheduler::{Finished, Scheduler};
+use crate::backoff::Backoff;
+use crate::coordination::coordinator::{Assignment, Coordinator, Request, Timing};
+use crate::coordination::{settings_doc_id, Settings};
+use crate::couch::{CouchClient, CouchError, DbUpdate, FeedOptions, Seq};
+use crate::error::{Error, Result};
+use crate::install::GLOBAL_CHANGES;
+use crate::metrics::{self, WorkerMetrics};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The database's changes up to the run's start are handled.
+    Done,
+    /// Something transient failed; the runtime runs the database again
+    /// after a backoff, and its updates stay unhandled until then.
+    RetryLater(String),
+    /// The database does not exist (any more): nothing to do.
+    Gone,
+}
+
+/// What a role does with a database that changed.
+pub trait Role: Send + Sync + 'static {
+    /// The role's name, used in document ids, logs and metrics.
+    fn name(&self) -> &str;
+
+    /// Handles the database. Called at most once at a time per database.
+    fn handle(&self, db_name: &str) -> impl Future<Output = Outcome> + Send;
+
+    /// The database was deleted. No run is started for a deletion.
+    fn deleted(&self, db_name: &str) -> impl Future<Output = ()> + Send {
+        let _ = db_name;
+        async {}
+    }
+}
+
+/// Settings of the runtime.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The spiegel database.
+    pub db_name: String,
+    pub namespace: String,
+    /// Unique among the workers of a role; part of a document id.
+    pub worker_id: String,
+    pub concurrency: usize,
+    pub timing: Timing,
+    /// Longest time between checkpoint saves.
+    pub checkpoint_interval: Duration,
+    /// Heartbeat asked of CouchDB on the `_db_updates` feed.
+    pub feed_heartbeat: Duration,
+    /// On a partition's first start (no checkpoint), skip its history
+    /// instead of handling every existing database once.
+    pub start_from_now: bool,
+    /// Waits between runs of a database that asked to be retried.
+    pub retry: Backoff,
+    /// How long a stop waits for runs in flight.
+    pub shutdown_timeout: Duration,
+}
+
+/// A default worker id: host name, process id and a random suffix.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_else(|| "spiegel".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Internal messages to the worker's loop.
+enum Event {
+    Finished {
+        db: String,
+        outcome: Outcome,
+        took: Duration,
+    },
+    RetryDue(String),
+}
+
+/// Runs a worker of `role` until `shutdown` resolves, then stops cleanly:
+/// runs in flight finish (or are abandoned after the shutdown timeout),
+/// checkpoints are saved and leases released.
+pub async fn run<R: Role>(
+    client: CouchClient,
+    role: Arc<R>,
+    options: WorkerOptions,
+    metrics: WorkerMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let role_name = role.name().to_string();
+    let label = metrics::role(&role_name);
+    let settings: Settings = match client
+        .get_doc_opt(&options.db_name, &settings_doc_id(&options.namespace))
+        .await
+    {
+        Ok(Some(settings)) => settings,
+        Ok(None) | Err(CouchError::DbNotFound(_)) => {
+            return Err(Error::NotInstalled(format!(
+                "Spiegel is not installed in database {:?}: run `spiegel install` first",
+                options.db_name
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Where the live feed starts; every partition replays what came before
+    // from its own checkpoint.
+    let start = client.db_updates(Some(&Seq::now()), None).await?.last_seq;
+    tracing::info!(
+        role = %role_name,
+        worker = %options.worker_id,
+        partitions = settings.partitions,
+        concurrency = options.concurrency,
+        "worker started"
+    );
+
+    let (live_tx, mut live_rx) = mpsc::channel::<DbUpdate>(1024);
+    let feed_options = FeedOptions {
+        heartbeat: options.feed_heartbeat,
+        ..Default::default()
+    };
+    let feed = tokio::spawn(follow_updates(
+        client.clone(),
+        start,
+        feed_options,
+        live_tx,
+        metrics.clone(),
+        role_name.clone(),
+    ));
+
+    let (assign_tx, mut assign_rx) = mpsc::unbounded_channel();
+    let (request_tx, request_rx) = mpsc::unbounded_channel();
+    let coordinator = Coordinator::new(
+        client.clone(),
+        &options.db_name,
+        &options.namespace,
+        &role_name,
+        &options.worker_id,
+        settings.partitions,
+        options.timing.clone(),
+        metrics.clone(),
+        assign_tx,
+    );
+    let coordinator = tokio::spawn(coordinator.run(request_rx));
+
+    let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
+    let mut sched = Scheduler::new(settings.partitions, options.concurrency, skip);
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
+    let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
+    // Replay tasks by partition, with the epoch of the ownership they serve.
+    let mut catch_ups: HashMap<u32, (u64, JoinHandle<()>)> = HashMap::new();
+    let mut draining: HashSet<u32> = HashSet::new();
+    let mut flush = tokio::time::interval(options.checkpoint_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    // Catch-up events are read only while few runs are queued: a first
+    // start over 100,000 databases is paced by the runs, not by memory.
+    let queue_limit = options.concurrency * 4;
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(update) = live_rx.recv() => {
+                metrics.updates_received.get_or_create(&label).inc();
+                if sched.on_live_event(&update, Instant::now()) {
+                    let role = role.clone();
+                    tokio::spawn(async move { role.deleted(&update.db_name).await });
+                }
+            }
+            Some(assignment) = assign_rx.recv() => match assignment {
+                Assignment::Acquired { partition, checkpoint } => {
+                    let epoch = sched.acquire(partition, checkpoint.clone());
+                    let task = tokio::spawn(catch_up::replay(
+                        client.clone(), partition, epoch, settings.partitions, checkpoint,
+                        options.start_from_now, catch_up_tx.clone(),
+                    ));
+                    if let Some((_, old)) = catch_ups.insert(partition, (epoch, task)) {
+                        old.abort();
+                    }
+                    draining.remove(&partition);
+                }
+                Assignment::Release { partition } => {
+                    sched.release(partition);
+                    if let Some((_, task)) = catch_ups.remove(&partition) {
+                        task.abort();
+                    }
+                    draining.insert(partition);
+                }
+                Assignment::Lost { partition } => {
+                    sched.remove(partition);
+                    if let Some((_, task)) = catch_ups.remove(&partition) {
+                        task.abort();
+                    }
+                    draining.remove(&partition);
+                }
+            },
+            Some(event) = catch_up_rx.recv(), if sched.queued() < queue_limit => match event {
+                CatchUpEvent::Database { partition, epoch, db } => sched.on_catch_up_event(partition, epoch, &db, Instant::now()),
+                CatchUpEvent::Done { partition, epoch, end } => {
+                    tracing::debug!(role = %role_name, partition, "partition caught up");
+                    sched.on_catch_up_done(partition, epoch, end);
+                    if catch_ups.get(&partition).is_some_and(|(e, _)| *e == epoch) {
+                        catch_ups.remove(&partition);
+                    }
+                }
+            },
+            Some(event) = event_rx.recv() => match event {
+                Event::Finished { db, outcome, took } => {
+                    metrics.run_duration.get_or_create(&label).observe(took.as_secs_f64());
+                    let finished = match &outcome {
+                        Outcome::Done | Outcome::Gone => {
+                            metrics.runs_succeeded.get_or_create(&label).inc();
+                            Finished::Handled
+                        }
+                        Outcome::RetryLater(reason) => {
+                            metrics.runs_failed.get_or_create(&label).inc();
+                            tracing::warn!(role = %role_name, db = %db, %reason, "run failed; will retry");
+                            Finished::Retry
+                        }
+                    };
+                    if let Some(retry) = sched.on_finished(&db, finished, Instant::now()) {
+                        let wait = options.retry.wait(retry);
+                        let tx = event_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let _ = tx.send(Event::RetryDue(db));
+                        });
+                    }
+                }
+                Event::RetryDue(db) => {
+                    metrics.runs_retried.get_or_create(&label).inc();
+                    sched.retry_due(&db);
+                }
+            },
+            _ = flush.tick() => {
+                let dirty = sched.take_dirty_checkpoints();
+                if !dirty.is_empty() {
+                    let _ = request_tx.send(Request::Checkpoints(dirty));
+                }
+            }
+        }
+        draining.retain(|&partition| {
+            if !sched.drained(partition) {
+                return true;
+            }
+            let checkpoint = sched.remove(partition);
+            let _ = request_tx.send(Request::Released {
+                partition,
+                checkpoint,
+            });
+            false
+        });
+        for start in sched.take_startable(Instant::now()) {
+            metrics.runs_started.get_or_create(&label).inc();
+            metrics
+                .update_to_run
+                .get_or_create(&label)
+                .observe(start.waited.as_secs_f64());
+            spawn_run(role.clone(), start.db, event_tx.clone());
+        }
+    }
+
+    // Stop: no new runs; let those in flight finish, up to the timeout.
+    tracing::info!(role = %role_name, in_flight = sched.in_flight(), "stopping");
+    sched.stop();
+    feed.abort();
+    for (_, task) in catch_ups.values() {
+        task.abort();
+    }
+    let deadline = tokio::time::Instant::now() + options.shutdown_timeout;
+    while sched.in_flight() > 0 {
+        match tokio::time::timeout_at(deadline, event_rx.recv()).await {
+            Ok(Some(Event::Finished { db, outcome, .. })) => {
+                let finished = if matches!(outcome, Outcome::RetryLater(_)) {
+                    Finished::Retry
+                } else {
+                    Finished::Handled
+                };
+                sched.on_finished(&db, finished, Instant::now());
+            }
+            Ok(Some(Event::RetryDue(_))) => {}
+            Ok(None) | Err(_) => {
+                tracing::warn!(role = %role_name, abandoned = sched.in_flight(), "shutdown timeout: abandoning runs in flight");
+                break;
+            }
+        }
+    }
+    let checkpoints = sched
+        .owned()
+        .into_iter()
+        .map(|p| (p, sched.remove(p)))
+        .collect();
+    let (done_tx, done_rx) = oneshot::channel();
+    if request_tx
+        .send(Request::Leave {
+            checkpoints,
+            done: done_tx,
+        })
+        .is_ok()
+        && tokio::time::timeout(options.timing.lease, done_rx)
+            .await
+            .is_err()
+    {
+        tracing::warn!(role = %role_name, "could not release the leases in time; they expire after the lease time");
+    }
+    coordinator.abort();
+    tracing::info!(role = %role_name, "stopped");
+    Ok(())
+}
+
+/// Runs the role on a database in its own task; a panic counts as a failure
+/// to retry, never as a lost database.
+fn spawn_run<R: Role>(role: Arc<R>, db: String, events: mpsc::UnboundedSender<Event>) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = AssertUnwindSafe(role.handle(&db))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Outcome::RetryLater("the run panicked".into()));
+        let _ = events.send(Event::Finished {
+            db,
+            outcome,
+            took: started.elapsed(),
+        });
+    });
+}
+
+/// Follows `_db_updates` from `start` for as long as the worker runs. The
+/// feed reconnects by itself; an error it cannot get past (credentials
+/// refused, `_global_changes` missing) is logged and retried slowly, since
+/// an operator can fix it without restarting Spiegel.
+async fn follow_updates(
+    client: CouchClient,
+    start: Seq,
+    options: FeedOptions,
+    tx: mpsc::Sender<DbUpdate>,
+    metrics: WorkerMetrics,
+    role: String,
+) {
+    let label = metrics::role(&role);
+    let mut since = start;
+    let backoff = Backoff::reconnect(Duration::from_secs(60));
+    let mut failures = 0;
+    let mut reported = 0;
+    loop {
+        let mut feed = client.db_updates_feed(Some(since.clone()), options.clone());
+        while let Some(item) = feed.next().await {
+            let reconnects = options
+                .reconnects
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if reconnects > reported {
+                metrics
+                    .feed_reconnects
+                    .get_or_create(&label)
+                    .inc_by(reconnects - reported);
+                reported = reconnects;
+            }
+            match item {
+                Ok(update) => {
+                    failures = 0;
+                    since = update.seq.clone();
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = backoff.wait(failures);
+                    tracing::error!(role = %role, error = %e, retry_in = ?wait, "cannot follow _db_updates");
+                    tokio::time::sleep(wait).await;
+                    break;
+                }
+            }
+        }
+    }
+}

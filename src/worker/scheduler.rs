@@ -1,0 +1,632 @@
+//! The worker's bookkeeping, free of I/O: which databases need a run, which
+//! runs may start, and which checkpoint each owned partition has reached.
+//!
+//! Rules it enforces:
+//! - at most one run per database; events arriving during a run coalesce
+//!   into one more run afterwards;
+//! - at most `concurrency` runs in flight, started in arrival order, so a
+//!   slow or failing database never holds up the others;
+//! - a partition's checkpoint only moves past an event once a run that
+//!   started after that event has finished.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::watermark::Watermark;
+use crate::coordination::partition_of;
+use crate::couch::{DbUpdate, DbUpdateKind, Seq};
+
+/// An event a run is expected to cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventRef {
+    Live { partition: u32, epoch: u64, id: u64 },
+    CatchUp { partition: u32, epoch: u64 },
+}
+
+impl EventRef {
+    fn partition(self) -> u32 {
+        match self {
+            EventRef::Live { partition, .. } | EventRef::CatchUp { partition, .. } => partition,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DbState {
+    /// Events waiting for the next run.
+    pending: Vec<EventRef>,
+    /// Events covered by the run in flight.
+    running: Vec<EventRef>,
+    in_flight: bool,
+    queued: bool,
+    /// Waiting for a retry timer.
+    backing_off: bool,
+    retries: u32,
+    /// When the oldest pending event arrived.
+    pending_since: Option<Instant>,
+}
+
+impl DbState {
+    fn idle(&self) -> bool {
+        self.pending.is_empty() && !self.in_flight && !self.backing_off
+    }
+}
+
+#[derive(Debug)]
+struct CatchUp {
+    /// Catch-up events whose run has not finished yet.
+    outstanding: usize,
+    /// The seq the catch-up read ended at, once it has.
+    end: Option<Seq>,
+}
+
+#[derive(Debug)]
+struct Partition {
+    epoch: u64,
+    catch_up: Option<CatchUp>,
+    live: Watermark,
+    checkpoint: Option<Seq>,
+    /// The checkpoint changed since the last flush.
+    dirty: bool,
+    releasing: bool,
+}
+
+/// How a run ended, as far as the scheduler cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// The covered events are handled (done, or the database is gone).
+    Handled,
+    /// Try again later; the covered events stay pending.
+    Retry,
+}
+
+/// A run the driver should start.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Start {
+    pub db: String,
+    /// Time since the oldest event this run covers arrived.
+    pub waited: Duration,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    partitions_total: u32,
+    concurrency: usize,
+    skip: HashSet<String>,
+    partitions: HashMap<u32, Partition>,
+    in_flight_by_partition: HashMap<u32, usize>,
+    dbs: HashMap<String, DbState>,
+    ready: VecDeque<String>,
+    in_flight: usize,
+    next_id: u64,
+    next_epoch: u64,
+    stopping: bool,
+}
+
+impl Scheduler {
+    /// `skip`: databases never handed to the role (the spiegel database,
+    /// `_global_changes`).
+    pub fn new(partitions_total: u32, concurrency: usize, skip: HashSet<String>) -> Self {
+        Scheduler {
+            partitions_total,
+            concurrency: concurrency.max(1),
+            skip,
+            partitions: HashMap::new(),
+            in_flight_by_partition: HashMap::new(),
+            dbs: HashMap::new(),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            next_id: 0,
+            next_epoch: 0,
+            stopping: false,
+        }
+    }
+
+    pub fn partition_of(&self, db: &str) -> u32 {
+        partition_of(db, self.partitions_total)
+    }
+
+    /// Starts owning a partition; returns the epoch that tags its catch-up.
+    pub fn acquire(&mut self, partition: u32, checkpoint: Option<Seq>) -> u64 {
+        self.next_epoch += 1;
+        self.partitions.insert(
+            partition,
+            Partition {
+                epoch: self.next_epoch,
+                catch_up: Some(CatchUp {
+                    outstanding: 0,
+                    end: None,
+                }),
+                live: Watermark::default(),
+                checkpoint,
+                dirty: false,
+                releasing: false,
+            },
+        );
+        self.next_epoch
+    }
+
+    #[cfg(test)]
+    fn owns(&self, partition: u32) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|p| !p.releasing)
+    }
+
+    pub fn owned(&self) -> Vec<u32> {
+        let mut owned: Vec<u32> = self.partitions.keys().copied().collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    /// Stops starting runs for a partition; it stays until its runs in
+    /// flight finish ([`Self::drained`]), so that its final checkpoint
+    /// covers them.
+    pub fn release(&mut self, partition: u32) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.releasing = true;
+            self.drop_pending(partition);
+        }
+    }
+
+    /// True when a releasing partition has no run in flight.
+    pub fn drained(&self, partition: u32) -> bool {
+        self.in_flight_by_partition
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
+            == 0
+    }
+
+    /// Forgets a partition and returns its last checkpoint.
+    pub fn remove(&mut self, partition: u32) -> Option<Seq> {
+        self.drop_pending(partition);
+        self.partitions
+            .remove(&partition)
+            .and_then(|p| p.checkpoint)
+    }
+
+    fn drop_pending(&mut self, partition: u32) {
+        for state in self.dbs.values_mut() {
+            state.pending.retain(|e| e.partition() != partition);
+        }
+        self.dbs.retain(|_, s| !s.idle() || s.queued);
+    }
+
+    /// An event of the live `_db_updates` feed. Returns true when it is a
+    /// deletion of a database of an owned partition (the role may want to
+    /// know).
+    pub fn on_live_event(&mut self, update: &DbUpdate, now: Instant) -> bool {
+        let partition = self.partition_of(&update.db_name);
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut deleted_here = false;
+        for (&q, p) in self.partitions.iter_mut() {
+            if p.releasing {
+                continue;
+            }
+            let runs = q == partition
+                && update.kind != DbUpdateKind::Deleted
+                && !self.skip.contains(&update.db_name);
+            deleted_here |= q == partition && update.kind == DbUpdateKind::Deleted;
+            p.live.push(id, update.seq.clone(), !runs);
+            if runs {
+                let event = EventRef::Live {
+                    partition,
+                    epoch: p.epoch,
+                    id,
+                };
+                let state = self.dbs.entry(update.db_name.clone()).or_default();
+                add_pending(state, event, now);
+                if enqueue_if_ready(state) {
+                    self.ready.push_back(update.db_name.clone());
+                }
+            }
+            advance(p);
+        }
+        deleted_here
+    }
+
+    /// A database found by a partition's catch-up (its replay since the
+    /// checkpoint, or the listing of every database on a first start).
+    pub fn on_catch_up_event(&mut self, partition: u32, epoch: u64, db: &str, now: Instant) {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        if p.epoch != epoch || p.releasing || self.skip.contains(db) {
+            return;
+        }
+        let Some(catch_up) = p.catch_up.as_mut() else {
+            return;
+        };
+        catch_up.outstanding += 1;
+        let state = self.dbs.entry(db.to_string()).or_default();
+        add_pending(state, EventRef::CatchUp { partition, epoch }, now);
+        if enqueue_if_ready(state) {
+            self.ready.push_back(db.to_string());
+        }
+    }
+
+    /// The catch-up read of a partition reached the end of the feed at `end`.
+    pub fn on_catch_up_done(&mut self, partition: u32, epoch: u64, end: Seq) {
+        if let Some(p) = self
+            .partitions
+            .get_mut(&partition)
+            .filter(|p| p.epoch == epoch)
+        {
+            if let Some(catch_up) = p.catch_up.as_mut() {
+                catch_up.end = Some(end);
+            }
+            advance(p);
+        }
+    }
+
+    /// Runs that may start now, within the concurrency limit.
+    pub fn take_startable(&mut self, now: Instant) -> Vec<Start> {
+        let mut starts = Vec::new();
+        while !self.stopping && self.in_flight < self.concurrency {
+            let Some(db) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(state) = self.dbs.get_mut(&db) else {
+                continue;
+            };
+            state.queued = false;
+            if state.in_flight || state.backing_off {
+                continue;
+            }
+            if state.pending.is_empty() {
+                if state.idle() {
+                    self.dbs.remove(&db);
+                }
+                continue;
+            }
+            state.running = std::mem::take(&mut state.pending);
+            state.in_flight = true;
+            let waited = state
+                .pending_since
+                .take()
+                .map(|t| now.saturating_duration_since(t))
+                .unwrap_or_default();
+            self.in_flight += 1;
+            *self
+                .in_flight_by_partition
+                .entry(self.partition_of(&db))
+                .or_default() += 1;
+            starts.push(Start { db, waited });
+        }
+        starts
+    }
+
+    /// A run finished. On [`Finished::Retry`] returns the retry number (1
+    /// for the first) after which [`Self::retry_due`] must be called.
+    pub fn on_finished(&mut self, db: &str, outcome: Finished, now: Instant) -> Option<u32> {
+        let partition = self.partition_of(db);
+        let state = self.dbs.get_mut(db)?;
+        if !state.in_flight {
+            return None;
+        }
+        state.in_flight = false;
+        self.in_flight -= 1;
+        if let Some(n) = self.in_flight_by_partition.get_mut(&partition) {
+            *n = n.saturating_sub(1);
+        }
+        let covered = std::mem::take(&mut state.running);
+        let retry = match outcome {
+            Finished::Handled => {
+                state.retries = 0;
+                None
+            }
+            Finished::Retry => {
+                // The covered events are not handled: they go back in front.
+                let owned: Vec<EventRef> = covered
+                    .iter()
+                    .copied()
+                    .filter(|e| {
+                        self.partitions
+                            .get(&e.partition())
+                            .is_some_and(|p| !p.releasing)
+                    })
+                    .collect();
+                if owned.is_empty() && state.pending.is_empty() {
+                    None
+                } else {
+                    let mut pending = owned;
+                    pending.append(&mut state.pending);
+                    state.pending = pending;
+                    state.pending_since.get_or_insert(now);
+                    state.retries += 1;
+                    state.backing_off = true;
+                    Some(state.retries)
+                }
+            }
+        };
+        if retry.is_none() {
+            if enqueue_if_ready(state) {
+                self.ready.push_back(db.to_string());
+            } else if state.idle() {
+                self.dbs.remove(db);
+            }
+        }
+        if outcome == Finished::Handled {
+            for event in covered {
+                self.complete(event);
+            }
+        }
+        retry
+    }
+
+    /// The retry wait of a database is over.
+    pub fn retry_due(&mut self, db: &str) {
+        if let Some(state) = self.dbs.get_mut(db) {
+            state.backing_off = false;
+            if enqueue_if_ready(state) {
+                self.ready.push_back(db.to_string());
+            } else if state.idle() {
+                self.dbs.remove(db);
+            }
+        }
+    }
+
+    fn complete(&mut self, event: EventRef) {
+        let Some(p) = self.partitions.get_mut(&event.partition()) else {
+            return;
+        };
+        match event {
+            EventRef::Live { epoch, id, .. } if epoch == p.epoch => p.live.complete(id),
+            EventRef::CatchUp { epoch, .. } if epoch == p.epoch => {
+                if let Some(c) = p.catch_up.as_mut() {
+                    c.outstanding = c.outstanding.saturating_sub(1);
+                }
+            }
+            _ => return,
+        }
+        advance(p);
+    }
+
+    /// Checkpoints that moved since the last call.
+    pub fn take_dirty_checkpoints(&mut self) -> Vec<(u32, Seq)> {
+        let mut out = Vec::new();
+        for (&q, p) in self.partitions.iter_mut() {
+            if p.dirty && !p.releasing {
+                if let Some(seq) = &p.checkpoint {
+                    out.push((q, seq.clone()));
+                }
+                p.dirty = false;
+            }
+        }
+        out.sort_by_key(|(q, _)| *q);
+        out
+    }
+
+    /// Stop starting runs (shutdown).
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn queued(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Databases with a run in flight, pending or backing off.
+    #[cfg(test)]
+    fn active_databases(&self) -> usize {
+        self.dbs.len()
+    }
+}
+
+fn add_pending(state: &mut DbState, event: EventRef, now: Instant) {
+    if state.pending.is_empty() {
+        state.pending_since = Some(now);
+    }
+    state.pending.push(event);
+}
+
+/// Marks a database queued if it can run; true when it must be pushed on
+/// the ready queue.
+fn enqueue_if_ready(state: &mut DbState) -> bool {
+    if state.queued || state.in_flight || state.backing_off || state.pending.is_empty() {
+        return false;
+    }
+    state.queued = true;
+    true
+}
+
+/// Moves a partition's checkpoint as far as its done events allow.
+fn advance(p: &mut Partition) {
+    let live = p.live.advance();
+    match &mut p.catch_up {
+        Some(c) => {
+            if c.outstanding == 0 {
+                if let Some(end) = c.end.take() {
+                    p.catch_up = None;
+                    p.checkpoint = Some(end);
+                    p.dirty = true;
+                }
+            }
+            // Live events popped while catching up were handled, but the
+            // checkpoint may only use live seqs once the replay is complete.
+        }
+        None => {
+            if let Some(seq) = live {
+                p.checkpoint = Some(seq);
+                p.dirty = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn update(db: &str, n: u64, kind: DbUpdateKind) -> DbUpdate {
+        DbUpdate {
+            db_name: db.into(),
+            kind,
+            seq: Seq::from(json!(format!("{n}-x"))),
+        }
+    }
+
+    fn seq(n: u64) -> Seq {
+        Seq::from(json!(format!("{n}-x")))
+    }
+
+    /// One partition, caught up, so that live seqs become checkpoints.
+    fn live_scheduler(concurrency: usize) -> Scheduler {
+        let mut s = Scheduler::new(1, concurrency, HashSet::from(["spiegel".to_string()]));
+        let epoch = s.acquire(0, None);
+        s.on_catch_up_done(0, epoch, seq(0));
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(0))]);
+        s
+    }
+
+    fn dbs(starts: Vec<Start>) -> Vec<String> {
+        starts.into_iter().map(|s| s.db).collect()
+    }
+
+    #[test]
+    fn updates_during_a_run_coalesce_into_one_more_run() {
+        let now = Instant::now();
+        let mut s = live_scheduler(4);
+        s.on_live_event(&update("a", 1, DbUpdateKind::Updated), now);
+        assert_eq!(dbs(s.take_startable(now)), ["a"]);
+        for n in 2..1000 {
+            s.on_live_event(&update("a", n, DbUpdateKind::Updated), now);
+        }
+        assert!(s.take_startable(now).is_empty(), "one run at a time");
+        assert_eq!(s.on_finished("a", Finished::Handled, now), None);
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(1))]);
+        assert_eq!(dbs(s.take_startable(now)), ["a"], "exactly one more run");
+        s.on_finished("a", Finished::Handled, now);
+        assert!(s.take_startable(now).is_empty());
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(999))]);
+        assert_eq!(s.active_databases(), 0, "nothing kept for idle databases");
+    }
+
+    #[test]
+    fn concurrency_bounds_runs_and_a_failing_database_does_not_block_others() {
+        let now = Instant::now();
+        let mut s = live_scheduler(2);
+        for (i, db) in ["a", "b", "c"].iter().enumerate() {
+            s.on_live_event(&update(db, i as u64 + 1, DbUpdateKind::Updated), now);
+        }
+        assert_eq!(dbs(s.take_startable(now)), ["a", "b"]);
+        assert_eq!(s.on_finished("a", Finished::Retry, now), Some(1));
+        assert_eq!(dbs(s.take_startable(now)), ["c"], "a backs off, c goes");
+        s.on_finished("b", Finished::Handled, now);
+        s.on_finished("c", Finished::Handled, now);
+        assert!(
+            s.take_dirty_checkpoints().is_empty(),
+            "a's event holds the checkpoint"
+        );
+        s.retry_due("a");
+        assert_eq!(dbs(s.take_startable(now)), ["a"]);
+        assert_eq!(s.on_finished("a", Finished::Retry, now), Some(2));
+        s.retry_due("a");
+        s.take_startable(now);
+        s.on_finished("a", Finished::Handled, now);
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(3))]);
+    }
+
+    #[test]
+    fn deletions_and_skipped_databases_start_no_run() {
+        let now = Instant::now();
+        let mut s = live_scheduler(2);
+        assert!(s.on_live_event(&update("gone", 1, DbUpdateKind::Deleted), now));
+        assert!(!s.on_live_event(&update("spiegel", 2, DbUpdateKind::Updated), now));
+        assert!(s.take_startable(now).is_empty());
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(2))]);
+    }
+
+    #[test]
+    fn catch_up_must_finish_before_live_seqs_become_checkpoints() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(1, 4, HashSet::new());
+        let epoch = s.acquire(0, Some(seq(5)));
+        s.on_catch_up_event(0, epoch, "old", now);
+        s.on_live_event(&update("new", 20, DbUpdateKind::Updated), now);
+        assert_eq!(dbs(s.take_startable(now)), ["old", "new"]);
+        s.on_finished("new", Finished::Handled, now);
+        s.on_catch_up_done(0, epoch, seq(18));
+        assert!(
+            s.take_dirty_checkpoints().is_empty(),
+            "the replay's run is still going"
+        );
+        s.on_finished("old", Finished::Handled, now);
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(18))]);
+        s.on_live_event(&update("other", 21, DbUpdateKind::Updated), now);
+        s.take_startable(now);
+        s.on_finished("other", Finished::Handled, now);
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(21))]);
+    }
+
+    #[test]
+    fn stale_catch_up_messages_of_an_earlier_ownership_are_ignored() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(1, 4, HashSet::new());
+        let old = s.acquire(0, None);
+        s.remove(0);
+        let new = s.acquire(0, None);
+        s.on_catch_up_event(0, old, "x", now);
+        s.on_catch_up_done(0, old, seq(1));
+        assert!(s.take_startable(now).is_empty());
+        assert!(s.take_dirty_checkpoints().is_empty());
+        s.on_catch_up_done(0, new, seq(2));
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(2))]);
+    }
+
+    #[test]
+    fn a_released_partition_drains_its_runs_and_keeps_its_last_checkpoint() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(2, 4, HashSet::new());
+        // Find two databases in partition 0.
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("db{i}"))
+            .filter(|n| s.partition_of(n) == 0)
+            .take(2)
+            .collect();
+        let epoch = s.acquire(0, None);
+        s.on_catch_up_done(0, epoch, seq(0));
+        s.take_dirty_checkpoints();
+        s.on_live_event(&update(&names[0], 1, DbUpdateKind::Updated), now);
+        assert_eq!(s.take_startable(now).len(), 1);
+        s.on_live_event(&update(&names[1], 2, DbUpdateKind::Updated), now);
+        s.release(0);
+        assert!(!s.owns(0));
+        assert!(
+            s.take_startable(now).is_empty(),
+            "no new run in a releasing partition"
+        );
+        assert!(!s.drained(0));
+        s.on_finished(&names[0], Finished::Handled, now);
+        assert!(s.drained(0));
+        assert_eq!(
+            s.remove(0),
+            Some(seq(1)),
+            "covers the finished run, not the dropped event"
+        );
+        assert_eq!(s.active_databases(), 0);
+    }
+
+    #[test]
+    fn events_of_partitions_not_owned_only_advance_idle_checkpoints() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(64, 4, HashSet::new());
+        let epoch = s.acquire(0, None);
+        s.on_catch_up_done(0, epoch, seq(0));
+        s.take_dirty_checkpoints();
+        let foreign = (0..1000)
+            .map(|i| format!("db{i}"))
+            .find(|n| s.partition_of(n) != 0)
+            .unwrap();
+        s.on_live_event(&update(&foreign, 7, DbUpdateKind::Updated), now);
+        assert!(s.take_startable(now).is_empty());
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(7))]);
+    }
+}

@@ -1,0 +1,370 @@
+//! The CouchDB client against a real CouchDB-compatible server.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use spiegel::couch::{
+    AllDocsQuery, BulkResult, ChangesQuery, CouchError, DbUpdateKind, FeedOptions, Seq,
+};
+
+use common::*;
+
+#[tokio::test]
+async fn documents_are_created_read_updated_and_deleted_with_revisions() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("crud");
+    assert!(couch.create_db(&db).await.unwrap());
+    assert!(
+        !couch.create_db(&db).await.unwrap(),
+        "second create reports existing"
+    );
+
+    let first = couch.put_doc(&db, "doc1", &json!({"n": 1})).await.unwrap();
+    let doc: Value = couch.get_doc(&db, "doc1").await.unwrap();
+    assert_eq!(doc["n"], 1);
+    assert_eq!(doc["_rev"], first.rev.as_str());
+
+    let second = couch
+        .put_doc(&db, "doc1", &json!({"_rev": first.rev, "n": 2}))
+        .await
+        .unwrap();
+    let stale = couch
+        .put_doc(&db, "doc1", &json!({"_rev": first.rev, "n": 3}))
+        .await;
+    assert!(matches!(stale, Err(CouchError::Conflict)), "{stale:?}");
+
+    couch.delete_doc(&db, "doc1", &second.rev).await.unwrap();
+    let gone = couch.get_doc::<Value>(&db, "doc1").await;
+    assert!(
+        matches!(gone, Err(CouchError::DocNotFound { .. })),
+        "{gone:?}"
+    );
+    assert!(couch
+        .get_doc_opt::<Value>(&db, "doc1")
+        .await
+        .unwrap()
+        .is_none());
+
+    let info = couch.db_info(&db).await.unwrap();
+    assert_eq!(info.db_name, db);
+    assert_eq!(info.doc_count, 0);
+
+    couch.delete_db(&db).await.unwrap();
+    let missing = couch.db_info(&db).await;
+    assert!(
+        matches!(missing, Err(CouchError::DbNotFound(_))),
+        "{missing:?}"
+    );
+    let missing_doc = couch.get_doc::<Value>(&db, "x").await;
+    assert!(
+        matches!(missing_doc, Err(CouchError::DbNotFound(_))),
+        "{missing_doc:?}"
+    );
+}
+
+#[tokio::test]
+async fn bulk_docs_answers_per_document_with_conflicts_isolated() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("bulk");
+    couch.create_db(&db).await.unwrap();
+    let existing = couch.put_doc(&db, "b", &json!({"v": 0})).await.unwrap();
+
+    let results = couch
+        .bulk_docs(
+            &db,
+            &[
+                json!({"_id": "a", "v": 1}),
+                json!({"_id": "b", "v": 1}), // no _rev: conflicts with the existing doc
+                json!({"_id": "c", "v": 1}),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(matches!(&results[0], BulkResult::Written { id, .. } if id == "a"));
+    assert!(results[1].is_conflict(), "{:?}", results[1]);
+    assert!(matches!(&results[2], BulkResult::Written { id, .. } if id == "c"));
+
+    let b: Value = couch.get_doc(&db, "b").await.unwrap();
+    assert_eq!(
+        b["_rev"],
+        existing.rev.as_str(),
+        "the conflicting write changed nothing"
+    );
+
+    let all = couch
+        .all_docs(
+            &db,
+            &AllDocsQuery {
+                keys: Some(vec!["a".into(), "missing".into(), "c".into()]),
+                include_docs: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.rows.len(), 3);
+    assert_eq!(all.rows[0].doc.as_ref().unwrap()["v"], 1);
+    assert_eq!(all.rows[1].error.as_deref(), Some("not_found"));
+    assert_eq!(all.rows[2].id.as_deref(), Some("c"));
+    couch.delete_db(&db).await.unwrap();
+}
+
+#[tokio::test]
+async fn database_names_with_special_characters_round_trip() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("a/b+c$d(e)-f");
+    assert!(couch.create_db(&db).await.unwrap());
+    couch
+        .put_doc(&db, "id/with+chars", &json!({"x": 1}))
+        .await
+        .unwrap();
+    let doc: Value = couch.get_doc(&db, "id/with+chars").await.unwrap();
+    assert_eq!(doc["_id"], "id/with+chars");
+    assert_eq!(couch.db_info(&db).await.unwrap().db_name, db);
+
+    let names = couch.all_dbs(Some(&db), Some(5)).await.unwrap();
+    assert_eq!(names.first(), Some(&db), "{names:?}");
+
+    let page = couch
+        .changes(
+            &db,
+            &ChangesQuery {
+                include_docs: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.results.len(), 1);
+    assert_eq!(page.results[0].id, "id/with+chars");
+    couch.delete_db(&db).await.unwrap();
+    assert!(matches!(
+        couch.db_info(&db).await,
+        Err(CouchError::DbNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn security_object_is_written_and_read() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("security");
+    couch.create_db(&db).await.unwrap();
+    let security = json!({
+        "admins": {"names": [], "roles": ["_admin"]},
+        "members": {"names": [], "roles": ["_admin"]}
+    });
+    couch.put_security(&db, &security).await.unwrap();
+    assert_eq!(couch.get_security(&db).await.unwrap(), security);
+    couch.delete_db(&db).await.unwrap();
+}
+
+#[tokio::test]
+async fn changes_pages_resume_from_an_opaque_seq() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("changes");
+    couch.create_db(&db).await.unwrap();
+    for i in 0..5 {
+        couch
+            .put_doc(&db, &format!("d{i}"), &json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let first = couch
+        .changes(
+            &db,
+            &ChangesQuery {
+                limit: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.results.len(), 2);
+    let rest = couch
+        .changes(
+            &db,
+            &ChangesQuery {
+                since: Some(first.last_seq.clone()),
+                include_docs: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = first
+        .results
+        .iter()
+        .chain(&rest.results)
+        .map(|c| c.id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["d0", "d1", "d2", "d3", "d4"]);
+    assert!(rest.results.iter().all(|c| c.doc.is_some()));
+    couch.delete_db(&db).await.unwrap();
+}
+
+#[tokio::test]
+async fn db_updates_reports_created_updated_deleted_and_resumes_after_since() {
+    let couch = client_for(&shared_url());
+    couch.create_db("_global_changes").await.unwrap();
+    let start = couch
+        .db_updates(Some(&Seq::now()), None)
+        .await
+        .unwrap()
+        .last_seq;
+    let db = unique_name("updates");
+    let options = FeedOptions {
+        heartbeat: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mut feed = couch.db_updates_feed(Some(start.clone()), options);
+
+    let mut next_event_for = async |db: &str| loop {
+        let update = tokio::time::timeout(Duration::from_secs(20), feed.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("feed open")
+            .expect("no feed error");
+        if update.db_name == db {
+            return update;
+        }
+    };
+
+    couch.create_db(&db).await.unwrap();
+    assert_eq!(next_event_for(&db).await.kind, DbUpdateKind::Created);
+    couch.put_doc(&db, "x", &json!({})).await.unwrap();
+    let updated = next_event_for(&db).await;
+    assert_eq!(updated.kind, DbUpdateKind::Updated);
+    couch.delete_db(&db).await.unwrap();
+    assert_eq!(next_event_for(&db).await.kind, DbUpdateKind::Deleted);
+
+    // From an old seq CouchDB keeps at most the latest event of each kind
+    // per database (its _global_changes docs are "<kind>:<db>"): no repeats,
+    // and the deletion comes last.
+    let page = couch.db_updates(Some(&start), None).await.unwrap();
+    let ours: Vec<&DbUpdateKind> = page
+        .results
+        .iter()
+        .filter(|u| u.db_name == db)
+        .map(|u| &u.kind)
+        .collect();
+    assert_eq!(ours.last(), Some(&&DbUpdateKind::Deleted), "{ours:?}");
+    let mut kinds = ours.clone();
+    kinds.dedup();
+    assert_eq!(kinds.len(), ours.len(), "no kind repeated: {ours:?}");
+
+    // Resuming after the last event leaves nothing of ours.
+    let after = couch.db_updates(Some(&page.last_seq), None).await.unwrap();
+    assert!(
+        after.results.iter().all(|u| u.db_name != db),
+        "{:?}",
+        after.results
+    );
+}
+
+#[tokio::test]
+async fn continuous_changes_survive_a_server_kill_and_restart() {
+    if skip_on_external("continuous_changes_survive_a_server_kill_and_restart") {
+        return;
+    }
+    let mut server = TestServer::start(ServerOptions {
+        admin: true,
+        persistent: true,
+    });
+    let couch = client_for(&server.url);
+    let db = unique_name("survive");
+    couch.create_db(&db).await.unwrap();
+    for i in 0..5 {
+        couch
+            .put_doc(&db, &format!("before{i}"), &json!({}))
+            .await
+            .unwrap();
+    }
+    let options = FeedOptions {
+        heartbeat: Duration::from_millis(200),
+        max_reconnect_delay: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let reconnects = options.reconnects.clone();
+    let mut feed = couch.changes_feed(&db, &ChangesQuery::default(), options);
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let change = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("change before the kill")
+            .unwrap()
+            .unwrap();
+        seen.push(change.id);
+    }
+
+    server.kill();
+    // The feed keeps trying while the server is down.
+    let reading = tokio::spawn(async move {
+        let mut after = Vec::new();
+        while after.len() < 5 {
+            match feed.next().await {
+                Some(Ok(change)) => after.push(change.id),
+                other => panic!("feed ended: {other:?}"),
+            }
+        }
+        after
+    });
+    wait_for("a reconnect attempt", Duration::from_secs(10), || {
+        let n = reconnects.load(std::sync::atomic::Ordering::Relaxed);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    server.restart();
+    let couch = client_for(&server.url);
+    for i in 0..5 {
+        couch
+            .put_doc(&db, &format!("after{i}"), &json!({}))
+            .await
+            .unwrap();
+    }
+    let mut after = tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .expect("changes after the restart")
+        .unwrap();
+    after.sort();
+    assert_eq!(
+        after,
+        ["after0", "after1", "after2", "after3", "after4"],
+        "no change lost or replayed"
+    );
+}
+
+#[tokio::test]
+async fn continuous_feed_of_a_missing_database_ends_with_db_not_found() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("nofeed");
+    let mut feed = couch.changes_feed(&db, &ChangesQuery::default(), FeedOptions::default());
+    let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(first, Some(Err(CouchError::DbNotFound(_)))),
+        "{first:?}"
+    );
+    assert!(feed.next().await.is_none());
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_unauthorized_not_transient() {
+    let url = shared_url();
+    let mut parsed = url::Url::parse(&url).unwrap();
+    if parsed.username().is_empty() {
+        eprintln!("skipped: the server has no admin");
+        return;
+    }
+    parsed.set_password(Some("wrong-password")).unwrap();
+    let couch = client_for(parsed.as_str());
+    let err = couch.db_updates(None, Some(1)).await.unwrap_err();
+    assert!(matches!(err, CouchError::Unauthorized(_)), "{err:?}");
+    assert!(!err.to_string().contains("wrong-password"));
+}
