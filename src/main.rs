@@ -48,6 +48,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for (option, why) in &config.obsolete_set {
         tracing::warn!(option = %option, "option has no effect: {why}");
     }
+    let shutdown = shutdown_signal();
     let client = CouchClient::new(&config.url, ClientOptions::default())?;
     match config.command {
         Command::Install => {
@@ -68,7 +69,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::UpdateListener => roles::update_listener::run(shutdown_signal()).await,
+        Command::UpdateListener => roles::update_listener::run(shutdown).await,
         other => anyhow::bail!(
             "the {} command is not available in this build yet",
             other.name()
@@ -78,29 +79,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM (what Docker and Kubernetes send) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// The handlers are installed when this is called, not when the future is
+/// first polled, so a signal that arrives early is not lost to the default
+/// action (which would kill the process without a clean stop).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot listen for SIGTERM/SIGINT: {e}");
+                return std::future::pending().await;
             }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            _ = int.recv() => tracing::info!("received SIGINT, stopping"),
+            _ = term.recv() => tracing::info!("received SIGTERM, stopping"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("received SIGINT, stopping"),
-        _ = term => tracing::info!("received SIGTERM, stopping"),
     }
 }
