@@ -12,7 +12,9 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, Value
 
 pub use self::passwords::{Passwords, PasswordsError};
 use crate::backoff::{Backoff, Strategy};
+use crate::coordination::coordinator::Timing;
 use crate::couch::{SecretUrl, UrlError};
+use crate::worker::WorkerOptions;
 
 /// What the process does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand, ValueEnum)]
@@ -46,6 +48,12 @@ impl Command {
             Command::Status => "status",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Since {
+    Beginning,
+    Now,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -231,6 +239,39 @@ pub struct Cli {
     )]
     pub check_stalled: u64,
 
+    /// This worker's id among the workers of its role; unique per process.
+    /// Default: host name, process id and a random suffix.
+    #[arg(long, env = "WORKER_ID", global = true, value_parser = worker_id)]
+    pub worker_id: Option<String>,
+
+    /// Seconds without a heartbeat after which a worker is taken for dead
+    /// and its partitions are taken over. Heartbeats come every third of it.
+    #[arg(long, env = "LEASE_TIME", default_value_t = 15.0, global = true, value_name = "SECS",
+          value_parser = lease_secs)]
+    pub lease_time: f64,
+
+    /// Where a partition starts when it has no checkpoint yet (first start):
+    /// `beginning` handles every existing database once; `now` skips history.
+    #[arg(
+        long,
+        env = "SINCE",
+        value_enum,
+        default_value = "beginning",
+        global = true
+    )]
+    pub since: Since,
+
+    /// Seconds a stopping worker waits for its runs in flight before it
+    /// abandons them (they are handled again by the next owner).
+    #[arg(
+        long,
+        env = "SHUTDOWN_TIMEOUT",
+        default_value_t = 30,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub shutdown_timeout: u64,
+
     /// Partitions of database names, fixed at install (the most workers of
     /// one role that can share the work).
     #[arg(long, env = "PARTITIONS", default_value_t = 32, global = true,
@@ -286,6 +327,10 @@ pub struct Config {
     pub save_seq_after: Duration,
     pub backoff: Backoff,
     pub partitions: u32,
+    pub worker_id: String,
+    pub lease_time: Duration,
+    pub since: Since,
+    pub shutdown_timeout: Duration,
     pub delete_user_docs: bool,
     pub json: bool,
     /// Obsolete options that were set explicitly, with why they do nothing.
@@ -360,10 +405,63 @@ impl Cli {
                 jitter: false,
             },
             partitions: self.partitions,
+            worker_id: self
+                .worker_id
+                .unwrap_or_else(crate::worker::default_worker_id),
+            lease_time: Duration::from_secs_f64(self.lease_time),
+            since: self.since,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
             obsolete_set,
         })
+    }
+}
+
+impl Config {
+    /// The runtime settings of a worker of `role`. Each role of a process
+    /// gets its own worker id (the role is appended) so that `run` can host
+    /// several.
+    pub fn worker_options(&self, role: &str) -> WorkerOptions {
+        let lease = self.lease_time;
+        WorkerOptions {
+            db_name: self.db_name.clone(),
+            namespace: self.namespace.clone(),
+            worker_id: format!("{}-{role}", self.worker_id),
+            concurrency: self.concurrency,
+            timing: Timing {
+                lease,
+                heartbeat: lease / 3,
+            },
+            checkpoint_interval: self.save_seq_after,
+            feed_heartbeat: Duration::from_secs(10).min(lease),
+            start_from_now: self.since == Since::Now,
+            retry: self.backoff.clone(),
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+}
+
+fn lease_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && (0.3..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range (0.3 to 3600 seconds)"))
+    }
+}
+
+fn worker_id(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        Ok(s.to_string())
+    } else {
+        Err("use 1 to 100 letters, digits, '-', '_' or '.'".into())
     }
 }
 

@@ -126,16 +126,22 @@ impl Coordinator {
         let mut tick = tokio::time::interval(self.timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Every step is bounded in time so that a hung request never
+            // delays the next heartbeat, and with it the fencing check, for
+            // long.
+            let limit = self.timing.heartbeat * 2;
             tokio::select! {
                 _ = tick.tick() => self.beat().await,
                 request = requests.recv() => match request {
-                    Some(Request::Checkpoints(list)) => self.save_checkpoints(list).await,
+                    Some(Request::Checkpoints(list)) => {
+                        bounded(limit, "saving checkpoints", self.save_checkpoints(list)).await;
+                    }
                     Some(Request::Released { partition, checkpoint }) => {
-                        self.free(&[(partition, checkpoint)]).await;
+                        bounded(limit, "releasing a lease", self.free(&[(partition, checkpoint)])).await;
                     }
                     Some(Request::Leave { checkpoints, done }) => {
-                        self.free(&checkpoints).await;
-                        self.remove_membership().await;
+                        bounded(limit, "releasing leases", self.free(&checkpoints)).await;
+                        bounded(limit, "removing the membership", self.remove_membership()).await;
                         let _ = done.send(());
                         return;
                     }
@@ -158,10 +164,21 @@ impl Coordinator {
     /// One heartbeat: prove we are alive, see who else is, and rebalance.
     async fn beat(&mut self) {
         let now = Instant::now();
-        match self.write_membership().await {
-            Ok(()) => self.last_beat = Some(now),
-            Err(e) => tracing::warn!(role = %self.role, error = %e, "heartbeat failed"),
-        }
+        let beat = tokio::time::timeout(self.timing.heartbeat, self.write_membership()).await;
+        let alive = match beat {
+            Ok(Ok(())) => {
+                self.last_beat = Some(now);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(role = %self.role, error = %e, "heartbeat failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(role = %self.role, "heartbeat timed out");
+                false
+            }
+        };
         // Fencing: others may take our partitions once our heartbeat has been
         // missing for a lease time; stop working on them a heartbeat before.
         let fenced = self
@@ -178,8 +195,18 @@ impl Coordinator {
             }
             return;
         }
-        if let Err(e) = self.rebalance(now).await {
-            tracing::warn!(role = %self.role, error = %e, "cannot read the leases; retrying at the next heartbeat");
+        if !alive {
+            // Without a fresh heartbeat our standing is unknown: claim nothing.
+            return;
+        }
+        match tokio::time::timeout(self.timing.heartbeat, self.rebalance(now)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(role = %self.role, error = %e, "cannot read the leases; retrying at the next heartbeat")
+            }
+            Err(_) => {
+                tracing::warn!(role = %self.role, "reading the leases timed out; retrying at the next heartbeat")
+            }
         }
     }
 
@@ -477,5 +504,12 @@ impl Coordinator {
                 }
             }
         }
+    }
+}
+
+/// Runs `step` for at most `limit`, logging when it had to be cut short.
+async fn bounded(limit: Duration, what: &str, step: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, step).await.is_err() {
+        tracing::warn!("{what} cut short after {limit:?}");
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use self::catch_up::CatchUpEvent;
 use self::scheduler::{Finished, Scheduler};
@@ -154,7 +154,11 @@ pub async fn run<R: Role>(
         heartbeat: options.feed_heartbeat,
         ..Default::default()
     };
-    let feed = tokio::spawn(follow_updates(
+    // Every task of the worker lives in these sets: dropping the worker
+    // (or aborting it, as a crash would) stops them all.
+    let mut tasks = JoinSet::new();
+    let mut runs = JoinSet::new();
+    tasks.spawn(follow_updates(
         client.clone(),
         start,
         feed_options,
@@ -176,14 +180,14 @@ pub async fn run<R: Role>(
         metrics.clone(),
         assign_tx,
     );
-    let coordinator = tokio::spawn(coordinator.run(request_rx));
+    tasks.spawn(coordinator.run(request_rx));
 
     let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
     let mut sched = Scheduler::new(settings.partitions, options.concurrency, skip);
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
     let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
     // Replay tasks by partition, with the epoch of the ownership they serve.
-    let mut catch_ups: HashMap<u32, (u64, JoinHandle<()>)> = HashMap::new();
+    let mut catch_ups: HashMap<u32, (u64, AbortHandle)> = HashMap::new();
     let mut draining: HashSet<u32> = HashSet::new();
     let mut flush = tokio::time::interval(options.checkpoint_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -197,15 +201,16 @@ pub async fn run<R: Role>(
             _ = &mut shutdown => break,
             Some(update) = live_rx.recv() => {
                 metrics.updates_received.get_or_create(&label).inc();
+                tracing::trace!(role = %role_name, db = %update.db_name, kind = ?update.kind, seq = %update.seq, "update");
                 if sched.on_live_event(&update, Instant::now()) {
                     let role = role.clone();
-                    tokio::spawn(async move { role.deleted(&update.db_name).await });
+                    tasks.spawn(async move { role.deleted(&update.db_name).await });
                 }
             }
             Some(assignment) = assign_rx.recv() => match assignment {
                 Assignment::Acquired { partition, checkpoint } => {
                     let epoch = sched.acquire(partition, checkpoint.clone());
-                    let task = tokio::spawn(catch_up::replay(
+                    let task = tasks.spawn(catch_up::replay(
                         client.clone(), partition, epoch, settings.partitions, checkpoint,
                         options.start_from_now, catch_up_tx.clone(),
                     ));
@@ -267,6 +272,8 @@ pub async fn run<R: Role>(
                     sched.retry_due(&db);
                 }
             },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = runs.join_next(), if !runs.is_empty() => {}
             _ = flush.tick() => {
                 let dirty = sched.take_dirty_checkpoints();
                 if !dirty.is_empty() {
@@ -287,18 +294,18 @@ pub async fn run<R: Role>(
         });
         for start in sched.take_startable(Instant::now()) {
             metrics.runs_started.get_or_create(&label).inc();
+            tracing::trace!(role = %role_name, db = %start.db, "run");
             metrics
                 .update_to_run
                 .get_or_create(&label)
                 .observe(start.waited.as_secs_f64());
-            spawn_run(role.clone(), start.db, event_tx.clone());
+            spawn_run(&mut runs, role.clone(), start.db, event_tx.clone());
         }
     }
 
     // Stop: no new runs; let those in flight finish, up to the timeout.
     tracing::info!(role = %role_name, in_flight = sched.in_flight(), "stopping");
     sched.stop();
-    feed.abort();
     for (_, task) in catch_ups.values() {
         task.abort();
     }
@@ -338,15 +345,21 @@ pub async fn run<R: Role>(
     {
         tracing::warn!(role = %role_name, "could not release the leases in time; they expire after the lease time");
     }
-    coordinator.abort();
+    tasks.abort_all();
+    runs.abort_all();
     tracing::info!(role = %role_name, "stopped");
     Ok(())
 }
 
 /// Runs the role on a database in its own task; a panic counts as a failure
 /// to retry, never as a lost database.
-fn spawn_run<R: Role>(role: Arc<R>, db: String, events: mpsc::UnboundedSender<Event>) {
-    tokio::spawn(async move {
+fn spawn_run<R: Role>(
+    runs: &mut JoinSet<()>,
+    role: Arc<R>,
+    db: String,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    runs.spawn(async move {
         let started = Instant::now();
         let outcome = AssertUnwindSafe(role.handle(&db))
             .catch_unwind()

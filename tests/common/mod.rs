@@ -164,6 +164,16 @@ pub fn skip_on_external(test: &str) -> bool {
     false
 }
 
+/// Spiegel's logs in a test's output, when `SPIEGEL_TEST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("SPIEGEL_TEST_LOG").is_some() {
+        spiegel::logging::init(
+            spiegel::config::LogLevel::Trace,
+            spiegel::config::LogFormat::Human,
+        );
+    }
+}
+
 pub fn client_for(url: &str) -> CouchClient {
     let url = SecretUrl::parse(url).expect("test server url");
     CouchClient::new(&url, ClientOptions::default()).expect("client")
