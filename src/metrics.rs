@@ -36,6 +36,7 @@ pub struct WorkerMetrics {
     pub owned_partitions: Gauges,
     pub live_workers: Gauges,
     pub checkpoint_writes: Counters,
+    pub sweep_found: Counters,
 }
 
 pub struct Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             owned_partitions: Gauges::default(),
             live_workers: Gauges::default(),
             checkpoint_writes: Counters::default(),
+            sweep_found: Counters::default(),
         };
         let w = &worker;
         registry.register(
@@ -122,6 +124,11 @@ impl Metrics {
             "checkpoint_writes",
             "Lease documents written to save checkpoints",
             w.checkpoint_writes.clone(),
+        );
+        registry.register(
+            "sweep_found",
+            "Databases the sweep found changed without an update event",
+            w.sweep_found.clone(),
         );
         Metrics { registry, worker }
     }

@@ -203,6 +203,7 @@ impl Setup {
                 jitter: false,
             },
             shutdown_timeout: Duration::from_secs(5),
+            sweep_interval: None,
         }
     }
 
@@ -829,5 +830,53 @@ async fn handling_a_thousand_updates_costs_few_spiegel_database_writes() {
         writes <= bound && writes < 250,
         "{writes} writes for 1,000 updates in {took:?}"
     );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
+    if skip_on_external("the_sweep_finds_a_change_whose_update_event_was_lost") {
+        return; // losing an event on demand needs the test server's hook
+    }
+    let s = Setup::new("sweep", 2).await;
+    let mut options = s.options("a");
+    options.sweep_interval = Some(Duration::from_millis(500));
+    let a = s.start(options, s.recorder("a", Duration::ZERO));
+    s.wait_balanced(&["a"], Duration::from_secs(20)).await;
+    let db = s.db("quiet");
+    s.couch.create_db(&db).await.unwrap();
+    wait_for(
+        "the run of the created database",
+        Duration::from_secs(10),
+        || async { s.log.has_run_seeing(&db, 0).then_some(()) },
+    )
+    .await;
+
+    // The test server drops the next update event of the database, as
+    // CouchDB may: only the sweep can notice the write.
+    let url = url::Url::parse(&s.url).unwrap();
+    let hook = format!(
+        "http://127.0.0.1:{}/_spiegel_test/drop_db_updates",
+        url.port().unwrap()
+    );
+    let answer = reqwest::Client::new()
+        .post(hook)
+        .basic_auth(url.username(), url.password())
+        .json(&json!({"db": db, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    let docs = s.write(&db, 1).await;
+    wait_for(
+        "a run found by the sweep",
+        Duration::from_secs(10),
+        || async { s.log.has_run_seeing(&db, docs).then_some(()) },
+    )
+    .await;
+    assert!(a
+        .metrics
+        .encode()
+        .contains("spiegel_sweep_found_total{role=\"test-role\"}"));
     a.stop().await;
 }

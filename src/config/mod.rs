@@ -272,6 +272,19 @@ pub struct Cli {
     )]
     pub shutdown_timeout: u64,
 
+    /// Seconds between sweeps for database changes that `_db_updates` missed
+    /// (it is best effort); 0 turns the sweep off. Costs one `_dbs_info`
+    /// request per 100 databases and a run per database changed since the
+    /// previous sweep. Needs CouchDB 3.2 or later.
+    #[arg(
+        long,
+        env = "SWEEP_INTERVAL",
+        default_value_t = 0,
+        global = true,
+        value_name = "SECS"
+    )]
+    pub sweep_interval: u64,
+
     /// Partitions of database names, fixed at install (the most workers of
     /// one role that can share the work).
     #[arg(long, env = "PARTITIONS", default_value_t = 32, global = true,
@@ -331,6 +344,7 @@ pub struct Config {
     pub lease_time: Duration,
     pub since: Since,
     pub shutdown_timeout: Duration,
+    pub sweep_interval: Option<Duration>,
     pub delete_user_docs: bool,
     pub json: bool,
     /// Obsolete options that were set explicitly, with why they do nothing.
@@ -411,6 +425,8 @@ impl Cli {
             lease_time: Duration::from_secs_f64(self.lease_time),
             since: self.since,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            sweep_interval: (self.sweep_interval > 0)
+                .then(|| Duration::from_secs(self.sweep_interval)),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
             obsolete_set,
@@ -438,6 +454,7 @@ impl Config {
             start_from_now: self.since == Since::Now,
             retry: self.backoff.clone(),
             shutdown_timeout: self.shutdown_timeout,
+            sweep_interval: self.sweep_interval,
         }
     }
 }

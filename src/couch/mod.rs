@@ -220,6 +220,18 @@ impl CouchClient {
         self.json(req, None, None).await
     }
 
+    /// `GET /_dbs_info`, one page in name order (CouchDB 3.2+): the info of
+    /// many databases in one request.
+    pub async fn dbs_info(&self, start_key: Option<&str>, limit: u64) -> Result<Vec<DbsInfoRow>> {
+        let mut req = self
+            .request(Method::GET, "_dbs_info")
+            .query(&[("limit", limit)]);
+        if let Some(key) = start_key {
+            req = req.query(&[("start_key", Value::from(key).to_string())]);
+        }
+        self.json(req, None, None).await
+    }
+
     /// `GET /{db}/{id}` with extra query parameters (`conflicts=true`, `rev=`...).
     pub async fn get_doc_with<T: DeserializeOwned>(
         &self,

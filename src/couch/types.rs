@@ -72,6 +72,16 @@ pub struct DbInfo {
     pub doc_del_count: u64,
 }
 
+/// A row of `GET /_dbs_info` (CouchDB 3.2+).
+#[derive(Clone, Debug, Deserialize)]
+pub struct DbsInfoRow {
+    pub key: String,
+    #[serde(default)]
+    pub info: Option<DbInfo>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// A successful document write.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct DocRev {

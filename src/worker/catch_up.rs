@@ -28,6 +28,9 @@ pub enum CatchUpEvent {
         epoch: u64,
         end: Seq,
     },
+    /// A database the sweep found changed (any partition: the worker keeps
+    /// the ones it owns).
+    Swept { db: String },
 }
 
 /// Replays one partition. Transient errors are retried (with backoff) from

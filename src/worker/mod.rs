@@ -7,6 +7,7 @@
 
 mod catch_up;
 mod scheduler;
+mod sweep;
 mod watermark;
 
 use std::collections::{HashMap, HashSet};
@@ -77,6 +78,8 @@ pub struct WorkerOptions {
     pub retry: Backoff,
     /// How long a stop waits for runs in flight.
     pub shutdown_timeout: Duration,
+    /// Interval of the sweep for updates `_db_updates` missed; `None`: off.
+    pub sweep_interval: Option<Duration>,
 }
 
 /// A default worker id: host name, process id and a random suffix.
@@ -181,11 +184,14 @@ pub async fn run<R: Role>(
         assign_tx,
     );
     tasks.spawn(coordinator.run(request_rx));
+    let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
+    if let Some(interval) = options.sweep_interval {
+        tasks.spawn(sweep::run(client.clone(), interval, catch_up_tx.clone()));
+    }
 
     let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
     let mut sched = Scheduler::new(settings.partitions, options.concurrency, skip);
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
-    let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
     // Replay tasks by partition, with the epoch of the ownership they serve.
     let mut catch_ups: HashMap<u32, (u64, AbortHandle)> = HashMap::new();
     let mut draining: HashSet<u32> = HashSet::new();
@@ -241,6 +247,12 @@ pub async fn run<R: Role>(
                     sched.on_catch_up_done(partition, epoch, end);
                     if catch_ups.get(&partition).is_some_and(|(e, _)| *e == epoch) {
                         catch_ups.remove(&partition);
+                    }
+                }
+                CatchUpEvent::Swept { db } => {
+                    if sched.on_sweep(&db, Instant::now()) {
+                        metrics.sweep_found.get_or_create(&label).inc();
+                        tracing::info!(role = %role_name, db = %db, "sweep found a change without an update event");
                     }
                 }
             },

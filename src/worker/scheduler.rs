@@ -19,14 +19,27 @@ use crate::couch::{DbUpdate, DbUpdateKind, Seq};
 /// An event a run is expected to cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum EventRef {
-    Live { partition: u32, epoch: u64, id: u64 },
-    CatchUp { partition: u32, epoch: u64 },
+    Live {
+        partition: u32,
+        epoch: u64,
+        id: u64,
+    },
+    CatchUp {
+        partition: u32,
+        epoch: u64,
+    },
+    /// Found by the sweep: no checkpoint depends on it.
+    Sweep {
+        partition: u32,
+    },
 }
 
 impl EventRef {
     fn partition(self) -> u32 {
         match self {
-            EventRef::Live { partition, .. } | EventRef::CatchUp { partition, .. } => partition,
+            EventRef::Live { partition, .. }
+            | EventRef::CatchUp { partition, .. }
+            | EventRef::Sweep { partition } => partition,
         }
     }
 }
@@ -245,6 +258,21 @@ impl Scheduler {
         if enqueue_if_ready(state) {
             self.ready.push_back(db.to_string());
         }
+    }
+
+    /// A database the sweep found changed without an update event. Returns
+    /// false when its partition is not ours.
+    pub fn on_sweep(&mut self, db: &str, now: Instant) -> bool {
+        let partition = self.partition_of(db);
+        if self.partitions.get(&partition).is_none_or(|p| p.releasing) || self.skip.contains(db) {
+            return false;
+        }
+        let state = self.dbs.entry(db.to_string()).or_default();
+        add_pending(state, EventRef::Sweep { partition }, now);
+        if enqueue_if_ready(state) {
+            self.ready.push_back(db.to_string());
+        }
+        true
     }
 
     /// The catch-up read of a partition reached the end of the feed at `end`.

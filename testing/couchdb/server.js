@@ -327,13 +327,25 @@ class DbUpdates extends EventEmitter {
     super();
     this.setMaxListeners(0);
     this.enabled = false; // set once listening: startup writes are not events
+    this.dropping = new Map(); // db name -> "updated" events still to drop
     this.pending = new Set();
     this.scheduled = false;
     this.chain = Promise.resolve();
   }
 
+  // Test hook: CouchDB documents _db_updates as best effort (an event can be
+  // lost), which tests of Spiegel's sweep need to reproduce on demand.
+  dropNext(dbName, count) {
+    this.dropping.set(dbName, (this.dropping.get(dbName) || 0) + count);
+  }
+
   record(type, dbName) {
     if (!this.enabled || dbName === GLOBAL_CHANGES || isInternalDb(dbName)) return;
+    const drop = this.dropping.get(dbName) || 0;
+    if (type === 'updated' && drop > 0) {
+      this.dropping.set(dbName, drop - 1);
+      return;
+    }
     this.pending.add(`${type}:${dbName}`);
     if (!this.scheduled) {
       this.scheduled = true;
@@ -517,10 +529,10 @@ app.get('/', (req, res) => {
 
 app.get('/_up', (req, res) => sendJSON(res, 200, { status: 'ok', seeds: {} }));
 
-// CouchDB pages _all_dbs with JSON-encoded start_key/end_key (or startkey/
-// endkey), limit, skip and descending; express-pouchdb ignores them all.
-app.get('/_all_dbs', wrap(async (req, res) => {
-  const q = req.query;
+// CouchDB pages _all_dbs and _dbs_info (3.2+) with JSON-encoded start_key/
+// end_key (or startkey/endkey), limit, skip and descending; express-pouchdb
+// has no _dbs_info and ignores the parameters of _all_dbs.
+async function pagedDbNames(q) {
   const key = (name, alias) => {
     const raw = q[name] !== undefined ? q[name] : q[alias];
     if (raw === undefined) return undefined;
@@ -540,7 +552,48 @@ app.get('/_all_dbs', wrap(async (req, res) => {
   if (end !== undefined) dbs = dbs.filter((d) => !before(end, d));
   const skip = Number(q.skip || 0);
   const limit = q.limit !== undefined ? Number(q.limit) : dbs.length;
-  sendJSON(res, 200, dbs.slice(skip, skip + limit));
+  return dbs.slice(skip, skip + limit);
+}
+
+app.get('/_all_dbs', wrap(async (req, res) => {
+  sendJSON(res, 200, await pagedDbNames(req.query));
+}));
+
+async function dbsInfoRows(names) {
+  const rows = [];
+  const existing = new Set(await PouchDB.allDbs());
+  for (const name of names) {
+    if (!existing.has(name)) {
+      rows.push({ key: name, error: 'not_found' });
+      continue;
+    }
+    const db = await getOrCreateDB(PouchDB, name);
+    const info = await db.info();
+    rows.push({
+      key: name,
+      info: { db_name: name, update_seq: seqToken(info.update_seq), doc_count: info.doc_count, doc_del_count: 0 },
+    });
+  }
+  return rows;
+}
+
+app.get('/_dbs_info', wrap(async (req, res) => {
+  sendJSON(res, 200, await dbsInfoRows(await pagedDbNames(req.query)));
+}));
+
+app.post('/_dbs_info', epUtils.jsonParser, wrap(async (req, res) => {
+  const keys = req.body && req.body.keys;
+  if (!Array.isArray(keys)) throw new HttpError(400, 'bad_request', '`keys` member must exist.');
+  sendJSON(res, 200, await dbsInfoRows(keys));
+}));
+
+// Test hook (not CouchDB): drop the next `count` "updated" events of `db`,
+// as CouchDB may under load. Body: {"db": "<name>", "count": 1}.
+app.post('/_spiegel_test/drop_db_updates', epUtils.jsonParser, wrap(async (req, res) => {
+  const { db, count } = req.body || {};
+  if (typeof db !== 'string') throw new HttpError(400, 'bad_request', '`db` must be a string');
+  dbUpdates.dropNext(db, Number.isInteger(count) && count > 0 ? count : 1);
+  sendJSON(res, 200, { ok: true });
 }));
 
 // No dbParam guard: there are no single-segment PUT endpoints, so "/_foo"
