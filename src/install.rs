@@ -170,7 +170,9 @@ pub async fn uninstall(
         let (Some(id), Some(value)) = (row.id, row.value) else {
             continue;
         };
-        if coordination::is_internal_doc_id(&id, namespace) {
+        // Only this installation's documents: another namespace's, and the
+        // user's own design documents, stay.
+        if id.starts_with(&format!("{namespace}{}", coordination::INTERNAL_PREFIX)) {
             deletions.push(json!({ "_id": id, "_rev": value.rev, "_deleted": true }));
         } else {
             report.user_docs_kept += 1;

@@ -452,7 +452,12 @@ impl Config {
             checkpoint_interval: self.save_seq_after,
             feed_heartbeat: Duration::from_secs(10).min(lease),
             start_from_now: self.since == Since::Now,
-            retry: self.backoff.clone(),
+            // Runs that fail for reasons outside the role wait like API
+            // calls do, but never longer than five minutes between tries.
+            retry: Backoff {
+                max_delay: Some(self.backoff.delay.max(Duration::from_secs(300))),
+                ..self.backoff.clone()
+            },
             shutdown_timeout: self.shutdown_timeout,
             sweep_interval: self.sweep_interval,
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::lease::{plan, DocIds, LeaseDoc, Liveness, WorkerDoc};
 use crate::couch::{AllDocsQuery, BulkResult, CouchClient, CouchError, Seq};
@@ -74,6 +74,9 @@ pub struct Coordinator {
     owned: BTreeSet<u32>,
     releasing: BTreeSet<u32>,
     last_beat: Option<Instant>,
+    /// Publishes `last_beat`: the worker starts no run once it is older
+    /// than the lease time minus a heartbeat (fencing).
+    beats: watch::Sender<Option<Instant>>,
     metrics: WorkerMetrics,
     to_worker: mpsc::UnboundedSender<Assignment>,
 }
@@ -90,6 +93,7 @@ impl Coordinator {
         timing: Timing,
         metrics: WorkerMetrics,
         to_worker: mpsc::UnboundedSender<Assignment>,
+        beats: watch::Sender<Option<Instant>>,
     ) -> Self {
         let ids = DocIds::new(namespace, role);
         let member = WorkerDoc {
@@ -116,6 +120,7 @@ impl Coordinator {
             owned: BTreeSet::new(),
             releasing: BTreeSet::new(),
             last_beat: None,
+            beats,
             metrics,
             to_worker,
         }
@@ -163,11 +168,14 @@ impl Coordinator {
 
     /// One heartbeat: prove we are alive, see who else is, and rebalance.
     async fn beat(&mut self) {
-        let now = Instant::now();
+        // The time the write was sent: an observer can only see it later,
+        // so leases computed from it are never longer than others think.
+        let sent = Instant::now();
         let beat = tokio::time::timeout(self.timing.heartbeat, self.write_membership()).await;
         let alive = match beat {
             Ok(Ok(())) => {
-                self.last_beat = Some(now);
+                self.last_beat = Some(sent);
+                let _ = self.beats.send(Some(sent));
                 true
             }
             Ok(Err(e)) => {
@@ -183,7 +191,7 @@ impl Coordinator {
         // missing for a lease time; stop working on them a heartbeat before.
         let fenced = self
             .last_beat
-            .is_none_or(|t| now.duration_since(t) + self.timing.heartbeat >= self.timing.lease);
+            .is_none_or(|t| t.elapsed() + self.timing.heartbeat >= self.timing.lease);
         if fenced {
             if !self.owned.is_empty() {
                 tracing::warn!(role = %self.role, "heartbeats failing for too long: dropping every partition");
@@ -199,7 +207,7 @@ impl Coordinator {
             // Without a fresh heartbeat our standing is unknown: claim nothing.
             return;
         }
-        match tokio::time::timeout(self.timing.heartbeat, self.rebalance(now)).await {
+        match tokio::time::timeout(self.timing.heartbeat, self.rebalance()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(role = %self.role, error = %e, "cannot read the leases; retrying at the next heartbeat")
@@ -233,8 +241,11 @@ impl Coordinator {
         }
     }
 
-    async fn rebalance(&mut self, now: Instant) -> Result<(), CouchError> {
+    async fn rebalance(&mut self) -> Result<(), CouchError> {
         let members: Vec<WorkerDoc> = self.read_range(self.ids.worker_range()).await?;
+        // Observed now, after the read: a revision cannot be older than this
+        // from our point of view.
+        let now = Instant::now();
         let live = self.liveness.observe(
             now,
             members

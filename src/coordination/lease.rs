@@ -122,6 +122,8 @@ pub struct Liveness {
     lease: Duration,
     /// worker id -> (revision last seen, when it was first seen).
     seen: HashMap<String, (String, Instant)>,
+    /// When the observer last looked.
+    last_look: Option<Instant>,
 }
 
 impl Liveness {
@@ -129,6 +131,7 @@ impl Liveness {
         Liveness {
             lease,
             seen: HashMap::new(),
+            last_look: None,
         }
     }
 
@@ -140,10 +143,17 @@ impl Liveness {
         now: Instant,
         members: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> BTreeSet<String> {
+        // An observer that could not look for a while (its own link to
+        // CouchDB was down) cannot tell who beat meanwhile: everyone gets a
+        // fresh lease rather than being declared dead at once.
+        let blind = self
+            .last_look
+            .is_none_or(|t| now.duration_since(t) > self.lease * 2 / 3);
+        self.last_look = Some(now);
         let mut present = HashMap::new();
         for (worker, rev) in members {
             let since = match self.seen.get(worker) {
-                Some((seen_rev, since)) if seen_rev == rev => *since,
+                Some((seen_rev, since)) if seen_rev == rev && !blind => *since,
                 _ => now,
             };
             present.insert(worker.to_string(), (rev.to_string(), since));
@@ -338,8 +348,15 @@ mod tests {
         let t2 = t0 + Duration::from_secs(11);
         assert_eq!(l.observe(t2, [("a", "2-x"), ("b", "1-y")]), live(&["a"]));
         assert_eq!(l.stale(t2, Duration::from_secs(11)), vec!["b".to_string()]);
+        // After being unable to look for a while, nobody is declared dead
+        // on the spot.
+        let t3 = t2 + Duration::from_secs(30);
+        assert_eq!(
+            l.observe(t3, [("a", "3-x"), ("b", "1-y")]),
+            live(&["a", "b"])
+        );
         // A deleted membership document is simply gone.
-        assert_eq!(l.observe(t2, [("a", "3-x")]), live(&["a"]));
+        assert_eq!(l.observe(t3, [("a", "3-x")]), live(&["a"]));
     }
 
     #[test]

@@ -1,2 +1,5 @@
 //! Replicator and on_change documents: parsing, validation and matching of
-//! database names and documents. Arrives with the roles that use them.
+//! database names and documents, and the follower that keeps them in memory.
+
+pub mod follower;
+pub mod replicator;

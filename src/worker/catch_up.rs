@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::backoff::Backoff;
 use crate::coordination::partition_of;
@@ -33,29 +35,40 @@ pub enum CatchUpEvent {
     Swept { db: String },
 }
 
-/// Replays one partition. Transient errors are retried (with backoff) from
+/// What to replay: a partition the worker just acquired.
+pub struct Job {
+    pub client: CouchClient,
+    pub partition: u32,
+    /// Tags the events with the ownership they belong to.
+    pub epoch: u64,
+    pub partitions: u32,
+    pub checkpoint: Option<Seq>,
+    pub start_from_now: bool,
+}
+
+/// Replays one partition, once one of the worker's few replay permits is
+/// free (a takeover of many partitions must not open a connection per
+/// partition). Transient errors are retried (with backoff) from
 /// where the replay was, until the task is aborted.
-pub async fn replay(
-    client: CouchClient,
-    partition: u32,
-    epoch: u64,
-    partitions: u32,
-    checkpoint: Option<Seq>,
-    start_from_now: bool,
-    tx: mpsc::Sender<CatchUpEvent>,
-) {
+pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semaphore>) {
+    // Closed only if the worker is gone.
+    let Ok(_permit) = permits.acquire_owned().await else {
+        return;
+    };
     let backoff = Backoff::reconnect(Duration::from_secs(30));
     let mut failures = 0;
+    let (checkpoint, start_from_now) = (job.checkpoint.clone(), job.start_from_now);
     let mut replay = Replay {
-        client,
-        partition,
-        epoch,
-        partitions,
+        client: job.client,
+        partition: job.partition,
+        epoch: job.epoch,
+        partitions: job.partitions,
         tx,
-        since: checkpoint.clone(),
+        since: job.checkpoint,
         end: None,
         listed_after: None,
     };
+    let partition = job.partition;
     loop {
         let result = match (&checkpoint, start_from_now) {
             (Some(_), _) => replay.since_checkpoint().await,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use self::catch_up::CatchUpEvent;
@@ -171,6 +171,7 @@ pub async fn run<R: Role>(
     ));
 
     let (assign_tx, mut assign_rx) = mpsc::unbounded_channel();
+    let (beat_tx, mut beat_rx) = watch::channel(None);
     let (request_tx, request_rx) = mpsc::unbounded_channel();
     let coordinator = Coordinator::new(
         client.clone(),
@@ -182,6 +183,7 @@ pub async fn run<R: Role>(
         options.timing.clone(),
         metrics.clone(),
         assign_tx,
+        beat_tx,
     );
     tasks.spawn(coordinator.run(request_rx));
     let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
@@ -194,7 +196,10 @@ pub async fn run<R: Role>(
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
     // Replay tasks by partition, with the epoch of the ownership they serve.
     let mut catch_ups: HashMap<u32, (u64, AbortHandle)> = HashMap::new();
-    let mut draining: HashSet<u32> = HashSet::new();
+    // Partitions being released, with when the release began.
+    let mut draining: HashMap<u32, Instant> = HashMap::new();
+    // Replays at once: each holds a connection and reads a whole feed.
+    let replays = Arc::new(Semaphore::new(2));
     let mut flush = tokio::time::interval(options.checkpoint_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -216,10 +221,15 @@ pub async fn run<R: Role>(
             Some(assignment) = assign_rx.recv() => match assignment {
                 Assignment::Acquired { partition, checkpoint } => {
                     let epoch = sched.acquire(partition, checkpoint.clone());
-                    let task = tasks.spawn(catch_up::replay(
-                        client.clone(), partition, epoch, settings.partitions, checkpoint,
-                        options.start_from_now, catch_up_tx.clone(),
-                    ));
+                    let job = catch_up::Job {
+                        client: client.clone(),
+                        partition,
+                        epoch,
+                        partitions: settings.partitions,
+                        checkpoint,
+                        start_from_now: options.start_from_now,
+                    };
+                    let task = tasks.spawn(catch_up::replay(job, catch_up_tx.clone(), replays.clone()));
                     if let Some((_, old)) = catch_ups.insert(partition, (epoch, task)) {
                         old.abort();
                     }
@@ -230,7 +240,7 @@ pub async fn run<R: Role>(
                     if let Some((_, task)) = catch_ups.remove(&partition) {
                         task.abort();
                     }
-                    draining.insert(partition);
+                    draining.insert(partition, Instant::now());
                 }
                 Assignment::Lost { partition } => {
                     sched.remove(partition);
@@ -286,6 +296,7 @@ pub async fn run<R: Role>(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             Some(_) = runs.join_next(), if !runs.is_empty() => {}
+            Ok(()) = beat_rx.changed() => {}
             _ = flush.tick() => {
                 let dirty = sched.take_dirty_checkpoints();
                 if !dirty.is_empty() {
@@ -293,8 +304,11 @@ pub async fn run<R: Role>(
                 }
             }
         }
-        draining.retain(|&partition| {
-            if !sched.drained(partition) {
+        draining.retain(|&partition, since| {
+            // A run that never ends must not keep the partition from its
+            // next owner: after the shutdown timeout it is released anyway
+            // (the run's updates are not marked handled, so nothing is lost).
+            if !sched.drained(partition) && since.elapsed() < options.shutdown_timeout {
                 return true;
             }
             let checkpoint = sched.remove(partition);
@@ -304,7 +318,23 @@ pub async fn run<R: Role>(
             });
             false
         });
-        for start in sched.take_startable(Instant::now()) {
+        if sched.take_urgent() {
+            let dirty = sched.take_dirty_checkpoints();
+            if !dirty.is_empty() {
+                let _ = request_tx.send(Request::Checkpoints(dirty));
+            }
+        }
+        // Fencing: once our last heartbeat is older than the lease time
+        // minus a heartbeat, others may take our partitions; start nothing.
+        let fenced = beat_rx
+            .borrow()
+            .is_none_or(|t| t.elapsed() + options.timing.heartbeat >= options.timing.lease);
+        let startable = if fenced {
+            Vec::new()
+        } else {
+            sched.take_startable(Instant::now())
+        };
+        for start in startable {
             metrics.runs_started.get_or_create(&label).inc();
             tracing::trace!(role = %role_name, db = %start.db, "run");
             metrics
@@ -351,7 +381,9 @@ pub async fn run<R: Role>(
             done: done_tx,
         })
         .is_ok()
-        && tokio::time::timeout(options.timing.lease, done_rx)
+        // The coordinator may be in the middle of a heartbeat (bounded by two
+        // heartbeats) and then needs two bounded steps to leave.
+        && tokio::time::timeout(options.timing.heartbeat * 7, done_rx)
             .await
             .is_err()
     {

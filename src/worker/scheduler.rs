@@ -81,6 +81,10 @@ struct Partition {
     checkpoint: Option<Seq>,
     /// The checkpoint changed since the last flush.
     dirty: bool,
+    /// The partition had no checkpoint and now has one: save it at once,
+    /// or a crash before the next save would make the next owner start
+    /// from nothing.
+    urgent: bool,
     releasing: bool,
 }
 
@@ -151,6 +155,7 @@ impl Scheduler {
                     end: None,
                 }),
                 live: Watermark::default(),
+                urgent: checkpoint.is_none(),
                 checkpoint,
                 dirty: false,
                 releasing: false,
@@ -425,6 +430,18 @@ impl Scheduler {
         }
         out.sort_by_key(|(q, _)| *q);
         out
+    }
+
+    /// True when a checkpoint must be saved now (see `Partition::urgent`).
+    pub fn take_urgent(&mut self) -> bool {
+        let mut urgent = false;
+        for p in self.partitions.values_mut() {
+            if p.urgent && p.checkpoint.is_some() {
+                p.urgent = false;
+                urgent = true;
+            }
+        }
+        urgent
     }
 
     /// Stop starting runs (shutdown).

@@ -1,0 +1,135 @@
+//! Keeps the user documents of the spiegel database (replicator and
+//! on_change docs) in memory, following its `_changes` live, so that an
+//! added, edited or deleted document takes effect without a restart.
+//!
+//! Internal documents (leases, heartbeats, checkpoints) change often; their
+//! rows are skipped by id, without reading their bodies.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::coordination::is_internal_doc_id;
+use crate::couch::{ChangesQuery, CouchClient, CouchError, FeedOptions, Seq};
+
+/// The user documents by id.
+pub type UserDocs = BTreeMap<String, Value>;
+
+/// A handle on the followed documents: `None` until the first full load.
+pub type DocsWatch = watch::Receiver<Option<Arc<UserDocs>>>;
+
+/// Starts following; the returned receiver sees every new version of the
+/// document set. Runs until the receiver and its clones are dropped.
+pub fn spawn(client: CouchClient, db: String, namespace: String) -> DocsWatch {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(follow(client, db, namespace, tx));
+    rx
+}
+
+/// Waits for the first full load.
+pub async fn loaded(docs: &mut DocsWatch) -> Arc<UserDocs> {
+    loop {
+        if let Some(current) = docs.borrow_and_update().clone() {
+            return current;
+        }
+        if docs.changed().await.is_err() {
+            // The follower ended: only during shutdown. An empty set then.
+            return Arc::default();
+        }
+    }
+}
+
+async fn follow(
+    client: CouchClient,
+    db: String,
+    namespace: String,
+    tx: watch::Sender<Option<Arc<UserDocs>>>,
+) {
+    let backoff = Backoff::reconnect(Duration::from_secs(30));
+    let mut failures = 0;
+    loop {
+        match follow_once(&client, &db, &namespace, &tx).await {
+            Ok(()) => return,
+            Err(e) => {
+                failures += 1;
+                let wait = backoff.wait(failures);
+                tracing::error!(db = %db, error = %e, retry_in = ?wait, "cannot follow the spiegel database's documents");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Loads everything, then follows; returns Ok only when nobody listens.
+async fn follow_once(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    tx: &watch::Sender<Option<Arc<UserDocs>>>,
+) -> Result<(), CouchError> {
+    let mut docs = UserDocs::new();
+    let mut since: Option<Seq> = None;
+    loop {
+        let page = client
+            .changes(
+                db,
+                &ChangesQuery {
+                    since: since.clone(),
+                    limit: Some(500),
+                    include_docs: true,
+                },
+            )
+            .await?;
+        let done = page.results.is_empty();
+        for change in page.results {
+            if is_internal_doc_id(&change.id, namespace) {
+                continue;
+            }
+            match change.doc {
+                Some(doc) if !change.deleted => docs.insert(change.id, doc),
+                _ => docs.remove(&change.id),
+            };
+        }
+        since = Some(page.last_seq);
+        if done {
+            break;
+        }
+    }
+    if tx.send(Some(Arc::new(docs.clone()))).is_err() {
+        return Ok(());
+    }
+    let mut feed = client.changes_feed(
+        db,
+        &ChangesQuery {
+            since,
+            ..Default::default()
+        },
+        FeedOptions::default(),
+    );
+    while let Some(change) = feed.next().await {
+        let change = change?;
+        if is_internal_doc_id(&change.id, namespace) {
+            continue;
+        }
+        let doc = if change.deleted {
+            None
+        } else {
+            client.get_doc_opt::<Value>(db, &change.id).await?
+        };
+        match doc {
+            Some(doc) => docs.insert(change.id, doc),
+            None => docs.remove(&change.id),
+        };
+        if tx.send(Some(Arc::new(docs.clone()))).is_err() {
+            return Ok(());
+        }
+    }
+    Err(CouchError::Transient(
+        "the spiegel database's changes feed ended".into(),
+    ))
+}
