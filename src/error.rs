@@ -11,6 +11,8 @@ pub enum Error {
     Couch(#[from] CouchError),
     #[error("{0}")]
     NotInstalled(String),
+    #[error("worker failed: {0}")]
+    Worker(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use spiegel::config::{Cli, Command, Config};
 use spiegel::couch::{ClientOptions, CouchClient};
+use spiegel::metrics::Metrics;
+use spiegel::roles::RoleKind;
 use spiegel::{install, logging, roles};
 
 #[tokio::main]
@@ -70,6 +72,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await?;
         }
         Command::UpdateListener => roles::update_listener::run(shutdown).await,
+        Command::Status => {
+            let report = roles::status::report(&client, &config.db_name, &config.namespace).await?;
+            if config.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", roles::status::render(&report));
+            }
+        }
+        Command::Replicator | Command::Run => {
+            let metrics = Metrics::new();
+            roles::run(
+                &config,
+                &client,
+                &[RoleKind::Replicator],
+                &metrics,
+                shutdown,
+            )
+            .await?;
+        }
         other => anyhow::bail!(
             "the {} command is not available in this build yet",
             other.name()

@@ -127,7 +127,7 @@ impl Metrics {
         );
         registry.register(
             "sweep_found",
-            "Databases the sweep found changed without an update event",
+            "Databases of owned partitions the sweep found changed since the previous sweep (most were handled through their update events too)",
             w.sweep_found.clone(),
         );
         Metrics { registry, worker }

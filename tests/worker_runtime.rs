@@ -224,9 +224,18 @@ impl Setup {
         let client = client_for(&self.url);
         let worker_metrics = metrics.worker.clone();
         let handle = tokio::spawn(async move {
-            worker::run(client, Arc::new(role), options, worker_metrics, async {
-                let _ = stop_rx.await;
-            })
+            // No nudges: the sender is dropped at once.
+            let (_, nudges) = tokio::sync::mpsc::channel(1);
+            worker::run(
+                client,
+                Arc::new(role),
+                options,
+                worker_metrics,
+                nudges,
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await
             .unwrap();
         });

@@ -148,7 +148,7 @@ impl Liveness {
         // fresh lease rather than being declared dead at once.
         let blind = self
             .last_look
-            .is_none_or(|t| now.duration_since(t) > self.lease * 2 / 3);
+            .is_none_or(|t| now.duration_since(t) > self.lease);
         self.last_look = Some(now);
         let mut present = HashMap::new();
         for (worker, rev) in members {
@@ -348,8 +348,8 @@ mod tests {
         let t2 = t0 + Duration::from_secs(11);
         assert_eq!(l.observe(t2, [("a", "2-x"), ("b", "1-y")]), live(&["a"]));
         assert_eq!(l.stale(t2, Duration::from_secs(11)), vec!["b".to_string()]);
-        // After being unable to look for a while, nobody is declared dead
-        // on the spot.
+        // After being unable to look for longer than a lease, nobody is
+        // declared dead on the spot.
         let t3 = t2 + Duration::from_secs(30);
         assert_eq!(
             l.observe(t3, [("a", "3-x"), ("b", "1-y")]),

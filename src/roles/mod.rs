@@ -3,4 +3,124 @@
 //! on_change rules. The update-listener of Spiegel 1.2 survives only as a
 //! compatibility stub.
 
+pub mod replicator;
+pub mod status;
 pub mod update_listener;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::couch::CouchClient;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::rules::follower;
+use crate::rules::replicator::AuthStyle;
+
+/// The worker roles a process can host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleKind {
+    Replicator,
+}
+
+/// Runs the given roles in this process until `shutdown` resolves, then
+/// stops each cleanly. One follower of the spiegel database's documents
+/// serves them all.
+pub async fn run(
+    config: &Config,
+    client: &CouchClient,
+    roles: &[RoleKind],
+    metrics: &Metrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let server = client.server_info().await?;
+    tracing::info!(version = %server.version, "connected to CouchDB");
+    let docs = follower::spawn(
+        client.clone(),
+        config.db_name.clone(),
+        config.namespace.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = tokio::task::JoinSet::new();
+    for role in roles {
+        let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match role {
+            RoleKind::Replicator => {
+                let options = config.worker_options(replicator::NAME);
+                let book = status::StatusBook::default();
+                tokio::spawn(status::save_periodically(
+                    client.clone(),
+                    config.db_name.clone(),
+                    config.namespace.clone(),
+                    replicator::NAME.into(),
+                    options.worker_id.clone(),
+                    book.clone(),
+                    config.save_seq_after.min(Duration::from_secs(5)),
+                ));
+                let (nudge_tx, nudge_rx) = mpsc::channel(256);
+                let already_run = status::reported_docs(
+                    client,
+                    &config.db_name,
+                    &config.namespace,
+                    replicator::NAME,
+                )
+                .await?;
+                tokio::spawn(replicator::nudge_on_changes(
+                    client.clone(),
+                    config.url.clone(),
+                    docs.clone(),
+                    already_run,
+                    nudge_tx,
+                ));
+                let role = replicator::Replicator::new(
+                    client.clone(),
+                    config.url.clone(),
+                    docs.clone(),
+                    config.passwords.clone(),
+                    AuthStyle::for_version(&server.version),
+                    config.backoff.clone(),
+                    config.assume_deleted_after,
+                    book,
+                );
+                let client = client.clone();
+                let worker_metrics = metrics.worker.clone();
+                workers.spawn(async move {
+                    crate::worker::run(
+                        client,
+                        Arc::new(role),
+                        options,
+                        worker_metrics,
+                        nudge_rx,
+                        stopped,
+                    )
+                    .await
+                });
+            }
+        }
+    }
+    tokio::select! {
+        _ = shutdown => {}
+        // A role that ends on its own (it could not start) ends the process.
+        Some(result) = workers.join_next() => {
+            let _ = stop_tx.send(true);
+            flatten(result)?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(result) = workers.join_next().await {
+        flatten(result)?;
+    }
+    Ok(())
+}
+
+fn flatten(result: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match result {
+        Ok(r) => r,
+        Err(e) => Err(crate::error::Error::Worker(e.to_string())),
+    }
+}

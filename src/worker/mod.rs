@@ -10,7 +10,7 @@ mod scheduler;
 mod sweep;
 mod watermark;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -29,6 +29,9 @@ use crate::couch::{CouchClient, CouchError, DbUpdate, FeedOptions, Seq};
 use crate::error::{Error, Result};
 use crate::install::GLOBAL_CHANGES;
 use crate::metrics::{self, WorkerMetrics};
+
+/// Nudges kept for partitions not yet acquired, at most.
+const PARKED_NUDGES: usize = 100_000;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +120,8 @@ enum Event {
 }
 
 /// Runs a worker of `role` until `shutdown` resolves, then stops cleanly:
+/// `nudges` brings databases the role wants handled although no update
+/// event named them (they are handled if their partition is ours).
 /// runs in flight finish (or are abandoned after the shutdown timeout),
 /// checkpoints are saved and leases released.
 pub async fn run<R: Role>(
@@ -124,6 +129,7 @@ pub async fn run<R: Role>(
     role: Arc<R>,
     options: WorkerOptions,
     metrics: WorkerMetrics,
+    mut nudges: mpsc::Receiver<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let role_name = role.name().to_string();
@@ -196,6 +202,8 @@ pub async fn run<R: Role>(
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
     // Replay tasks by partition, with the epoch of the ownership they serve.
     let mut catch_ups: HashMap<u32, (u64, AbortHandle)> = HashMap::new();
+    // Nudges for partitions not (yet) ours, with when they came.
+    let mut parked: VecDeque<(String, Instant)> = VecDeque::new();
     // Partitions being released, with when the release began.
     let mut draining: HashMap<u32, Instant> = HashMap::new();
     // Replays at once: each holds a connection and reads a whole feed.
@@ -221,6 +229,12 @@ pub async fn run<R: Role>(
             Some(assignment) = assign_rx.recv() => match assignment {
                 Assignment::Acquired { partition, checkpoint } => {
                     let epoch = sched.acquire(partition, checkpoint.clone());
+                    // Nudges that came before the partition was ours (a
+                    // worker that just started) still count for a while.
+                    let fresh = options.timing.lease * 2;
+                    parked.retain(|(db, at)| {
+                        at.elapsed() < fresh && !(sched.partition_of(db) == partition && sched.on_sweep(db, Instant::now()))
+                    });
                     let job = catch_up::Job {
                         client: client.clone(),
                         partition,
@@ -262,7 +276,7 @@ pub async fn run<R: Role>(
                 CatchUpEvent::Swept { db } => {
                     if sched.on_sweep(&db, Instant::now()) {
                         metrics.sweep_found.get_or_create(&label).inc();
-                        tracing::info!(role = %role_name, db = %db, "sweep found a change without an update event");
+                        tracing::debug!(role = %role_name, db = %db, "sweep: changed since the previous sweep");
                     }
                 }
             },
@@ -297,6 +311,12 @@ pub async fn run<R: Role>(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             Some(_) = runs.join_next(), if !runs.is_empty() => {}
             Ok(()) = beat_rx.changed() => {}
+            // Databases the role asks to handle (a document added or edited).
+            Some(db) = nudges.recv(), if sched.queued() < queue_limit => {
+                if !sched.on_sweep(&db, Instant::now()) && parked.len() < PARKED_NUDGES {
+                    parked.push_back((db, Instant::now()));
+                }
+            }
             _ = flush.tick() => {
                 let dirty = sched.take_dirty_checkpoints();
                 if !dirty.is_empty() {

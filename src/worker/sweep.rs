@@ -19,7 +19,9 @@ use crate::couch::CouchClient;
 
 const PAGE: u64 = 100;
 
-/// Sweeps every `interval` until the worker stops.
+/// Sweeps every `interval` until the worker stops. A sweep that fails part
+/// way records nothing, so the next one compares with the last complete one
+/// (and may hand a database over twice).
 pub async fn run(client: CouchClient, interval: Duration, tx: mpsc::Sender<CatchUpEvent>) {
     // update_seq values are opaque: only their equality is used, through a hash.
     let mut seen: HashMap<String, u64> = HashMap::new();
@@ -28,10 +30,14 @@ pub async fn run(client: CouchClient, interval: Duration, tx: mpsc::Sender<Catch
     let mut baseline = true;
     loop {
         match sweep(&client, &mut seen, baseline, &tx).await {
-            Ok(found) => tracing::debug!(found, "sweep done"),
+            Ok(Some(found)) => {
+                tracing::debug!(found, "sweep done");
+                baseline = false;
+            }
+            // Interrupted: nothing recorded; a failed baseline is taken again.
+            Ok(None) => {}
             Err(Closed) => return,
         }
-        baseline = false;
         tokio::time::sleep(interval).await;
     }
 }
@@ -43,7 +49,7 @@ async fn sweep(
     seen: &mut HashMap<String, u64>,
     record_only: bool,
     tx: &mpsc::Sender<CatchUpEvent>,
-) -> Result<usize, Closed> {
+) -> Result<Option<usize>, Closed> {
     let mut after: Option<String> = None;
     let mut found = 0;
     let mut present = HashMap::with_capacity(seen.len());
@@ -52,7 +58,7 @@ async fn sweep(
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "sweep interrupted; it runs again at the next interval");
-                return Ok(found);
+                return Ok(None);
             }
         };
         let fresh: Vec<_> = rows
@@ -83,5 +89,5 @@ async fn sweep(
         }
     }
     *seen = present;
-    Ok(found)
+    Ok(Some(found))
 }

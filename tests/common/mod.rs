@@ -260,3 +260,58 @@ pub fn wait_exit(child: &mut Child, deadline: Duration) -> Option<std::process::
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A long-running spiegel process (a worker role), stopped with SIGTERM on
+/// drop. Its log lines are kept for assertions and printed if the test fails.
+pub struct Spiegel {
+    pub child: std::process::Child,
+    pub logs: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl Spiegel {
+    pub fn start(args: &[&str]) -> Spiegel {
+        let mut child = spiegel()
+            .args(args)
+            .args(["--log-format", "json", "--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start spiegel");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Spiegel { child, logs }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        signal(&self.child, libc::SIGTERM);
+        wait_exit(&mut self.child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Spiegel {
+    fn drop(&mut self) {
+        if self.stop().is_none() {
+            let _ = self.child.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- spiegel logs ---\n{}", self.logs());
+        }
+    }
+}

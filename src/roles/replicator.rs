@@ -1,0 +1,331 @@
+//! The replicator role: when a database changes, run every replicator
+//! document that applies to it, each as one `POST /_replicate` (one-shot) on
+//! the `--url` server.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::status::StatusBook;
+use crate::backoff::Backoff;
+use crate::config::Passwords;
+use crate::couch::{CouchClient, CouchError, SecretUrl};
+use crate::rules::follower::{self, DocsWatch, UserDocs};
+use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
+use crate::worker::{Outcome, Role};
+
+pub const NAME: &str = "replicator";
+
+pub struct Replicator {
+    client: CouchClient,
+    server: SecretUrl,
+    docs: DocsWatch,
+    passwords: Passwords,
+    auth: AuthStyle,
+    /// Retries of transient failures, per database (its limit applies).
+    backoff: Backoff,
+    assume_deleted_after: Duration,
+    status: StatusBook,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The rules parsed from the last document set seen.
+    rules: Arc<Vec<ReplicatorRule>>,
+    parsed_from: Option<Arc<UserDocs>>,
+    /// `(id, rev)` of documents already warned about.
+    warned: HashSet<(String, String)>,
+    retries: HashMap<String, u32>,
+    /// Source databases answering "not found", since when.
+    missing_since: HashMap<String, Instant>,
+}
+
+/// One replication's result.
+enum Result1 {
+    Ok,
+    Retry(String),
+    Failed(String),
+    SourceMissing,
+}
+
+impl Replicator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: CouchClient,
+        server: SecretUrl,
+        docs: DocsWatch,
+        passwords: Passwords,
+        auth: AuthStyle,
+        backoff: Backoff,
+        assume_deleted_after: Duration,
+        status: StatusBook,
+    ) -> Self {
+        Replicator {
+            client,
+            server,
+            docs,
+            passwords,
+            auth,
+            backoff,
+            assume_deleted_after,
+            status,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state holds caches and counters only; a poisoned lock is safe to reuse.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current rules, re-parsed when the documents changed. Unusable
+    /// documents are reported once per revision and skipped.
+    async fn rules(&self) -> Arc<Vec<ReplicatorRule>> {
+        let docs = follower::loaded(&mut self.docs.clone()).await;
+        let mut state = self.lock();
+        if state
+            .parsed_from
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, &docs))
+        {
+            return state.rules.clone();
+        }
+        let mut rules = Vec::new();
+        for (id, doc) in docs
+            .iter()
+            .filter(|(_, d)| d.get("type") == Some(&Value::from("replicator")))
+        {
+            let rev = doc
+                .get("_rev")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let first_time = state.warned.insert((id.clone(), rev));
+            match ReplicatorRule::parse(id, doc, &self.server) {
+                Ok(rule) => {
+                    if first_time {
+                        if rule.asked_continuous {
+                            tracing::warn!(doc = %id, "continuous: true is ignored: Spiegel replicates each change one-shot");
+                        }
+                        if rule.trigger == Trigger::Elsewhere {
+                            tracing::warn!(doc = %id, "the source is on another server than --url: this server's updates never trigger it");
+                        }
+                    }
+                    self.status.invalid(id, None);
+                    rules.push(rule);
+                }
+                Err(e) => {
+                    if first_time {
+                        tracing::error!(doc = %id, error = %e, "unusable replicator document: skipped");
+                    }
+                    self.status.invalid(id, Some(e.to_string()));
+                }
+            }
+        }
+        let live: HashSet<&String> = docs.keys().collect();
+        self.status.retain(|id| live.contains(&id.to_string()));
+        state.rules = Arc::new(rules);
+        state.parsed_from = Some(docs);
+        state.rules.clone()
+    }
+
+    async fn replicate(&self, rule: &ReplicatorRule, db: &str) -> Result1 {
+        let body = match rule.request(db, &self.passwords, self.auth) {
+            Ok(body) => body,
+            Err(e) => return Result1::Failed(e.to_string()),
+        };
+        match self.client.replicate(&body).await {
+            Ok(answer) if answer.get("ok") == Some(&Value::Bool(true)) => {
+                let h = answer.get("history").and_then(|h| h.get(0));
+                let count = |k: &str| {
+                    h.and_then(|h| h.get(k))
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+                };
+                let detail = format!(
+                    "docs_read={} docs_written={} doc_write_failures={}",
+                    count("docs_read"),
+                    count("docs_written"),
+                    count("doc_write_failures")
+                );
+                self.status.success(&rule.id, db, Some(detail));
+                Result1::Ok
+            }
+            Ok(answer) => Result1::Retry(format!(
+                "unexpected _replicate answer: {}",
+                crate::couch::redact_credentials(&answer.to_string())
+            )),
+            Err(e) if e.is_transient() => Result1::Retry(e.to_string()),
+            Err(CouchError::Unexpected { status: 404, .. }) | Err(CouchError::DbNotFound(_)) => {
+                // Which end is missing? The source is a database of ours.
+                match self.client.db_info(db).await {
+                    Err(CouchError::DbNotFound(_)) => Result1::SourceMissing,
+                    Ok(_) if rule.creates_target() => {
+                        Result1::Retry("_replicate answered not found".into())
+                    }
+                    Ok(_) => Result1::Failed(
+                        "the target database does not exist (set create_target: true to create it)"
+                            .into(),
+                    ),
+                    Err(e) => Result1::Retry(e.to_string()),
+                }
+            }
+            Err(e) => Result1::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Role for Replicator {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn handle(&self, db: &str) -> Outcome {
+        let rules = self.rules().await;
+        let mut retry = None;
+        let mut gone = false;
+        for rule in rules.iter().filter(|r| r.applies_to(db)) {
+            match self.replicate(rule, db).await {
+                Result1::Ok => {
+                    self.lock().missing_since.remove(db);
+                }
+                Result1::Failed(error) => {
+                    tracing::error!(doc = %rule.id, db, %error, replication = %rule.describe(db), "replication failed");
+                    self.status.failure(&rule.id, db, error);
+                }
+                Result1::Retry(error) => {
+                    self.status.failure(&rule.id, db, error.clone());
+                    retry = Some(error);
+                }
+                Result1::SourceMissing => {
+                    let since = *self
+                        .lock()
+                        .missing_since
+                        .entry(db.to_string())
+                        .or_insert_with(Instant::now);
+                    if since.elapsed() >= self.assume_deleted_after {
+                        let error = format!(
+                            "the source database does not exist; taken for deleted after {:?}: replication resumes when it is created again",
+                            self.assume_deleted_after
+                        );
+                        self.status.failure(&rule.id, db, error);
+                        gone = true;
+                    } else {
+                        let error =
+                            "the source database does not exist (yet?); retrying".to_string();
+                        self.status.failure(&rule.id, db, error.clone());
+                        retry = Some(error);
+                    }
+                }
+            }
+        }
+        if gone {
+            let mut state = self.lock();
+            state.missing_since.remove(db);
+            state.retries.remove(db);
+            return Outcome::Gone;
+        }
+        match retry {
+            None => {
+                self.lock().retries.remove(db);
+                Outcome::Done
+            }
+            Some(error) => {
+                let mut state = self.lock();
+                let retries = state.retries.entry(db.to_string()).or_default();
+                *retries += 1;
+                if self.backoff.exhausted(*retries) {
+                    state.retries.remove(db);
+                    tracing::error!(db, %error, "replication failed after the last retry (--backoff-limit)");
+                    Outcome::Done
+                } else {
+                    Outcome::RetryLater(error)
+                }
+            }
+        }
+    }
+
+    async fn deleted(&self, db: &str) {
+        let mut state = self.lock();
+        state.retries.remove(db);
+        state.missing_since.remove(db);
+    }
+}
+
+/// Sends the databases a changed document applies to, so that a document
+/// added or edited takes effect at once (plain documents: their source;
+/// templated ones: every matching database of the server).
+///
+/// At start, documents that some worker already ran (they appear in a status
+/// document) wait for their sources' next change; the others (added while
+/// Spiegel was stopped, or while it started) are run at once.
+pub async fn nudge_on_changes(
+    client: CouchClient,
+    server: SecretUrl,
+    mut docs: DocsWatch,
+    already_run: HashSet<String>,
+    nudges: mpsc::Sender<String>,
+) {
+    let mut known: HashMap<String, String> = HashMap::new();
+    let mut first_load = true;
+    loop {
+        let current = follower::loaded(&mut docs).await;
+        for (id, doc) in current
+            .iter()
+            .filter(|(_, d)| d.get("type") == Some(&Value::from("replicator")))
+        {
+            let rev = doc
+                .get("_rev")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if known.get(id) == Some(&rev) {
+                continue;
+            }
+            known.insert(id.clone(), rev);
+            if first_load && already_run.contains(id) {
+                continue;
+            }
+            let Ok(rule) = ReplicatorRule::parse(id, doc, &server) else {
+                continue;
+            };
+            match &rule.trigger {
+                Trigger::Database(db) => {
+                    if nudges.send(db.clone()).await.is_err() {
+                        return;
+                    }
+                }
+                Trigger::Pattern(_) => {
+                    let mut after: Option<String> = None;
+                    loop {
+                        let Ok(names) = client.all_dbs(after.as_deref(), Some(1001)).await else {
+                            break;
+                        };
+                        let fresh: Vec<String> = names
+                            .into_iter()
+                            .filter(|n| after.as_deref() != Some(n.as_str()))
+                            .collect();
+                        if fresh.is_empty() {
+                            break;
+                        }
+                        after = fresh.last().cloned();
+                        for db in fresh.into_iter().filter(|db| rule.applies_to(db)) {
+                            if nudges.send(db).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Trigger::Elsewhere => {}
+            }
+        }
+        first_load = false;
+        if docs.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The replicator role through the real binary, against the test CouchDB.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use spiegel::couch::{CouchClient, SecretUrl};
+
+use common::*;
+
+struct Setup {
+    url: String,
+    couch: CouchClient,
+    spiegel_db: String,
+    prefix: String,
+}
+
+impl Setup {
+    async fn new(label: &str) -> Setup {
+        let url = shared_url();
+        let couch = client_for(&url);
+        couch.create_db("_global_changes").await.unwrap();
+        let prefix = unique_name(label);
+        let spiegel_db = format!("{prefix}_spiegel");
+        spiegel::install::install(&couch, &spiegel_db, "", 4)
+            .await
+            .unwrap();
+        Setup {
+            url,
+            couch,
+            spiegel_db,
+            prefix,
+        }
+    }
+
+    fn db(&self, name: &str) -> String {
+        format!("{}_{name}", self.prefix)
+    }
+
+    /// The URL of a database of the test server, without credentials
+    /// (the user name only, if `user`).
+    fn db_url(&self, db: &str, user: bool) -> String {
+        let base = SecretUrl::parse(&self.url).unwrap().without_credentials();
+        let mut url = base.clone();
+        if user
+            && !SecretUrl::parse(&self.url)
+                .unwrap()
+                .username()
+                .unwrap_or_default()
+                .is_empty()
+        {
+            url.set_username(&SecretUrl::parse(&self.url).unwrap().username().unwrap())
+                .unwrap();
+        }
+        format!("{}{}", url.as_str(), spiegel::couch::encode_segment(db))
+    }
+
+    /// A passwords file with the test server's admin password.
+    fn passwords(&self, dir: &tempfile::TempDir, password: Option<&str>) -> String {
+        let url = SecretUrl::parse(&self.url).unwrap();
+        let path = dir.path().join("passwords.json");
+        let user = url.username().unwrap_or_default();
+        let pw = password
+            .map(String::from)
+            .or_else(|| url.password())
+            .unwrap_or_default();
+        std::fs::write(
+            &path,
+            json!({ url.host().unwrap(): { user: pw } }).to_string(),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    fn start(&self, extra: &[&str]) -> Spiegel {
+        let mut args = vec![
+            "replicator",
+            "--url",
+            &self.url,
+            "--db-name",
+            &self.spiegel_db,
+            "--lease-time",
+            "1.5",
+            "--save-seq-after",
+            "1",
+            "--backoff-delay",
+            "0.2",
+        ];
+        args.extend_from_slice(extra);
+        Spiegel::start(&args)
+    }
+
+    async fn has_doc(&self, db: &str, id: &str) -> bool {
+        self.couch
+            .get_doc_opt::<Value>(db, id)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    async fn wait_doc(&self, db: &str, id: &str, spiegel: &Spiegel) {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while !self.has_doc(db, id).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "{id} never reached {db}\n{}", spiegel.logs());
+    }
+
+    async fn status(&self) -> Value {
+        let out = spiegel()
+            .args([
+                "status",
+                "--json",
+                "--url",
+                &self.url,
+                "--db-name",
+                &self.spiegel_db,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
+    let s = Setup::new("plain").await;
+    let (src, t1, t2, t3) = (s.db("src"), s.db("t1"), s.db("t2"), s.db("t3"));
+    for db in [&src, &t1, &t2, &t3] {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = s.passwords(&dir, None);
+    let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&t1, true),
+                     "dirty": true, "locked_at": null});
+    s.couch.put_doc(&s.spiegel_db, "r1", &doc).await.unwrap();
+    let worker = s.start(&["--passwords-file", &passwords]);
+
+    s.couch
+        .put_doc(&src, "doc1", &json!({"v": 1}))
+        .await
+        .unwrap();
+    s.wait_doc(&t1, "doc1", &worker).await;
+
+    // Edit: a new target, live.
+    let mut current: Value = s.couch.get_doc(&s.spiegel_db, "r1").await.unwrap();
+    current["target"] = json!(s.db_url(&t2, true));
+    s.couch
+        .put_doc(&s.spiegel_db, "r1", &current)
+        .await
+        .unwrap();
+    s.wait_doc(&t2, "doc1", &worker).await; // the edit alone replicates
+    s.couch
+        .put_doc(&src, "doc2", &json!({"v": 2}))
+        .await
+        .unwrap();
+    s.wait_doc(&t2, "doc2", &worker).await;
+    assert!(
+        !s.has_doc(&t1, "doc2").await,
+        "the old target is not used any more"
+    );
+
+    // Delete r1; r3 (created after) tells when the source's next change
+    // was handled.
+    let current: Value = s.couch.get_doc(&s.spiegel_db, "r1").await.unwrap();
+    s.couch
+        .delete_doc(&s.spiegel_db, "r1", current["_rev"].as_str().unwrap())
+        .await
+        .unwrap();
+    let r3 = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&t3, true)});
+    s.couch.put_doc(&s.spiegel_db, "r3", &r3).await.unwrap();
+    s.couch
+        .put_doc(&src, "doc3", &json!({"v": 3}))
+        .await
+        .unwrap();
+    s.wait_doc(&t3, "doc3", &worker).await;
+    assert!(
+        !s.has_doc(&t2, "doc3").await,
+        "a deleted replicator doc does nothing"
+    );
+    assert!(
+        !worker.logs().contains(common::ADMIN_PASSWORD),
+        "a password reached the logs"
+    );
+}
+
+#[tokio::test]
+async fn one_templated_doc_fans_200_databases_into_one() {
+    let s = Setup::new("fanin").await;
+    let aggregate = s.db("all");
+    s.couch.create_db(&aggregate).await.unwrap();
+    let sources: Vec<String> = (0..200).map(|i| s.db(&format!("user/{i}"))).collect();
+    for (i, db) in sources.iter().enumerate() {
+        s.couch.create_db(db).await.unwrap();
+        s.couch
+            .put_doc(db, &format!("from{i}"), &json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let worker = s.start(&[]);
+    let source = format!("{}/${{db_name}}", s.url.trim_end_matches('/'));
+    let doc = json!({"type": "replicator", "db_name": format!("^{}_user/", s.prefix),
+                     "source": source, "target": format!("{}/{}", s.url, aggregate)});
+    s.couch
+        .put_doc(&s.spiegel_db, "fan-in", &doc)
+        .await
+        .unwrap();
+
+    let all = tokio::time::timeout(Duration::from_secs(90), async {
+        loop {
+            let n = s.couch.db_info(&aggregate).await.unwrap().doc_count;
+            if n >= 200 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        all.ok(),
+        Some(200),
+        "every document of every source arrives\n{}",
+        worker.logs()
+    );
+
+    // A database created after the start is picked up.
+    let late = s.db("user/late");
+    s.couch.create_db(&late).await.unwrap();
+    s.couch
+        .put_doc(&late, "late-doc", &json!({}))
+        .await
+        .unwrap();
+    s.wait_doc(&aggregate, "late-doc", &worker).await;
+}
+
+#[tokio::test]
+async fn replication_parameters_pass_through() {
+    let s = Setup::new("params").await;
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.create_db(&dst).await.unwrap();
+    let ddoc = json!({"filters": {"chosen": "function(doc, req) { return doc.keep === true || doc.keep === req.query.flag; }"}});
+    s.couch.put_doc(&src, "_design/app", &ddoc).await.unwrap();
+    for (id, keep) in [("a", json!(true)), ("b", json!("yes")), ("c", json!(false))] {
+        s.couch
+            .put_doc(&src, id, &json!({"keep": keep}))
+            .await
+            .unwrap();
+    }
+    let worker = s.start(&[]);
+    let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
+                     "target": format!("{}/{}", s.url, dst), "filter": "app/chosen",
+                     "query_params": {"flag": "yes"}});
+    s.couch
+        .put_doc(&s.spiegel_db, "filtered", &doc)
+        .await
+        .unwrap();
+    s.wait_doc(&dst, "a", &worker).await;
+    s.wait_doc(&dst, "b", &worker).await;
+    assert!(
+        !s.has_doc(&dst, "c").await,
+        "the filter and its query_params were applied"
+    );
+}
+
+#[tokio::test]
+async fn passwords_come_from_the_passwords_file_and_a_wrong_one_is_reported() {
+    let s = Setup::new("auth").await;
+    if SecretUrl::parse(&s.url).unwrap().password().is_none() {
+        eprintln!("skipped: the server has no admin");
+        return;
+    }
+    let (src, good, bad) = (s.db("src"), s.db("good"), s.db("bad"));
+    for db in [&src, &good, &bad] {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = s.passwords(&dir, None);
+    let worker = s.start(&["--passwords-file", &passwords]);
+    let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&good, true)});
+    s.couch.put_doc(&s.spiegel_db, "good", &doc).await.unwrap();
+    s.couch.put_doc(&src, "x", &json!({})).await.unwrap();
+    s.wait_doc(&good, "x", &worker).await;
+    drop(worker);
+
+    // The same with a wrong password: an error in the status, no crash.
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let wrong = s.passwords(&wrong_dir, Some("not-the-password"));
+    let mut worker = s.start(&["--passwords-file", &wrong, "--backoff-limit", "1"]);
+    let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&bad, true)});
+    s.couch.put_doc(&s.spiegel_db, "bad", &doc).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let status = s.status().await;
+            if let Some(error) = status["documents"]["bad"][0]["errors"][&src]["detail"].as_str() {
+                return error.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no error in the status\n{}", worker.logs()));
+    assert!(
+        error.to_lowercase().contains("unauthorized") || error.contains("401"),
+        "{error}"
+    );
+    assert!(!error.contains("not-the-password"), "{error}");
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "the worker keeps running"
+    );
+    let status = worker.stop().expect("stops");
+    assert!(status.success());
+    assert!(!worker.logs().contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_created() {
+    let s = Setup::new("gone").await;
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&dst).await.unwrap();
+    let worker = s.start(&["--assume-deleted-after", "2"]);
+    let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src), "target": format!("{}/{}", s.url, dst)});
+    s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
+    // Retried while missing, then taken for deleted.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let status = s.status().await;
+            let error = status["documents"]["r"][0]["errors"][&src]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            if error.contains("taken for deleted") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the source was never taken for deleted\n{}", worker.logs()));
+    let logs = worker.logs();
+    assert!(
+        logs.matches("run failed; will retry").count() >= 2,
+        "retried before giving up\n{logs}"
+    );
+
+    // Created again: replicated again.
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.put_doc(&src, "back", &json!({})).await.unwrap();
+    s.wait_doc(&dst, "back", &worker).await;
+}
+
+#[tokio::test]
+async fn two_replicator_workers_share_the_databases() {
+    let s = Setup::new("two").await;
+    let aggregate = s.db("all");
+    s.couch.create_db(&aggregate).await.unwrap();
+    let a = s.start(&["--worker-id", "a"]);
+    let b = s.start(&["--worker-id", "b"]);
+    let source = format!("{}/${{db_name}}", s.url.trim_end_matches('/'));
+    let doc = json!({"type": "replicator", "db_name": format!("^{}_u", s.prefix),
+                     "source": source, "target": format!("{}/{}", s.url, aggregate)});
+    s.couch
+        .put_doc(&s.spiegel_db, "fan-in", &doc)
+        .await
+        .unwrap();
+    // Both own partitions before the load starts.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let status = s.status().await;
+            let workers = &status["roles"]["replicator"]["workers"];
+            let owns = |w: &str| workers[w]["partitions"].as_array().map_or(0, Vec::len);
+            if owns("a-replicator") == 2 && owns("b-replicator") == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the partitions were not shared\n{}\n{}", a.logs(), b.logs()));
+    for i in 0..30 {
+        let db = s.db(&format!("u{i}"));
+        s.couch.create_db(&db).await.unwrap();
+        s.couch
+            .put_doc(&db, &format!("d{i}"), &json!({}))
+            .await
+            .unwrap();
+    }
+    for i in 0..30 {
+        s.wait_doc(&aggregate, &format!("d{i}"), &a).await;
+    }
+    // Both did some of the work.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let status = s.status().await;
+            let workers: Vec<String> = status["documents"]["fan-in"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["succeeded"].as_u64().unwrap_or(0) > 0)
+                .map(|r| r["worker"].as_str().unwrap_or("").to_string())
+                .collect();
+            if workers.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("one worker did all the work"));
+}
