@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::coordination::is_internal_doc_id;
-use crate::couch::{ChangesQuery, CouchClient, CouchError, FeedOptions, Seq};
+use crate::couch::{AllDocsQuery, ChangesQuery, CouchClient, CouchError, FeedOptions, Seq};
 
 /// The user documents by id.
 pub type UserDocs = BTreeMap<String, Value>;
@@ -72,32 +72,38 @@ async fn follow_once(
     namespace: &str,
     tx: &watch::Sender<Option<Arc<UserDocs>>>,
 ) -> Result<(), CouchError> {
-    let mut docs = UserDocs::new();
+    // The ids first (cheap rows), then the bodies of the user documents
+    // only: internal documents are never downloaded.
+    let mut ids = std::collections::BTreeSet::new();
     let mut since: Option<Seq> = None;
     loop {
         let page = client
-            .changes(
-                db,
-                &ChangesQuery {
-                    since: since.clone(),
-                    limit: Some(500),
-                    include_docs: true,
-                },
-            )
+            .changes(db, &ChangesQuery { since: since.clone(), limit: Some(1000), include_docs: false })
             .await?;
         let done = page.results.is_empty();
         for change in page.results {
             if is_internal_doc_id(&change.id, namespace) {
                 continue;
             }
-            match change.doc {
-                Some(doc) if !change.deleted => docs.insert(change.id, doc),
-                _ => docs.remove(&change.id),
-            };
+            if change.deleted {
+                ids.remove(&change.id);
+            } else {
+                ids.insert(change.id);
+            }
         }
         since = Some(page.last_seq);
         if done {
             break;
+        }
+    }
+    let mut docs = UserDocs::new();
+    let ids: Vec<String> = ids.into_iter().collect();
+    for chunk in ids.chunks(500) {
+        let query = AllDocsQuery { keys: Some(chunk.to_vec()), include_docs: true, ..Default::default() };
+        for row in client.all_docs(db, &query).await?.rows {
+            if let (Some(id), Some(doc)) = (row.id, row.doc.filter(|d| !d.is_null())) {
+                docs.insert(id, doc);
+            }
         }
     }
     if tx.send(Some(Arc::new(docs.clone()))).is_err() {
