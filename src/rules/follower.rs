@@ -78,7 +78,14 @@ async fn follow_once(
     let mut since: Option<Seq> = None;
     loop {
         let page = client
-            .changes(db, &ChangesQuery { since: since.clone(), limit: Some(1000), include_docs: false })
+            .changes(
+                db,
+                &ChangesQuery {
+                    since: since.clone(),
+                    limit: Some(1000),
+                    include_docs: false,
+                },
+            )
             .await?;
         let done = page.results.is_empty();
         for change in page.results {
@@ -99,7 +106,11 @@ async fn follow_once(
     let mut docs = UserDocs::new();
     let ids: Vec<String> = ids.into_iter().collect();
     for chunk in ids.chunks(500) {
-        let query = AllDocsQuery { keys: Some(chunk.to_vec()), include_docs: true, ..Default::default() };
+        let query = AllDocsQuery {
+            keys: Some(chunk.to_vec()),
+            include_docs: true,
+            ..Default::default()
+        };
         for row in client.all_docs(db, &query).await?.rows {
             if let (Some(id), Some(doc)) = (row.id, row.doc.filter(|d| !d.is_null())) {
                 docs.insert(id, doc);
