@@ -80,21 +80,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 print!("{}", roles::status::render(&report));
             }
         }
-        Command::Replicator | Command::Run => {
-            let metrics = Metrics::new();
-            roles::run(
-                &config,
-                &client,
-                &[RoleKind::Replicator],
-                &metrics,
-                shutdown,
-            )
-            .await?;
+        Command::Redeliver => {
+            let sender =
+                spiegel::delivery::Sender::new(config.request_timeout, config.concurrency)?;
+            let report = roles::change_listener::redeliver(&client, &config, &sender).await?;
+            println!(
+                "redelivered {}, failed again {}, kept without their on_change document {}",
+                report.delivered, report.failed, report.orphaned
+            );
+            if report.failed > 0 {
+                anyhow::bail!("{} dead letters could not be delivered", report.failed);
+            }
         }
-        other => anyhow::bail!(
-            "the {} command is not available in this build yet",
-            other.name()
-        ),
+        Command::Replicator | Command::ChangeListener | Command::Run => {
+            let hosted: &[RoleKind] = match config.command {
+                Command::Replicator => &[RoleKind::Replicator],
+                Command::ChangeListener => &[RoleKind::ChangeListener],
+                _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
+            };
+            let metrics = Metrics::new();
+            roles::run(&config, &client, hosted, &metrics, shutdown).await?;
+        }
     }
     Ok(())
 }

@@ -34,6 +34,9 @@ pub enum Command {
     UpdateListener,
     /// Show the installation's state.
     Status,
+    /// Send the change-listener's dead letters again (all, or by --rule
+    /// and/or --database); the ones delivered are removed.
+    Redeliver,
 }
 
 impl Command {
@@ -46,6 +49,7 @@ impl Command {
             Command::ChangeListener => "change-listener",
             Command::UpdateListener => "update-listener",
             Command::Status => "status",
+            Command::Redeliver => "redeliver",
         }
     }
 }
@@ -272,6 +276,12 @@ pub struct Cli {
     )]
     pub shutdown_timeout: u64,
 
+    /// Seconds an API call of an on_change rule may take before it counts
+    /// as failed (a rule's `timeout` overrides it).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = 30.0, global = true, value_name = "SECS",
+          value_parser = lease_secs)]
+    pub request_timeout: f64,
+
     /// Seconds between sweeps for database changes that `_db_updates` missed
     /// (it is best effort); 0 turns the sweep off. Costs one `_dbs_info`
     /// request per 100 databases and a run per database changed since the
@@ -295,6 +305,14 @@ pub struct Cli {
     /// replicator and on_change docs.
     #[arg(long, global = true)]
     pub delete_user_docs: bool,
+
+    /// redeliver: only the dead letters of this on_change document id.
+    #[arg(long, global = true, value_name = "ID")]
+    pub rule: Option<String>,
+
+    /// redeliver: only the dead letters of this database.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub database: Option<String>,
 
     /// status: print JSON instead of a table.
     #[arg(long, global = true)]
@@ -345,8 +363,11 @@ pub struct Config {
     pub since: Since,
     pub shutdown_timeout: Duration,
     pub sweep_interval: Option<Duration>,
+    pub request_timeout: Duration,
     pub delete_user_docs: bool,
     pub json: bool,
+    pub rule: Option<String>,
+    pub database: Option<String>,
     /// Obsolete options that were set explicitly, with why they do nothing.
     pub obsolete_set: Vec<(String, &'static str)>,
 }
@@ -427,8 +448,11 @@ impl Cli {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             sweep_interval: (self.sweep_interval > 0)
                 .then(|| Duration::from_secs(self.sweep_interval)),
+            request_timeout: Duration::from_secs_f64(self.request_timeout),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
+            rule: self.rule,
+            database: self.database,
             obsolete_set,
         })
     }

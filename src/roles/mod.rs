@@ -3,6 +3,7 @@
 //! on_change rules. The update-listener of Spiegel 1.2 survives only as a
 //! compatibility stub.
 
+pub mod change_listener;
 pub mod replicator;
 pub mod status;
 pub mod update_listener;
@@ -23,6 +24,7 @@ use crate::rules::replicator::AuthStyle;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoleKind {
     Replicator,
+    ChangeListener,
 }
 
 /// Runs the given roles in this process until `shutdown` resolves, then
@@ -87,6 +89,63 @@ pub async fn run(
                     config.assume_deleted_after,
                     book,
                 );
+                let client = client.clone();
+                let worker_metrics = metrics.worker.clone();
+                workers.spawn(async move {
+                    crate::worker::run(
+                        client,
+                        Arc::new(role),
+                        options,
+                        worker_metrics,
+                        nudge_rx,
+                        stopped,
+                    )
+                    .await
+                });
+            }
+            RoleKind::ChangeListener => {
+                let options = config.worker_options(change_listener::NAME);
+                let book = status::StatusBook::default();
+                tokio::spawn(status::save_periodically(
+                    client.clone(),
+                    config.db_name.clone(),
+                    config.namespace.clone(),
+                    change_listener::NAME.into(),
+                    options.worker_id.clone(),
+                    book.clone(),
+                    config.save_seq_after.min(Duration::from_secs(5)),
+                ));
+                let checkpoints =
+                    change_listener::Checkpoints::new(client.clone(), &config.db_name);
+                // Per-database checkpoints are saved in batches: at most the
+                // lease time of changes is delivered again after a crash.
+                let flush_every = config.save_seq_after.min(config.lease_time);
+                let flusher = checkpoints.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(flush_every);
+                    loop {
+                        tick.tick().await;
+                        flusher.flush().await;
+                    }
+                });
+                let sender =
+                    crate::delivery::Sender::new(config.request_timeout, config.concurrency)
+                        .map_err(|e| crate::error::Error::Worker(e.to_string()))?;
+                let role = change_listener::ChangeListener::new(
+                    client.clone(),
+                    &config.db_name,
+                    &config.namespace,
+                    docs.clone(),
+                    config.passwords.clone(),
+                    sender,
+                    config.backoff.clone(),
+                    config.batch_size,
+                    config.assume_deleted_after,
+                    checkpoints,
+                    book,
+                );
+                // on_change documents take effect at their databases' next change.
+                let (_, nudge_rx) = mpsc::channel(1);
                 let client = client.clone();
                 let worker_metrics = metrics.worker.clone();
                 workers.spawn(async move {

@@ -13,7 +13,8 @@ use super::status::StatusBook;
 use crate::backoff::Backoff;
 use crate::config::Passwords;
 use crate::couch::{CouchClient, CouchError, SecretUrl};
-use crate::rules::follower::{self, DocsWatch, UserDocs};
+use crate::rules::cache::{Parsed, RuleCache};
+use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
 use crate::worker::{Outcome, Role};
 
@@ -29,16 +30,12 @@ pub struct Replicator {
     backoff: Backoff,
     assume_deleted_after: Duration,
     status: StatusBook,
+    rules: RuleCache<ReplicatorRule>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    /// The rules parsed from the last document set seen.
-    rules: Arc<Vec<ReplicatorRule>>,
-    parsed_from: Option<Arc<UserDocs>>,
-    /// `(id, rev)` of documents already warned about.
-    warned: HashSet<(String, String)>,
     retries: HashMap<String, u32>,
     /// Source databases answering "not found", since when.
     missing_since: HashMap<String, Instant>,
@@ -73,6 +70,7 @@ impl Replicator {
             backoff,
             assume_deleted_after,
             status,
+            rules: RuleCache::new("replicator"),
             state: Mutex::default(),
         }
     }
@@ -86,51 +84,27 @@ impl Replicator {
     /// documents are reported once per revision and skipped.
     async fn rules(&self) -> Arc<Vec<ReplicatorRule>> {
         let docs = follower::loaded(&mut self.docs.clone()).await;
-        let mut state = self.lock();
-        if state
-            .parsed_from
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(p, &docs))
-        {
-            return state.rules.clone();
-        }
-        let mut rules = Vec::new();
-        for (id, doc) in docs
-            .iter()
-            .filter(|(_, d)| d.get("type") == Some(&Value::from("replicator")))
-        {
-            let rev = doc
-                .get("_rev")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let first_time = state.warned.insert((id.clone(), rev));
-            match ReplicatorRule::parse(id, doc, &self.server) {
-                Ok(rule) => {
-                    if first_time {
-                        if rule.asked_continuous {
-                            tracing::warn!(doc = %id, "continuous: true is ignored: Spiegel replicates each change one-shot");
-                        }
-                        if rule.trigger == Trigger::Elsewhere {
-                            tracing::warn!(doc = %id, "the source is on another server than --url: this server's updates never trigger it");
-                        }
+        let rules = self.rules.rules(
+            &docs,
+            |id, doc| ReplicatorRule::parse(id, doc, &self.server),
+            |id, parsed| match parsed {
+                Parsed::Usable(rule) => {
+                    if rule.asked_continuous {
+                        tracing::warn!(doc = %id, "continuous: true is ignored: Spiegel replicates each change one-shot");
+                    }
+                    if rule.trigger == Trigger::Elsewhere {
+                        tracing::warn!(doc = %id, "the source is on another server than --url: this server's updates never trigger it");
                     }
                     self.status.invalid(id, None);
-                    rules.push(rule);
                 }
-                Err(e) => {
-                    if first_time {
-                        tracing::error!(doc = %id, error = %e, "unusable replicator document: skipped");
-                    }
+                Parsed::Unusable(e) => {
+                    tracing::error!(doc = %id, error = %e, "unusable replicator document: skipped");
                     self.status.invalid(id, Some(e.to_string()));
                 }
-            }
-        }
-        let live: HashSet<&String> = docs.keys().collect();
-        self.status.retain(|id| live.contains(&id.to_string()));
-        state.rules = Arc::new(rules);
-        state.parsed_from = Some(docs);
-        state.rules.clone()
+            },
+        );
+        self.status.retain(|id| docs.contains_key(id));
+        rules
     }
 
     async fn replicate(&self, rule: &ReplicatorRule, db: &str) -> Result1 {

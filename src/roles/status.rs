@@ -296,7 +296,17 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<V
             }
         }
     }
+    let mut dead_letters = serde_json::Map::new();
+    let letters = crate::delivery::dead_letter::list(client, db, namespace).await?;
+    for (_, _, letter) in &letters {
+        let n = dead_letters
+            .get(&letter.rule)
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        dead_letters.insert(letter.rule.clone(), json!(n + 1));
+    }
     Ok(json!({
+        "dead_letters": { "total": letters.len(), "by_rule": dead_letters },
         "database": db,
         "installed": settings.is_some(),
         "partitions": settings.as_ref().and_then(|s| s.get("partitions")).cloned(),
@@ -354,6 +364,18 @@ pub fn render(report: &Value) -> String {
             let free = r["free_partitions"].as_array().map_or(0, Vec::len);
             if free > 0 {
                 let _ = writeln!(out, "  {free} partitions without an owner");
+            }
+        }
+    }
+    let dead = report["dead_letters"]["total"].as_u64().unwrap_or(0);
+    if dead > 0 {
+        let _ = writeln!(
+            out,
+            "\ndead letters: {dead} (spiegel redeliver sends them again)"
+        );
+        if let Some(by_rule) = report["dead_letters"]["by_rule"].as_object() {
+            for (rule, n) in by_rule {
+                let _ = writeln!(out, "  {rule}: {n}");
             }
         }
     }

@@ -41,6 +41,9 @@ pub enum Outcome {
     /// Something transient failed; the runtime runs the database again
     /// after a backoff, and its updates stay unhandled until then.
     RetryLater(String),
+    /// Like `RetryLater`, after the given wait (the role follows a backoff
+    /// of its own, such as an on_change rule's).
+    RetryAfter(Duration, String),
     /// The database does not exist (any more): nothing to do.
     Gone,
 }
@@ -56,6 +59,12 @@ pub trait Role: Send + Sync + 'static {
     /// The database was deleted. No run is started for a deletion.
     fn deleted(&self, db_name: &str) -> impl Future<Output = ()> + Send {
         let _ = db_name;
+        async {}
+    }
+
+    /// The worker stops: its runs are over (or abandoned). A role saves
+    /// what it keeps in memory here.
+    fn stop(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
 }
@@ -288,14 +297,17 @@ pub async fn run<R: Role>(
                             metrics.runs_succeeded.get_or_create(&label).inc();
                             Finished::Handled
                         }
-                        Outcome::RetryLater(reason) => {
+                        Outcome::RetryLater(reason) | Outcome::RetryAfter(_, reason) => {
                             metrics.runs_failed.get_or_create(&label).inc();
                             tracing::warn!(role = %role_name, db = %db, %reason, "run failed; will retry");
                             Finished::Retry
                         }
                     };
                     if let Some(retry) = sched.on_finished(&db, finished, Instant::now()) {
-                        let wait = options.retry.wait(retry);
+                        let wait = match outcome {
+                            Outcome::RetryAfter(wait, _) => wait,
+                            _ => options.retry.wait(retry),
+                        };
                         let tx = event_tx.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(wait).await;
@@ -375,11 +387,12 @@ pub async fn run<R: Role>(
     while sched.in_flight() > 0 {
         match tokio::time::timeout_at(deadline, event_rx.recv()).await {
             Ok(Some(Event::Finished { db, outcome, .. })) => {
-                let finished = if matches!(outcome, Outcome::RetryLater(_)) {
-                    Finished::Retry
-                } else {
-                    Finished::Handled
-                };
+                let finished =
+                    if matches!(outcome, Outcome::RetryLater(_) | Outcome::RetryAfter(..)) {
+                        Finished::Retry
+                    } else {
+                        Finished::Handled
+                    };
                 sched.on_finished(&db, finished, Instant::now());
             }
             Ok(Some(Event::RetryDue(_))) => {}
@@ -389,6 +402,7 @@ pub async fn run<R: Role>(
             }
         }
     }
+    role.stop().await;
     let checkpoints = sched
         .owned()
         .into_iter()

@@ -1,0 +1,84 @@
+//! Dead letters: a request that still failed after its last retry is kept
+//! as a document in the spiegel database (`<namespace>spiegel_dead_<...>`)
+//! and delivery moves on. `spiegel status` counts them; `spiegel redeliver`
+//! sends them again and removes the ones that succeed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::coordination::INTERNAL_PREFIX;
+use crate::couch::{AllDocsQuery, CouchClient, CouchError};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The on_change document whose request failed.
+    pub rule: String,
+    pub db_name: String,
+    /// The change's `_changes` seq, as received.
+    pub seq: Value,
+    pub doc_id: String,
+    pub rev: String,
+    /// The changed document (or its deletion stub), to build the request
+    /// again on redelivery.
+    pub change: Value,
+    /// The request as sent, without credentials or secrets.
+    pub request: Value,
+    pub last_status: Option<u16>,
+    /// The last error, with an excerpt of the answer's body.
+    pub last_error: String,
+    pub attempts: u32,
+    pub first_attempt_at: String,
+    pub last_attempt_at: String,
+}
+
+impl DeadLetter {
+    pub const KIND: &'static str = "spiegel_dead_letter";
+}
+
+pub fn id_prefix(namespace: &str) -> String {
+    format!("{namespace}{INTERNAL_PREFIX}dead_")
+}
+
+/// Stores a dead letter under a new id.
+pub async fn store(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    letter: &DeadLetter,
+) -> Result<(), CouchError> {
+    let id = format!(
+        "{}{}_{:08x}",
+        id_prefix(namespace),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%3f"),
+        rand::random::<u32>()
+    );
+    client.put_doc(db, &id, letter).await.map(|_| ())
+}
+
+/// Every dead letter, with its id and revision.
+pub async fn list(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
+    let prefix = id_prefix(namespace);
+    let query = AllDocsQuery {
+        include_docs: true,
+        end_key: Some(format!("{prefix}\u{fff0}")),
+        start_key: Some(prefix),
+        ..Default::default()
+    };
+    let mut letters = Vec::new();
+    for row in client.all_docs(db, &query).await?.rows {
+        let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {
+            continue;
+        };
+        match serde_json::from_value::<DeadLetter>(doc) {
+            Ok(letter) => letters.push((id, value.rev, letter)),
+            Err(e) => tracing::warn!(id = %id, error = %e, "skipping a malformed dead letter"),
+        }
+    }
+    Ok(letters)
+}

@@ -1,0 +1,168 @@
+//! Per-database checkpoints of the change-listener: `spiegel_cl_<db_name>`
+//! documents with `last_seq`, as Spiegel 1.2 wrote them, so that a running
+//! 1.2 deployment resumes where it stopped.
+//!
+//! Reads are cached; writes are coalesced: many databases' checkpoints go
+//! to CouchDB in one `_bulk_docs` per flush, not one write per batch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::coordination::change_listener_checkpoint_id;
+use crate::couch::{BulkResult, CouchClient, CouchError, Seq};
+
+#[derive(Clone)]
+pub struct Checkpoints {
+    client: CouchClient,
+    db: String,
+    inner: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Entry {
+    /// The stored document (to keep its revision and fields), if any.
+    doc: Option<Value>,
+    last_seq: Option<Seq>,
+    dirty: bool,
+    /// Delete the document at the next flush.
+    remove: bool,
+}
+
+impl Checkpoints {
+    pub fn new(client: CouchClient, spiegel_db: &str) -> Self {
+        Checkpoints {
+            client,
+            db: spiegel_db.into(),
+            inner: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A cache of documents; a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The database's checkpoint, read from CouchDB the first time.
+    pub async fn get(&self, db: &str) -> Result<Option<Seq>, CouchError> {
+        if let Some(entry) = self.lock().get(db) {
+            return Ok(entry.last_seq.clone());
+        }
+        let doc: Option<Value> = self
+            .client
+            .get_doc_opt(&self.db, &change_listener_checkpoint_id(db))
+            .await?;
+        let last_seq = doc
+            .as_ref()
+            .and_then(|d| d.get("last_seq"))
+            .filter(|s| !s.is_null())
+            .cloned()
+            .map(Seq::from);
+        let mut cache = self.lock();
+        let entry = cache.entry(db.to_string()).or_default();
+        if !entry.dirty {
+            entry.doc = doc;
+            entry.last_seq = last_seq;
+        }
+        Ok(entry.last_seq.clone())
+    }
+
+    /// Records progress; saved at the next flush.
+    pub fn set(&self, db: &str, seq: Seq) {
+        let mut cache = self.lock();
+        let entry = cache.entry(db.to_string()).or_default();
+        entry.last_seq = Some(seq);
+        entry.dirty = true;
+        entry.remove = false;
+    }
+
+    /// Forgets the database's checkpoint (a deleted database), removing the
+    /// document at the next flush.
+    pub fn forget(&self, db: &str) {
+        let mut cache = self.lock();
+        let entry = cache.entry(db.to_string()).or_default();
+        entry.last_seq = None;
+        entry.dirty = true;
+        entry.remove = true;
+    }
+
+    /// Writes every changed checkpoint in one request. Conflicts (another
+    /// worker wrote around a failover) take the stored revision and are
+    /// written again at the next flush.
+    pub async fn flush(&self) {
+        let pending: Vec<(String, Value)> = {
+            let mut cache = self.lock();
+            cache
+                .iter_mut()
+                .filter(|(_, e)| e.dirty)
+                .filter_map(|(db, e)| {
+                    e.dirty = false;
+                    let doc = if e.remove {
+                        let rev = e.doc.as_ref()?.get("_rev")?.clone();
+                        json!({ "_id": change_listener_checkpoint_id(db), "_rev": rev, "_deleted": true })
+                    } else {
+                        let mut doc = e.doc.clone().unwrap_or_else(|| {
+                            json!({ "_id": change_listener_checkpoint_id(db), "type": "change-listener", "db_name": db })
+                        });
+                        doc["last_seq"] = serde_json::to_value(&e.last_seq).unwrap_or(Value::Null);
+                        // Spiegel 1.2's lock fields mean nothing here.
+                        if let Some(obj) = doc.as_object_mut() {
+                            obj.remove("dirty");
+                            obj.remove("locked_at");
+                        }
+                        doc
+                    };
+                    Some((db.clone(), doc))
+                })
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let docs: Vec<&Value> = pending.iter().map(|(_, d)| d).collect();
+        let results = match self.client.bulk_docs(&self.db, &docs, true).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save change-listener checkpoints; retrying");
+                let mut cache = self.lock();
+                for (db, _) in &pending {
+                    if let Some(entry) = cache.get_mut(db) {
+                        entry.dirty = true;
+                    }
+                }
+                return;
+            }
+        };
+        for ((db, mut doc), result) in pending.into_iter().zip(results) {
+            let stale = result.is_conflict();
+            let current = match (&result, stale) {
+                (BulkResult::Written { rev, .. }, _) => {
+                    doc["_rev"] = Value::from(rev.as_str());
+                    Some(doc)
+                }
+                (_, true) => self
+                    .client
+                    .get_doc_opt::<Value>(&self.db, &change_listener_checkpoint_id(&db))
+                    .await
+                    .ok()
+                    .flatten(),
+                _ => {
+                    tracing::warn!(db = %db, result = ?result, "checkpoint write refused");
+                    None
+                }
+            };
+            let mut cache = self.lock();
+            if let Some(entry) = cache.get_mut(&db) {
+                if entry.remove && !stale {
+                    cache.remove(&db);
+                    continue;
+                }
+                if stale {
+                    entry.dirty = true;
+                }
+                entry.doc = current.filter(|d| d.get("_deleted").is_none());
+            }
+        }
+    }
+}

@@ -1,0 +1,700 @@
+//! The change-listener role through the real binary: on_change rules
+//! delivered to a real HTTP receiver on loopback that records what it gets.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use serde_json::{json, Value};
+use spiegel::couch::CouchClient;
+
+use common::*;
+
+#[derive(Clone, Debug)]
+struct Received {
+    method: String,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// An HTTP server that records every request and answers with planned
+/// statuses (per path), 200 otherwise.
+#[derive(Clone, Default)]
+struct Receiver {
+    log: Arc<Mutex<Vec<Received>>>,
+    plan: Arc<Mutex<HashMap<String, VecDeque<u16>>>>,
+    failing: Arc<Mutex<Option<u16>>>,
+}
+
+async fn record(
+    State(r): State<Receiver>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let path = uri.path().to_string();
+    r.log.lock().unwrap().push(Received {
+        method: method.to_string(),
+        path: path.clone(),
+        query: uri.query().unwrap_or("").to_string(),
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    let planned = r
+        .plan
+        .lock()
+        .unwrap()
+        .get_mut(&path)
+        .and_then(VecDeque::pop_front);
+    let status = planned.or(*r.failing.lock().unwrap()).unwrap_or(200);
+    StatusCode::from_u16(status).unwrap()
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let receiver = Receiver::default();
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, format!("http://127.0.0.1:{}", addr.port()))
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn on(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    async fn wait(&self, what: &str, spiegel: &Spiegel, ok: impl Fn(&[Received]) -> bool) {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while !ok(&self.received()) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "never received {what}\n{}", spiegel.logs());
+    }
+}
+
+struct Setup {
+    url: String,
+    couch: CouchClient,
+    spiegel_db: String,
+    prefix: String,
+}
+
+impl Setup {
+    async fn new(label: &str) -> Setup {
+        let url = shared_url();
+        let couch = client_for(&url);
+        couch.create_db("_global_changes").await.unwrap();
+        let prefix = unique_name(label);
+        let spiegel_db = format!("{prefix}_spiegel");
+        spiegel::install::install(&couch, &spiegel_db, "", 4)
+            .await
+            .unwrap();
+        Setup {
+            url,
+            couch,
+            spiegel_db,
+            prefix,
+        }
+    }
+
+    fn db(&self, name: &str) -> String {
+        format!("{}_{name}", self.prefix)
+    }
+
+    fn start(&self, extra: &[&str]) -> Spiegel {
+        let mut args = vec![
+            "change-listener",
+            "--url",
+            &self.url,
+            "--db-name",
+            &self.spiegel_db,
+            "--lease-time",
+            "1.5",
+            "--save-seq-after",
+            "1",
+            "--backoff-delay",
+            "0.3",
+        ];
+        args.extend_from_slice(extra);
+        Spiegel::start(&args)
+    }
+
+    async fn rule(&self, id: &str, rule: Value) {
+        let mut doc = rule;
+        doc["type"] = json!("on_change");
+        self.couch
+            .put_doc(&self.spiegel_db, id, &doc)
+            .await
+            .unwrap();
+    }
+
+    async fn status(&self) -> Value {
+        let out = spiegel()
+            .args([
+                "status",
+                "--json",
+                "--url",
+                &self.url,
+                "--db-name",
+                &self.spiegel_db,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_matching_change_of_50_databases_arrives_in_order() {
+    let s = Setup::new("fifty").await;
+    let (receiver, base) = Receiver::start().await;
+    s.rule(
+        "all",
+        json!({"db_name": format!("^{}_match", s.prefix), "if": {"type": "^keep$"},
+                         "url": format!("{base}/hook"), "method": "POST",
+                         "params": {"db": "$db_name", "id": "$change.id", "seq": "$seq"}}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    let dbs: Vec<String> = (0..50).map(|i| s.db(&format!("match{i}"))).collect();
+    for db in &dbs {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let other = s.db("other");
+    s.couch.create_db(&other).await.unwrap();
+    for n in 0..4 {
+        for db in &dbs {
+            s.couch
+                .put_doc(db, &format!("n{n}"), &json!({"type": "keep"}))
+                .await
+                .unwrap();
+        }
+    }
+    for db in &dbs {
+        s.couch
+            .put_doc(db, "skip", &json!({"type": "other"}))
+            .await
+            .unwrap();
+    }
+    s.couch
+        .put_doc(&other, "n0", &json!({"type": "keep"}))
+        .await
+        .unwrap();
+
+    receiver
+        .wait("every change", &worker, |got| {
+            let mut pairs = std::collections::HashSet::new();
+            for r in got {
+                let b = r.json();
+                pairs.insert((
+                    b["db"].as_str().unwrap_or("").to_string(),
+                    b["id"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+            pairs.len() >= 200
+        })
+        .await;
+    let got = receiver.on("/hook");
+    let mut by_db: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &got {
+        let b = r.json();
+        by_db
+            .entry(b["db"].as_str().unwrap().to_string())
+            .or_default()
+            .push(b["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(by_db.len(), 50, "only the matching databases");
+    for (db, ids) in &by_db {
+        assert!(
+            ids.iter().all(|id| id.starts_with('n')),
+            "{db}: a non-matching document was delivered: {ids:?}"
+        );
+        let mut deduped = ids.clone();
+        deduped.dedup();
+        assert_eq!(deduped, ["n0", "n1", "n2", "n3"], "{db}: in seq order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
+    let s = Setup::new("match").await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db("shop");
+    s.couch.create_db(&db).await.unwrap();
+    let on_db = format!("^{}$", db);
+    s.rule("regex", json!({"db_name": on_db, "if": {"type": "^order$", "paid": "true"}, "url": format!("{base}/regex")})).await;
+    s.rule("if-null", json!({"db_name": on_db, "if": {"type": "^order$", "cancelled": null}, "url": format!("{base}/null")})).await;
+    s.rule("nested", json!({"db_name": on_db, "if": {"address.city": "^Paris$"}, "url": format!("{base}/nested")})).await;
+    s.rule("selector", json!({"db_name": on_db, "selector": {"total": {"$gte": 100}, "$or": [{"tags": {"$in": ["vip"]}}, {"rush": true}]},
+                              "url": format!("{base}/selector")})).await;
+    s.rule(
+        "broken",
+        json!({"db_name": "([", "url": format!("{base}/broken")}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    let docs = [
+        (
+            "a",
+            json!({"type": "order", "paid": true, "total": 150, "tags": ["vip"], "address": {"city": "Paris"}}),
+        ),
+        (
+            "b",
+            json!({"type": "order", "paid": false, "cancelled": true, "total": 50, "rush": true}),
+        ),
+        (
+            "c",
+            json!({"type": "order", "paid": true, "cancelled": null, "total": 120, "rush": true, "address": {"city": "Lyon"}}),
+        ),
+        ("d", json!({"type": "note", "total": 500, "tags": ["x"]})),
+    ];
+    for (id, doc) in &docs {
+        s.couch
+            .put_doc(&db, id, doc)
+            .await
+            .unwrap_or_else(|e| panic!("{db}/{id}: {e}"));
+    }
+    receiver
+        .wait("the selector's matches", &worker, |got| {
+            got.iter().filter(|r| r.path == "/selector").count() >= 2
+        })
+        .await;
+    receiver
+        .wait("the other rules' matches", &worker, |got| {
+            got.iter().filter(|r| r.path == "/regex").count() >= 2
+                && got.iter().any(|r| r.path == "/nested")
+        })
+        .await;
+    assert_eq!(receiver.on("/regex").len(), 2, "a and c are paid orders");
+    assert_eq!(
+        receiver.on("/null").len(),
+        2,
+        "a (no cancelled) and c (cancelled: null)"
+    );
+    assert_eq!(receiver.on("/nested").len(), 1, "only a is in Paris");
+    assert_eq!(receiver.on("/selector").len(), 2, "a (vip) and c (rush)");
+    assert!(receiver.on("/broken").is_empty());
+    let reported = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let status = s.status().await;
+            if let Some(invalid) = status["documents"]["broken"][0]["invalid"].as_str() {
+                return invalid.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the bad rule is reported in the status");
+    assert!(reported.contains("db_name"), "{reported}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_templated_signed_and_authenticated() {
+    let s = Setup::new("tmpl").await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db("a/b+c");
+    s.couch.create_db(&db).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords.json");
+    std::fs::write(
+        &passwords,
+        json!({"127.0.0.1": {"api": "api-secret", "signer": "hmac-key"}}).to_string(),
+    )
+    .unwrap();
+    let port = base.rsplit(':').next().unwrap();
+    let on_db = format!("^{}$", regex_escape(&db));
+    s.rule("get", json!({"db_name": on_db, "url": format!("http://api@127.0.0.1:{port}/get/${{db_name}}"),
+                         "params": {"db": "$db_name", "id": "${change.id}", "n": "$change.n", "doc": "$change", "note": "in $db_name"},
+                         "headers": {"X-Tenant": "t1"}})).await;
+    s.rule("post", json!({"db_name": on_db, "url": format!("http://api@127.0.0.1:{port}/post"), "method": "post",
+                          "params": {"doc": "$change", "rev": "$change.rev", "seq": "$seq"},
+                          "sign": {"secret_host": "127.0.0.1", "secret_user": "signer"}})).await;
+    let worker = s.start(&["--passwords-file", passwords.to_str().unwrap()]);
+    s.couch
+        .put_doc(&db, "doc1", &json!({"n": 7}))
+        .await
+        .unwrap();
+    receiver
+        .wait("both requests", &worker, |got| got.len() >= 2)
+        .await;
+
+    let get = &receiver
+        .received()
+        .into_iter()
+        .find(|r| r.method == "GET")
+        .unwrap();
+    assert_eq!(
+        get.path,
+        format!("/get/{}", spiegel::couch::encode_segment(&db))
+    );
+    let query: HashMap<String, String> = url::form_urlencoded::parse(get.query.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(query["db"], db);
+    assert_eq!(query["id"], "doc1");
+    assert_eq!(query["note"], format!("in {db}"));
+    let doc: Value = serde_json::from_str(&query["doc"]).unwrap();
+    assert_eq!(doc["n"], 7, "non-string values go as JSON text");
+    assert_eq!(get.headers["x-tenant"], "t1");
+    assert!(get.headers["user-agent"]
+        .to_str()
+        .unwrap()
+        .starts_with("spiegel/"));
+    let auth = get.headers["authorization"].to_str().unwrap();
+    use base64::Engine as _;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("api:api-secret")
+    );
+    assert_eq!(auth, expected, "the password comes from the passwords file");
+
+    let post = &receiver
+        .received()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    let body = post.json();
+    assert_eq!(body["doc"]["n"], 7);
+    assert_eq!(body["doc"]["_id"], "doc1");
+    assert!(body["rev"].as_str().unwrap().starts_with("1-"));
+    assert!(!body["seq"].is_null());
+    // The receiver's check of the signature.
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hmac-key").unwrap();
+    mac.update(&post.body);
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(post.headers["x-spiegel-signature"], signature.as_str());
+    assert!(!worker.logs().contains("api-secret") && !worker.logs().contains("hmac-key"));
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_is_retried_with_backoff_while_other_databases_flow() {
+    let s = Setup::new("retry").await;
+    let (receiver, base) = Receiver::start().await;
+    let (slow, fast) = (s.db("slow"), s.db("fast"));
+    s.couch.create_db(&slow).await.unwrap();
+    s.couch.create_db(&fast).await.unwrap();
+    receiver
+        .plan
+        .lock()
+        .unwrap()
+        .insert("/slow".into(), VecDeque::from([500, 500, 500]));
+    s.rule("slow", json!({"db_name": format!("^{}$", slow), "url": format!("{base}/slow"), "backoff": {"delay": 0.4}})).await;
+    s.rule(
+        "fast",
+        json!({"db_name": format!("^{}$", fast), "url": format!("{base}/fast")}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    s.couch.put_doc(&slow, "x", &json!({})).await.unwrap();
+    receiver
+        .wait("the first failure", &worker, |got| {
+            got.iter().any(|r| r.path == "/slow")
+        })
+        .await;
+    // Meanwhile another database's change goes through.
+    s.couch.put_doc(&fast, "y", &json!({})).await.unwrap();
+    receiver
+        .wait("the other database's change", &worker, |got| {
+            got.iter().any(|r| r.path == "/fast")
+        })
+        .await;
+    receiver
+        .wait("the fourth attempt", &worker, |got| {
+            got.iter().filter(|r| r.path == "/slow").count() >= 4
+        })
+        .await;
+    let attempts = receiver.on("/slow");
+    let fast_at = receiver.on("/fast")[0].at;
+    assert!(
+        fast_at < attempts[3].at,
+        "the other database did not wait for the failing one"
+    );
+    for pair in attempts.windows(2).take(3) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(380),
+            "backoff not respected: {gap:?}"
+        );
+        assert!(gap < Duration::from_secs(5), "waited far too long: {gap:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // no fifth attempt after the success
+    assert_eq!(receiver.on("/slow").len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered() {
+    let s = Setup::new("dead").await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db("d");
+    s.couch.create_db(&db).await.unwrap();
+    *receiver.failing.lock().unwrap() = Some(503);
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{}$", db), "url": format!("{base}/hook"), "method": "POST",
+                          "params": {"id": "$change.id"}, "backoff": {"limit": 2, "delay": 0.2}}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    s.couch
+        .put_doc(&db, "doc1", &json!({"v": 1}))
+        .await
+        .unwrap();
+    receiver
+        .wait("three attempts", &worker, |got| got.len() >= 3)
+        .await;
+    let letter = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+                .await
+                .unwrap();
+            if let Some((_, _, letter)) = letters.into_iter().next() {
+                return letter;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a dead letter");
+    assert_eq!(letter.rule, "hook");
+    assert_eq!(letter.db_name, db);
+    assert_eq!(letter.doc_id, "doc1");
+    assert!(letter.rev.starts_with("1-"));
+    assert_eq!(letter.last_status, Some(503));
+    assert_eq!(letter.attempts, 3, "the first attempt and 2 retries");
+    assert_eq!(letter.request["body"]["id"], "doc1");
+    // Delivery moved on: a later change is delivered once the API is back.
+    *receiver.failing.lock().unwrap() = None;
+    s.couch.put_doc(&db, "doc2", &json!({})).await.unwrap();
+    receiver
+        .wait("the next change", &worker, |got| {
+            got.iter().any(|r| r.json()["id"] == "doc2")
+        })
+        .await;
+    let status = s.status().await;
+    assert_eq!(status["dead_letters"]["total"], 1);
+
+    let out = spiegel()
+        .args([
+            "redeliver",
+            "--url",
+            &s.url,
+            "--db-name",
+            &s.spiegel_db,
+            "--rule",
+            "hook",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let redelivered = receiver
+        .received()
+        .into_iter()
+        .filter(|r| r.json()["id"] == "doc1")
+        .count();
+    assert_eq!(redelivered, 4, "three failed attempts and the redelivery");
+    assert!(
+        spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debounce_sends_identical_pending_requests_once() {
+    let s = Setup::new("debounce").await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db("d");
+    s.couch.create_db(&db).await.unwrap();
+    // Ten changes are pending when the worker starts: one batch.
+    for i in 0..10 {
+        s.couch
+            .put_doc(&db, &format!("doc{i}"), &json!({}))
+            .await
+            .unwrap();
+    }
+    s.rule(
+        "debounced",
+        json!({"db_name": format!("^{}$", db), "url": format!("{base}/refresh"),
+                               "params": {"db": "$db_name"}, "debounce": true}),
+    )
+    .await;
+    s.rule(
+        "each",
+        json!({"db_name": format!("^{}$", db), "url": format!("{base}/each"),
+                          "params": {"id": "$change.id"}}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    receiver
+        .wait("every change on the plain rule", &worker, |got| {
+            got.iter().filter(|r| r.path == "/each").count() >= 10
+        })
+        .await;
+    assert_eq!(
+        receiver.on("/refresh").len(),
+        1,
+        "identical requests collapsed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_documents_do_not_stop_the_worker() {
+    let s = Setup::new("odd").await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db("d");
+    s.couch.create_db(&db).await.unwrap();
+    s.rule("bad-params", json!({"db_name": format!("^{}$", db), "url": format!("{base}/bad"), "params": "not an object"})).await;
+    s.rule(
+        "all",
+        json!({"db_name": format!("^{}$", db), "url": format!("{base}/all"), "method": "POST",
+                         "params": {"id": "$change.id", "doc": "$change"}}),
+    )
+    .await;
+    let worker = s.start(&[]);
+    let big = "x".repeat(1_000_000);
+    s.couch
+        .put_doc(&db, "big", &json!({"blob": big}))
+        .await
+        .unwrap();
+    let gone = s.couch.put_doc(&db, "gone", &json!({})).await.unwrap();
+    s.couch.delete_doc(&db, "gone", &gone.rev).await.unwrap();
+    receiver
+        .wait("the big and the deleted document", &worker, |got| {
+            let ids: Vec<String> = got
+                .iter()
+                .map(|r| r.json()["id"].as_str().unwrap_or("").to_string())
+                .collect();
+            ids.contains(&"big".to_string()) && ids.contains(&"gone".to_string())
+        })
+        .await;
+    let big_request = receiver
+        .received()
+        .into_iter()
+        .find(|r| r.json()["id"] == "big")
+        .unwrap();
+    assert_eq!(
+        big_request.json()["doc"]["blob"].as_str().unwrap().len(),
+        1_000_000
+    );
+    let deleted = receiver
+        .received()
+        .into_iter()
+        .find(|r| r.json()["id"] == "gone")
+        .unwrap();
+    assert_eq!(
+        deleted.json()["doc"]["_deleted"],
+        true,
+        "a deletion is delivered with its stub"
+    );
+    assert!(
+        receiver.on("/bad").is_empty(),
+        "a rule whose params is not an object is skipped"
+    );
+    assert!(worker.logs().contains("params"), "and reported");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_no_change() {
+    let s = Setup::new("kill").await;
+    let (receiver, base) = Receiver::start().await;
+    s.rule(
+        "all",
+        json!({"db_name": format!("^{}_k", s.prefix), "url": format!("{base}/k"), "method": "POST",
+                         "params": {"db": "$db_name", "id": "$change.id"}}),
+    )
+    .await;
+    let mut a = s.start(&["--worker-id", "a"]);
+    let b = s.start(&["--worker-id", "b"]);
+    let dbs: Vec<String> = (0..8).map(|i| s.db(&format!("k{i}"))).collect();
+    for db in &dbs {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let mut written = Vec::new();
+    for n in 0..30 {
+        for db in &dbs {
+            s.couch
+                .put_doc(db, &format!("n{n:02}"), &json!({}))
+                .await
+                .unwrap();
+            written.push((db.clone(), format!("n{n:02}")));
+        }
+        if n == 10 {
+            a.child.kill().unwrap(); // SIGKILL mid-stream
+            a.child.wait().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receiver
+        .wait("every change despite the kill", &b, |got| {
+            let seen: std::collections::HashSet<(String, String)> = got
+                .iter()
+                .map(|r| {
+                    (
+                        r.json()["db"].as_str().unwrap_or("").to_string(),
+                        r.json()["id"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            written.iter().all(|w| seen.contains(w))
+        })
+        .await;
+    let total = receiver.on("/k").len();
+    eprintln!(
+        "{} changes, {} deliveries ({} duplicates around the kill)",
+        written.len(),
+        total,
+        total - written.len()
+    );
+    drop(a);
+}
