@@ -2,6 +2,7 @@
 //! the command. Errors end here as one readable line and a non-zero exit.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::error::ErrorKind;
 use spiegel::config::{Cli, Command, Config};
@@ -98,7 +99,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 Command::ChangeListener => &[RoleKind::ChangeListener],
                 _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
             };
-            let metrics = Metrics::new();
+            let metrics = Arc::new(Metrics::new());
+            if let Some(addr) = config.admin_addr {
+                let listener = spiegel::admin::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--admin-addr {addr}: {e}"))?;
+                tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: /healthz /readyz /metrics");
+                tokio::spawn(spiegel::admin::serve(
+                    listener,
+                    metrics.clone(),
+                    config.health.clone(),
+                    client.clone(),
+                ));
+            }
             roles::run(&config, &client, hosted, &metrics, shutdown).await?;
         }
     }

@@ -705,16 +705,28 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
     let (receiver, base) = Receiver::start().await;
     let db = s.db("d");
     s.couch.create_db(&db).await.unwrap();
-    s.rule("hook", json!({"db_name": format!("^{}$", db), "url": format!("{base}/hook"), "method": "POST",
-                          "params": {"id": "$change.id", "rev": "$change.rev"}})).await;
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{}$", db), "url": format!("{base}/hook"), "method": "POST",
+                          "params": {"id": "$change.id", "rev": "$change.rev"}}),
+    )
+    .await;
     let worker = s.start(&["--assume-deleted-after", "1"]);
     for id in ["a", "b"] {
         s.couch.put_doc(&db, id, &json!({})).await.unwrap();
     }
-    receiver.wait("the first life's changes", &worker, |got| got.len() >= 2).await;
+    receiver
+        .wait("the first life's changes", &worker, |got| got.len() >= 2)
+        .await;
     let checkpoint = spiegel::coordination::change_listener_checkpoint_id(&db);
     tokio::time::timeout(Duration::from_secs(10), async {
-        while s.couch.get_doc_opt::<Value>(&s.spiegel_db, &checkpoint).await.unwrap().is_none() {
+        while s
+            .couch
+            .get_doc_opt::<Value>(&s.spiegel_db, &checkpoint)
+            .await
+            .unwrap()
+            .is_none()
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
@@ -723,16 +735,34 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
 
     s.couch.delete_db(&db).await.unwrap();
     tokio::time::timeout(Duration::from_secs(15), async {
-        while s.couch.get_doc_opt::<Value>(&s.spiegel_db, &checkpoint).await.unwrap().is_some() {
+        while s
+            .couch
+            .get_doc_opt::<Value>(&s.spiegel_db, &checkpoint)
+            .await
+            .unwrap()
+            .is_some()
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("the checkpoint of the deleted database stays\n{}", worker.logs()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "the checkpoint of the deleted database stays\n{}",
+            worker.logs()
+        )
+    });
 
     // Created again: its new first change is delivered (an old checkpoint
     // would have skipped it).
     s.couch.create_db(&db).await.unwrap();
-    s.couch.put_doc(&db, "a", &json!({"again": true})).await.unwrap();
-    receiver.wait("the second life's first change", &worker, |got| got.iter().filter(|r| r.json()["id"] == "a").count() >= 2).await;
+    s.couch
+        .put_doc(&db, "a", &json!({"again": true}))
+        .await
+        .unwrap();
+    receiver
+        .wait("the second life's first change", &worker, |got| {
+            got.iter().filter(|r| r.json()["id"] == "a").count() >= 2
+        })
+        .await;
 }

@@ -204,6 +204,7 @@ impl Setup {
             },
             shutdown_timeout: Duration::from_secs(5),
             sweep_interval: None,
+            health: Arc::default(),
         }
     }
 

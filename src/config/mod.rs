@@ -5,6 +5,7 @@
 mod passwords;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -182,7 +183,8 @@ pub struct Cli {
         env = "SAVE_SEQ_AFTER",
         default_value_t = 60,
         global = true,
-        value_name = "SECS"
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub save_seq_after: u64,
 
@@ -276,6 +278,17 @@ pub struct Cli {
     )]
     pub shutdown_timeout: u64,
 
+    /// Address of the admin HTTP server (/healthz, /readyz, /metrics) of
+    /// worker processes; an empty value turns it off.
+    #[arg(
+        long,
+        env = "ADMIN_ADDR",
+        default_value = "0.0.0.0:9090",
+        global = true,
+        value_name = "HOST:PORT"
+    )]
+    pub admin_addr: String,
+
     /// Seconds an API call of an on_change rule may take before it counts
     /// as failed (a rule's `timeout` overrides it).
     #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = 30.0, global = true, value_name = "SECS",
@@ -336,6 +349,8 @@ pub enum ConfigError {
     MissingUrl,
     #[error("a command is required: spiegel <COMMAND> or --type=<TYPE> (see --help)")]
     MissingCommand,
+    #[error("--admin-addr (or ADMIN_ADDR): {0:?} is not HOST:PORT (for example 0.0.0.0:9090), or empty to turn the server off")]
+    AdminAddr(String),
     #[error("--url (or URL): {0}")]
     BadUrl(#[from] UrlError),
     #[error("two different commands given: {0} and --type={1}")]
@@ -364,6 +379,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub sweep_interval: Option<Duration>,
     pub request_timeout: Duration,
+    /// `None`: no admin server.
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Shared by the workers of the process and the admin server.
+    pub health: Arc<crate::admin::Health>,
     pub delete_user_docs: bool,
     pub json: bool,
     pub rule: Option<String>,
@@ -406,6 +425,13 @@ impl Cli {
             (None, None) => return Err(ConfigError::MissingCommand),
         };
         let url = SecretUrl::parse(self.url.as_deref().ok_or(ConfigError::MissingUrl)?)?;
+        let admin_addr = match self.admin_addr.trim() {
+            "" => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|_| ConfigError::AdminAddr(addr.to_string()))?,
+            ),
+        };
         let passwords = match &self.passwords_file {
             Some(path) => Passwords::load(path)?,
             None => Passwords::default(),
@@ -449,6 +475,8 @@ impl Cli {
             sweep_interval: (self.sweep_interval > 0)
                 .then(|| Duration::from_secs(self.sweep_interval)),
             request_timeout: Duration::from_secs_f64(self.request_timeout),
+            admin_addr,
+            health: Arc::default(),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
             rule: self.rule,
@@ -484,6 +512,7 @@ impl Config {
             },
             shutdown_timeout: self.shutdown_timeout,
             sweep_interval: self.sweep_interval,
+            health: Arc::clone(&self.health),
         }
     }
 }

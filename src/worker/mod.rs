@@ -22,6 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use self::catch_up::CatchUpEvent;
 use self::scheduler::{Finished, Scheduler};
+use crate::admin::Health;
 use crate::backoff::Backoff;
 use crate::coordination::coordinator::{Assignment, Coordinator, Request, Timing};
 use crate::coordination::{settings_doc_id, Settings};
@@ -92,6 +93,8 @@ pub struct WorkerOptions {
     pub shutdown_timeout: Duration,
     /// Interval of the sweep for updates `_db_updates` missed; `None`: off.
     pub sweep_interval: Option<Duration>,
+    /// Where the worker reports its readiness (the admin server reads it).
+    pub health: Arc<Health>,
 }
 
 /// A default worker id: host name, process id and a random suffix.
@@ -159,6 +162,7 @@ pub async fn run<R: Role>(
     // Where the live feed starts; every partition replays what came before
     // from its own checkpoint.
     let start = client.db_updates(Some(&Seq::now()), None).await?.last_seq;
+    options.health.started(&role_name, options.timing.lease);
     tracing::info!(
         role = %role_name,
         worker = %options.worker_id,
@@ -177,6 +181,7 @@ pub async fn run<R: Role>(
     let mut tasks = JoinSet::new();
     let mut runs = JoinSet::new();
     tasks.spawn(follow_updates(
+        options.health.clone(),
         client.clone(),
         start,
         feed_options,
@@ -322,7 +327,11 @@ pub async fn run<R: Role>(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             Some(_) = runs.join_next(), if !runs.is_empty() => {}
-            Ok(()) = beat_rx.changed() => {}
+            Ok(()) = beat_rx.changed() => {
+                if let Some(at) = *beat_rx.borrow() {
+                    options.health.heartbeat(&role_name, at);
+                }
+            }
             // Databases the role asks to handle (a document added or edited).
             Some(db) = nudges.recv(), if sched.queued() < queue_limit => {
                 if !sched.on_sweep(&db, Instant::now()) && parked.len() < PARKED_NUDGES {
@@ -456,6 +465,7 @@ fn spawn_run<R: Role>(
 /// refused, `_global_changes` missing) is logged and retried slowly, since
 /// an operator can fix it without restarting Spiegel.
 async fn follow_updates(
+    health: Arc<Health>,
     client: CouchClient,
     start: Seq,
     options: FeedOptions,
@@ -484,6 +494,7 @@ async fn follow_updates(
             match item {
                 Ok(update) => {
                     failures = 0;
+                    health.feed(&role, true);
                     since = update.seq.clone();
                     if tx.send(update).await.is_err() {
                         return;
@@ -491,6 +502,7 @@ async fn follow_updates(
                 }
                 Err(e) => {
                     failures += 1;
+                    health.feed(&role, false);
                     let wait = backoff.wait(failures);
                     tracing::error!(role = %role, error = %e, retry_in = ?wait, "cannot follow _db_updates");
                     tokio::time::sleep(wait).await;

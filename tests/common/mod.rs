@@ -234,9 +234,17 @@ pub fn spiegel() -> Command {
         "RETRY_AFTER",
         "CHECK_STALLED",
         "PARTITIONS",
+        "WORKER_ID",
+        "LEASE_TIME",
+        "SINCE",
+        "SHUTDOWN_TIMEOUT",
+        "SWEEP_INTERVAL",
+        "REQUEST_TIMEOUT",
     ] {
         cmd.env_remove(var);
     }
+    // Many test processes run at once: no admin server unless asked for.
+    cmd.env("ADMIN_ADDR", "");
     cmd
 }
 

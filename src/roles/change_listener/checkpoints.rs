@@ -2,8 +2,9 @@
 //! documents with `last_seq`, as Spiegel 1.2 wrote them, so that a running
 //! 1.2 deployment resumes where it stopped.
 //!
-//! Reads are cached; writes are coalesced: many databases' checkpoints go
-//! to CouchDB in one `_bulk_docs` per flush, not one write per batch.
+//! Writes are coalesced: many databases' checkpoints go to CouchDB in one
+//! `_bulk_docs` per flush, not one write per batch; a run reads its
+//! database's checkpoint once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,9 +45,11 @@ impl Checkpoints {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The database's checkpoint, read from CouchDB the first time.
+    /// The database's checkpoint. Read from CouchDB at every call unless
+    /// this worker has progress not saved yet: another worker may have
+    /// handled the database meanwhile (a partition moves back and forth).
     pub async fn get(&self, db: &str) -> Result<Option<Seq>, CouchError> {
-        if let Some(entry) = self.lock().get(db) {
+        if let Some(entry) = self.lock().get(db).filter(|e| e.dirty) {
             return Ok(entry.last_seq.clone());
         }
         let doc: Option<Value> = self

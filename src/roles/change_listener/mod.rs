@@ -518,6 +518,8 @@ impl Role for ChangeListener {
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             if matches!(client.db_info(&db).await, Err(CouchError::DbNotFound(_))) {
+                // Load it first: only a known revision can be deleted.
+                let _ = checkpoints.get(&db).await;
                 checkpoints.forget(&db);
                 checkpoints.flush().await;
                 tracing::info!(db = %db, "deleted database: its checkpoint is removed");

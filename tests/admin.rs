@@ -1,0 +1,163 @@
+//! The admin HTTP server of a worker process: health, readiness that follows
+//! CouchDB, Prometheus metrics after activity, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let answer = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    Some((answer.status().as_u16(), answer.text().await.ok()?))
+}
+
+async fn wait_status(url: &str, want: u16, deadline: Duration, spiegel: &Spiegel) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some((status, body)) = get(url).await {
+            if status == want {
+                return body;
+            }
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{url} never answered {want}\n{}",
+            spiegel.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_couchdb_and_metrics_show_activity() {
+    if skip_on_external("readiness_follows_couchdb_and_metrics_show_activity") {
+        return;
+    }
+    let mut server = TestServer::start(ServerOptions {
+        admin: true,
+        persistent: true,
+    });
+    let couch = client_for(&server.url);
+    couch.create_db("_global_changes").await.unwrap();
+    spiegel::install::install(&couch, "spiegel", "", 4)
+        .await
+        .unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let mut worker = Spiegel::start(&[
+        "run",
+        "--url",
+        &server.url,
+        "--lease-time",
+        "1.5",
+        "--save-seq-after",
+        "1",
+        "--admin-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert_eq!(
+        wait_status(
+            &format!("{admin}/healthz"),
+            200,
+            Duration::from_secs(10),
+            &worker
+        )
+        .await,
+        "ok\n"
+    );
+    wait_status(
+        &format!("{admin}/readyz"),
+        200,
+        Duration::from_secs(10),
+        &worker,
+    )
+    .await;
+
+    // Activity: a replication and a change.
+    let (src, dst) = ("src", "dst");
+    couch.create_db(src).await.unwrap();
+    couch.create_db(dst).await.unwrap();
+    let url = server.url.clone();
+    couch
+        .put_doc("spiegel", "r", &json!({"type": "replicator", "source": format!("{url}/{src}"), "target": format!("{url}/{dst}")}))
+        .await
+        .unwrap();
+    couch.put_doc(src, "doc", &json!({})).await.unwrap();
+    let start = Instant::now();
+    while couch
+        .get_doc_opt::<serde_json::Value>(dst, "doc")
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no replication\n{}",
+            worker.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = get(&format!("{admin}/metrics")).await.unwrap();
+    for series in [
+        "spiegel_runs_started_total{role=\"replicator\"}",
+        "spiegel_runs_succeeded_total{role=\"replicator\"}",
+        "spiegel_db_updates_received_total{role=\"change-listener\"}",
+        "spiegel_owned_partitions{role=\"replicator\"} 4",
+        "spiegel_live_workers{role=\"change-listener\"} 1",
+        "spiegel_run_duration_seconds_count{role=\"replicator\"}",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    let started = metrics
+        .lines()
+        .find(|l| l.starts_with("spiegel_runs_started_total{role=\"replicator\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(started >= 1.0);
+
+    // CouchDB stops: unready; it returns: ready again.
+    server.kill();
+    let body = wait_status(
+        &format!("{admin}/readyz"),
+        503,
+        Duration::from_secs(15),
+        &worker,
+    )
+    .await;
+    assert!(body.contains("CouchDB"), "{body}");
+    server.restart();
+    wait_status(
+        &format!("{admin}/readyz"),
+        200,
+        Duration::from_secs(30),
+        &worker,
+    )
+    .await;
+
+    // SIGTERM: a clean exit, code 0, within the bound.
+    let t = Instant::now();
+    let status = worker.stop().expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", worker.logs());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+}
