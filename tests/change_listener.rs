@@ -11,7 +11,6 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::{json, Value};
-use spiegel::couch::CouchClient;
 
 use common::*;
 
@@ -100,35 +99,7 @@ impl Receiver {
     }
 }
 
-struct Setup {
-    url: String,
-    couch: CouchClient,
-    spiegel_db: String,
-    prefix: String,
-}
-
-impl Setup {
-    async fn new(label: &str) -> Setup {
-        let url = shared_url();
-        let couch = client_for(&url);
-        couch.create_db("_global_changes").await.unwrap();
-        let prefix = unique_name(label);
-        let spiegel_db = format!("{prefix}_spiegel");
-        spiegel::install::install(&couch, &spiegel_db, "", 4)
-            .await
-            .unwrap();
-        Setup {
-            url,
-            couch,
-            spiegel_db,
-            prefix,
-        }
-    }
-
-    fn db(&self, name: &str) -> String {
-        format!("{}_{name}", self.prefix)
-    }
-
+impl Installation {
     fn start(&self, extra: &[&str]) -> Spiegel {
         let mut args = vec![
             "change-listener",
@@ -155,31 +126,11 @@ impl Setup {
             .await
             .unwrap();
     }
-
-    async fn status(&self) -> Value {
-        let out = spiegel()
-            .args([
-                "status",
-                "--json",
-                "--url",
-                &self.url,
-                "--db-name",
-                &self.spiegel_db,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_matching_change_of_50_databases_arrives_in_order() {
-    let s = Setup::new("fifty").await;
+    let s = Installation::new("fifty").await;
     let (receiver, base) = Receiver::start().await;
     s.rule(
         "all",
@@ -250,7 +201,7 @@ async fn every_matching_change_of_50_databases_arrives_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
-    let s = Setup::new("match").await;
+    let s = Installation::new("match").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("shop");
     s.couch.create_db(&db).await.unwrap();
@@ -323,7 +274,7 @@ async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_templated_signed_and_authenticated() {
-    let s = Setup::new("tmpl").await;
+    let s = Installation::new("tmpl").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("a/b+c");
     s.couch.create_db(&db).await.unwrap();
@@ -414,7 +365,7 @@ fn regex_escape(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_api_is_retried_with_backoff_while_other_databases_flow() {
-    let s = Setup::new("retry").await;
+    let s = Installation::new("retry").await;
     let (receiver, base) = Receiver::start().await;
     let (slow, fast) = (s.db("slow"), s.db("fast"));
     s.couch.create_db(&slow).await.unwrap();
@@ -469,7 +420,7 @@ async fn a_failing_api_is_retried_with_backoff_while_other_databases_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered() {
-    let s = Setup::new("dead").await;
+    let s = Installation::new("dead").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("d");
     s.couch.create_db(&db).await.unwrap();
@@ -552,7 +503,7 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debounce_sends_identical_pending_requests_once() {
-    let s = Setup::new("debounce").await;
+    let s = Installation::new("debounce").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("d");
     s.couch.create_db(&db).await.unwrap();
@@ -590,7 +541,7 @@ async fn debounce_sends_identical_pending_requests_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_documents_do_not_stop_the_worker() {
-    let s = Setup::new("odd").await;
+    let s = Installation::new("odd").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("d");
     s.couch.create_db(&db).await.unwrap();
@@ -646,7 +597,7 @@ async fn odd_documents_do_not_stop_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_no_change() {
-    let s = Setup::new("kill").await;
+    let s = Installation::new("kill").await;
     let (receiver, base) = Receiver::start().await;
     s.rule(
         "all",
@@ -701,7 +652,7 @@ async fn a_killed_worker_loses_no_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_again() {
-    let s = Setup::new("recreate").await;
+    let s = Installation::new("recreate").await;
     let (receiver, base) = Receiver::start().await;
     let db = s.db("d");
     s.couch.create_db(&db).await.unwrap();

@@ -5,39 +5,11 @@ mod common;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use spiegel::couch::{CouchClient, SecretUrl};
+use spiegel::couch::SecretUrl;
 
 use common::*;
 
-struct Setup {
-    url: String,
-    couch: CouchClient,
-    spiegel_db: String,
-    prefix: String,
-}
-
-impl Setup {
-    async fn new(label: &str) -> Setup {
-        let url = shared_url();
-        let couch = client_for(&url);
-        couch.create_db("_global_changes").await.unwrap();
-        let prefix = unique_name(label);
-        let spiegel_db = format!("{prefix}_spiegel");
-        spiegel::install::install(&couch, &spiegel_db, "", 4)
-            .await
-            .unwrap();
-        Setup {
-            url,
-            couch,
-            spiegel_db,
-            prefix,
-        }
-    }
-
-    fn db(&self, name: &str) -> String {
-        format!("{}_{name}", self.prefix)
-    }
-
+impl Installation {
     /// The URL of a database of the test server, without credentials
     /// (the user name only, if `user`).
     fn db_url(&self, db: &str, user: bool) -> String {
@@ -109,31 +81,11 @@ impl Setup {
         .await;
         assert!(found.is_ok(), "{id} never reached {db}\n{}", spiegel.logs());
     }
-
-    async fn status(&self) -> Value {
-        let out = spiegel()
-            .args([
-                "status",
-                "--json",
-                "--url",
-                &self.url,
-                "--db-name",
-                &self.spiegel_db,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
 }
 
 #[tokio::test]
 async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
-    let s = Setup::new("plain").await;
+    let s = Installation::new("plain").await;
     let (src, t1, t2, t3) = (s.db("src"), s.db("t1"), s.db("t2"), s.db("t3"));
     for db in [&src, &t1, &t2, &t3] {
         s.couch.create_db(db).await.unwrap();
@@ -195,7 +147,7 @@ async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
 
 #[tokio::test]
 async fn one_templated_doc_fans_200_databases_into_one() {
-    let s = Setup::new("fanin").await;
+    let s = Installation::new("fanin").await;
     let aggregate = s.db("all");
     s.couch.create_db(&aggregate).await.unwrap();
     let sources: Vec<String> = (0..200).map(|i| s.db(&format!("user/{i}"))).collect();
@@ -244,7 +196,7 @@ async fn one_templated_doc_fans_200_databases_into_one() {
 
 #[tokio::test]
 async fn replication_parameters_pass_through() {
-    let s = Setup::new("params").await;
+    let s = Installation::new("params").await;
     let (src, dst) = (s.db("src"), s.db("dst"));
     s.couch.create_db(&src).await.unwrap();
     s.couch.create_db(&dst).await.unwrap();
@@ -274,7 +226,7 @@ async fn replication_parameters_pass_through() {
 
 #[tokio::test]
 async fn passwords_come_from_the_passwords_file_and_a_wrong_one_is_reported() {
-    let s = Setup::new("auth").await;
+    let s = Installation::new("auth").await;
     if SecretUrl::parse(&s.url).unwrap().password().is_none() {
         eprintln!("skipped: the server has no admin");
         return;
@@ -325,7 +277,7 @@ async fn passwords_come_from_the_passwords_file_and_a_wrong_one_is_reported() {
 
 #[tokio::test]
 async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_created() {
-    let s = Setup::new("gone").await;
+    let s = Installation::new("gone").await;
     let (src, dst) = (s.db("src"), s.db("dst"));
     s.couch.create_db(&dst).await.unwrap();
     let worker = s.start(&["--assume-deleted-after", "2"]);
@@ -361,7 +313,7 @@ async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_crea
 
 #[tokio::test]
 async fn two_replicator_workers_share_the_databases() {
-    let s = Setup::new("two").await;
+    let s = Installation::new("two").await;
     let aggregate = s.db("all");
     s.couch.create_db(&aggregate).await.unwrap();
     let a = s.start(&["--worker-id", "a"]);

@@ -54,16 +54,7 @@ pub async fn run(
         match role {
             RoleKind::Replicator => {
                 let options = config.worker_options(replicator::NAME);
-                let book = status::StatusBook::default();
-                tokio::spawn(status::save_periodically(
-                    client.clone(),
-                    config.db_name.clone(),
-                    config.namespace.clone(),
-                    replicator::NAME.into(),
-                    options.worker_id.clone(),
-                    book.clone(),
-                    config.save_seq_after.min(Duration::from_secs(5)),
-                ));
+                let book = status_book(config, client, replicator::NAME, &options.worker_id);
                 let (nudge_tx, nudge_rx) = mpsc::channel(256);
                 let already_run = status::reported_docs(
                     client,
@@ -105,16 +96,7 @@ pub async fn run(
             }
             RoleKind::ChangeListener => {
                 let options = config.worker_options(change_listener::NAME);
-                let book = status::StatusBook::default();
-                tokio::spawn(status::save_periodically(
-                    client.clone(),
-                    config.db_name.clone(),
-                    config.namespace.clone(),
-                    change_listener::NAME.into(),
-                    options.worker_id.clone(),
-                    book.clone(),
-                    config.save_seq_after.min(Duration::from_secs(5)),
-                ));
+                let book = status_book(config, client, change_listener::NAME, &options.worker_id);
                 let checkpoints =
                     change_listener::Checkpoints::new(client.clone(), &config.db_name);
                 // Per-database checkpoints are saved in batches: at most the
@@ -175,6 +157,26 @@ pub async fn run(
         flatten(result)?;
     }
     Ok(())
+}
+
+/// A role's status book, saved in the background (at most every 5 s).
+fn status_book(
+    config: &Config,
+    client: &CouchClient,
+    role: &str,
+    worker_id: &str,
+) -> status::StatusBook {
+    let book = status::StatusBook::default();
+    tokio::spawn(status::save_periodically(
+        client.clone(),
+        config.db_name.clone(),
+        config.namespace.clone(),
+        role.into(),
+        worker_id.into(),
+        book.clone(),
+        config.save_seq_after.min(Duration::from_secs(5)),
+    ));
+    book
 }
 
 fn flatten(result: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

@@ -219,28 +219,8 @@ pub struct RequestSpec {
     pub sign: Option<SignSpec>,
 }
 
-/// The HTTP method of a rule. GET and DELETE send `params` as a query
-/// string, POST and PUT as a JSON body (Spiegel 1.2's behaviour).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Method {
-    #[default]
-    Get,
-    Post,
-    Put,
-    Delete,
-}
-
-impl Method {
-    /// The method's name as sent on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Put => "PUT",
-            Method::Delete => "DELETE",
-        }
-    }
-}
+/// The HTTP method of a rule (the delivery's own type: one definition).
+pub use crate::delivery::Method;
 
 /// How a rule's requests are signed: the secret, and the header that carries
 /// the signature.
@@ -727,13 +707,8 @@ impl RequestSpec {
 
         let method = match present(doc, "method") {
             None => Method::Get,
-            Some(Value::String(name)) => match name.to_ascii_uppercase().as_str() {
-                "GET" => Method::Get,
-                "POST" => Method::Post,
-                "PUT" => Method::Put,
-                "DELETE" => Method::Delete,
-                _ => return Err(OnChangeDocError::UnknownMethod(format!("{name:?}"))),
-            },
+            Some(Value::String(name)) => Method::from_name(name)
+                .ok_or_else(|| OnChangeDocError::UnknownMethod(format!("{name:?}")))?,
             Some(other) => return Err(OnChangeDocError::UnknownMethod(other.to_string())),
         };
         let params = match present(doc, "params") {

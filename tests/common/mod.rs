@@ -323,3 +323,59 @@ impl Drop for Spiegel {
         }
     }
 }
+
+/// A fresh installation on the shared server: its own spiegel database
+/// (4 partitions) and a prefix for the test's database names.
+pub struct Installation {
+    pub url: String,
+    pub couch: CouchClient,
+    pub spiegel_db: String,
+    pub prefix: String,
+}
+
+impl Installation {
+    pub async fn new(label: &str) -> Installation {
+        let url = shared_url();
+        let couch = client_for(&url);
+        couch
+            .create_db("_global_changes")
+            .await
+            .expect("_global_changes");
+        let prefix = unique_name(label);
+        let spiegel_db = format!("{prefix}_spiegel");
+        spiegel::install::install(&couch, &spiegel_db, "", 4)
+            .await
+            .expect("install");
+        Installation {
+            url,
+            couch,
+            spiegel_db,
+            prefix,
+        }
+    }
+
+    pub fn db(&self, name: &str) -> String {
+        format!("{}_{name}", self.prefix)
+    }
+
+    /// `spiegel status --json`.
+    pub async fn status(&self) -> serde_json::Value {
+        let out = spiegel()
+            .args([
+                "status",
+                "--json",
+                "--url",
+                &self.url,
+                "--db-name",
+                &self.spiegel_db,
+            ])
+            .output()
+            .expect("run spiegel status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+}

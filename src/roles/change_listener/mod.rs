@@ -28,9 +28,7 @@ use crate::backoff::{Backoff, Strategy};
 use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::delivery::{
-    ChangeContext, DeliveryError, Method, Request, RequestTemplate, Sender, Signing,
-};
+use crate::delivery::{ChangeContext, DeliveryError, Request, RequestTemplate, Sender, Signing};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{self, OnChangeRule, SecretSource};
@@ -119,12 +117,7 @@ impl Prepared {
         let r = &self.rule.request;
         RequestTemplate {
             url: &r.url,
-            method: match r.method {
-                on_change::Method::Get => Method::Get,
-                on_change::Method::Post => Method::Post,
-                on_change::Method::Put => Method::Put,
-                on_change::Method::Delete => Method::Delete,
-            },
+            method: r.method,
             params: r.params.as_ref(),
             headers: &r.headers,
             timeout: r.timeout,
