@@ -100,6 +100,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
             };
             let metrics = Arc::new(Metrics::new());
+            let client = client.with_metrics(metrics.couch.clone());
             if let Some(addr) = config.admin_addr {
                 let listener = spiegel::admin::bind(addr)
                     .await

@@ -37,11 +37,74 @@ pub struct WorkerMetrics {
     pub live_workers: Gauges,
     pub checkpoint_writes: Counters,
     pub sweep_found: Counters,
+    pub last_event: Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+/// CouchDB requests by operation (method and path shape).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpErrorLabel {
+    pub op: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct CouchMetrics {
+    pub requests: Family<OpLabel, Counter>,
+    pub errors: Family<OpErrorLabel, Counter>,
+    pub latency: Family<OpLabel, Histogram, fn() -> Histogram>,
+}
+
+impl CouchMetrics {
+    pub fn observe(&self, op: &str, took: std::time::Duration, error: Option<&str>) {
+        let label = OpLabel { op: op.to_string() };
+        self.requests.get_or_create(&label).inc();
+        self.latency
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if let Some(error) = error {
+            let label = OpErrorLabel {
+                op: op.to_string(),
+                error: error.to_string(),
+            };
+            self.errors.get_or_create(&label).inc();
+        }
+    }
+}
+
+/// What the roles count about their work.
+#[derive(Clone)]
+pub struct RoleMetrics {
+    /// Replications by outcome (ok, failed, retry, source_missing).
+    pub replications: Family<OutcomeLabel, Counter>,
+    pub docs_read: Counters,
+    pub docs_written: Counters,
+    pub doc_write_failures: Counters,
+    /// Webhook requests by status class (2xx, 3xx, 4xx, 5xx, timeout, network).
+    pub webhook_requests: Family<ClassLabel, Counter>,
+    pub webhook_retries: Counter,
+    pub dead_letters: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
 }
 
 pub struct Metrics {
     pub registry: Registry,
     pub worker: WorkerMetrics,
+    pub couch: CouchMetrics,
+    pub roles: RoleMetrics,
 }
 
 impl Default for Metrics {
@@ -68,6 +131,7 @@ impl Metrics {
             live_workers: Gauges::default(),
             checkpoint_writes: Counters::default(),
             sweep_found: Counters::default(),
+            last_event: Family::default(),
         };
         let w = &worker;
         registry.register(
@@ -130,7 +194,81 @@ impl Metrics {
             "Databases of owned partitions the sweep found changed since the previous sweep (most were handled through their update events too)",
             w.sweep_found.clone(),
         );
-        Metrics { registry, worker }
+        let couch = CouchMetrics {
+            requests: Family::default(),
+            errors: Family::default(),
+            latency: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+        };
+        registry.register(
+            "couchdb_requests",
+            "Requests to CouchDB by operation",
+            couch.requests.clone(),
+        );
+        registry.register(
+            "couchdb_errors",
+            "Failed requests to CouchDB by operation and error",
+            couch.errors.clone(),
+        );
+        registry.register(
+            "couchdb_request_duration_seconds",
+            "Latency of CouchDB requests by operation (to the answer's headers for feeds)",
+            couch.latency.clone(),
+        );
+        let roles = RoleMetrics {
+            replications: Family::default(),
+            docs_read: Counters::default(),
+            docs_written: Counters::default(),
+            doc_write_failures: Counters::default(),
+            webhook_requests: Family::default(),
+            webhook_retries: Counter::default(),
+            dead_letters: Counter::default(),
+        };
+        registry.register(
+            "replications",
+            "One-shot replications by outcome",
+            roles.replications.clone(),
+        );
+        registry.register(
+            "replication_docs_read",
+            "Documents read by replications",
+            roles.docs_read.clone(),
+        );
+        registry.register(
+            "replication_docs_written",
+            "Documents written by replications",
+            roles.docs_written.clone(),
+        );
+        registry.register(
+            "replication_doc_write_failures",
+            "Documents replications failed to write",
+            roles.doc_write_failures.clone(),
+        );
+        registry.register(
+            "webhook_requests",
+            "on_change requests by status class",
+            roles.webhook_requests.clone(),
+        );
+        registry.register(
+            "webhook_retries",
+            "on_change requests that failed and will be retried",
+            roles.webhook_retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "on_change requests stored as dead letters after their last retry",
+            roles.dead_letters.clone(),
+        );
+        registry.register(
+            "feed_last_event_timestamp_seconds",
+            "Unix time of the last _db_updates event received (feed lag: time() minus this, on a busy server)",
+            worker.last_event.clone(),
+        );
+        Metrics {
+            registry,
+            worker,
+            couch,
+            roles,
+        }
     }
 
     /// The text exposition format.

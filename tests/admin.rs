@@ -121,6 +121,11 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         "spiegel_owned_partitions{role=\"replicator\"} 4",
         "spiegel_live_workers{role=\"change-listener\"} 1",
         "spiegel_run_duration_seconds_count{role=\"replicator\"}",
+        "spiegel_replications_total{outcome=\"ok\"}",
+        "spiegel_replication_docs_written_total{role=\"replicator\"}",
+        "spiegel_couchdb_requests_total{op=\"POST _replicate\"}",
+        "spiegel_couchdb_request_duration_seconds_count{op=\"GET db/_changes\"}",
+        "spiegel_feed_last_event_timestamp_seconds{role=\"replicator\"}",
     ] {
         assert!(metrics.contains(series), "missing {series} in\n{metrics}");
     }

@@ -43,6 +43,22 @@ pub enum CouchError {
 }
 
 impl CouchError {
+    /// A short name of the error's kind, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CouchError::DbNotFound(_) => "db_not_found",
+            CouchError::DocNotFound { .. } => "doc_not_found",
+            CouchError::Conflict => "conflict",
+            CouchError::Unauthorized(_) => "unauthorized",
+            CouchError::Forbidden(_) => "forbidden",
+            CouchError::BadRequest(_) => "bad_request",
+            CouchError::PreconditionFailed(_) => "precondition_failed",
+            CouchError::Transient(_) => "transient",
+            CouchError::Unexpected { .. } => "unexpected",
+            CouchError::Decode(_) => "decode",
+        }
+    }
+
     /// True for failures that a later attempt may not see.
     pub fn is_transient(&self) -> bool {
         matches!(self, CouchError::Transient(_))

@@ -77,6 +77,7 @@ pub struct CouchClient {
     auth: Option<(String, Option<String>)>,
     display: SecretUrl,
     options: ClientOptions,
+    metrics: Option<crate::metrics::CouchMetrics>,
 }
 
 impl std::fmt::Debug for CouchClient {
@@ -111,6 +112,7 @@ impl CouchClient {
             auth,
             display: url.clone(),
             options,
+            metrics: None,
         })
     }
 
@@ -155,13 +157,53 @@ impl CouchClient {
         db: Option<&str>,
         doc: Option<&str>,
     ) -> Result<Response> {
-        let resp = req.send().await.map_err(CouchError::from_transport)?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
+        let request = req.build().map_err(CouchError::from_transport)?;
+        let op = self.operation(&request);
+        let started = std::time::Instant::now();
+        let result = match self.http.execute(request).await {
+            Err(e) => Err(CouchError::from_transport(e)),
+            Ok(resp) if resp.status().is_success() => Ok(resp),
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(CouchError::from_response(status, &body, db, doc))
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.observe(
+                &op,
+                started.elapsed(),
+                result.as_ref().err().map(CouchError::kind),
+            );
         }
-        let body = resp.bytes().await.unwrap_or_default();
-        Err(CouchError::from_response(status, &body, db, doc))
+        result
+    }
+
+    /// The request's operation, for metrics: the method and the shape of
+    /// the path (`GET doc`, `POST db/_bulk_docs`, `GET _db_updates`), never
+    /// a database name.
+    fn operation(&self, request: &reqwest::Request) -> String {
+        let base = self.base.path().trim_end_matches('/');
+        let path = request.url().path().strip_prefix(base).unwrap_or("");
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let shape = match segments.as_slice() {
+            [] => "server".to_string(),
+            [first, ..] if first.starts_with('_') => (*first).to_string(),
+            [_] => "db".to_string(),
+            [_, second, ..]
+                if second.starts_with('_') && *second != "_design" && *second != "_local" =>
+            {
+                format!("db/{second}")
+            }
+            _ => "doc".to_string(),
+        };
+        format!("{} {shape}", request.method())
+    }
+
+    /// Counts this client's requests, errors and latencies in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::CouchMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     async fn json<T: DeserializeOwned>(

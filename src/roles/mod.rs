@@ -79,6 +79,7 @@ pub async fn run(
                     config.backoff.clone(),
                     config.assume_deleted_after,
                     book,
+                    metrics.roles.clone(),
                 );
                 let client = client.clone();
                 let worker_metrics = metrics.worker.clone();
@@ -125,6 +126,7 @@ pub async fn run(
                     config.assume_deleted_after,
                     checkpoints,
                     book,
+                    metrics.roles.clone(),
                 );
                 // on_change documents take effect at their databases' next change.
                 let (_, nudge_rx) = mpsc::channel(1);

@@ -13,6 +13,7 @@ use super::status::StatusBook;
 use crate::backoff::Backoff;
 use crate::config::Passwords;
 use crate::couch::{CouchClient, CouchError, SecretUrl};
+use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
@@ -30,6 +31,7 @@ pub struct Replicator {
     backoff: Backoff,
     assume_deleted_after: Duration,
     status: StatusBook,
+    metrics: RoleMetrics,
     rules: RuleCache<ReplicatorRule>,
     state: Mutex<State>,
 }
@@ -60,6 +62,7 @@ impl Replicator {
         backoff: Backoff,
         assume_deleted_after: Duration,
         status: StatusBook,
+        metrics: RoleMetrics,
     ) -> Self {
         Replicator {
             client,
@@ -70,6 +73,7 @@ impl Replicator {
             backoff,
             assume_deleted_after,
             status,
+            metrics,
             rules: RuleCache::new("replicator"),
             state: Mutex::default(),
         }
@@ -120,6 +124,18 @@ impl Replicator {
                         .and_then(Value::as_u64)
                         .unwrap_or(0)
                 };
+                self.metrics
+                    .docs_read
+                    .get_or_create(&metrics::role(NAME))
+                    .inc_by(count("docs_read"));
+                self.metrics
+                    .docs_written
+                    .get_or_create(&metrics::role(NAME))
+                    .inc_by(count("docs_written"));
+                self.metrics
+                    .doc_write_failures
+                    .get_or_create(&metrics::role(NAME))
+                    .inc_by(count("doc_write_failures"));
                 let detail = format!(
                     "docs_read={} docs_written={} doc_write_failures={}",
                     count("docs_read"),
@@ -163,7 +179,20 @@ impl Role for Replicator {
         let mut retry = None;
         let mut gone = false;
         for rule in rules.iter().filter(|r| r.applies_to(db)) {
-            match self.replicate(rule, db).await {
+            let result = self.replicate(rule, db).await;
+            let outcome = match &result {
+                Result1::Ok => "ok",
+                Result1::Failed(_) => "failed",
+                Result1::Retry(_) => "retry",
+                Result1::SourceMissing => "source_missing",
+            };
+            self.metrics
+                .replications
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .inc();
+            match result {
                 Result1::Ok => {
                     self.lock().missing_since.remove(db);
                 }

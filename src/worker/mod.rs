@@ -234,6 +234,8 @@ pub async fn run<R: Role>(
             _ = &mut shutdown => break,
             Some(update) = live_rx.recv() => {
                 metrics.updates_received.get_or_create(&label).inc();
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                metrics.last_event.get_or_create(&label).set(now.as_secs_f64());
                 tracing::trace!(role = %role_name, db = %update.db_name, kind = ?update.kind, seq = %update.seq, "update");
                 if sched.on_live_event(&update, Instant::now()) {
                     let role = role.clone();

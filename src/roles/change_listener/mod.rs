@@ -29,6 +29,7 @@ use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{ChangeContext, DeliveryError, Request, RequestTemplate, Sender, Signing};
+use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{self, OnChangeRule, SecretSource};
@@ -138,6 +139,7 @@ pub struct ChangeListener {
     assume_deleted_after: Duration,
     checkpoints: Checkpoints,
     status: StatusBook,
+    metrics: RoleMetrics,
     rules: RuleCache<Prepared>,
     progress: Mutex<HashMap<String, Progress>>,
 }
@@ -191,6 +193,7 @@ impl ChangeListener {
         assume_deleted_after: Duration,
         checkpoints: Checkpoints,
         status: StatusBook,
+        metrics: RoleMetrics,
     ) -> Self {
         ChangeListener {
             client,
@@ -204,6 +207,7 @@ impl ChangeListener {
             assume_deleted_after,
             checkpoints,
             status,
+            metrics,
             rules: RuleCache::new("on_change"),
             progress: Mutex::default(),
         }
@@ -233,7 +237,18 @@ impl ChangeListener {
 
     /// Sends one request once, recording the outcome.
     async fn send(&self, job: &Job<'_>, db: &str) -> Sent {
-        match self.sender.send(&job.request).await {
+        let result = self.sender.send(&job.request).await;
+        let class = match &result {
+            Ok(d) => format!("{}xx", d.status / 100),
+            Err(DeliveryError::Status { status, .. }) => format!("{}xx", status / 100),
+            Err(DeliveryError::Timeout(_)) => "timeout".into(),
+            Err(_) => "network".into(),
+        };
+        self.metrics
+            .webhook_requests
+            .get_or_create(&ClassLabel { class })
+            .inc();
+        match result {
             Ok(delivered) => {
                 self.status.success(
                     &job.rule.rule.id,
@@ -262,6 +277,7 @@ impl ChangeListener {
                 };
                 let retries = count - 1;
                 if !job.rule.backoff.exhausted(retries) {
+                    self.metrics.webhook_retries.inc();
                     return Sent::Retry(job.rule.backoff.wait(count), text);
                 }
                 let letter = DeadLetter {
@@ -298,6 +314,7 @@ impl ChangeListener {
                     );
                 }
                 tracing::error!(rule = %job.rule.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
+                self.metrics.dead_letters.inc();
                 let mut progress = self.progress();
                 let p = progress.entry(db.to_string()).or_default();
                 p.attempts.remove(&job.key);
