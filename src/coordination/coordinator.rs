@@ -383,6 +383,9 @@ impl Coordinator {
                     let mut lease = self.leases.get(p)?.clone();
                     if let Some(seq) = seq {
                         lease.checkpoint = Some(seq.clone());
+                        lease.checkpoint_at = Some(
+                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        );
                     }
                     lease.owner = keep.then(|| self.me.clone());
                     Some(lease)

@@ -71,6 +71,10 @@ pub struct LeaseDoc {
     /// A `_db_updates` seq: every update at or before it, for databases of
     /// this partition, has been handled. `None` before the first one.
     pub checkpoint: Option<Seq>,
+    /// When the checkpoint was saved (RFC 3339, the saver's clock): for
+    /// operators only, never used for coordination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_at: Option<String>,
     #[serde(rename = "_conflicts", default, skip_serializing)]
     pub conflicts: Vec<String>,
 }
@@ -87,6 +91,7 @@ impl LeaseDoc {
             partition,
             owner: None,
             checkpoint: None,
+            checkpoint_at: None,
             conflicts: Vec::new(),
         }
     }

@@ -244,11 +244,21 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<V
     );
 
     let mut roles = serde_json::Map::new();
+    let now = Utc::now();
     for lease in &leases {
         let role = lease["role"].as_str().unwrap_or("?").to_string();
-        let entry = roles
-            .entry(role)
-            .or_insert_with(|| json!({"workers": {}, "free_partitions": []}));
+        let entry = roles.entry(role).or_insert_with(
+            || json!({"workers": {}, "free_partitions": [], "oldest_checkpoint_age_seconds": null}),
+        );
+        // The oldest checkpoint tells how much a takeover would replay.
+        let age = lease["checkpoint_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0));
+        if let Some(age) = age {
+            let oldest = entry["oldest_checkpoint_age_seconds"].as_i64().unwrap_or(0);
+            entry["oldest_checkpoint_age_seconds"] = json!(oldest.max(age));
+        }
         match lease["owner"].as_str() {
             Some(owner) => {
                 let partitions = entry["workers"][owner]["partitions"]
@@ -360,6 +370,9 @@ pub fn render(report: &Value) -> String {
                     let n = w["partitions"].as_array().map_or(0, Vec::len);
                     let _ = writeln!(out, "  worker {id}: {n} partitions");
                 }
+            }
+            if let Some(age) = r["oldest_checkpoint_age_seconds"].as_i64() {
+                let _ = writeln!(out, "  oldest checkpoint saved {age} s ago");
             }
             let free = r["free_partitions"].as_array().map_or(0, Vec::len);
             if free > 0 {
