@@ -670,39 +670,26 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
         .wait("the first life's changes", &worker, |got| got.len() >= 2)
         .await;
     let checkpoint = spiegel::coordination::change_listener_checkpoint_id(&db);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while s
-            .couch
-            .get_doc_opt::<Value>(&s.spiegel_db, &checkpoint)
-            .await
-            .unwrap()
-            .is_none()
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("a checkpoint is saved");
+    wait_doc(
+        &s.couch,
+        &s.spiegel_db,
+        &checkpoint,
+        true,
+        Duration::from_secs(10),
+        "a saved checkpoint",
+    )
+    .await;
 
     s.couch.delete_db(&db).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(15), async {
-        while s
-            .couch
-            .get_doc_opt::<Value>(&s.spiegel_db, &checkpoint)
-            .await
-            .unwrap()
-            .is_some()
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the checkpoint of the deleted database stays\n{}",
-            worker.logs()
-        )
-    });
+    wait_doc(
+        &s.couch,
+        &s.spiegel_db,
+        &checkpoint,
+        false,
+        Duration::from_secs(15),
+        "the checkpoint's removal",
+    )
+    .await;
 
     // Created again: its new first change is delivered (an old checkpoint
     // would have skipped it).

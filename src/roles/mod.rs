@@ -81,19 +81,15 @@ pub async fn run(
                     book,
                     metrics.roles.clone(),
                 );
-                let client = client.clone();
-                let worker_metrics = metrics.worker.clone();
-                workers.spawn(async move {
-                    crate::worker::run(
-                        client,
-                        Arc::new(role),
-                        options,
-                        worker_metrics,
-                        nudge_rx,
-                        stopped,
-                    )
-                    .await
-                });
+                let run = crate::worker::run(
+                    client.clone(),
+                    Arc::new(role),
+                    options,
+                    metrics.worker.clone(),
+                    nudge_rx,
+                    stopped,
+                );
+                workers.spawn(run);
             }
             RoleKind::ChangeListener => {
                 let options = config.worker_options(change_listener::NAME);
@@ -130,19 +126,15 @@ pub async fn run(
                 );
                 // on_change documents take effect at their databases' next change.
                 let (_, nudge_rx) = mpsc::channel(1);
-                let client = client.clone();
-                let worker_metrics = metrics.worker.clone();
-                workers.spawn(async move {
-                    crate::worker::run(
-                        client,
-                        Arc::new(role),
-                        options,
-                        worker_metrics,
-                        nudge_rx,
-                        stopped,
-                    )
-                    .await
-                });
+                let run = crate::worker::run(
+                    client.clone(),
+                    Arc::new(role),
+                    options,
+                    metrics.worker.clone(),
+                    nudge_rx,
+                    stopped,
+                );
+                workers.spawn(run);
             }
         }
     }

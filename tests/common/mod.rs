@@ -379,3 +379,24 @@ impl Installation {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 }
+
+/// Waits until document `id` of `db` exists (`present`) or not, or panics
+/// after `deadline` with `what`.
+pub async fn wait_doc(
+    couch: &CouchClient,
+    db: &str,
+    id: &str,
+    present: bool,
+    deadline: Duration,
+    what: &str,
+) {
+    wait_for(what, deadline, || async {
+        let found = couch
+            .get_doc_opt::<serde_json::Value>(db, id)
+            .await
+            .ok()?
+            .is_some();
+        (found == present).then_some(())
+    })
+    .await
+}
