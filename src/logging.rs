@@ -26,6 +26,8 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second init (tests) keeps the first subscriber.
     let _ = if json {
