@@ -14,7 +14,7 @@ pub const GLOBAL_CHANGES: &str = "_global_changes";
 /// The design documents Spiegel 1.2 put in the spiegel database. Nothing
 /// reads them any more, and CouchDB 3's background indexer would keep
 /// rebuilding their views on every write to the spiegel database.
-const LEGACY_DESIGN_DOCS: [&str; 7] = [
+const LEGACY_DESIGN_DOCS: [&str; 12] = [
     "_design/dirty_listeners",
     "_design/dirty_replicators",
     "_design/on_changes",
@@ -22,6 +22,11 @@ const LEGACY_DESIGN_DOCS: [&str; 7] = [
     "_design/clean_or_locked_replicators",
     "_design/clean_or_locked_replicators_by_db_name",
     "_design/clean_or_locked_listeners_by_db_name",
+    "_design/listeners_by_db_name",
+    "_design/dirty_and_unlocked_replicator",
+    "_design/locked_replicator",
+    "_design/dirty_and_unlocked_change_listener",
+    "_design/locked_change_listener",
 ];
 
 /// Only server admins may read or write the spiegel database: whoever can

@@ -51,7 +51,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for (option, why) in &config.obsolete_set {
         tracing::warn!(option = %option, "option has no effect: {why}");
     }
-    let shutdown = shutdown_signal();
     let client = CouchClient::new(&config.url, ClientOptions::default())?;
     match config.command {
         Command::Install => {
@@ -72,7 +71,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::UpdateListener => roles::update_listener::run(shutdown).await,
+        Command::UpdateListener => roles::update_listener::run(shutdown_signal()).await,
         Command::Status => {
             let report = roles::status::report(&client, &config.db_name, &config.namespace).await?;
             if config.json {
@@ -99,6 +98,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 Command::ChangeListener => &[RoleKind::ChangeListener],
                 _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
             };
+            // Long-running commands stop cleanly on SIGTERM/SIGINT; the
+            // one-shot ones keep the default action (stop at once).
+            let shutdown = shutdown_signal();
             let metrics = Arc::new(Metrics::new());
             let client = client.with_metrics(metrics.couch.clone());
             if let Some(addr) = config.admin_addr {

@@ -1,5 +1,7 @@
 //! Prometheus metrics of the process. One [`Metrics`] per process, shared by
-//! its roles; series carry a `role` label.
+//! its roles. The runtime's series carry a `role` label; the replicator's,
+//! the change-listener's and CouchDB's series belong to one role or to the
+//! process by their names.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

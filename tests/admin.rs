@@ -113,7 +113,19 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, metrics) = get(&format!("{admin}/metrics")).await.unwrap();
+    // The target can hold the document a moment before `_replicate` answers.
+    let metrics = {
+        let start = Instant::now();
+        loop {
+            let (_, text) = get(&format!("{admin}/metrics")).await.unwrap();
+            if text.contains("spiegel_replications_total{outcome=\"ok\"}")
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     for series in [
         "spiegel_runs_started_total{role=\"replicator\"}",
         "spiegel_runs_succeeded_total{role=\"replicator\"}",

@@ -43,6 +43,11 @@ impl Health {
         f(entry);
     }
 
+    /// A worker of `role` will run: the process is unready until it starts.
+    pub fn expect(&self, role: &str) {
+        self.with(role, |_| {});
+    }
+
     /// A worker of `role` started (its feed is open).
     pub fn started(&self, role: &str, lease: Duration) {
         self.with(role, |r| {

@@ -93,7 +93,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// The command, Spiegel 1.2 style: install, uninstall, run, replicator,
-    /// change-listener, update-listener or status.
+    /// change-listener, update-listener, status or redeliver.
     #[arg(
         long = "type",
         env = "TYPE",

@@ -27,6 +27,15 @@ pub enum RoleKind {
     ChangeListener,
 }
 
+impl RoleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoleKind::Replicator => replicator::NAME,
+            RoleKind::ChangeListener => change_listener::NAME,
+        }
+    }
+}
+
 /// Runs the given roles in this process until `shutdown` resolves, then
 /// stops each cleanly. One follower of the spiegel database's documents
 /// serves them all.
@@ -39,6 +48,23 @@ pub async fn run(
 ) -> Result<()> {
     let server = client.server_info().await?;
     tracing::info!(version = %server.version, "connected to CouchDB");
+    let settings = crate::coordination::settings_doc_id(&config.namespace);
+    match client
+        .get_doc_opt::<serde_json::Value>(&config.db_name, &settings)
+        .await
+    {
+        Ok(Some(_)) => {}
+        Ok(None) | Err(crate::couch::CouchError::DbNotFound(_)) => {
+            return Err(crate::error::Error::NotInstalled(format!(
+                "Spiegel is not installed in database {:?}: run `spiegel install` first",
+                config.db_name
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    for role in roles {
+        config.health.expect(role.name());
+    }
     let docs = follower::spawn(
         client.clone(),
         config.db_name.clone(),
