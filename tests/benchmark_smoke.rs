@@ -1,0 +1,115 @@
+//! The benchmark (`spiegel-bench`, issue 7) at a small size, as a smoke
+//! test: it must run end to end and find nothing missing. Timings are
+//! never asserted: they depend on the machine.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::Value;
+
+fn run_bench(extra: &[&str]) -> Value {
+    let started = Instant::now();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spiegel-bench"));
+    cmd.args(["--spiegel-bin", env!("CARGO_BIN_EXE_spiegel")])
+        .args(["--dbs", "200", "--active", "10", "--seconds", "10"])
+        .args([
+            "--idle-seconds",
+            "1",
+            "--drain",
+            "60",
+            "--ready-timeout",
+            "120",
+        ])
+        .arg("--json")
+        .args(extra)
+        // The bench starts its own test CouchDB; never an external one.
+        .env_remove("SPIEGEL_TEST_COUCHDB_URL")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let out = cmd.output().expect("run spiegel-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "spiegel-bench {extra:?} failed ({}); stdout:\n{stdout}",
+        out.status
+    );
+    eprintln!(
+        "spiegel-bench {extra:?} took {:?}",
+        started.elapsed().as_secs_f64()
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("JSON from spiegel-bench: {e}\n{stdout}"))
+}
+
+fn assert_latency_fields(v: &Value, what: &str, count: u64) {
+    for key in ["p50_s", "p95_s", "p99_s", "max_s"] {
+        assert!(v[key].is_number(), "{what}.{key} missing: {v}");
+    }
+    assert_eq!(v["count"].as_u64(), Some(count), "{what}.count: {v}");
+}
+
+fn skip() -> bool {
+    if std::env::var("SPIEGEL_TEST_COUCHDB_URL").is_ok_and(|s| !s.trim().is_empty()) {
+        eprintln!(
+            "benchmark smoke test skipped: SPIEGEL_TEST_COUCHDB_URL is set, and the benchmark \
+             would create hundreds of databases there (run spiegel-bench --url by hand)"
+        );
+        return true;
+    }
+    false
+}
+
+#[test]
+fn benchmark_quick_size_delivers_and_replicates_everything() {
+    if skip() {
+        return;
+    }
+    let r = run_bench(&[]);
+    assert_eq!(r["mode"], "spiegel");
+    assert_eq!(r["params"]["dbs"], 200);
+    let writes = r["writes"].as_u64().expect("writes");
+    assert_eq!(writes, 100, "10 databases x 10 s: {r}");
+    assert_eq!(r["write_errors"], 0);
+    assert_eq!(r["replication"]["missing"], 0, "{r}");
+    assert_latency_fields(&r["replication"]["latency"], "replication", writes);
+    let d = &r["delivery"];
+    assert_eq!(d["missing"], 0, "{r}");
+    assert_eq!(d["duplicates"], 0, "{r}");
+    assert_eq!(d["unexpected"], 0, "{r}");
+    assert_latency_fields(&d["latency"], "delivery", writes);
+    let s = &r["spiegel"];
+    for key in [
+        "peak_rss_mb",
+        "cpu_s_load",
+        "max_connections_to_couchdb",
+        "spiegel_db_writes",
+        "spiegel_db_writes_per_update",
+    ] {
+        assert!(s[key].is_number(), "spiegel.{key} missing: {r}");
+    }
+    assert!(
+        s["peak_rss_mb"].as_f64().unwrap() > 0.0,
+        "RSS read from /proc: {r}"
+    );
+    assert!(r["server"]["cpu_s_load"].is_number(), "{r}");
+    assert_eq!(r["complete"], true);
+}
+
+#[test]
+fn benchmark_baseline_replicates_everything() {
+    if skip() {
+        return;
+    }
+    let r = run_bench(&["--baseline", "couchdb-replicator"]);
+    assert_eq!(r["mode"], "couchdb-replicator");
+    let writes = r["writes"].as_u64().expect("writes");
+    assert_eq!(writes, 100, "{r}");
+    assert_eq!(r["replication"]["missing"], 0, "{r}");
+    assert_latency_fields(&r["replication"]["latency"], "replication", writes);
+    assert!(r["delivery"].is_null() && r["spiegel"].is_null(), "{r}");
+    assert!(
+        r["server"]["max_connections_to_itself"].as_u64().unwrap() > 0,
+        "one continuous replication per database holds connections: {r}"
+    );
+    assert_eq!(r["complete"], true);
+}
