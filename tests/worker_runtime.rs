@@ -706,11 +706,38 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_handles_every_existing_database_once_paced_by_concurrency() {
     let s = Setup::new("scratch", 4).await;
+    let before = s
+        .couch
+        .db_updates(Some(&spiegel::couch::Seq::now()), None)
+        .await
+        .unwrap()
+        .last_seq;
     let existing: Vec<String> = (0..24).map(|i| s.db(&format!("e{i}"))).collect();
     for db in &existing {
         s.couch.create_db(db).await.unwrap();
         s.write(db, 1).await;
     }
+    // CouchDB publishes updates up to about half a second late: wait until
+    // every write is in _db_updates, so that none reaches the worker's live
+    // feed after it started (which would be a second, legitimate, run).
+    wait_for(
+        "the writes in _db_updates",
+        Duration::from_secs(20),
+        || async {
+            let page = s.couch.db_updates(Some(&before), None).await.ok()?;
+            let seen: std::collections::HashSet<&str> = page
+                .results
+                .iter()
+                .filter(|u| u.kind == spiegel::couch::DbUpdateKind::Updated)
+                .map(|u| u.db_name.as_str())
+                .collect();
+            existing
+                .iter()
+                .all(|db| seen.contains(db.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
     let mut options = s.options("a");
     options.concurrency = 3;
     let a = s.start(options, s.recorder("a", Duration::from_millis(50)));
