@@ -101,21 +101,9 @@ impl Receiver {
 
 impl Installation {
     fn start(&self, extra: &[&str]) -> Spiegel {
-        let mut args = vec![
-            "change-listener",
-            "--url",
-            &self.url,
-            "--db-name",
-            &self.spiegel_db,
-            "--lease-time",
-            "1.5",
-            "--save-seq-after",
-            "1",
-            "--backoff-delay",
-            "0.3",
-        ];
+        let mut args = vec!["--backoff-delay", "0.3"];
         args.extend_from_slice(extra);
-        Spiegel::start(&args)
+        self.start_worker("change-listener", &args)
     }
 
     async fn rule(&self, id: &str, rule: Value) {

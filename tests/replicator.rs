@@ -46,21 +46,9 @@ impl Installation {
     }
 
     fn start(&self, extra: &[&str]) -> Spiegel {
-        let mut args = vec![
-            "replicator",
-            "--url",
-            &self.url,
-            "--db-name",
-            &self.spiegel_db,
-            "--lease-time",
-            "1.5",
-            "--save-seq-after",
-            "1",
-            "--backoff-delay",
-            "0.2",
-        ];
+        let mut args = vec!["--backoff-delay", "0.2"];
         args.extend_from_slice(extra);
-        Spiegel::start(&args)
+        self.start_worker("replicator", &args)
     }
 
     async fn has_doc(&self, db: &str, id: &str) -> bool {

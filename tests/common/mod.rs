@@ -358,6 +358,24 @@ impl Installation {
         format!("{}_{name}", self.prefix)
     }
 
+    /// Starts a worker of `role` on this installation with short test
+    /// timings (lease 1.5 s, saves every second), plus `extra` options.
+    pub fn start_worker(&self, role: &str, extra: &[&str]) -> Spiegel {
+        let mut args = vec![
+            role,
+            "--url",
+            &self.url,
+            "--db-name",
+            &self.spiegel_db,
+            "--lease-time",
+            "1.5",
+            "--save-seq-after",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Spiegel::start(&args)
+    }
+
     /// `spiegel status --json`.
     pub async fn status(&self) -> serde_json::Value {
         let out = spiegel()
