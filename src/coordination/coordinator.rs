@@ -383,9 +383,7 @@ impl Coordinator {
                     let mut lease = self.leases.get(p)?.clone();
                     if let Some(seq) = seq {
                         lease.checkpoint = Some(seq.clone());
-                        lease.checkpoint_at = Some(
-                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        );
+                        lease.checkpoint_at = Some(super::timestamp());
                     }
                     lease.owner = keep.then(|| self.me.clone());
                     Some(lease)

@@ -51,7 +51,7 @@ impl DocIds {
 }
 
 fn range(prefix: &str) -> (String, String) {
-    (prefix.to_string(), format!("{prefix}\u{fff0}"))
+    crate::couch::prefix_range(prefix)
 }
 
 /// A partition's lease: who works on it, and up to where its updates have

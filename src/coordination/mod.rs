@@ -36,6 +36,12 @@ pub fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
                 .is_some_and(|rest| rest.starts_with(INTERNAL_PREFIX)))
 }
 
+/// Now, as the RFC 3339 text (UTC, milliseconds) that Spiegel's documents
+/// carry for operators. Never used for coordination.
+pub fn timestamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// The installation's fixed parameters.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Settings {

@@ -262,16 +262,24 @@ impl CouchClient {
         self.json(req, None, None).await
     }
 
-    /// `GET /_dbs_info`, one page in name order (CouchDB 3.2+): the info of
-    /// many databases in one request.
-    pub async fn dbs_info(&self, start_key: Option<&str>, limit: u64) -> Result<Vec<DbsInfoRow>> {
+    /// The next page of `_all_dbs`: up to `limit` names strictly after
+    /// `after` (the whole listing is read by passing each page's last name).
+    pub async fn all_dbs_after(&self, after: Option<&str>, limit: u64) -> Result<Vec<String>> {
+        let names = self.all_dbs(after, Some(limit + 1)).await?;
+        Ok(after_key(names, after, |n| n.as_str(), limit))
+    }
+
+    /// The next page of `GET /_dbs_info` (CouchDB 3.2+), the info of many
+    /// databases in one request: up to `limit` rows strictly after `after`.
+    pub async fn dbs_info_after(&self, after: Option<&str>, limit: u64) -> Result<Vec<DbsInfoRow>> {
         let mut req = self
             .request(Method::GET, "_dbs_info")
-            .query(&[("limit", limit)]);
-        if let Some(key) = start_key {
+            .query(&[("limit", limit + 1)]);
+        if let Some(key) = after {
             req = req.query(&[("start_key", Value::from(key).to_string())]);
         }
-        self.json(req, None, None).await
+        let rows: Vec<DbsInfoRow> = self.json(req, None, None).await?;
+        Ok(after_key(rows, after, |r| r.key.as_str(), limit))
     }
 
     /// `GET /{db}/{id}` with extra query parameters (`conflicts=true`, `rev=`...).
@@ -457,6 +465,15 @@ impl CouchClient {
         let req = self.request(Method::GET, path).query(params);
         self.send(req, db, None).await
     }
+}
+
+/// CouchDB's `start_key` is inclusive: drops the row equal to `after` and
+/// keeps at most `limit`.
+fn after_key<T>(rows: Vec<T>, after: Option<&str>, key: impl Fn(&T) -> &str, limit: u64) -> Vec<T> {
+    rows.into_iter()
+        .filter(|r| after != Some(key(r)))
+        .take(limit as usize)
+        .collect()
 }
 
 fn changes_params(query: &ChangesQuery) -> Vec<(String, String)> {

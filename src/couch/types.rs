@@ -117,6 +117,11 @@ impl BulkResult {
     }
 }
 
+/// `(startkey, endkey)` covering every id that starts with `prefix`.
+pub fn prefix_range(prefix: &str) -> (String, String) {
+    (prefix.to_string(), format!("{prefix}\u{fff0}"))
+}
+
 /// Parameters of `_all_docs`.
 #[derive(Clone, Debug, Default)]
 pub struct AllDocsQuery {
@@ -127,6 +132,19 @@ pub struct AllDocsQuery {
     pub start_key: Option<String>,
     pub end_key: Option<String>,
     pub limit: Option<u64>,
+}
+
+impl AllDocsQuery {
+    /// Every document whose id starts with `prefix`, with its body.
+    pub fn prefix(prefix: &str) -> Self {
+        let (start, end) = prefix_range(prefix);
+        AllDocsQuery {
+            include_docs: true,
+            start_key: Some(start),
+            end_key: Some(end),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

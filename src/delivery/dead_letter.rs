@@ -63,13 +63,7 @@ pub async fn list(
     db: &str,
     namespace: &str,
 ) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
-    let prefix = id_prefix(namespace);
-    let query = AllDocsQuery {
-        include_docs: true,
-        end_key: Some(format!("{prefix}\u{fff0}")),
-        start_key: Some(prefix),
-        ..Default::default()
-    };
+    let query = AllDocsQuery::prefix(&id_prefix(namespace));
     let mut letters = Vec::new();
     for row in client.all_docs(db, &query).await?.rows {
         let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {

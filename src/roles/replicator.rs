@@ -106,8 +106,9 @@ impl Replicator {
                     self.status.invalid(id, Some(e.to_string()));
                 }
             },
+            // Statuses of deleted documents go with them.
+            |docs| self.status.retain(|id| docs.contains_key(id)),
         );
-        self.status.retain(|id| docs.contains_key(id));
         rules
     }
 
@@ -305,13 +306,9 @@ pub async fn nudge_on_changes(
                 Trigger::Pattern(_) => {
                     let mut after: Option<String> = None;
                     loop {
-                        let Ok(names) = client.all_dbs(after.as_deref(), Some(1001)).await else {
+                        let Ok(fresh) = client.all_dbs_after(after.as_deref(), 1000).await else {
                             break;
                         };
-                        let fresh: Vec<String> = names
-                            .into_iter()
-                            .filter(|n| after.as_deref() != Some(n.as_str()))
-                            .collect();
                         if fresh.is_empty() {
                             break;
                         }

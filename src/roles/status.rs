@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -64,10 +64,6 @@ pub fn status_doc_prefix(namespace: &str) -> String {
     format!("{namespace}{INTERNAL_PREFIX}status_")
 }
 
-fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
 /// The in-memory book of one worker, shared by its runs.
 #[derive(Clone, Default)]
 pub struct StatusBook {
@@ -95,7 +91,7 @@ impl StatusBook {
             s.errors.remove(db);
             s.last_success = Some(Event {
                 db: db.into(),
-                at: now(),
+                at: crate::coordination::timestamp(),
                 detail,
             });
             b.dirty = true;
@@ -121,7 +117,7 @@ impl StatusBook {
                 db.into(),
                 Event {
                     db: db.into(),
-                    at: now(),
+                    at: crate::coordination::timestamp(),
                     detail: Some(error),
                 },
             );
@@ -183,7 +179,7 @@ pub async fn save_periodically(
             kind: StatusDoc::KIND.into(),
             role: role.clone(),
             worker_id: worker_id.clone(),
-            updated_at: now(),
+            updated_at: crate::coordination::timestamp(),
             docs,
         };
         let mut result = client.put_doc(&db, &id, &doc).await;
@@ -210,12 +206,7 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<V
     use crate::couch::AllDocsQuery;
     use serde_json::json;
 
-    let range = |prefix: String| AllDocsQuery {
-        include_docs: true,
-        end_key: Some(format!("{prefix}\u{fff0}")),
-        start_key: Some(prefix),
-        ..Default::default()
-    };
+    let range = |prefix: String| AllDocsQuery::prefix(&prefix);
     let docs_of = |rows: Vec<crate::couch::AllDocsRow>| {
         rows.into_iter()
             .filter_map(|r| r.doc)

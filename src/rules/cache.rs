@@ -41,12 +41,14 @@ impl<T> RuleCache<T> {
     }
 
     /// The usable rules of `docs`. `parse` turns a document into a rule;
-    /// `first_seen` is told about each document revision the first time.
+    /// `first_seen` is told about each document revision the first time;
+    /// `reloaded` is called once each time the document set changed.
     pub fn rules<E>(
         &self,
         docs: &Arc<UserDocs>,
         parse: impl Fn(&str, &Value) -> Result<T, E>,
         mut first_seen: impl FnMut(&str, Parsed<'_, T, E>),
+        reloaded: impl FnOnce(&UserDocs),
     ) -> Arc<Vec<T>> {
         // The state holds a cache only; a poisoned lock is safe to reuse.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -82,6 +84,7 @@ impl<T> RuleCache<T> {
                 }
             }
         }
+        reloaded(docs);
         state.rules = Arc::new(rules);
         state.parsed_from = Some(docs.clone());
         state.rules.clone()

@@ -177,14 +177,10 @@ impl Replay {
             );
         }
         loop {
-            let names = self
+            let fresh = self
                 .client
-                .all_dbs(self.listed_after.as_deref(), Some(PAGE + 1))
+                .all_dbs_after(self.listed_after.as_deref(), PAGE)
                 .await?;
-            let fresh: Vec<String> = names
-                .into_iter()
-                .filter(|n| self.listed_after.as_deref() != Some(n.as_str()))
-                .collect();
             if fresh.is_empty() {
                 let end = self.end.clone().unwrap_or_else(Seq::now);
                 return self.done(end).await;

@@ -54,17 +54,13 @@ async fn sweep(
     let mut found = 0;
     let mut present = HashMap::with_capacity(seen.len());
     loop {
-        let rows = match client.dbs_info(after.as_deref(), PAGE + 1).await {
+        let fresh = match client.dbs_info_after(after.as_deref(), PAGE).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "sweep interrupted; it runs again at the next interval");
                 return Ok(None);
             }
         };
-        let fresh: Vec<_> = rows
-            .into_iter()
-            .filter(|r| after.as_deref() != Some(r.key.as_str()))
-            .collect();
         if fresh.is_empty() {
             break;
         }

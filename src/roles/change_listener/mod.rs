@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -230,8 +229,9 @@ impl ChangeListener {
                     self.status.invalid(id, Some(e.to_string()));
                 }
             },
+            // Statuses of deleted documents go with them.
+            |docs| self.status.retain(|id| docs.contains_key(id)),
         );
-        self.status.retain(|id| docs.contains_key(id));
         rules
     }
 
@@ -264,7 +264,7 @@ impl ChangeListener {
             Err(error) => {
                 let text = error.to_string();
                 self.status.failure(&job.rule.rule.id, db, text.clone());
-                let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+                let now = crate::coordination::timestamp();
                 let (count, first_at) = {
                     let mut progress = self.progress();
                     let p = progress.entry(db.to_string()).or_default();
@@ -611,7 +611,7 @@ pub async fn redeliver(
             Err(error) => {
                 letter.attempts += 1;
                 letter.last_error = error;
-                letter.last_attempt_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+                letter.last_attempt_at = crate::coordination::timestamp();
                 let mut doc = serde_json::to_value(&letter).unwrap_or(Value::Null);
                 doc["_rev"] = Value::from(rev);
                 client.put_doc(spiegel_db, &id, &doc).await?;
