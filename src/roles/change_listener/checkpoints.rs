@@ -27,6 +27,8 @@ struct Entry {
     doc: Option<Value>,
     last_seq: Option<Seq>,
     dirty: bool,
+    /// Taken by a flush whose write has not answered yet.
+    saving: bool,
     /// Delete the document at the next flush.
     remove: bool,
 }
@@ -49,7 +51,8 @@ impl Checkpoints {
     /// this worker has progress not saved yet: another worker may have
     /// handled the database meanwhile (a partition moves back and forth).
     pub async fn get(&self, db: &str) -> Result<Option<Seq>, CouchError> {
-        if let Some(entry) = self.lock().get(db).filter(|e| e.dirty) {
+        // Progress not yet stored (or being stored) is newer than CouchDB's.
+        if let Some(entry) = self.lock().get(db).filter(|e| e.dirty || e.saving) {
             return Ok(entry.last_seq.clone());
         }
         let doc: Option<Value> = self
@@ -64,7 +67,7 @@ impl Checkpoints {
             .map(Seq::from);
         let mut cache = self.lock();
         let entry = cache.entry(db.to_string()).or_default();
-        if !entry.dirty {
+        if !entry.dirty && !entry.saving {
             entry.doc = doc;
             entry.last_seq = last_seq;
         }
@@ -116,6 +119,7 @@ impl Checkpoints {
                         }
                         doc
                     };
+                    e.saving = true;
                     Some((db.clone(), doc))
                 })
                 .collect()
@@ -132,6 +136,7 @@ impl Checkpoints {
                 for (db, _) in &pending {
                     if let Some(entry) = cache.get_mut(db) {
                         entry.dirty = true;
+                        entry.saving = false;
                     }
                 }
                 return;
@@ -157,6 +162,7 @@ impl Checkpoints {
             };
             let mut cache = self.lock();
             if let Some(entry) = cache.get_mut(&db) {
+                entry.saving = false;
                 if entry.remove && !stale {
                     cache.remove(&db);
                     continue;
