@@ -183,6 +183,86 @@ async fn one_templated_doc_fans_200_databases_into_one() {
 }
 
 #[tokio::test]
+async fn a_new_templated_doc_skips_empty_databases_until_their_first_write() {
+    let s = Installation::new("empty").await;
+    let before = s
+        .couch
+        .db_updates(Some(&spiegel::couch::Seq::now()), None)
+        .await
+        .unwrap()
+        .last_seq;
+    // '$' sorts before digits: the empty databases come first in the pass.
+    let empty: Vec<String> = (0..3).map(|i| s.db(&format!("user/$e{i}"))).collect();
+    let full: Vec<String> = (0..3).map(|i| s.db(&format!("user/{i}"))).collect();
+    for db in empty.iter().chain(&full) {
+        s.couch.create_db(db).await.unwrap();
+    }
+    for db in &full {
+        s.couch.put_doc(db, "doc", &json!({})).await.unwrap();
+    }
+    // Every run of this document fails (its target does not exist) and
+    // leaves an error for its database in the status.
+    let source = format!("{}/${{db_name}}", s.url.trim_end_matches('/'));
+    let doc = json!({"type": "replicator", "db_name": format!("^{}_user/", s.prefix),
+                     "source": source, "target": format!("{}/{}", s.url, s.db("missing"))});
+    s.couch.put_doc(&s.spiegel_db, "t", &doc).await.unwrap();
+    // No creation or write may reach the worker's live feed late (CouchDB
+    // publishes updates up to about half a second late).
+    wait_for(
+        "the writes in _db_updates",
+        Duration::from_secs(20),
+        || async {
+            let page = s.couch.db_updates(Some(&before), None).await.ok()?;
+            let seen: std::collections::HashSet<&str> =
+                page.results.iter().map(|u| u.db_name.as_str()).collect();
+            empty
+                .iter()
+                .chain(&full)
+                .chain([&s.spiegel_db])
+                .all(|db| seen.contains(db.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
+    let worker = s.start(&["--since", "now"]);
+    let errors_of = |status: &Value| -> Vec<String> {
+        status["documents"]["t"][0]["errors"]
+            .as_object()
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    wait_for(
+        "a run of every database with a document",
+        Duration::from_secs(60),
+        || async {
+            let errors = errors_of(&s.status().await);
+            full.iter().all(|db| errors.contains(db)).then_some(())
+        },
+    )
+    .await;
+
+    // Its first write runs an empty database; the others were never run.
+    s.couch
+        .put_doc(&empty[0], "first", &json!({}))
+        .await
+        .unwrap();
+    let errors = wait_for(
+        "a run of the written database",
+        Duration::from_secs(60),
+        || async {
+            let errors = errors_of(&s.status().await);
+            errors.contains(&empty[0]).then_some(errors)
+        },
+    )
+    .await;
+    assert!(
+        !errors.contains(&empty[1]) && !errors.contains(&empty[2]),
+        "empty databases were run: {errors:?}\n{}",
+        worker.logs()
+    );
+}
+
+#[tokio::test]
 async fn replication_parameters_pass_through() {
     let s = Installation::new("params").await;
     let (src, dst) = (s.db("src"), s.db("dst"));

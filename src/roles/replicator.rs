@@ -304,20 +304,8 @@ pub async fn nudge_on_changes(
                     }
                 }
                 Trigger::Pattern(_) => {
-                    let mut after: Option<String> = None;
-                    loop {
-                        let Ok(fresh) = client.all_dbs_after(after.as_deref(), 1000).await else {
-                            break;
-                        };
-                        if fresh.is_empty() {
-                            break;
-                        }
-                        after = fresh.last().cloned();
-                        for db in fresh.into_iter().filter(|db| rule.applies_to(db)) {
-                            if nudges.send(db).await.is_err() {
-                                return;
-                            }
-                        }
+                    if nudge_matching(&client, &rule, &nudges).await.is_err() {
+                        return;
                     }
                 }
                 Trigger::Elsewhere => {}
@@ -326,6 +314,66 @@ pub async fn nudge_on_changes(
         first_load = false;
         if docs.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// The worker stopped listening to nudges.
+struct Closed;
+
+/// Nudges every database of the server that a templated document applies
+/// to, except the empty ones: a database that never held a document has
+/// nothing to replicate, and its first write brings an update event that
+/// runs the document then. A document with `create_target` still runs for
+/// every database, since each run creates its target. Without
+/// `GET /_dbs_info` (CouchDB before 3.2) every matching database is nudged.
+async fn nudge_matching(
+    client: &CouchClient,
+    rule: &ReplicatorRule,
+    nudges: &mpsc::Sender<String>,
+) -> std::result::Result<(), Closed> {
+    const PAGE: u64 = 100;
+    let mut after: Option<String> = None;
+    let mut with_counts = true;
+    loop {
+        let listed: crate::couch::Result<Vec<(String, bool)>> = if with_counts {
+            client
+                .dbs_info_after(after.as_deref(), PAGE)
+                .await
+                .map(|rows| {
+                    rows.into_iter()
+                        .map(|row| {
+                            let empty = row
+                                .info
+                                .is_some_and(|i| i.doc_count == 0 && i.doc_del_count == 0);
+                            (row.key, empty)
+                        })
+                        .collect()
+                })
+        } else {
+            let names = client.all_dbs_after(after.as_deref(), 1000).await;
+            names.map(|names| names.into_iter().map(|n| (n, false)).collect())
+        };
+        let page = match listed {
+            Ok(page) => page,
+            Err(e) if with_counts && after.is_none() && !e.is_transient() => {
+                tracing::debug!(error = %e, "no GET /_dbs_info: every matching database is run");
+                with_counts = false;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; the others run at their next change");
+                return Ok(());
+            }
+        };
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        for (db, empty) in page {
+            if rule.applies_to(&db) && (!empty || rule.creates_target()) {
+                nudges.send(db).await.map_err(|_| Closed)?;
+            }
         }
     }
 }
