@@ -82,6 +82,7 @@ fn benchmark_quick_size_delivers_and_replicates_everything() {
         "peak_rss_mb",
         "cpu_s_load",
         "max_connections_to_couchdb",
+        "max_connections_to_couchdb_per_process",
         "spiegel_db_writes",
         "spiegel_db_writes_per_update",
     ] {

@@ -85,6 +85,18 @@ check "GET /missing is 404 not_found" "$(curl -s "$U/missing" | js 'j.error + "/
 check "DELETE /missing is 404" "$(status DELETE "$U/missing")" "404"
 check "update_seq is an opaque string" "$(curl -s "$U/a%2Fb" | js '/^0-g1AAAA/.test(j.update_seq)')" "true"
 
+# _dbs_info counts, and the database list after a deletion
+check "PUT /counts" "$(status PUT "$U/counts")" "201"
+check "_dbs_info of an empty database" "$(curl -s "$U/_dbs_info?start_key=%22counts%22&limit=1" | js 'j[0].key + " " + j[0].info.doc_count + " " + j[0].info.doc_del_count')" "counts 0 0"
+CREV=$(curl -s -X PUT "$U/counts/d" "${J[@]}" -d '{}' | js 'j.rev')
+check "DELETE a document" "$(status DELETE "$U/counts/d?rev=$CREV")" "200"
+check "_dbs_info counts the deleted document" "$(curl -s -X POST "$U/_dbs_info" "${J[@]}" -d '{"keys":["counts","nope"]}' | js 'j[0].info.doc_count + " " + j[0].info.doc_del_count + " " + j[1].error')" "0 1 not_found"
+check "DELETE /counts" "$(status DELETE "$U/counts")" "200"
+check "a deleted database is not listed" "$(curl -s "$U/_all_dbs" | js 'j.includes("counts")')" "false"
+check "a deleted database is 404" "$(status GET "$U/counts")" "404"
+check "PUT /counts again" "$(status PUT "$U/counts")" "201"
+check "DELETE /counts again" "$(status DELETE "$U/counts")" "200"
+
 # documents in a database with a slash
 check "PUT doc" "$(status PUT "$U/a%2Fb/doc1" "${J[@]}" -d '{"v":1}')" "201"
 REV1=$(curl -s "$U/a%2Fb/doc1" | js 'j._rev')

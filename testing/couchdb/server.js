@@ -308,9 +308,44 @@ const PouchDB = require('pouchdb-core')
   .plugin(require('pouchdb-mapreduce'))
   .plugin(storageAdapterPlugin(args.dataDir ? diskDown(args.dataDir) : memDown()));
 
+// The names of the databases, kept in memory. pouchdb-all-dbs answers
+// allDbs() with a new array of every name, through a task queue, which made
+// each request O(number of databases): at 10,000 databases that cost, not the
+// request, dominated the server's time. CouchDB opens a database by name
+// without listing them all. The set follows the same 'created' and
+// 'destroyed' events that pouchdb-all-dbs records.
+const dbNames = new Set();
+let dbNamesLoaded = null;
+
+function trackedName(name) {
+  // As pouchdb-all-dbs: not its own database, no remote (http) databases,
+  // no view indexes.
+  return name !== 'pouch__all_dbs__' && !/^https?:\/\//.test(name) && name.indexOf('-mrview-') === -1;
+}
+
+function loadDbNames() {
+  if (!dbNamesLoaded) {
+    PouchDB.on('created', (name) => {
+      if (trackedName(name)) dbNames.add(name);
+    });
+    PouchDB.on('destroyed', (name) => {
+      if (trackedName(name)) dbNames.delete(name);
+    });
+    dbNamesLoaded = PouchDB.allDbs().then((names) => {
+      for (const name of names) dbNames.add(name);
+    });
+  }
+  return dbNamesLoaded;
+}
+
 async function dbExists(name) {
-  const dbs = await PouchDB.allDbs();
-  return dbs.indexOf(name) !== -1;
+  await loadDbNames();
+  return dbNames.has(name);
+}
+
+async function allDbNames() {
+  await loadDbNames();
+  return Array.from(dbNames);
 }
 
 // ---------------------------------------------------------------------------
@@ -402,19 +437,19 @@ const pouchApp = expressPouchDB({
 // express-pouchdb's version of this also sanitizes the name and creates
 // directories named after the database relative to the working directory.
 epUtils.setDBOnReq = function (dbName, dbWrapper, req, res, next) {
-  req.PouchDB.allDbs((err, dbs) => {
-    if (err) return sendError(res, err);
-    if (dbs.indexOf(dbName) === -1) {
-      return sendJSON(res, 404, { error: 'not_found', reason: 'Database does not exist.' });
-    }
-    getOrCreateDB(req.PouchDB, dbName)
-      .then((db) => dbWrapper.wrap(dbName, db))
-      .then((db) => {
-        req.db = db;
-        next();
-      })
-      .catch((e) => sendError(res, e));
-  });
+  dbExists(dbName)
+    .then((exists) => {
+      if (!exists) {
+        return sendJSON(res, 404, { error: 'not_found', reason: 'Database does not exist.' });
+      }
+      return getOrCreateDB(req.PouchDB, dbName)
+        .then((db) => dbWrapper.wrap(dbName, db))
+        .then((db) => {
+          req.db = db;
+          next();
+        });
+    })
+    .catch((e) => sendError(res, e));
 };
 
 function withDb(req, res, next) {
@@ -545,7 +580,7 @@ async function pagedDbNames(q) {
   const descending = q.descending === 'true';
   const start = key('start_key', 'startkey');
   const end = key('end_key', 'endkey');
-  let dbs = (await PouchDB.allDbs()).slice().sort();
+  let dbs = (await allDbNames()).sort();
   if (descending) dbs.reverse();
   const before = (a, b) => (descending ? a > b : a < b);
   if (start !== undefined) dbs = dbs.filter((d) => !before(d, start));
@@ -559,11 +594,18 @@ app.get('/_all_dbs', wrap(async (req, res) => {
   sendJSON(res, 200, await pagedDbNames(req.query));
 }));
 
+// PouchDB's info() has no doc_del_count: count the deleted documents (each
+// document shows once in _changes, with its winning revision).
+async function deletedCount(db, info) {
+  if (!info.update_seq) return 0;
+  const changes = await db.changes({ since: 0 });
+  return changes.results.filter((row) => row.deleted).length;
+}
+
 async function dbsInfoRows(names) {
   const rows = [];
-  const existing = new Set(await PouchDB.allDbs());
   for (const name of names) {
-    if (!existing.has(name)) {
+    if (!(await dbExists(name))) {
       rows.push({ key: name, error: 'not_found' });
       continue;
     }
@@ -571,7 +613,12 @@ async function dbsInfoRows(names) {
     const info = await db.info();
     rows.push({
       key: name,
-      info: { db_name: name, update_seq: seqToken(info.update_seq), doc_count: info.doc_count, doc_del_count: 0 },
+      info: {
+        db_name: name,
+        update_seq: seqToken(info.update_seq),
+        doc_count: info.doc_count,
+        doc_del_count: await deletedCount(db, info),
+      },
     });
   }
   return rows;
@@ -1185,8 +1232,9 @@ async function main() {
     });
   }
   // Let the daemons finish their startup writes (_users and _replicator
-  // design documents) before events are recorded.
+  // design documents) before events are recorded; and load the names.
   await PouchDB.allDbs();
+  await loadDbNames();
 
   const server = app.listen(args.port, args.host);
   server.on('error', (err) => {

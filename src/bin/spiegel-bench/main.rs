@@ -399,6 +399,8 @@ async fn start_test_server(args: &Args, logs: &std::path::Path) -> Result<TestSe
 struct Workers {
     children: Vec<Child>,
     pids: Vec<u32>,
+    /// Each process's `/metrics` (its admin server, on a loopback port).
+    metrics_urls: Vec<String>,
 }
 
 fn spiegel_bin(args: &Args) -> Result<PathBuf> {
@@ -467,16 +469,26 @@ async fn start_spiegel(
     let mut workers = Workers {
         children: Vec::new(),
         pids: Vec::new(),
+        metrics_urls: Vec::new(),
     };
     for (n, role) in roles.iter().enumerate() {
         let log = std::fs::File::create(logs.join(format!("spiegel-{n}-{role}.log")))?;
-        let mut argv = vec![*role];
+        // A free loopback port per process: the default admin address
+        // (0.0.0.0:9090) would be shared by the processes.
+        let admin = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        );
+        let mut argv = vec![*role, "--admin-addr", admin.as_str()];
         argv.extend_from_slice(&common);
         let child = spiegel_cmd(&bin, &argv, Some(log))
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
         workers.pids.push(child.id().unwrap_or(0));
         workers.children.push(child);
+        workers.metrics_urls.push(format!("http://{admin}/metrics"));
     }
     Ok(workers)
 }
@@ -502,6 +514,8 @@ async fn stop(child: &mut Child, grace: Duration) {
 struct Samples {
     max_rss_kb: u64,
     max_spiegel_conns: usize,
+    /// The most any one Spiegel process held at a time.
+    max_spiegel_conns_per_process: usize,
     max_server_conns: usize,
     max_server_self_conns: usize,
 }
@@ -512,6 +526,10 @@ fn sample(spiegel: &[u32], server: Option<u32>, port: u16, s: &mut Samples) {
         s.max_rss_kb = s.max_rss_kb.max(rss);
         let (_, to_couch) = procfs::connections(spiegel, port);
         s.max_spiegel_conns = s.max_spiegel_conns.max(to_couch);
+        for pid in spiegel {
+            let (_, one) = procfs::connections(&[*pid], port);
+            s.max_spiegel_conns_per_process = s.max_spiegel_conns_per_process.max(one);
+        }
     }
     if let Some(pid) = server {
         let (all, to_self) = procfs::connections(&[pid], port);
@@ -535,6 +553,61 @@ fn percentiles(mut v: Vec<f64>) -> Value {
     };
     json!({"count": v.len(), "p50_s": at(0.50), "p95_s": at(0.95), "p99_s": at(0.99),
            "max_s": round3(v[v.len() - 1] / 1000.0)})
+}
+
+/// Every series of the processes' `/metrics`, summed over the processes.
+async fn scrape(urls: &[String]) -> HashMap<String, f64> {
+    let mut sums = HashMap::new();
+    for url in urls {
+        let Ok(resp) = reqwest::get(url.as_str()).await else {
+            continue;
+        };
+        let Ok(text) = resp.text().await else {
+            continue;
+        };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((series, value)) = line.rsplit_once(' ') {
+                if let Ok(v) = value.parse::<f64>() {
+                    *sums.entry(series.to_string()).or_default() += v;
+                }
+            }
+        }
+    }
+    sums
+}
+
+/// Where the time went during load and drain, from Spiegel's own metrics
+/// (the difference of two scrapes): per role, the runs, the mean wait from
+/// an update to the run that covers it (queueing for a slot) and the mean
+/// run; and the mean duration of the CouchDB requests the runs make.
+fn breakdown(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Value {
+    let d =
+        |k: String| after.get(&k).copied().unwrap_or(0.0) - before.get(&k).copied().unwrap_or(0.0);
+    let mean = |name: &str, labels: &str| {
+        let count = d(format!("spiegel_{name}_count{{{labels}}}"));
+        (count > 0.0).then(|| round3(d(format!("spiegel_{name}_sum{{{labels}}}")) / count))
+    };
+    let role = |r: &str| {
+        let l = format!("role=\"{r}\"");
+        json!({
+            "runs": d(format!("spiegel_runs_started_total{{{l}}}")),
+            "mean_update_to_run_s": mean("update_to_run_seconds", &l),
+            "mean_run_s": mean("run_duration_seconds", &l),
+        })
+    };
+    let op = |o: &str| {
+        let l = format!("op=\"{o}\"");
+        json!({
+            "requests": d(format!("spiegel_couchdb_requests_total{{{l}}}")),
+            "mean_s": mean("couchdb_request_duration_seconds", &l),
+        })
+    };
+    json!({
+        "replicator": role("replicator"),
+        "change_listener": role("change-listener"),
+        "post_replicate": op("POST _replicate"),
+        "get_changes": op("GET db/_changes"),
+    })
 }
 
 fn round3(x: f64) -> f64 {
@@ -670,6 +743,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     let mut workers = Workers {
         children: Vec::new(),
         pids: Vec::new(),
+        metrics_urls: Vec::new(),
     };
     let config_start = Instant::now();
     if baseline {
@@ -807,6 +881,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     } else {
         couch.writes_in(&spiegel_db).await?
     };
+    let metrics_before = scrape(&workers.metrics_urls).await;
     let spiegel_cpu_before = cpu(&spiegel_pids);
     let server_cpu_before = server_pid.map(|p| cpu(&[p]));
     let samples = Arc::new(Mutex::new(Samples::default()));
@@ -892,6 +967,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     sampler.abort();
+    let metrics_after = scrape(&workers.metrics_urls).await;
     let spiegel_cpu_load = cpu(&spiegel_pids) - spiegel_cpu_before;
     let server_cpu_load = server_pid.map(|p| cpu(&[p]) - server_cpu_before.unwrap_or(0.0));
     let spiegel_peak_kb: u64 = spiegel_pids
@@ -1012,8 +1088,10 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "idle_seconds": args.idle_seconds,
             "cpu_s_total": round3(spiegel_cpu_total),
             "max_connections_to_couchdb": samples.max_spiegel_conns,
+            "max_connections_to_couchdb_per_process": samples.max_spiegel_conns_per_process,
             "spiegel_db_writes": spiegel_writes,
             "spiegel_db_writes_per_update": if written > 0 { round3(spiegel_writes as f64 / written as f64) } else { 0.0 },
+            "time_spent": breakdown(&metrics_before, &metrics_after),
         })},
         "server": match server_pid { None => Value::Null, Some(pid) => json!({
             "pid": pid,
@@ -1141,9 +1219,38 @@ fn markdown(r: &Value) -> String {
             ),
         );
         row(
-            "Spiegel TCP connections to CouchDB (max)",
-            f(&s["max_connections_to_couchdb"]),
+            "Spiegel TCP connections to CouchDB: all processes / one process (max)",
+            format!(
+                "{} / {}",
+                s["max_connections_to_couchdb"], s["max_connections_to_couchdb_per_process"]
+            ),
         );
+        let t = &s["time_spent"];
+        for (name, key) in [
+            ("Replicator", "replicator"),
+            ("Change-listener", "change_listener"),
+        ] {
+            let r = &t[key];
+            row(
+                &format!("{name}: runs / mean wait update-to-run / mean run"),
+                format!(
+                    "{} / {} / {} s",
+                    r["runs"],
+                    f(&r["mean_update_to_run_s"]),
+                    f(&r["mean_run_s"])
+                ),
+            );
+        }
+        for (name, key) in [
+            ("POST _replicate", "post_replicate"),
+            ("GET db/_changes", "get_changes"),
+        ] {
+            let o = &t[key];
+            row(
+                &format!("{name}: requests / mean"),
+                format!("{} / {} s", o["requests"], f(&o["mean_s"])),
+            );
+        }
         row(
             "Spiegel-database writes (per update)",
             format!(
