@@ -59,12 +59,8 @@ fn skip() -> bool {
     false
 }
 
-#[test]
-fn benchmark_quick_size_delivers_and_replicates_everything() {
-    if skip() {
-        return;
-    }
-    let r = run_bench(&[]);
+/// Spiegel's report: complete, with every figure present.
+fn assert_spiegel_report(r: &Value, processes: u64) {
     assert_eq!(r["mode"], "spiegel");
     assert_eq!(r["params"]["dbs"], 200);
     let writes = r["writes"].as_u64().expect("writes");
@@ -78,6 +74,7 @@ fn benchmark_quick_size_delivers_and_replicates_everything() {
     assert_eq!(d["unexpected"], 0, "{r}");
     assert_latency_fields(&d["latency"], "delivery", writes);
     let s = &r["spiegel"];
+    assert_eq!(s["processes"], processes, "{r}");
     for key in [
         "peak_rss_mb",
         "cpu_s_load",
@@ -92,8 +89,36 @@ fn benchmark_quick_size_delivers_and_replicates_everything() {
         s["peak_rss_mb"].as_f64().unwrap() > 0.0,
         "RSS read from /proc: {r}"
     );
+    // Read from every process's /metrics.
+    let t = &s["time_spent"];
+    for key in ["replicator", "change_listener"] {
+        assert!(
+            t[key]["runs"].as_f64().unwrap_or(0.0) > 0.0,
+            "{key} runs: {r}"
+        );
+    }
+    assert!(
+        t["post_replicate"]["requests"].as_f64().unwrap_or(0.0) > 0.0,
+        "{r}"
+    );
     assert!(r["server"]["cpu_s_load"].is_number(), "{r}");
     assert_eq!(r["complete"], true);
+}
+
+#[test]
+fn benchmark_quick_size_delivers_and_replicates_everything() {
+    if skip() {
+        return;
+    }
+    assert_spiegel_report(&run_bench(&[]), 1);
+}
+
+#[test]
+fn benchmark_with_two_workers_per_role_delivers_and_replicates_everything() {
+    if skip() {
+        return;
+    }
+    assert_spiegel_report(&run_bench(&["--workers", "2"]), 4);
 }
 
 #[test]

@@ -327,6 +327,8 @@ struct Closed;
 /// runs the document then. A document with `create_target` still runs for
 /// every database, since each run creates its target. Without
 /// `GET /_dbs_info` (CouchDB before 3.2) every matching database is nudged.
+/// A listing that fails for a transient reason (CouchDB unreachable) is
+/// retried until it succeeds.
 async fn nudge_matching(
     client: &CouchClient,
     rule: &ReplicatorRule,
@@ -335,6 +337,8 @@ async fn nudge_matching(
     const PAGE: u64 = 100;
     let mut after: Option<String> = None;
     let mut with_counts = true;
+    let retry = Backoff::reconnect(Duration::from_secs(30));
+    let mut failures = 0;
     loop {
         let listed: crate::couch::Result<Vec<(String, bool)>> = if with_counts {
             client
@@ -361,11 +365,21 @@ async fn nudge_matching(
                 with_counts = false;
                 continue;
             }
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                tracing::warn!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; retrying");
+                tokio::time::sleep(retry.wait(failures)).await;
+                if nudges.is_closed() {
+                    return Err(Closed);
+                }
+                continue;
+            }
             Err(e) => {
-                tracing::warn!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; the others run at their next change");
+                tracing::error!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; the databases not listed run at their next change");
                 return Ok(());
             }
         };
+        failures = 0;
         let Some((last, _)) = page.last() else {
             return Ok(());
         };
