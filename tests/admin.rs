@@ -168,6 +168,27 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
     )
     .await;
 
+    // _global_changes deleted: the feeds end and cannot reopen, unready.
+    // Created again: ready again (Spiegel's own heartbeat writes are events
+    // that show the feeds work, even on an otherwise idle server).
+    couch.delete_db("_global_changes").await.unwrap();
+    let body = wait_status(
+        &format!("{admin}/readyz"),
+        503,
+        Duration::from_secs(15),
+        &worker,
+    )
+    .await;
+    assert!(body.contains("not following _db_updates"), "{body}");
+    couch.create_db("_global_changes").await.unwrap();
+    wait_status(
+        &format!("{admin}/readyz"),
+        200,
+        Duration::from_secs(30),
+        &worker,
+    )
+    .await;
+
     // SIGTERM: a clean exit, code 0, within the bound.
     let t = Instant::now();
     let status = worker.stop().expect("exits after SIGTERM");
