@@ -1,0 +1,115 @@
+//! What was written, replicated and delivered, with when.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::couch::{enc, Couch};
+
+pub(crate) struct State {
+    pub(crate) t0: Instant,
+    /// Document id -> write time (ms since t0, taken before the request).
+    pub(crate) writes: HashMap<String, f64>,
+    pub(crate) write_errors: u64,
+    pub(crate) first_write_error: Option<String>,
+    /// Document id -> first time seen in the aggregate's _changes.
+    pub(crate) replicated: HashMap<String, f64>,
+    /// Document id -> (deliveries, first delivery time).
+    pub(crate) delivered: HashMap<String, (u32, f64)>,
+}
+
+pub(crate) type Shared = Arc<Mutex<State>>;
+
+pub(crate) fn now_ms(state: &Shared) -> f64 {
+    let t0 = state.lock().unwrap().t0;
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Follows the aggregate's continuous `_changes` from now on, recording
+/// when each document first shows. Runs until aborted.
+pub(crate) async fn follow_aggregate(couch: Couch, db: String, state: Shared) {
+    let feed_client = reqwest::Client::builder().build().expect("http client");
+    let since = match couch.get(&enc(&db)).await {
+        Ok(info) => seq_text(&info["update_seq"]),
+        Err(_) => "now".to_string(),
+    };
+    let mut since = since;
+    loop {
+        let url = format!(
+            "{}/{}/_changes?feed=continuous&heartbeat=5000&since={}",
+            couch.base,
+            enc(&db),
+            enc(&since)
+        );
+        let mut rb = feed_client.get(url);
+        if let Some((u, p)) = &couch.auth {
+            rb = rb.basic_auth(u, Some(p));
+        }
+        if let Ok(resp) = rb.send().await {
+            let mut stream = resp.bytes_stream();
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                buf.extend_from_slice(&chunk);
+                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                        continue;
+                    };
+                    if let Some(id) = v["id"].as_str() {
+                        let t = now_ms(&state);
+                        state
+                            .lock()
+                            .unwrap()
+                            .replicated
+                            .entry(id.to_string())
+                            .or_insert(t);
+                    }
+                    if !v["seq"].is_null() {
+                        since = seq_text(&v["seq"]);
+                    }
+                    if !v["last_seq"].is_null() {
+                        since = seq_text(&v["last_seq"]);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub(crate) fn seq_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "now".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The receiver of the on_change rule's POSTs.
+pub(crate) async fn start_receiver(state: Shared) -> Result<u16> {
+    use axum::{extract, routing::post, Router};
+    pub(crate) async fn hook(
+        extract::State(state): extract::State<Shared>,
+        body: axum::Json<Value>,
+    ) -> StatusCode {
+        if let Some(id) = body.0["id"].as_str() {
+            let t = now_ms(&state);
+            let mut st = state.lock().unwrap();
+            let e = st.delivered.entry(id.to_string()).or_insert((0, t));
+            e.0 += 1;
+        }
+        StatusCode::OK
+    }
+    let app = Router::new().route("/hook", post(hook)).with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
