@@ -87,7 +87,7 @@ pub(crate) fn breakdown(before: &HashMap<String, f64>, after: &HashMap<String, f
     let role = |r: &str| {
         let l = format!("role=\"{r}\"");
         json!({
-            "runs": d(format!("spiegel_runs_started_total{{{l}}}")),
+            "runs": d(format!("spiegel_runs_started_total{{{l}}}")) as u64,
             "mean_update_to_run_s": mean("update_to_run_seconds", &l),
             "mean_run_s": mean("run_duration_seconds", &l),
         })
@@ -95,7 +95,7 @@ pub(crate) fn breakdown(before: &HashMap<String, f64>, after: &HashMap<String, f
     let op = |o: &str| {
         let l = format!("op=\"{o}\"");
         json!({
-            "requests": d(format!("spiegel_couchdb_requests_total{{{l}}}")),
+            "requests": d(format!("spiegel_couchdb_requests_total{{{l}}}")) as u64,
             "mean_s": mean("couchdb_request_duration_seconds", &l),
         })
     };
