@@ -169,6 +169,7 @@ pub async fn uninstall(
         }
         Err(e) => return Err(e.into()),
     };
+    let internal = format!("{namespace}{}", coordination::INTERNAL_PREFIX);
     let mut report = Uninstalled::default();
     let mut deletions = Vec::new();
     for row in rows {
@@ -177,7 +178,7 @@ pub async fn uninstall(
         };
         // Only this installation's documents: another namespace's, and the
         // user's own design documents, stay.
-        if id.starts_with(&format!("{namespace}{}", coordination::INTERNAL_PREFIX)) {
+        if id.starts_with(&internal) {
             deletions.push(json!({ "_id": id, "_rev": value.rev, "_deleted": true }));
         } else {
             report.user_docs_kept += 1;

@@ -18,16 +18,17 @@ pub fn init(level: LogLevel, format: LogFormat) {
         LogLevel::Trace => "trace",
     };
     let filter = EnvFilter::new(format!("warn,spiegel={level}"));
+    let tty = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Human => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => !tty,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // No colour codes in a file or a pipe.
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(tty)
         .with_target(false);
     // A second init (tests) keeps the first subscriber.
     let _ = if json {

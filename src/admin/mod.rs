@@ -91,12 +91,13 @@ struct AppState {
     client: CouchClient,
 }
 
-/// Serves until the process ends. Binding errors are returned at once so
-/// that a wrong `--admin-addr` stops the start with a clear message.
+/// Binds before serving, so that a wrong `--admin-addr` stops the start
+/// with a clear message.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// Serves until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,

@@ -253,7 +253,7 @@ pub struct Cli {
     /// Seconds without a heartbeat after which a worker is taken for dead
     /// and its partitions are taken over. Heartbeats come every third of it.
     #[arg(long, env = "LEASE_TIME", default_value_t = 15.0, global = true, value_name = "SECS",
-          value_parser = lease_secs)]
+          value_parser = timing_secs)]
     pub lease_time: f64,
 
     /// Where a partition starts when it has no checkpoint yet (first start):
@@ -292,7 +292,7 @@ pub struct Cli {
     /// Seconds an API call of an on_change rule may take before it counts
     /// as failed (a rule's `timeout` overrides it).
     #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = 30.0, global = true, value_name = "SECS",
-          value_parser = lease_secs)]
+          value_parser = timing_secs)]
     pub request_timeout: f64,
 
     /// Seconds between sweeps for database changes that `_db_updates` missed
@@ -392,27 +392,17 @@ pub struct Config {
 }
 
 impl Cli {
-    /// Parses the process's arguments and environment; clap exits with its
-    /// own message on a malformed option.
-    pub fn parse_with_sources() -> (Cli, ArgMatches) {
-        let matches = Cli::command().get_matches();
-        Self::from_matches(matches)
-    }
-
-    /// Parses given arguments (for tests), reading the environment as usual.
+    /// Parses the given arguments, reading the environment as usual; the
+    /// matches tell which options were set explicitly.
     pub fn try_parse_with_sources<I, T>(args: I) -> Result<(Cli, ArgMatches), clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
         let matches = Cli::command().try_get_matches_from(args)?;
-        Ok(Self::from_matches(matches))
-    }
-
-    fn from_matches(matches: ArgMatches) -> (Cli, ArgMatches) {
         // The matches were produced by this very Cli's command, so they fit.
-        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        (cli, matches)
+        let cli = Cli::from_arg_matches(&matches)?;
+        Ok((cli, matches))
     }
 
     /// Checks what clap cannot and loads the passwords file.
@@ -517,15 +507,21 @@ impl Config {
     }
 }
 
-fn lease_secs(s: &str) -> Result<f64, String> {
+/// A number of seconds in `range`; `shown` names the range in the error.
+fn secs_in(s: &str, range: std::ops::RangeInclusive<f64>, shown: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if v.is_finite() && (0.3..=3600.0).contains(&v) {
+    if v.is_finite() && range.contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{s} is out of range (0.3 to 3600 seconds)"))
+        Err(format!("{s} is out of range ({shown})"))
     }
+}
+
+/// Lease times and request timeouts.
+fn timing_secs(s: &str) -> Result<f64, String> {
+    secs_in(s, 0.3..=3600.0, "0.3 to 3600 seconds")
 }
 
 fn worker_id(s: &str) -> Result<String, String> {
@@ -541,14 +537,7 @@ fn worker_id(s: &str) -> Result<String, String> {
 }
 
 fn non_negative_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if v.is_finite() && (0.0..=86_400.0 * 365.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{s} is out of range (0 to one year)"))
-    }
+    secs_in(s, 0.0..=86_400.0 * 365.0, "0 to one year")
 }
 
 fn positive_number(s: &str) -> Result<f64, String> {

@@ -99,10 +99,6 @@ impl Passwords {
             None => url.clone(),
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::INTERNAL_PREFIX;
-use crate::couch::Seq;
+use crate::couch::{prefix_range, Seq};
 
 /// Ids of one role's coordination documents.
 #[derive(Clone, Debug)]
@@ -25,9 +25,19 @@ pub struct DocIds {
 impl DocIds {
     pub fn new(namespace: &str, role: &str) -> Self {
         DocIds {
-            lease_prefix: format!("{namespace}{INTERNAL_PREFIX}lease_{role}_"),
-            worker_prefix: format!("{namespace}{INTERNAL_PREFIX}worker_{role}_"),
+            lease_prefix: format!("{}{role}_", Self::all_leases(namespace)),
+            worker_prefix: format!("{}{role}_", Self::all_workers(namespace)),
         }
+    }
+
+    /// The id prefix of every role's leases.
+    pub fn all_leases(namespace: &str) -> String {
+        format!("{namespace}{INTERNAL_PREFIX}lease_")
+    }
+
+    /// The id prefix of every role's membership documents.
+    pub fn all_workers(namespace: &str) -> String {
+        format!("{namespace}{INTERNAL_PREFIX}worker_")
     }
 
     /// Zero-padded so that `_all_docs` lists leases in partition order.
@@ -41,17 +51,13 @@ impl DocIds {
 
     /// `(startkey, endkey)` of every lease of the role.
     pub fn lease_range(&self) -> (String, String) {
-        range(&self.lease_prefix)
+        prefix_range(&self.lease_prefix)
     }
 
     /// `(startkey, endkey)` of every membership document of the role.
     pub fn worker_range(&self) -> (String, String) {
-        range(&self.worker_prefix)
+        prefix_range(&self.worker_prefix)
     }
-}
-
-fn range(prefix: &str) -> (String, String) {
-    crate::couch::prefix_range(prefix)
 }
 
 /// A partition's lease: who works on it, and up to where its updates have

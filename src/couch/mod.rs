@@ -47,6 +47,11 @@ fn encode_doc_id(id: &str) -> String {
     encode_segment(id)
 }
 
+/// The path of a document: `{db}/{id}`, both encoded.
+fn doc_path(db: &str, id: &str) -> String {
+    format!("{}/{}", encode_segment(db), encode_doc_id(id))
+}
+
 /// Settings of the HTTP client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -215,8 +220,7 @@ impl CouchClient {
         let resp = self
             .send(req.timeout(self.options.request_timeout), db, doc)
             .await?;
-        let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
-        serde_json::from_slice(&bytes).map_err(|e| CouchError::Decode(e.to_string()))
+        decode(resp).await
     }
 
     /// `GET /`.
@@ -289,7 +293,7 @@ impl CouchClient {
         id: &str,
         query: &[(&str, &str)],
     ) -> Result<T> {
-        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let path = doc_path(db, id);
         let req = self.request(Method::GET, &path).query(query);
         self.json(req, Some(db), Some(id)).await
     }
@@ -316,14 +320,14 @@ impl CouchClient {
         id: &str,
         doc: &D,
     ) -> Result<DocRev> {
-        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let path = doc_path(db, id);
         let req = self.request(Method::PUT, &path).json(doc);
         self.json(req, Some(db), Some(id)).await
     }
 
     /// `DELETE /{db}/{id}?rev=`.
     pub async fn delete_doc(&self, db: &str, id: &str, rev: &str) -> Result<DocRev> {
-        let path = format!("{}/{}", encode_segment(db), encode_doc_id(id));
+        let path = doc_path(db, id);
         let req = self.request(Method::DELETE, &path).query(&[("rev", rev)]);
         self.json(req, Some(db), Some(id)).await
     }
@@ -436,9 +440,7 @@ impl CouchClient {
     /// detects a dead server).
     pub async fn replicate(&self, body: &Value) -> Result<Value> {
         let req = self.request(Method::POST, "_replicate").json(body);
-        let resp = self.send(req, None, None).await?;
-        let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
-        serde_json::from_slice(&bytes).map_err(|e| CouchError::Decode(e.to_string()))
+        decode(self.send(req, None, None).await?).await
     }
 
     /// `GET /{db}/_security`.
@@ -465,6 +467,12 @@ impl CouchClient {
         let req = self.request(Method::GET, path).query(params);
         self.send(req, db, None).await
     }
+}
+
+/// Reads a successful answer's JSON body.
+async fn decode<T: DeserializeOwned>(resp: Response) -> Result<T> {
+    let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
+    serde_json::from_slice(&bytes).map_err(|e| CouchError::Decode(e.to_string()))
 }
 
 /// CouchDB's `start_key` is inclusive: drops the row equal to `after` and

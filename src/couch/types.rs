@@ -20,11 +20,6 @@ impl Seq {
         Seq(Value::String("now".into()))
     }
 
-    /// `since=0`: from the beginning.
-    pub fn zero() -> Self {
-        Seq(Value::from(0))
-    }
-
     /// The seq as CouchDB wants it in a `since` query parameter: strings as
     /// they are, anything else as JSON text.
     pub fn as_param(&self) -> String {

@@ -577,6 +577,17 @@ mod tests {
         Passwords::default()
     }
 
+    /// The test change (`d/1` at `2-abc`) of `db`.
+    fn context<'a>(db: &'a str, doc: &'a Value, seq: &'a Value) -> ChangeContext<'a> {
+        ChangeContext {
+            db_name: db,
+            doc,
+            id: "d/1",
+            rev: "2-abc",
+            seq,
+        }
+    }
+
     fn build_with(
         url: &str,
         method: Method,
@@ -585,13 +596,7 @@ mod tests {
         db: &str,
     ) -> Result<Request, RequestError> {
         let doc = doc();
-        let change = ChangeContext {
-            db_name: db,
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq,
-        };
+        let change = context(db, &doc, seq);
         let t = RequestTemplate {
             url,
             method,
@@ -782,13 +787,7 @@ mod tests {
             Passwords::parse(r#"{"api.example.com": {"bob": "s3cret"}}"#, "p.json").unwrap();
         let doc = doc();
         let seq = json!(1);
-        let change = ChangeContext {
-            db_name: "db",
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq: &seq,
-        };
+        let change = context("db", &doc, &seq);
         let t = RequestTemplate {
             url: "https://bob@api.example.com/hook",
             method: Method::Post,
@@ -824,13 +823,7 @@ mod tests {
         let passwords = Passwords::parse(r#"{"h": {"bob": "pw"}}"#, "p").unwrap();
         let doc = doc();
         let seq = json!(1);
-        let change = ChangeContext {
-            db_name: "db",
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq: &seq,
-        };
+        let change = context("db", &doc, &seq);
         let headers: Vec<(String, String)> = [
             ("X-Api-Key", "k1"),
             ("X-Auth-Thing", "k2"),
@@ -912,13 +905,7 @@ mod tests {
         );
         let doc = doc();
         let seq = json!("3-xyz");
-        let change = ChangeContext {
-            db_name: "a/b",
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq: &seq,
-        };
+        let change = context("a/b", &doc, &seq);
         let signing = Signing {
             secret: "Jefe".into(),
             header: "X-Signature".into(),
@@ -964,13 +951,7 @@ mod tests {
     fn invalid_headers_are_named_without_their_value() {
         let doc = doc();
         let seq = json!(1);
-        let change = ChangeContext {
-            db_name: "db",
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq: &seq,
-        };
+        let change = context("db", &doc, &seq);
         let headers = [("X-Token".to_string(), "bad\nvalue".to_string())];
         let t = RequestTemplate {
             url: "http://h/",
@@ -1003,13 +984,7 @@ mod tests {
 
         let doc = doc();
         let seq = json!(1);
-        let change = ChangeContext {
-            db_name: "db",
-            doc: &doc,
-            id: "d/1",
-            rev: "2-abc",
-            seq: &seq,
-        };
+        let change = context("db", &doc, &seq);
         let headers = [
             ("User-Agent".to_string(), "mine".to_string()),
             (

@@ -48,20 +48,7 @@ pub async fn run(
 ) -> Result<()> {
     let server = client.server_info().await?;
     tracing::info!(version = %server.version, "connected to CouchDB");
-    let settings = crate::coordination::settings_doc_id(&config.namespace);
-    match client
-        .get_doc_opt::<serde_json::Value>(&config.db_name, &settings)
-        .await
-    {
-        Ok(Some(_)) => {}
-        Ok(None) | Err(crate::couch::CouchError::DbNotFound(_)) => {
-            return Err(crate::error::Error::NotInstalled(format!(
-                "Spiegel is not installed in database {:?}: run `spiegel install` first",
-                config.db_name
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    }
+    crate::worker::installed_settings(client, &config.db_name, &config.namespace).await?;
     for role in roles {
         config.health.expect(role.name());
     }

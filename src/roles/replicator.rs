@@ -125,23 +125,23 @@ impl Replicator {
                         .and_then(Value::as_u64)
                         .unwrap_or(0)
                 };
-                self.metrics
-                    .docs_read
-                    .get_or_create(&metrics::role(NAME))
-                    .inc_by(count("docs_read"));
-                self.metrics
-                    .docs_written
-                    .get_or_create(&metrics::role(NAME))
-                    .inc_by(count("docs_written"));
-                self.metrics
-                    .doc_write_failures
-                    .get_or_create(&metrics::role(NAME))
-                    .inc_by(count("doc_write_failures"));
-                let detail = format!(
-                    "docs_read={} docs_written={} doc_write_failures={}",
+                let (read, written, failures) = (
                     count("docs_read"),
                     count("docs_written"),
-                    count("doc_write_failures")
+                    count("doc_write_failures"),
+                );
+                let label = metrics::role(NAME);
+                self.metrics.docs_read.get_or_create(&label).inc_by(read);
+                self.metrics
+                    .docs_written
+                    .get_or_create(&label)
+                    .inc_by(written);
+                self.metrics
+                    .doc_write_failures
+                    .get_or_create(&label)
+                    .inc_by(failures);
+                let detail = format!(
+                    "docs_read={read} docs_written={written} doc_write_failures={failures}"
                 );
                 self.status.success(&rule.id, db, Some(detail));
                 Result1::Ok
@@ -278,9 +278,11 @@ pub async fn nudge_on_changes(
     let mut first_load = true;
     loop {
         let current = follower::loaded(&mut docs).await;
+        // Deleted documents are forgotten.
+        known.retain(|id, _| current.contains_key(id));
         for (id, doc) in current
             .iter()
-            .filter(|(_, d)| d.get("type") == Some(&Value::from("replicator")))
+            .filter(|(_, d)| d.get("type").and_then(Value::as_str) == Some("replicator"))
         {
             let rev = doc
                 .get("_rev")

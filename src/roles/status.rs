@@ -12,8 +12,8 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::coordination::INTERNAL_PREFIX;
-use crate::couch::{CouchClient, CouchError};
+use crate::coordination::{DocIds, INTERNAL_PREFIX};
+use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 
 /// Errors kept per document: enough to see a pattern, bounded for
 /// templated documents over thousands of databases.
@@ -203,7 +203,6 @@ pub async fn save_periodically(
 /// What `spiegel status` shows: the workers of each role and their
 /// partitions, and each document's state as the workers reported it.
 pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<Value, CouchError> {
-    use crate::couch::AllDocsQuery;
     use serde_json::json;
 
     let range = |prefix: String| AllDocsQuery::prefix(&prefix);
@@ -217,13 +216,13 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<V
         .await?;
     let workers = docs_of(
         client
-            .all_docs(db, &range(format!("{namespace}{INTERNAL_PREFIX}worker_")))
+            .all_docs(db, &range(DocIds::all_workers(namespace)))
             .await?
             .rows,
     );
     let leases = docs_of(
         client
-            .all_docs(db, &range(format!("{namespace}{INTERNAL_PREFIX}lease_")))
+            .all_docs(db, &range(DocIds::all_leases(namespace)))
             .await?
             .rows,
     );
@@ -252,11 +251,10 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<V
         }
         match lease["owner"].as_str() {
             Some(owner) => {
-                let partitions = entry["workers"][owner]["partitions"]
+                let mut partitions = entry["workers"][owner]["partitions"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
-                let mut partitions = partitions;
                 partitions.push(lease["partition"].clone());
                 entry["workers"][owner] = json!({ "partitions": partitions });
             }
@@ -323,20 +321,19 @@ pub async fn reported_docs(
     namespace: &str,
     role: &str,
 ) -> Result<std::collections::HashSet<String>, CouchError> {
-    let report = report(client, db, namespace).await?;
-    Ok(report["documents"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, reports)| {
-            reports
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|r| r["role"] == role)
-        })
-        .map(|(id, _)| id.clone())
-        .collect())
+    // Only the status documents: the rest of the report is not needed.
+    let statuses = client
+        .all_docs(db, &AllDocsQuery::prefix(&status_doc_prefix(namespace)))
+        .await?;
+    let mut ids = std::collections::HashSet::new();
+    for status in statuses.rows.into_iter().filter_map(|r| r.doc) {
+        if status["role"] == role {
+            if let Some(docs) = status["docs"].as_object() {
+                ids.extend(docs.keys().cloned());
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// The report as a readable text for a terminal.

@@ -60,16 +60,20 @@ impl<T> RuleCache<T> {
             return state.rules.clone();
         }
         let mut rules = Vec::new();
+        // Only the current revisions are kept: the set does not grow with edits.
+        let mut seen = HashSet::new();
         for (id, doc) in docs
             .iter()
-            .filter(|(_, d)| d.get("type") == Some(&Value::from(self.kind)))
+            .filter(|(_, d)| d.get("type").and_then(Value::as_str) == Some(self.kind))
         {
             let rev = doc
                 .get("_rev")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            let first = state.seen.insert((id.clone(), rev));
+            let key = (id.clone(), rev);
+            let first = !state.seen.contains(&key);
+            seen.insert(key);
             match parse(id, doc) {
                 Ok(rule) => {
                     if first {
@@ -85,6 +89,7 @@ impl<T> RuleCache<T> {
             }
         }
         reloaded(docs);
+        state.seen = seen;
         state.rules = Arc::new(rules);
         state.parsed_from = Some(docs.clone());
         state.rules.clone()

@@ -105,6 +105,7 @@ use std::time::Duration;
 use regex::Regex;
 use serde_json::{Map, Number, Value};
 
+use crate::backoff::{Backoff, Strategy};
 use crate::couch::SecretUrl;
 
 /// The signature header when `sign` does not name one.
@@ -246,9 +247,8 @@ pub enum SecretSource {
 /// the value of the corresponding `--backoff-*` option.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BackoffOverride {
-    /// `"linear"` or `"exponential"` (written in any case in the document,
-    /// kept in lower case).
-    pub strategy: Option<String>,
+    /// `"linear"` or `"exponential"`, in any case in the document.
+    pub strategy: Option<Strategy>,
     /// Seconds before the first retry, 0 to one year.
     pub delay: Option<f64>,
     /// Factor between waits with the exponential strategy, above 0 and at
@@ -871,7 +871,8 @@ impl BackoffOverride {
         let strategy = match string_member(members, "strategy", bad)? {
             None => None,
             Some(s) => match s.to_ascii_lowercase().as_str() {
-                name @ ("linear" | "exponential") => Some(name.to_string()),
+                "linear" => Some(Strategy::Linear),
+                "exponential" => Some(Strategy::Exponential),
                 _ => {
                     return Err(bad(format!(
                         "unknown `strategy` {s:?}: expected linear or exponential"
@@ -909,6 +910,17 @@ impl BackoffOverride {
             multiplier,
             limit,
         })
+    }
+
+    /// `base` with the fields this rule sets replaced.
+    pub fn apply(&self, base: Backoff) -> Backoff {
+        Backoff {
+            strategy: self.strategy.unwrap_or(base.strategy),
+            delay: self.delay.map_or(base.delay, Duration::from_secs_f64),
+            multiplier: self.multiplier.unwrap_or(base.multiplier),
+            limit: self.limit.unwrap_or(base.limit),
+            ..base
+        }
     }
 }
 
@@ -1239,7 +1251,7 @@ mod tests {
         assert_eq!(
             backoff,
             BackoffOverride {
-                strategy: Some("exponential".to_string()),
+                strategy: Some(Strategy::Exponential),
                 delay: Some(0.5),
                 multiplier: Some(3.0),
                 limit: Some(10),

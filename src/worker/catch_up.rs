@@ -57,7 +57,7 @@ pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semap
     };
     let backoff = Backoff::reconnect(Duration::from_secs(30));
     let mut failures = 0;
-    let (checkpoint, start_from_now) = (job.checkpoint.clone(), job.start_from_now);
+    let (has_checkpoint, start_from_now) = (job.checkpoint.is_some(), job.start_from_now);
     let mut replay = Replay {
         client: job.client,
         partition: job.partition,
@@ -70,10 +70,10 @@ pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semap
     };
     let partition = job.partition;
     loop {
-        let result = match (&checkpoint, start_from_now) {
-            (Some(_), _) => replay.since_checkpoint().await,
-            (None, true) => replay.skip_history().await,
-            (None, false) => replay.every_database().await,
+        let result = match (has_checkpoint, start_from_now) {
+            (true, _) => replay.since_checkpoint().await,
+            (false, true) => replay.skip_history().await,
+            (false, false) => replay.every_database().await,
         };
         match result {
             Ok(()) => return,
@@ -86,6 +86,11 @@ pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semap
             }
         }
     }
+}
+
+/// The seq `_db_updates` is at now.
+pub async fn current_seq(client: &CouchClient) -> Result<Seq, CouchError> {
+    Ok(client.db_updates(Some(&Seq::now()), None).await?.last_seq)
 }
 
 enum Stop {
@@ -156,11 +161,7 @@ impl Replay {
 
     /// First start with `--since=now`: the history is skipped.
     async fn skip_history(&mut self) -> Result<(), Stop> {
-        let now = self
-            .client
-            .db_updates(Some(&Seq::now()), None)
-            .await?
-            .last_seq;
+        let now = current_seq(&self.client).await?;
         self.done(now).await
     }
 
@@ -169,12 +170,7 @@ impl Replay {
     /// the listing is either listed or seen on the live feed.
     async fn every_database(&mut self) -> Result<(), Stop> {
         if self.end.is_none() {
-            self.end = Some(
-                self.client
-                    .db_updates(Some(&Seq::now()), None)
-                    .await?
-                    .last_seq,
-            );
+            self.end = Some(current_seq(&self.client).await?);
         }
         loop {
             let fresh = self

@@ -131,6 +131,25 @@ enum Event {
     RetryDue(String),
 }
 
+/// The installation's settings, or [`Error::NotInstalled`] when Spiegel is
+/// not installed in `db_name`.
+pub(crate) async fn installed_settings(
+    client: &CouchClient,
+    db_name: &str,
+    namespace: &str,
+) -> Result<Settings> {
+    match client
+        .get_doc_opt(db_name, &settings_doc_id(namespace))
+        .await
+    {
+        Ok(Some(settings)) => Ok(settings),
+        Ok(None) | Err(CouchError::DbNotFound(_)) => Err(Error::NotInstalled(format!(
+            "Spiegel is not installed in database {db_name:?}: run `spiegel install` first"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs a worker of `role` until `shutdown` resolves, then stops cleanly:
 /// `nudges` brings databases the role wants handled although no update
 /// event named them (they are handled if their partition is ours).
@@ -146,22 +165,10 @@ pub async fn run<R: Role>(
 ) -> Result<()> {
     let role_name = role.name().to_string();
     let label = metrics::role(&role_name);
-    let settings: Settings = match client
-        .get_doc_opt(&options.db_name, &settings_doc_id(&options.namespace))
-        .await
-    {
-        Ok(Some(settings)) => settings,
-        Ok(None) | Err(CouchError::DbNotFound(_)) => {
-            return Err(Error::NotInstalled(format!(
-                "Spiegel is not installed in database {:?}: run `spiegel install` first",
-                options.db_name
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let settings = installed_settings(&client, &options.db_name, &options.namespace).await?;
     // Where the live feed starts; every partition replays what came before
     // from its own checkpoint.
-    let start = client.db_updates(Some(&Seq::now()), None).await?.last_seq;
+    let start = catch_up::current_seq(&client).await?;
     options.health.started(&role_name, options.timing.lease);
     tracing::info!(
         role = %role_name,
@@ -340,12 +347,7 @@ pub async fn run<R: Role>(
                     parked.push_back((db, Instant::now()));
                 }
             }
-            _ = flush.tick() => {
-                let dirty = sched.take_dirty_checkpoints();
-                if !dirty.is_empty() {
-                    let _ = request_tx.send(Request::Checkpoints(dirty));
-                }
-            }
+            _ = flush.tick() => save_checkpoints(&mut sched, &request_tx),
         }
         draining.retain(|&partition, since| {
             // A run that never ends must not keep the partition from its
@@ -362,10 +364,7 @@ pub async fn run<R: Role>(
             false
         });
         if sched.take_urgent() {
-            let dirty = sched.take_dirty_checkpoints();
-            if !dirty.is_empty() {
-                let _ = request_tx.send(Request::Checkpoints(dirty));
-            }
+            save_checkpoints(&mut sched, &request_tx);
         }
         // Fencing: once our last heartbeat is older than the lease time
         // minus a heartbeat, others may take our partitions; start nothing.
@@ -438,6 +437,14 @@ pub async fn run<R: Role>(
     runs.abort_all();
     tracing::info!(role = %role_name, "stopped");
     Ok(())
+}
+
+/// Asks the coordinator to save the checkpoints that moved, if any.
+fn save_checkpoints(sched: &mut Scheduler, requests: &mpsc::UnboundedSender<Request>) {
+    let dirty = sched.take_dirty_checkpoints();
+    if !dirty.is_empty() {
+        let _ = requests.send(Request::Checkpoints(dirty));
+    }
 }
 
 /// Runs the role on a database in its own task; a panic counts as a failure

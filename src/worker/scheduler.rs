@@ -234,11 +234,7 @@ impl Scheduler {
                     epoch: p.epoch,
                     id,
                 };
-                let state = self.dbs.entry(update.db_name.clone()).or_default();
-                add_pending(state, event, now);
-                if enqueue_if_ready(state) {
-                    self.ready.push_back(update.db_name.clone());
-                }
+                add_event(&mut self.dbs, &mut self.ready, &update.db_name, event, now);
             }
             advance(p);
         }
@@ -258,11 +254,8 @@ impl Scheduler {
             return;
         };
         catch_up.outstanding += 1;
-        let state = self.dbs.entry(db.to_string()).or_default();
-        add_pending(state, EventRef::CatchUp { partition, epoch }, now);
-        if enqueue_if_ready(state) {
-            self.ready.push_back(db.to_string());
-        }
+        let event = EventRef::CatchUp { partition, epoch };
+        add_event(&mut self.dbs, &mut self.ready, db, event, now);
     }
 
     /// A database the sweep found changed without an update event. Returns
@@ -272,11 +265,8 @@ impl Scheduler {
         if self.partitions.get(&partition).is_none_or(|p| p.releasing) || self.skip.contains(db) {
             return false;
         }
-        let state = self.dbs.entry(db.to_string()).or_default();
-        add_pending(state, EventRef::Sweep { partition }, now);
-        if enqueue_if_ready(state) {
-            self.ready.push_back(db.to_string());
-        }
+        let event = EventRef::Sweep { partition };
+        add_event(&mut self.dbs, &mut self.ready, db, event, now);
         true
     }
 
@@ -464,11 +454,23 @@ impl Scheduler {
     }
 }
 
-fn add_pending(state: &mut DbState, event: EventRef, now: Instant) {
+/// Adds an event for the next run of `db`, queueing the database if it can
+/// run.
+fn add_event(
+    dbs: &mut HashMap<String, DbState>,
+    ready: &mut VecDeque<String>,
+    db: &str,
+    event: EventRef,
+    now: Instant,
+) {
+    let state = dbs.entry(db.to_string()).or_default();
     if state.pending.is_empty() {
         state.pending_since = Some(now);
     }
     state.pending.push(event);
+    if enqueue_if_ready(state) {
+        ready.push_back(db.to_string());
+    }
 }
 
 /// Marks a database queued if it can run; true when it must be pushed on

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -18,9 +17,8 @@ pub(crate) struct Couch {
     pub(crate) port: u16,
 }
 
-pub(crate) fn enc(name: &str) -> String {
-    utf8_percent_encode(name, NON_ALPHANUMERIC).to_string()
-}
+/// One path segment (or query value), percent-encoded as Spiegel does.
+pub(crate) use spiegel::couch::encode_segment as enc;
 
 impl Couch {
     pub(crate) fn new(url: &str) -> Result<Couch> {

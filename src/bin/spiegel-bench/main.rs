@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use couch::{enc, Couch};
 use measure::{breakdown, cpu, percentiles, round3, sample, scrape, secs, wait_until, Samples};
-use observed::{follow_aggregate, now_ms, start_receiver, Shared, State};
+use observed::{follow_aggregate, now_ms, start_receiver, Figures, Shared, State};
 use processes::{spiegel_bin, spiegel_cmd, start_spiegel, start_test_server, stop, Workers};
 use report::markdown;
 
@@ -207,11 +207,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         state.clone(),
     ));
 
-    let mut workers = Workers {
-        children: Vec::new(),
-        pids: Vec::new(),
-        metrics_urls: Vec::new(),
-    };
+    let mut workers = Workers::default();
     let config_start = Instant::now();
     if baseline {
         progress(&format!(
@@ -460,7 +456,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     }
 
     // --- figures
-    let (
+    let Figures {
         written,
         repl_lat,
         missing_replicated,
@@ -470,46 +466,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         unexpected,
         write_errors,
         first_write_error,
-    ) = {
-        let st = state.lock().unwrap();
-        let written = st.writes.len();
-        let repl_lat: Vec<f64> = st
-            .writes
-            .iter()
-            .filter_map(|(id, t)| st.replicated.get(id).map(|r| r - t))
-            .collect();
-        let missing_replicated = written - repl_lat.len();
-        let del_lat: Vec<f64> = st
-            .writes
-            .iter()
-            .filter_map(|(id, t)| st.delivered.get(id).map(|(_, d)| d - t))
-            .collect();
-        let missing_delivered = written - del_lat.len();
-        let duplicates: u64 = st
-            .writes
-            .keys()
-            .filter_map(|id| st.delivered.get(id))
-            .map(|(n, _)| (*n as u64).saturating_sub(1))
-            .sum();
-        let unexpected = st
-            .delivered
-            .keys()
-            .filter(|id| !st.writes.contains_key(*id) && !id.starts_with("probe_"))
-            .count();
-        let write_errors = st.write_errors;
-        let first_write_error = st.first_write_error.clone();
-        (
-            written,
-            repl_lat,
-            missing_replicated,
-            del_lat,
-            missing_delivered,
-            duplicates,
-            unexpected,
-            write_errors,
-            first_write_error,
-        )
-    };
+    } = state.lock().unwrap().figures();
     let complete = written > 0
         && write_errors == 0
         && missing_replicated == 0

@@ -23,6 +23,58 @@ pub(crate) struct State {
     pub(crate) delivered: HashMap<String, (u32, f64)>,
 }
 
+/// What the run came to, per written document.
+pub(crate) struct Figures {
+    pub(crate) written: usize,
+    /// Replication latencies (ms) of the writes that arrived.
+    pub(crate) repl_lat: Vec<f64>,
+    pub(crate) missing_replicated: usize,
+    /// Delivery latencies (ms) of the writes that were delivered.
+    pub(crate) del_lat: Vec<f64>,
+    pub(crate) missing_delivered: usize,
+    pub(crate) duplicates: u64,
+    /// Deliveries of documents never written (probes aside).
+    pub(crate) unexpected: usize,
+    pub(crate) write_errors: u64,
+    pub(crate) first_write_error: Option<String>,
+}
+
+impl State {
+    pub(crate) fn figures(&self) -> Figures {
+        let written = self.writes.len();
+        let repl_lat: Vec<f64> = self
+            .writes
+            .iter()
+            .filter_map(|(id, t)| self.replicated.get(id).map(|r| r - t))
+            .collect();
+        let del_lat: Vec<f64> = self
+            .writes
+            .iter()
+            .filter_map(|(id, t)| self.delivered.get(id).map(|(_, d)| d - t))
+            .collect();
+        Figures {
+            written,
+            missing_replicated: written - repl_lat.len(),
+            missing_delivered: written - del_lat.len(),
+            repl_lat,
+            del_lat,
+            duplicates: self
+                .writes
+                .keys()
+                .filter_map(|id| self.delivered.get(id))
+                .map(|(n, _)| (*n as u64).saturating_sub(1))
+                .sum(),
+            unexpected: self
+                .delivered
+                .keys()
+                .filter(|id| !self.writes.contains_key(*id) && !id.starts_with("probe_"))
+                .count(),
+            write_errors: self.write_errors,
+            first_write_error: self.first_write_error.clone(),
+        }
+    }
+}
+
 pub(crate) type Shared = Arc<Mutex<State>>;
 
 pub(crate) fn now_ms(state: &Shared) -> f64 {

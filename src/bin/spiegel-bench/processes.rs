@@ -58,6 +58,7 @@ pub(crate) async fn start_test_server(args: &Args, logs: &std::path::Path) -> Re
     Ok(TestServer { child, pid, url })
 }
 
+#[derive(Default)]
 pub(crate) struct Workers {
     pub(crate) children: Vec<Child>,
     pub(crate) pids: Vec<u32>,
@@ -128,11 +129,7 @@ pub(crate) async fn start_spiegel(
             r
         }
     };
-    let mut workers = Workers {
-        children: Vec::new(),
-        pids: Vec::new(),
-        metrics_urls: Vec::new(),
-    };
+    let mut workers = Workers::default();
     for (n, role) in roles.iter().enumerate() {
         let log = std::fs::File::create(logs.join(format!("spiegel-{n}-{role}.log")))?;
         // A free loopback port per process: the default admin address

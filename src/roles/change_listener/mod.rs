@@ -14,6 +14,7 @@
 
 mod checkpoints;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 
 pub use self::checkpoints::Checkpoints;
 use super::status::StatusBook;
-use crate::backoff::{Backoff, Strategy};
+use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
@@ -84,28 +85,14 @@ impl Prepared {
                 })
             }
         };
-        let mut backoff = Backoff {
+        let base = Backoff {
             jitter: false,
             ..global.clone()
         };
-        if let Some(o) = &rule.backoff {
-            if let Some(strategy) = o.strategy.as_deref() {
-                backoff.strategy = if strategy == "exponential" {
-                    Strategy::Exponential
-                } else {
-                    Strategy::Linear
-                };
-            }
-            if let Some(delay) = o.delay {
-                backoff.delay = Duration::from_secs_f64(delay);
-            }
-            if let Some(m) = o.multiplier {
-                backoff.multiplier = m;
-            }
-            if let Some(limit) = o.limit {
-                backoff.limit = limit;
-            }
-        }
+        let backoff = match &rule.backoff {
+            Some(o) => o.apply(base),
+            None => base,
+        };
         Ok(Prepared {
             rule,
             signing,
@@ -166,8 +153,20 @@ struct Job<'a> {
     key: String,
     rule: &'a Prepared,
     change: &'a Change,
-    doc: Value,
     request: Request,
+}
+
+/// The change's revision, `""` when `_changes` gave none.
+fn rev_of(change: &Change) -> &str {
+    change.changes.first().map_or("", |c| c.rev.as_str())
+}
+
+/// The changed document, or its deletion stub.
+fn doc_of(change: &Change) -> Cow<'_, Value> {
+    match &change.doc {
+        Some(doc) if !change.deleted => Cow::Borrowed(doc),
+        _ => Cow::Owned(json!({ "_id": change.id, "_rev": rev_of(change), "_deleted": true })),
+    }
 }
 
 enum Sent {
@@ -219,7 +218,7 @@ impl ChangeListener {
 
     pub async fn rules(&self) -> Arc<Vec<Prepared>> {
         let docs = follower::loaded(&mut self.docs.clone()).await;
-        let rules = self.rules.rules(
+        self.rules.rules(
             &docs,
             |id, doc| Prepared::new(id, doc, &self.passwords, &self.backoff),
             |id, parsed| match parsed {
@@ -231,8 +230,15 @@ impl ChangeListener {
             },
             // Statuses of deleted documents go with them.
             |docs| self.status.retain(|id| docs.contains_key(id)),
-        );
-        rules
+        )
+    }
+
+    /// The job is done with (delivered or dead-lettered): a retry skips it.
+    fn settle(&self, db: &str, key: &str) {
+        let mut progress = self.progress();
+        let p = progress.entry(db.to_string()).or_default();
+        p.attempts.remove(key);
+        p.delivered.insert(key.to_string());
     }
 
     /// Sends one request once, recording the outcome.
@@ -255,10 +261,7 @@ impl ChangeListener {
                     db,
                     Some(format!("HTTP {}", delivered.status)),
                 );
-                let mut progress = self.progress();
-                let p = progress.entry(db.to_string()).or_default();
-                p.attempts.remove(&job.key);
-                p.delivered.insert(job.key.clone());
+                self.settle(db, &job.key);
                 Sent::Ok
             }
             Err(error) => {
@@ -286,13 +289,8 @@ impl ChangeListener {
                     db_name: db.into(),
                     seq: job.change.seq.as_json().clone(),
                     doc_id: job.change.id.clone(),
-                    rev: job
-                        .change
-                        .changes
-                        .first()
-                        .map(|c| c.rev.clone())
-                        .unwrap_or_default(),
-                    change: job.doc.clone(),
+                    rev: rev_of(job.change).to_string(),
+                    change: doc_of(job.change).into_owned(),
                     request: job.request.redacted(),
                     last_status: match &error {
                         DeliveryError::Status { status, .. } => Some(*status),
@@ -315,10 +313,7 @@ impl ChangeListener {
                 }
                 tracing::error!(rule = %job.rule.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
                 self.metrics.dead_letters.inc();
-                let mut progress = self.progress();
-                let p = progress.entry(db.to_string()).or_default();
-                p.attempts.remove(&job.key);
-                p.delivered.insert(job.key.clone());
+                self.settle(db, &job.key);
                 Sent::Dead
             }
         }
@@ -334,11 +329,8 @@ impl ChangeListener {
         let mut jobs: Vec<Job<'a>> = Vec::new();
         let mut debounced = HashSet::new();
         for change in changes {
-            let rev = change.changes.first().map(|c| c.rev.as_str()).unwrap_or("");
-            let doc = match &change.doc {
-                Some(doc) if !change.deleted => doc.clone(),
-                _ => json!({ "_id": change.id, "_rev": rev, "_deleted": true }),
-            };
+            let rev = rev_of(change);
+            let doc = doc_of(change);
             for rule in rules.iter().filter(|r| r.rule.matches(&doc)) {
                 let context = ChangeContext {
                     db_name: db,
@@ -375,7 +367,6 @@ impl ChangeListener {
                     key,
                     rule,
                     change,
-                    doc: doc.clone(),
                     request,
                 });
             }
@@ -563,30 +554,34 @@ pub async fn redeliver(
         (&config.db_name, &config.namespace, &config.passwords);
     let (rule_filter, db_filter) = (config.rule.as_deref(), config.database.as_deref());
     use crate::couch::AllDocsQuery;
+    let letters: Vec<_> = dead_letter::list(client, spiegel_db, namespace)
+        .await?
+        .into_iter()
+        .filter(|(_, _, letter)| {
+            rule_filter.is_none_or(|r| r == letter.rule)
+                && db_filter.is_none_or(|d| d == letter.db_name)
+        })
+        .collect();
+    // Only the on_change documents the letters name, not the whole database.
+    let keys: HashSet<&str> = letters.iter().map(|(_, _, l)| l.rule.as_str()).collect();
     let mut rules = HashMap::new();
-    let all = client
-        .all_docs(
-            spiegel_db,
-            &AllDocsQuery {
-                include_docs: true,
-                ..Default::default()
-            },
-        )
-        .await?;
-    for (id, doc) in all.rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
-        if doc.get("type") == Some(&Value::from("on_change")) {
-            if let Ok(prepared) = Prepared::new(&id, &doc, passwords, &config.backoff) {
-                rules.insert(id, prepared);
+    if !keys.is_empty() {
+        let query = AllDocsQuery {
+            keys: Some(keys.into_iter().map(String::from).collect()),
+            include_docs: true,
+            ..Default::default()
+        };
+        let found = client.all_docs(spiegel_db, &query).await?;
+        for (id, doc) in found.rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
+            if doc.get("type") == Some(&Value::from("on_change")) {
+                if let Ok(prepared) = Prepared::new(&id, &doc, passwords, &config.backoff) {
+                    rules.insert(id, prepared);
+                }
             }
         }
     }
     let mut report = Redelivered::default();
-    for (id, rev, mut letter) in dead_letter::list(client, spiegel_db, namespace).await? {
-        if rule_filter.is_some_and(|r| r != letter.rule)
-            || db_filter.is_some_and(|d| d != letter.db_name)
-        {
-            continue;
-        }
+    for (id, rev, mut letter) in letters {
         let Some(rule) = rules.get(&letter.rule) else {
             tracing::warn!(letter = %id, rule = %letter.rule, "the on_change document of this dead letter is gone: kept");
             report.orphaned += 1;
