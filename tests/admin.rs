@@ -27,21 +27,15 @@ async fn get(url: &str) -> Option<(u16, String)> {
     Some((answer.status().as_u16(), answer.text().await.ok()?))
 }
 
-async fn wait_status(url: &str, want: u16, deadline: Duration, spiegel: &Spiegel) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some((status, body)) = get(url).await {
-            if status == want {
-                return body;
-            }
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "{url} never answered {want}\n{}",
-            spiegel.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until `url` answers `want`; returns the body. (A failure prints
+/// the worker's logs: `Spiegel` does on drop.)
+async fn wait_status(url: &str, want: u16, deadline: Duration) -> String {
+    wait_for(&format!("{url} to answer {want}"), deadline, || async {
+        get(url)
+            .await
+            .and_then(|(status, body)| (status == want).then_some(body))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -72,22 +66,10 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         &format!("127.0.0.1:{port}"),
     ]);
     assert_eq!(
-        wait_status(
-            &format!("{admin}/healthz"),
-            200,
-            Duration::from_secs(10),
-            &worker
-        )
-        .await,
+        wait_status(&format!("{admin}/healthz"), 200, Duration::from_secs(10)).await,
         "ok\n"
     );
-    wait_status(
-        &format!("{admin}/readyz"),
-        200,
-        Duration::from_secs(10),
-        &worker,
-    )
-    .await;
+    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(10)).await;
 
     // Activity: a replication and a change.
     let (src, dst) = ("src", "dst");
@@ -99,20 +81,15 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         .await
         .unwrap();
     couch.put_doc(src, "doc", &json!({})).await.unwrap();
-    let start = Instant::now();
-    while couch
-        .get_doc_opt::<serde_json::Value>(dst, "doc")
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no replication\n{}",
-            worker.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_doc(
+        &couch,
+        dst,
+        "doc",
+        true,
+        Duration::from_secs(20),
+        "a replication",
+    )
+    .await;
     // The target can hold the document a moment before `_replicate` answers.
     let metrics = {
         let start = Instant::now();
@@ -151,43 +128,19 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
 
     // CouchDB stops: unready; it returns: ready again.
     server.kill();
-    let body = wait_status(
-        &format!("{admin}/readyz"),
-        503,
-        Duration::from_secs(15),
-        &worker,
-    )
-    .await;
+    let body = wait_status(&format!("{admin}/readyz"), 503, Duration::from_secs(15)).await;
     assert!(body.contains("CouchDB"), "{body}");
     server.restart();
-    wait_status(
-        &format!("{admin}/readyz"),
-        200,
-        Duration::from_secs(30),
-        &worker,
-    )
-    .await;
+    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
 
     // _global_changes deleted: the feeds end and cannot reopen, unready.
     // Created again: ready again (Spiegel's own heartbeat writes are events
     // that show the feeds work, even on an otherwise idle server).
     couch.delete_db("_global_changes").await.unwrap();
-    let body = wait_status(
-        &format!("{admin}/readyz"),
-        503,
-        Duration::from_secs(15),
-        &worker,
-    )
-    .await;
+    let body = wait_status(&format!("{admin}/readyz"), 503, Duration::from_secs(15)).await;
     assert!(body.contains("not following _db_updates"), "{body}");
     couch.create_db("_global_changes").await.unwrap();
-    wait_status(
-        &format!("{admin}/readyz"),
-        200,
-        Duration::from_secs(30),
-        &worker,
-    )
-    .await;
+    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
 
     // SIGTERM: a clean exit, code 0, within the bound.
     let t = Instant::now();

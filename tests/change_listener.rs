@@ -88,14 +88,13 @@ impl Receiver {
             .collect()
     }
 
-    async fn wait(&self, what: &str, spiegel: &Spiegel, ok: impl Fn(&[Received]) -> bool) {
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            while !ok(&self.received()) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    /// Waits up to 30 s until what was received satisfies `ok`. (A failure
+    /// prints the workers' logs: `Spiegel` does on drop.)
+    async fn wait(&self, what: &str, ok: impl Fn(&[Received]) -> bool) {
+        wait_for(what, Duration::from_secs(30), || async {
+            ok(&self.received()).then_some(())
         })
-        .await;
-        assert!(found.is_ok(), "never received {what}\n{}", spiegel.logs());
+        .await
     }
 }
 
@@ -127,7 +126,7 @@ async fn every_matching_change_of_50_databases_arrives_in_order() {
                          "params": {"db": "$db_name", "id": "$change.id", "seq": "$seq"}}),
     )
     .await;
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     let dbs: Vec<String> = (0..50).map(|i| s.db(&format!("match{i}"))).collect();
     for db in &dbs {
         s.couch.create_db(db).await.unwrap();
@@ -154,7 +153,7 @@ async fn every_matching_change_of_50_databases_arrives_in_order() {
         .unwrap();
 
     receiver
-        .wait("every change", &worker, |got| {
+        .wait("every change", |got| {
             let mut pairs = std::collections::HashSet::new();
             for r in got {
                 let b = r.json();
@@ -204,7 +203,7 @@ async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
         json!({"db_name": "([", "url": format!("{base}/broken")}),
     )
     .await;
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     let docs = [
         (
             "a",
@@ -227,12 +226,12 @@ async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
             .unwrap_or_else(|e| panic!("{db}/{id}: {e}"));
     }
     receiver
-        .wait("the selector's matches", &worker, |got| {
+        .wait("the selector's matches", |got| {
             got.iter().filter(|r| r.path == "/selector").count() >= 2
         })
         .await;
     receiver
-        .wait("the other rules' matches", &worker, |got| {
+        .wait("the other rules' matches", |got| {
             got.iter().filter(|r| r.path == "/regex").count() >= 2
                 && got.iter().any(|r| r.path == "/nested")
         })
@@ -246,17 +245,17 @@ async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
     assert_eq!(receiver.on("/nested").len(), 1, "only a is in Paris");
     assert_eq!(receiver.on("/selector").len(), 2, "a (vip) and c (rush)");
     assert!(receiver.on("/broken").is_empty());
-    let reported = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+    let reported = wait_for(
+        "the bad rule reported in the status",
+        Duration::from_secs(10),
+        || async {
             let status = s.status().await;
-            if let Some(invalid) = status["documents"]["broken"][0]["invalid"].as_str() {
-                return invalid.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("the bad rule is reported in the status");
+            status["documents"]["broken"][0]["invalid"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
     assert!(reported.contains("db_name"), "{reported}");
 }
 
@@ -286,9 +285,7 @@ async fn requests_are_templated_signed_and_authenticated() {
         .put_doc(&db, "doc1", &json!({"n": 7}))
         .await
         .unwrap();
-    receiver
-        .wait("both requests", &worker, |got| got.len() >= 2)
-        .await;
+    receiver.wait("both requests", |got| got.len() >= 2).await;
 
     let get = &receiver
         .received()
@@ -369,22 +366,22 @@ async fn a_failing_api_is_retried_with_backoff_while_other_databases_flow() {
         json!({"db_name": format!("^{}$", fast), "url": format!("{base}/fast")}),
     )
     .await;
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     s.couch.put_doc(&slow, "x", &json!({})).await.unwrap();
     receiver
-        .wait("the first failure", &worker, |got| {
+        .wait("the first failure", |got| {
             got.iter().any(|r| r.path == "/slow")
         })
         .await;
     // Meanwhile another database's change goes through.
     s.couch.put_doc(&fast, "y", &json!({})).await.unwrap();
     receiver
-        .wait("the other database's change", &worker, |got| {
+        .wait("the other database's change", |got| {
             got.iter().any(|r| r.path == "/fast")
         })
         .await;
     receiver
-        .wait("the fourth attempt", &worker, |got| {
+        .wait("the fourth attempt", |got| {
             got.iter().filter(|r| r.path == "/slow").count() >= 4
         })
         .await;
@@ -419,27 +416,19 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
                           "params": {"id": "$change.id"}, "backoff": {"limit": 2, "delay": 0.2}}),
     )
     .await;
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     s.couch
         .put_doc(&db, "doc1", &json!({"v": 1}))
         .await
         .unwrap();
-    receiver
-        .wait("three attempts", &worker, |got| got.len() >= 3)
-        .await;
-    let letter = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
-                .await
-                .unwrap();
-            if let Some((_, _, letter)) = letters.into_iter().next() {
-                return letter;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    receiver.wait("three attempts", |got| got.len() >= 3).await;
+    let letter = wait_for("a dead letter", Duration::from_secs(20), || async {
+        let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+            .await
+            .unwrap();
+        letters.into_iter().next().map(|(_, _, letter)| letter)
     })
-    .await
-    .expect("a dead letter");
+    .await;
     assert_eq!(letter.rule, "hook");
     assert_eq!(letter.db_name, db);
     assert_eq!(letter.doc_id, "doc1");
@@ -451,7 +440,7 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
     *receiver.failing.lock().unwrap() = None;
     s.couch.put_doc(&db, "doc2", &json!({})).await.unwrap();
     receiver
-        .wait("the next change", &worker, |got| {
+        .wait("the next change", |got| {
             got.iter().any(|r| r.json()["id"] == "doc2")
         })
         .await;
@@ -514,9 +503,9 @@ async fn debounce_sends_identical_pending_requests_once() {
                           "params": {"id": "$change.id"}}),
     )
     .await;
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     receiver
-        .wait("every change on the plain rule", &worker, |got| {
+        .wait("every change on the plain rule", |got| {
             got.iter().filter(|r| r.path == "/each").count() >= 10
         })
         .await;
@@ -551,7 +540,7 @@ async fn odd_documents_do_not_stop_the_worker() {
     // The creation of "gone" may be delivered too, if a run read it before
     // the deletion: the deletion must come, and come last.
     receiver
-        .wait("the big document and the deletion", &worker, |got| {
+        .wait("the big document and the deletion", |got| {
             got.iter().any(|r| r.json()["id"] == "big")
                 && got
                     .iter()
@@ -596,7 +585,7 @@ async fn a_killed_worker_loses_no_change() {
     )
     .await;
     let mut a = s.start(&["--worker-id", "a"]);
-    let b = s.start(&["--worker-id", "b"]);
+    let _b = s.start(&["--worker-id", "b"]);
     let dbs: Vec<String> = (0..8).map(|i| s.db(&format!("k{i}"))).collect();
     for db in &dbs {
         s.couch.create_db(db).await.unwrap();
@@ -617,7 +606,7 @@ async fn a_killed_worker_loses_no_change() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     receiver
-        .wait("every change despite the kill", &b, |got| {
+        .wait("every change despite the kill", |got| {
             let seen: std::collections::HashSet<(String, String)> = got
                 .iter()
                 .map(|r| {
@@ -652,12 +641,12 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
                           "params": {"id": "$change.id", "rev": "$change.rev"}}),
     )
     .await;
-    let worker = s.start(&["--assume-deleted-after", "1"]);
+    let _worker = s.start(&["--assume-deleted-after", "1"]);
     for id in ["a", "b"] {
         s.couch.put_doc(&db, id, &json!({})).await.unwrap();
     }
     receiver
-        .wait("the first life's changes", &worker, |got| got.len() >= 2)
+        .wait("the first life's changes", |got| got.len() >= 2)
         .await;
     let checkpoint = spiegel::coordination::change_listener_checkpoint_id(&db);
     wait_doc(
@@ -689,7 +678,7 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
         .await
         .unwrap();
     receiver
-        .wait("the second life's first change", &worker, |got| {
+        .wait("the second life's first change", |got| {
             got.iter().filter(|r| r.json()["id"] == "a").count() >= 2
         })
         .await;

@@ -13,17 +13,10 @@ impl Installation {
     /// The URL of a database of the test server, without credentials
     /// (the user name only, if `user`).
     fn db_url(&self, db: &str, user: bool) -> String {
-        let base = SecretUrl::parse(&self.url).unwrap().without_credentials();
-        let mut url = base.clone();
-        if user
-            && !SecretUrl::parse(&self.url)
-                .unwrap()
-                .username()
-                .unwrap_or_default()
-                .is_empty()
-        {
-            url.set_username(&SecretUrl::parse(&self.url).unwrap().username().unwrap())
-                .unwrap();
+        let parsed = SecretUrl::parse(&self.url).unwrap();
+        let mut url = parsed.without_credentials();
+        if let Some(name) = parsed.username().filter(|_| user) {
+            url.set_username(&name).unwrap();
         }
         format!("{}{}", url.as_str(), spiegel::couch::encode_segment(db))
     }
@@ -60,14 +53,11 @@ impl Installation {
             .is_some()
     }
 
-    async fn wait_doc(&self, db: &str, id: &str, spiegel: &Spiegel) {
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            while !self.has_doc(db, id).await {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        assert!(found.is_ok(), "{id} never reached {db}\n{}", spiegel.logs());
+    /// Waits up to 30 s for `id` in `db`. (A failure prints the workers'
+    /// logs: `Spiegel` does on drop.)
+    async fn wait_doc(&self, db: &str, id: &str) {
+        let what = format!("{id} to reach {db}");
+        wait_doc(&self.couch, db, id, true, Duration::from_secs(30), &what).await
     }
 }
 
@@ -89,7 +79,7 @@ async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
         .put_doc(&src, "doc1", &json!({"v": 1}))
         .await
         .unwrap();
-    s.wait_doc(&t1, "doc1", &worker).await;
+    s.wait_doc(&t1, "doc1").await;
 
     // Edit: a new target, live.
     let mut current: Value = s.couch.get_doc(&s.spiegel_db, "r1").await.unwrap();
@@ -98,12 +88,12 @@ async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
         .put_doc(&s.spiegel_db, "r1", &current)
         .await
         .unwrap();
-    s.wait_doc(&t2, "doc1", &worker).await; // the edit alone replicates
+    s.wait_doc(&t2, "doc1").await; // the edit alone replicates
     s.couch
         .put_doc(&src, "doc2", &json!({"v": 2}))
         .await
         .unwrap();
-    s.wait_doc(&t2, "doc2", &worker).await;
+    s.wait_doc(&t2, "doc2").await;
     assert!(
         !s.has_doc(&t1, "doc2").await,
         "the old target is not used any more"
@@ -122,7 +112,7 @@ async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
         .put_doc(&src, "doc3", &json!({"v": 3}))
         .await
         .unwrap();
-    s.wait_doc(&t3, "doc3", &worker).await;
+    s.wait_doc(&t3, "doc3").await;
     assert!(
         !s.has_doc(&t2, "doc3").await,
         "a deleted replicator doc does nothing"
@@ -155,19 +145,18 @@ async fn one_templated_doc_fans_200_databases_into_one() {
         .await
         .unwrap();
 
-    let all = tokio::time::timeout(Duration::from_secs(90), async {
-        loop {
+    let all = wait_for(
+        "every document of every source",
+        Duration::from_secs(90),
+        || async {
             let n = s.couch.db_info(&aggregate).await.unwrap().doc_count;
-            if n >= 200 {
-                return n;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+            (n >= 200).then_some(n)
+        },
+    )
     .await;
     assert_eq!(
-        all.ok(),
-        Some(200),
+        all,
+        200,
         "every document of every source arrives\n{}",
         worker.logs()
     );
@@ -179,7 +168,7 @@ async fn one_templated_doc_fans_200_databases_into_one() {
         .put_doc(&late, "late-doc", &json!({}))
         .await
         .unwrap();
-    s.wait_doc(&aggregate, "late-doc", &worker).await;
+    s.wait_doc(&aggregate, "late-doc").await;
 }
 
 #[tokio::test]
@@ -276,7 +265,7 @@ async fn replication_parameters_pass_through() {
             .await
             .unwrap();
     }
-    let worker = s.start(&[]);
+    let _worker = s.start(&[]);
     let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
                      "target": format!("{}/{}", s.url, dst), "filter": "app/chosen",
                      "query_params": {"flag": "yes"}});
@@ -284,8 +273,8 @@ async fn replication_parameters_pass_through() {
         .put_doc(&s.spiegel_db, "filtered", &doc)
         .await
         .unwrap();
-    s.wait_doc(&dst, "a", &worker).await;
-    s.wait_doc(&dst, "b", &worker).await;
+    s.wait_doc(&dst, "a").await;
+    s.wait_doc(&dst, "b").await;
     assert!(
         !s.has_doc(&dst, "c").await,
         "the filter and its query_params were applied"
@@ -309,7 +298,7 @@ async fn passwords_come_from_the_passwords_file_and_a_wrong_one_is_reported() {
     let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&good, true)});
     s.couch.put_doc(&s.spiegel_db, "good", &doc).await.unwrap();
     s.couch.put_doc(&src, "x", &json!({})).await.unwrap();
-    s.wait_doc(&good, "x", &worker).await;
+    s.wait_doc(&good, "x").await;
     drop(worker);
 
     // The same with a wrong password: an error in the status, no crash.
@@ -318,17 +307,17 @@ async fn passwords_come_from_the_passwords_file_and_a_wrong_one_is_reported() {
     let mut worker = s.start(&["--passwords-file", &wrong, "--backoff-limit", "1"]);
     let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&bad, true)});
     s.couch.put_doc(&s.spiegel_db, "bad", &doc).await.unwrap();
-    let error = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
+    let error = wait_for(
+        "an error in the status",
+        Duration::from_secs(30),
+        || async {
             let status = s.status().await;
-            if let Some(error) = status["documents"]["bad"][0]["errors"][&src]["detail"].as_str() {
-                return error.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no error in the status\n{}", worker.logs()));
+            status["documents"]["bad"][0]["errors"][&src]["detail"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
     assert!(
         error.to_lowercase().contains("unauthorized") || error.contains("401"),
         "{error}"
@@ -352,21 +341,18 @@ async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_crea
     let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src), "target": format!("{}/{}", s.url, dst)});
     s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
     // Retried while missing, then taken for deleted.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
+    wait_for(
+        "the source taken for deleted",
+        Duration::from_secs(30),
+        || async {
             let status = s.status().await;
-            let error = status["documents"]["r"][0]["errors"][&src]["detail"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            if error.contains("taken for deleted") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the source was never taken for deleted\n{}", worker.logs()));
+            status["documents"]["r"][0]["errors"][&src]["detail"]
+                .as_str()?
+                .contains("taken for deleted")
+                .then_some(())
+        },
+    )
+    .await;
     let logs = worker.logs();
     assert!(
         // At least one retry: on a real CouchDB each attempt can take up to
@@ -378,7 +364,7 @@ async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_crea
     // Created again: replicated again.
     s.couch.create_db(&src).await.unwrap();
     s.couch.put_doc(&src, "back", &json!({})).await.unwrap();
-    s.wait_doc(&dst, "back", &worker).await;
+    s.wait_doc(&dst, "back").await;
 }
 
 #[tokio::test]
@@ -386,8 +372,8 @@ async fn two_replicator_workers_share_the_databases() {
     let s = Installation::new("two").await;
     let aggregate = s.db("all");
     s.couch.create_db(&aggregate).await.unwrap();
-    let a = s.start(&["--worker-id", "a"]);
-    let b = s.start(&["--worker-id", "b"]);
+    let _a = s.start(&["--worker-id", "a"]);
+    let _b = s.start(&["--worker-id", "b"]);
     let source = format!("{}/${{db_name}}", s.url.trim_end_matches('/'));
     let doc = json!({"type": "replicator", "db_name": format!("^{}_u", s.prefix),
                      "source": source, "target": format!("{}/{}", s.url, aggregate)});
@@ -396,19 +382,13 @@ async fn two_replicator_workers_share_the_databases() {
         .await
         .unwrap();
     // Both own partitions before the load starts.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let status = s.status().await;
-            let workers = &status["roles"]["replicator"]["workers"];
-            let owns = |w: &str| workers[w]["partitions"].as_array().map_or(0, Vec::len);
-            if owns("a-replicator") == 2 && owns("b-replicator") == 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    wait_for("the partitions shared", Duration::from_secs(20), || async {
+        let status = s.status().await;
+        let workers = &status["roles"]["replicator"]["workers"];
+        let owns = |w: &str| workers[w]["partitions"].as_array().map_or(0, Vec::len);
+        (owns("a-replicator") == 2 && owns("b-replicator") == 2).then_some(())
     })
-    .await
-    .unwrap_or_else(|_| panic!("the partitions were not shared\n{}\n{}", a.logs(), b.logs()));
+    .await;
     for i in 0..30 {
         let db = s.db(&format!("u{i}"));
         s.couch.create_db(&db).await.unwrap();
@@ -418,25 +398,22 @@ async fn two_replicator_workers_share_the_databases() {
             .unwrap();
     }
     for i in 0..30 {
-        s.wait_doc(&aggregate, &format!("d{i}"), &a).await;
+        s.wait_doc(&aggregate, &format!("d{i}")).await;
     }
     // Both did some of the work.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
+    wait_for(
+        "both workers to do some work",
+        Duration::from_secs(20),
+        || async {
             let status = s.status().await;
-            let workers: Vec<String> = status["documents"]["fan-in"]
+            let workers = status["documents"]["fan-in"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|r| r["succeeded"].as_u64().unwrap_or(0) > 0)
-                .map(|r| r["worker"].as_str().unwrap_or("").to_string())
-                .collect();
-            if workers.len() == 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("one worker did all the work"));
+                .count();
+            (workers == 2).then_some(())
+        },
+    )
+    .await;
 }

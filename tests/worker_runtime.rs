@@ -159,14 +159,12 @@ struct Setup {
 impl Setup {
     async fn new(label: &str, partitions: u32) -> Setup {
         init_logs();
-        let url = shared_url();
-        let couch = client_for(&url);
-        couch.create_db("_global_changes").await.unwrap();
-        let prefix = unique_name(label);
-        let spiegel_db = format!("{prefix}_spiegel");
-        spiegel::install::install(&couch, &spiegel_db, "", partitions)
-            .await
-            .unwrap();
+        let Installation {
+            url,
+            couch,
+            spiegel_db,
+            prefix,
+        } = Installation::with_partitions(label, partitions).await;
         Setup {
             url,
             couch,
@@ -293,6 +291,22 @@ impl Setup {
         .await
     }
 
+    /// Waits for a run of `db` that started once it held `docs` documents.
+    async fn wait_run_seeing(&self, what: &str, deadline: Duration, db: &str, docs: u64) {
+        wait_for(what, deadline, || async {
+            self.log.has_run_seeing(db, docs).then_some(())
+        })
+        .await
+    }
+
+    /// Waits for such a run that also finished.
+    async fn wait_completed_run_seeing(&self, what: &str, deadline: Duration, db: &str, docs: u64) {
+        wait_for(what, deadline, || async {
+            self.log.has_completed_run_seeing(db, docs).then_some(())
+        })
+        .await
+    }
+
     /// Writes `n` documents; returns the database's document count after.
     async fn write(&self, db: &str, n: usize) -> u64 {
         for i in 0..n {
@@ -356,18 +370,22 @@ async fn a_worker_follows_updates_and_deletions_start_no_run() {
     let db = s.db("a");
     s.couch.create_db(&db).await.unwrap();
     let written = s.write(&db, 1).await;
-    wait_for("a run after the write", Duration::from_secs(10), || async {
-        s.log.has_completed_run_seeing(&db, written).then_some(())
-    })
+    s.wait_completed_run_seeing(
+        "a run after the write",
+        Duration::from_secs(10),
+        &db,
+        written,
+    )
     .await;
 
     // A created database is handled like an update.
     let created = s.db("b");
     s.couch.create_db(&created).await.unwrap();
-    wait_for(
+    s.wait_run_seeing(
         "a run of the created database",
         Duration::from_secs(10),
-        || async { s.log.has_run_seeing(&created, 0).then_some(()) },
+        &created,
+        0,
     )
     .await;
 
@@ -391,10 +409,8 @@ async fn a_worker_follows_updates_and_deletions_start_no_run() {
     let marker = s.db("marker");
     s.couch.create_db(&marker).await.unwrap();
     let marked = s.write(&marker, 1).await;
-    wait_for("the marker's run", Duration::from_secs(10), || async {
-        s.log.has_run_seeing(&marker, marked).then_some(())
-    })
-    .await;
+    s.wait_run_seeing("the marker's run", Duration::from_secs(10), &marker, marked)
+        .await;
     assert!(
         !s.log.has_run_after(&db, deleted_at),
         "no run for a deleted database"
@@ -443,10 +459,11 @@ async fn a_burst_of_writes_to_one_database_coalesces_into_a_few_runs() {
         writer.await.unwrap();
     }
     assert_eq!(s.couch.db_info(&db).await.unwrap().doc_count, 1000);
-    wait_for(
+    s.wait_completed_run_seeing(
         "a run after the last of 1,000 writes",
         Duration::from_secs(20),
-        || async { s.log.has_completed_run_seeing(&db, 1000).then_some(()) },
+        &db,
+        1000,
     )
     .await;
     let runs = s.log.runs_of(&db).len();
@@ -480,10 +497,11 @@ async fn concurrency_bounds_runs_and_a_failing_database_blocks_no_other() {
         written.push((db.clone(), s.write(&db, 1).await));
     }
     for (db, docs) in &written {
-        wait_for(
+        s.wait_completed_run_seeing(
             "a completed run of every good database",
             Duration::from_secs(20),
-            || async { s.log.has_completed_run_seeing(db, *docs).then_some(()) },
+            db,
+            *docs,
         )
         .await;
     }
@@ -594,10 +612,11 @@ async fn a_crashed_workers_partitions_are_taken_over_and_no_write_is_missed() {
     for db in &dbs {
         let docs = s.couch.db_info(db).await.unwrap().doc_count;
         assert!(docs > 0);
-        wait_for(
+        s.wait_run_seeing(
             "a run after each database's last write",
             Duration::from_secs(20),
-            || async { s.log.has_run_seeing(db, docs).then_some(()) },
+            db,
+            docs,
         )
         .await;
     }
@@ -617,9 +636,12 @@ async fn a_clean_stop_finishes_runs_saves_checkpoints_and_releases_leases() {
     let db = s.db("slow");
     s.couch.create_db(&db).await.unwrap();
     let written = s.write(&db, 1).await;
-    wait_for("the slow run started", Duration::from_secs(10), || async {
-        s.log.has_run_seeing(&db, written).then_some(())
-    })
+    s.wait_run_seeing(
+        "the slow run started",
+        Duration::from_secs(10),
+        &db,
+        written,
+    )
     .await;
     a.stop().await;
     assert!(
@@ -658,10 +680,8 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
     for db in &old {
         s.couch.create_db(db).await.unwrap();
         let docs = s.write(db, 1).await;
-        wait_for("runs before the stop", Duration::from_secs(10), || async {
-            s.log.has_completed_run_seeing(db, docs).then_some(())
-        })
-        .await;
+        s.wait_completed_run_seeing("runs before the stop", Duration::from_secs(10), db, docs)
+            .await;
     }
     a.stop().await;
 
@@ -690,10 +710,8 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
     let marker = s.db("marker");
     s.couch.create_db(&marker).await.unwrap();
     let docs = s.write(&marker, 1).await;
-    wait_for("the marker's run", Duration::from_secs(10), || async {
-        s.log.has_run_seeing(&marker, docs).then_some(())
-    })
-    .await;
+    s.wait_run_seeing("the marker's run", Duration::from_secs(10), &marker, docs)
+        .await;
     for db in &old[1..] {
         assert!(
             s.log.runs_of(db).iter().all(|r| r.worker == "a"),
@@ -769,10 +787,8 @@ async fn a_first_start_handles_every_existing_database_once_paced_by_concurrency
     let marker = s2.db("marker");
     s2.couch.create_db(&marker).await.unwrap();
     let docs = s2.write(&marker, 1).await;
-    wait_for("the marker's run", Duration::from_secs(10), || async {
-        s2.log.has_run_seeing(&marker, docs).then_some(())
-    })
-    .await;
+    s2.wait_run_seeing("the marker's run", Duration::from_secs(10), &marker, docs)
+        .await;
     assert!(s2.log.runs_of(&old).is_empty(), "history skipped");
     b.stop().await;
 }
@@ -850,10 +866,11 @@ async fn handling_a_thousand_updates_costs_few_spiegel_database_writes() {
         }
     }
     for db in &dbs {
-        wait_for(
+        s.wait_completed_run_seeing(
             "every database handled after its last write",
             Duration::from_secs(20),
-            || async { s.log.has_completed_run_seeing(db, 50).then_some(()) },
+            db,
+            50,
         )
         .await;
     }
@@ -882,10 +899,11 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
     s.wait_balanced(&["a"], Duration::from_secs(20)).await;
     let db = s.db("quiet");
     s.couch.create_db(&db).await.unwrap();
-    wait_for(
+    s.wait_run_seeing(
         "the run of the created database",
         Duration::from_secs(10),
-        || async { s.log.has_run_seeing(&db, 0).then_some(()) },
+        &db,
+        0,
     )
     .await;
 
@@ -905,10 +923,11 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
         .unwrap();
     assert!(answer.status().is_success());
     let docs = s.write(&db, 1).await;
-    wait_for(
+    s.wait_run_seeing(
         "a run found by the sweep",
         Duration::from_secs(10),
-        || async { s.log.has_run_seeing(&db, docs).then_some(()) },
+        &db,
+        docs,
     )
     .await;
     assert!(a

@@ -335,6 +335,11 @@ pub struct Installation {
 
 impl Installation {
     pub async fn new(label: &str) -> Installation {
+        Installation::with_partitions(label, 4).await
+    }
+
+    /// A fresh installation with `partitions` partitions.
+    pub async fn with_partitions(label: &str, partitions: u32) -> Installation {
         let url = shared_url();
         let couch = client_for(&url);
         couch
@@ -343,7 +348,7 @@ impl Installation {
             .expect("_global_changes");
         let prefix = unique_name(label);
         let spiegel_db = format!("{prefix}_spiegel");
-        spiegel::install::install(&couch, &spiegel_db, "", 4)
+        spiegel::install::install(&couch, &spiegel_db, "", partitions)
             .await
             .expect("install");
         Installation {
