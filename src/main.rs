@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::error::ErrorKind;
 use spiegel::config::{Cli, Command, Config};
-use spiegel::couch::{ClientOptions, CouchClient};
+use spiegel::couch::CouchClient;
 use spiegel::metrics::Metrics;
 use spiegel::roles::RoleKind;
 use spiegel::{install, logging, roles};
@@ -51,7 +51,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for (option, why) in &config.obsolete_set {
         tracing::warn!(option = %option, "option has no effect: {why}");
     }
-    let client = CouchClient::new(&config.url, ClientOptions::default())?;
+    let client = CouchClient::new(&config.url, config.client_options())?;
     match config.command {
         Command::Install => {
             install::install(

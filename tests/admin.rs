@@ -39,25 +39,19 @@ async fn wait_status(url: &str, want: u16, deadline: Duration) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "owns its CouchDB: kills and restarts it"
+)]
 async fn readiness_follows_couchdb_and_metrics_show_activity() {
-    if skip_on_external("readiness_follows_couchdb_and_metrics_show_activity") {
-        return;
-    }
-    let mut server = TestServer::start(ServerOptions {
-        admin: true,
-        persistent: true,
-    });
-    let couch = client_for(&server.url);
-    couch.create_db("_global_changes").await.unwrap();
-    spiegel::install::install(&couch, "spiegel", "", 4)
-        .await
-        .unwrap();
+    let (mut server, couch) = own_installation().await;
+    let server_url = server.url();
     let port = free_port();
     let admin = format!("http://127.0.0.1:{port}");
     let mut worker = Spiegel::start(&[
         "run",
         "--url",
-        &server.url,
+        &server_url,
         "--lease-time",
         "1.5",
         "--save-seq-after",
@@ -75,7 +69,7 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
     let (src, dst) = ("src", "dst");
     couch.create_db(src).await.unwrap();
     couch.create_db(dst).await.unwrap();
-    let url = server.url.clone();
+    let url = server_url.clone();
     couch
         .put_doc("spiegel", "r", &json!({"type": "replicator", "source": format!("{url}/{src}"), "target": format!("{url}/{dst}")}))
         .await

@@ -2,14 +2,24 @@
 //! test: it must run end to end and find nothing missing. Timings are
 //! never asserted: they depend on the machine.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
 
+use common::{kind, Kind, Kit};
+
+/// Runs the benchmark on the test server it starts itself, or on a kit
+/// node of its own (a real CouchDB) on the kit kinds.
 fn run_bench(extra: &[&str]) -> Value {
     let started = Instant::now();
+    let kit = matches!(kind(), Kind::Kit | Kind::Cluster).then(Kit::single);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spiegel-bench"));
+    if let Some(kit) = &kit {
+        cmd.args(["--url", kit.url()]);
+    }
     cmd.args(["--spiegel-bin", env!("CARGO_BIN_EXE_spiegel")])
         .args(["--dbs", "200", "--active", "10", "--seconds", "10"])
         .args([
@@ -22,8 +32,6 @@ fn run_bench(extra: &[&str]) -> Value {
         ])
         .arg("--json")
         .args(extra)
-        // The bench starts its own test CouchDB; never an external one.
-        .env_remove("SPIEGEL_TEST_COUCHDB_URL")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     let out = cmd.output().expect("run spiegel-bench");
@@ -46,17 +54,6 @@ fn assert_latency_fields(v: &Value, what: &str, count: u64) {
         assert!(v[key].is_number(), "{what}.{key} missing: {v}");
     }
     assert_eq!(v["count"].as_u64(), Some(count), "{what}.count: {v}");
-}
-
-fn skip() -> bool {
-    if std::env::var("SPIEGEL_TEST_COUCHDB_URL").is_ok_and(|s| !s.trim().is_empty()) {
-        eprintln!(
-            "benchmark smoke test skipped: SPIEGEL_TEST_COUCHDB_URL is set, and the benchmark \
-             would create hundreds of databases there (run spiegel-bench --url by hand)"
-        );
-        return true;
-    }
-    false
 }
 
 /// Spiegel's report: complete, with every figure present.
@@ -101,31 +98,36 @@ fn assert_spiegel_report(r: &Value, processes: u64) {
         t["post_replicate"]["requests"].as_f64().unwrap_or(0.0) > 0.0,
         "{r}"
     );
-    assert!(r["server"]["cpu_s_load"].is_number(), "{r}");
+    if kind() == Kind::TestServer {
+        assert!(r["server"]["cpu_s_load"].is_number(), "{r}");
+    }
     assert_eq!(r["complete"], true);
 }
 
 #[test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "creates hundreds of databases: run spiegel-bench --url by hand"
+)]
 fn benchmark_quick_size_delivers_and_replicates_everything() {
-    if skip() {
-        return;
-    }
     assert_spiegel_report(&run_bench(&[]), 1);
 }
 
 #[test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "creates hundreds of databases: run spiegel-bench --url by hand"
+)]
 fn benchmark_with_two_workers_per_role_delivers_and_replicates_everything() {
-    if skip() {
-        return;
-    }
     assert_spiegel_report(&run_bench(&["--workers", "2"]), 4);
 }
 
 #[test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "creates hundreds of databases: run spiegel-bench --url by hand"
+)]
 fn benchmark_baseline_replicates_everything() {
-    if skip() {
-        return;
-    }
     let r = run_bench(&["--baseline", "couchdb-replicator"]);
     assert_eq!(r["mode"], "couchdb-replicator");
     let writes = r["writes"].as_u64().expect("writes");
@@ -133,9 +135,11 @@ fn benchmark_baseline_replicates_everything() {
     assert_eq!(r["replication"]["missing"], 0, "{r}");
     assert_latency_fields(&r["replication"]["latency"], "replication", writes);
     assert!(r["delivery"].is_null() && r["spiegel"].is_null(), "{r}");
-    assert!(
-        r["server"]["max_connections_to_itself"].as_u64().unwrap() > 0,
-        "one continuous replication per database holds connections: {r}"
-    );
+    if kind() == Kind::TestServer {
+        assert!(
+            r["server"]["max_connections_to_itself"].as_u64().unwrap() > 0,
+            "one continuous replication per database holds connections: {r}"
+        );
+    }
     assert_eq!(r["complete"], true);
 }

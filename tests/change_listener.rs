@@ -4,99 +4,11 @@
 mod common;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::{json, Value};
 
 use common::*;
-
-#[derive(Clone, Debug)]
-struct Received {
-    method: String,
-    path: String,
-    query: String,
-    headers: HeaderMap,
-    body: Bytes,
-    at: Instant,
-}
-
-impl Received {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-/// An HTTP server that records every request and answers with planned
-/// statuses (per path), 200 otherwise.
-#[derive(Clone, Default)]
-struct Receiver {
-    log: Arc<Mutex<Vec<Received>>>,
-    plan: Arc<Mutex<HashMap<String, VecDeque<u16>>>>,
-    failing: Arc<Mutex<Option<u16>>>,
-}
-
-async fn record(
-    State(r): State<Receiver>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let path = uri.path().to_string();
-    r.log.lock().unwrap().push(Received {
-        method: method.to_string(),
-        path: path.clone(),
-        query: uri.query().unwrap_or("").to_string(),
-        headers,
-        body,
-        at: Instant::now(),
-    });
-    let planned = r
-        .plan
-        .lock()
-        .unwrap()
-        .get_mut(&path)
-        .and_then(VecDeque::pop_front);
-    let status = planned.or(*r.failing.lock().unwrap()).unwrap_or(200);
-    StatusCode::from_u16(status).unwrap()
-}
-
-impl Receiver {
-    async fn start() -> (Receiver, String) {
-        let receiver = Receiver::default();
-        let app = axum::Router::new()
-            .fallback(record)
-            .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (receiver, format!("http://127.0.0.1:{}", addr.port()))
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn on(&self, path: &str) -> Vec<Received> {
-        self.received()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
-    }
-
-    /// Waits up to 30 s until what was received satisfies `ok`. (A failure
-    /// prints the workers' logs: `Spiegel` does on drop.)
-    async fn wait(&self, what: &str, ok: impl Fn(&[Received]) -> bool) {
-        wait_for(what, Duration::from_secs(30), || async {
-            ok(&self.received()).then_some(())
-        })
-        .await
-    }
-}
 
 impl Installation {
     fn start(&self, extra: &[&str]) -> Spiegel {
@@ -115,15 +27,45 @@ impl Installation {
     }
 }
 
+/// The documented guarantee, as CouchDB defines `_changes` order (on a
+/// sharded database it is not write order): every change delivered after
+/// another is in that database's `_changes` since the other's seq.
+async fn assert_in_changes_order(
+    couch: &spiegel::couch::CouchClient,
+    db: &str,
+    firsts: &[(String, Value)],
+) {
+    for (i, (id, seq)) in firsts.iter().enumerate() {
+        let query = spiegel::couch::ChangesQuery {
+            since: Some(spiegel::couch::Seq::from(seq.clone())),
+            ..Default::default()
+        };
+        let after: std::collections::HashSet<String> = couch
+            .changes(db, &query)
+            .await
+            .unwrap()
+            .results
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        for (later, _) in &firsts[i + 1..] {
+            assert!(
+                after.contains(later),
+                "{db}: {later} was delivered after {id}, yet comes before it in _changes"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_matching_change_of_50_databases_arrives_in_order() {
+async fn every_matching_change_of_50_databases_arrives_in_changes_order() {
     let s = Installation::new("fifty").await;
     let (receiver, base) = Receiver::start().await;
     s.rule(
         "all",
         json!({"db_name": format!("^{}_match", s.prefix), "if": {"type": "^keep$"},
                          "url": format!("{base}/hook"), "method": "POST",
-                         "params": {"db": "$db_name", "id": "$change.id", "seq": "$seq"}}),
+                         "params": {"db": "$db_name", "id": "$change.id", "rev": "$change.rev", "seq": "$seq"}}),
     )
     .await;
     let _worker = s.start(&[]);
@@ -133,12 +75,20 @@ async fn every_matching_change_of_50_databases_arrives_in_order() {
     }
     let other = s.db("other");
     s.couch.create_db(&other).await.unwrap();
+    let mut revs: HashMap<String, Vec<String>> = HashMap::new();
     for n in 0..4 {
         for db in &dbs {
             s.couch
                 .put_doc(db, &format!("n{n}"), &json!({"type": "keep"}))
                 .await
                 .unwrap();
+            // One document of each database gets a revision per round.
+            let mut doc = json!({"type": "keep", "round": n});
+            if let Some(rev) = revs.get(db).and_then(|r| r.last()) {
+                doc["_rev"] = json!(rev);
+            }
+            let written = s.couch.put_doc(db, "u", &doc).await.unwrap();
+            revs.entry(db.clone()).or_default().push(written.rev);
         }
     }
     for db in &dbs {
@@ -152,37 +102,69 @@ async fn every_matching_change_of_50_databases_arrives_in_order() {
         .await
         .unwrap();
 
+    // Every document, and the last revision of "u", arrive.
     receiver
         .wait("every change", |got| {
-            let mut pairs = std::collections::HashSet::new();
-            for r in got {
-                let b = r.json();
-                pairs.insert((
-                    b["db"].as_str().unwrap_or("").to_string(),
-                    b["id"].as_str().unwrap_or("").to_string(),
-                ));
-            }
-            pairs.len() >= 200
+            let field = |b: &Value, k: &str| b[k].as_str().unwrap_or("").to_string();
+            let seen: std::collections::HashSet<(String, String, String)> = got
+                .iter()
+                .map(|r| r.json())
+                .map(|b| (field(&b, "db"), field(&b, "id"), field(&b, "rev")))
+                .collect();
+            dbs.iter().all(|db| {
+                let has = |id: &str| seen.iter().any(|(d, i, _)| d == db && i == id);
+                let last = (
+                    db.clone(),
+                    "u".to_string(),
+                    revs[db].last().unwrap().clone(),
+                );
+                (0..4).all(|n| has(&format!("n{n}"))) && seen.contains(&last)
+            })
         })
         .await;
     let got = receiver.on("/hook");
-    let mut by_db: HashMap<String, Vec<String>> = HashMap::new();
+    let mut by_db: HashMap<String, Vec<Value>> = HashMap::new();
     for r in &got {
         let b = r.json();
         by_db
             .entry(b["db"].as_str().unwrap().to_string())
             .or_default()
-            .push(b["id"].as_str().unwrap().to_string());
+            .push(b);
     }
     assert_eq!(by_db.len(), 50, "only the matching databases");
-    for (db, ids) in &by_db {
+    for (db, deliveries) in &by_db {
         assert!(
-            ids.iter().all(|id| id.starts_with('n')),
-            "{db}: a non-matching document was delivered: {ids:?}"
+            deliveries.iter().all(|b| b["id"] != "skip"),
+            "{db}: a non-matching document was delivered"
         );
-        let mut deduped = ids.clone();
-        deduped.dedup();
-        assert_eq!(deduped, ["n0", "n1", "n2", "n3"], "{db}: in seq order");
+        // Per document, revisions arrive in order.
+        let generations: Vec<u64> = deliveries
+            .iter()
+            .filter(|b| b["id"] == "u")
+            .map(|b| {
+                b["rev"]
+                    .as_str()
+                    .unwrap()
+                    .split('-')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            generations.windows(2).all(|w| w[0] <= w[1]),
+            "{db}: revisions of u out of order: {generations:?}"
+        );
+        // Per database, the first delivery of each change, in _changes order.
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<(String, Value)> = deliveries
+            .iter()
+            .filter(|b| seen.insert((b["id"].clone(), b["rev"].clone())))
+            .filter(|b| b["id"] != "u")
+            .map(|b| (b["id"].as_str().unwrap().to_string(), b["seq"].clone()))
+            .collect();
+        assert_in_changes_order(&s.couch, db, &firsts).await;
     }
 }
 
@@ -682,4 +664,93 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
             got.iter().filter(|r| r.json()["id"] == "a").count() >= 2
         })
         .await;
+}
+
+/// Spiegel 1.2 finds a database's checkpoint through this view (its
+/// `install` creates it), and takes one without `dirty` for clean.
+const SPIEGEL_1_2_VIEW: &str =
+    r#"function(doc) { if (doc.type === "change_listener") { emit(doc.db_name, null); } }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_spiegel_1_2_finds_every_checkpoint_and_resumes_after_it() {
+    let s = Installation::new("rollback").await;
+    let (receiver, base) = Receiver::start().await;
+    let (db, older) = (s.db("d"), s.db("older"));
+    for name in [&db, &older] {
+        s.couch.create_db(name).await.unwrap();
+    }
+    // A checkpoint as Spiegel 2.0.0-alpha.1 wrote it: its type is put right
+    // at its next save.
+    let older_id = spiegel::coordination::change_listener_checkpoint_id(&older);
+    let alpha = json!({"type": "change-listener", "db_name": older, "last_seq": null});
+    s.couch
+        .put_doc(&s.spiegel_db, &older_id, &alpha)
+        .await
+        .unwrap();
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{}_(d|older)$", s.prefix), "url": format!("{base}/hook"),
+               "method": "POST", "params": {"id": "$change.id"}}),
+    )
+    .await;
+    let _worker = s.start(&[]);
+    for name in [&db, &older] {
+        s.couch.put_doc(name, "doc", &json!({})).await.unwrap();
+    }
+    receiver.wait("both changes", |got| got.len() >= 2).await;
+
+    let view = json!({"views": {"change_listeners_by_db_name": {"map": SPIEGEL_1_2_VIEW}}});
+    s.couch
+        .put_doc(&s.spiegel_db, "_design/change_listeners_by_db_name", &view)
+        .await
+        .unwrap();
+    let path = format!(
+        "{}/_design/change_listeners_by_db_name/_view/change_listeners_by_db_name",
+        spiegel::couch::encode_segment(&s.spiegel_db)
+    );
+    let keys = serde_json::to_string(&[&db, &older]).unwrap();
+    let url = format!(
+        "{}/{path}?include_docs=true&keys={}",
+        s.url,
+        urlencode(&keys)
+    );
+    let http = reqwest::Client::new();
+    // Checkpoints are saved within a second; then 1.2 sees every change
+    // handled: `_changes` since each checkpoint is empty.
+    wait_for(
+        "checkpoints Spiegel 1.2 reads as caught up",
+        Duration::from_secs(30),
+        || async {
+            let answer: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let rows = answer["rows"].as_array()?;
+            if rows.len() != 2 {
+                return None;
+            }
+            for row in rows {
+                let doc = &row["doc"];
+                assert_eq!(doc["type"], "change_listener", "{doc}");
+                assert!(
+                    doc["dirty"] != json!(true) && doc.get("locked_at").is_none(),
+                    "clean: {doc}"
+                );
+                let since = spiegel::couch::Seq::from(
+                    doc.get("last_seq").filter(|s| !s.is_null())?.clone(),
+                );
+                let query = spiegel::couch::ChangesQuery {
+                    since: Some(since),
+                    ..Default::default()
+                };
+                let name = doc["db_name"].as_str()?;
+                if !s.couch.changes(name, &query).await.ok()?.results.is_empty() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
+fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

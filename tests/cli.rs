@@ -206,7 +206,7 @@ async fn install_is_idempotent_and_locks_the_database_to_admins() {
         );
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(
-            !stderr(&out).contains(common::ADMIN_PASSWORD),
+            !stderr(&out).contains(&common::admin_password()),
             "password in logs"
         );
     }

@@ -268,15 +268,13 @@ async fn db_updates_reports_created_updated_deleted_and_resumes_after_since() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "owns its CouchDB: kills and restarts it"
+)]
 async fn continuous_changes_survive_a_server_kill_and_restart() {
-    if skip_on_external("continuous_changes_survive_a_server_kill_and_restart") {
-        return;
-    }
-    let mut server = TestServer::start(ServerOptions {
-        admin: true,
-        persistent: true,
-    });
-    let couch = client_for(&server.url);
+    let mut server = OwnServer::start();
+    let couch = client_for(&server.url());
     let db = unique_name("survive");
     couch.create_db(&db).await.unwrap();
     for i in 0..5 {
@@ -320,7 +318,7 @@ async fn continuous_changes_survive_a_server_kill_and_restart() {
     })
     .await;
     server.restart();
-    let couch = client_for(&server.url);
+    let couch = client_for(&server.url());
     for i in 0..5 {
         couch
             .put_doc(&db, &format!("after{i}"), &json!({}))

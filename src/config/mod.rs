@@ -477,6 +477,18 @@ impl Cli {
 }
 
 impl Config {
+    /// The heartbeat asked of CouchDB's feeds: 10 s, or the lease time if
+    /// shorter.
+    pub fn feed_heartbeat(&self) -> Duration {
+        Duration::from_secs(10).min(self.lease_time)
+    }
+
+    /// The CouchDB client's deadlines: a silent connection is dropped after
+    /// about two feed heartbeats.
+    pub fn client_options(&self) -> crate::couch::ClientOptions {
+        crate::couch::ClientOptions::with_heartbeat(self.feed_heartbeat())
+    }
+
     /// The runtime settings of a worker of `role`. Each role of a process
     /// gets its own worker id (the role is appended) so that `run` can host
     /// several.
@@ -492,7 +504,7 @@ impl Config {
                 heartbeat: lease / 3,
             },
             checkpoint_interval: self.save_seq_after,
-            feed_heartbeat: Duration::from_secs(10).min(lease),
+            feed_heartbeat: self.feed_heartbeat(),
             start_from_now: self.since == Since::Now,
             // Runs that fail for reasons outside the role wait like API
             // calls do, but never longer than five minutes between tries.

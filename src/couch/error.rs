@@ -17,6 +17,11 @@ pub enum CouchError {
         id: String,
         reason: String,
     },
+    /// Not found, about no database of the request's path: a peer of
+    /// `POST /_replicate` (CouchDB 3 answers its missing source or target
+    /// with `db_not_found` and status 404 or 500).
+    #[error("not found: {0}")]
+    NotFound(String),
     #[error("document update conflict")]
     Conflict,
     #[error("unauthorized: {0} (check the credentials in the URL or passwords file)")]
@@ -27,10 +32,13 @@ pub enum CouchError {
     BadRequest(String),
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
-    /// Worth retrying: connection refused or reset, timeout, a 5xx answer, a
-    /// feed that stopped sending.
+    /// Worth retrying: a 5xx or 429 answer, a feed that stopped sending.
     #[error("transient CouchDB error: {0}")]
     Transient(String),
+    /// No answer: the connection was refused, reset, or stayed silent past
+    /// its deadline. Worth retrying as soon as CouchDB answers again.
+    #[error("CouchDB unreachable: {0}")]
+    Unreachable(String),
     /// Any other answer the client does not know how to classify.
     #[error("unexpected CouchDB answer {status}: {error}: {reason}")]
     Unexpected {
@@ -48,12 +56,14 @@ impl CouchError {
         match self {
             CouchError::DbNotFound(_) => "db_not_found",
             CouchError::DocNotFound { .. } => "doc_not_found",
+            CouchError::NotFound(_) => "not_found",
             CouchError::Conflict => "conflict",
             CouchError::Unauthorized(_) => "unauthorized",
             CouchError::Forbidden(_) => "forbidden",
             CouchError::BadRequest(_) => "bad_request",
             CouchError::PreconditionFailed(_) => "precondition_failed",
             CouchError::Transient(_) => "transient",
+            CouchError::Unreachable(_) => "unreachable",
             CouchError::Unexpected { .. } => "unexpected",
             CouchError::Decode(_) => "decode",
         }
@@ -61,18 +71,15 @@ impl CouchError {
 
     /// True for failures that a later attempt may not see.
     pub fn is_transient(&self) -> bool {
-        matches!(self, CouchError::Transient(_))
+        matches!(self, CouchError::Transient(_) | CouchError::Unreachable(_))
     }
 
-    /// Classifies a transport error. The message goes through
-    /// [`redact_credentials`] because reqwest includes the URL.
+    /// A transport error: no answer, or an answer cut short. (Spiegel
+    /// decodes JSON itself, so reqwest's "error decoding response body"
+    /// only ever means that reading the body failed.) The message goes
+    /// through [`redact_credentials`] because reqwest includes the URL.
     pub(crate) fn from_transport(err: reqwest::Error) -> Self {
-        let msg = redact_credentials(&describe(&err));
-        if err.is_decode() {
-            CouchError::Decode(msg)
-        } else {
-            CouchError::Transient(msg)
-        }
+        CouchError::Unreachable(redact_credentials(&describe(&err)))
     }
 
     /// Classifies an error answer. `db` and `doc` say what the request was
@@ -91,6 +98,9 @@ impl CouchError {
             Some(other) => other.to_string(),
             None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
         });
+        if error == "db_not_found" && db.is_none() {
+            return CouchError::NotFound(join(&error, &reason));
+        }
         match status.as_u16() {
             400 => CouchError::BadRequest(join(&error, &reason)),
             401 => CouchError::Unauthorized(join(&error, &reason)),
@@ -104,11 +114,7 @@ impl CouchError {
                     }
                 }
                 (Some(db), _) => CouchError::DbNotFound(db.to_string()),
-                _ => CouchError::Unexpected {
-                    status: 404,
-                    error,
-                    reason,
-                },
+                _ => CouchError::NotFound(join(&error, &reason)),
             },
             409 => CouchError::Conflict,
             412 => CouchError::PreconditionFailed(join(&error, &reason)),
@@ -187,6 +193,18 @@ mod tests {
             classify(404, missing_doc, Some("db"), None),
             CouchError::DbNotFound(_)
         ));
+    }
+
+    #[test]
+    fn a_missing_replication_peer_is_not_found_whatever_the_status() {
+        // CouchDB 3.5 answers a missing `_replicate` source with 500.
+        let body = r#"{"error":"db_not_found","reason":"could not open http://h/nope/"}"#;
+        for status in [404, 500] {
+            let e = classify(status, body, None, None);
+            assert!(matches!(e, CouchError::NotFound(_)), "{status}: {e:?}");
+            assert!(!e.is_transient());
+            assert_eq!(e.kind(), "not_found");
+        }
     }
 
     #[test]

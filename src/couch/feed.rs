@@ -28,7 +28,8 @@ pub type Feed<T> = Pin<Box<dyn Stream<Item = Result<T, CouchError>> + Send>>;
 pub struct FeedOptions {
     /// How often CouchDB sends a newline on an idle feed.
     pub heartbeat: Duration,
-    /// The longest wait between two reconnect attempts.
+    /// The longest wait between two reconnect attempts: short, so that a
+    /// feed is back within about a second of CouchDB.
     pub max_reconnect_delay: Duration,
     /// Incremented at every reconnect, for metrics.
     pub reconnects: Arc<AtomicU64>,
@@ -38,7 +39,7 @@ impl Default for FeedOptions {
     fn default() -> Self {
         FeedOptions {
             heartbeat: Duration::from_secs(10),
-            max_reconnect_delay: Duration::from_secs(30),
+            max_reconnect_delay: Duration::from_secs(1),
             reconnects: Arc::default(),
         }
     }

@@ -4,6 +4,7 @@
 
 mod error;
 pub mod feed;
+mod replicate;
 mod types;
 mod url;
 
@@ -52,12 +53,25 @@ fn doc_path(db: &str, id: &str) -> String {
     format!("{}/{}", encode_segment(db), encode_doc_id(id))
 }
 
-/// Settings of the HTTP client.
+/// Settings of the HTTP client. Every request has a deadline, so that a
+/// connection that goes silent is dropped and the work retried, wherever it
+/// happens.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Time limit of ordinary requests (not feeds, not `_replicate`).
+    /// Time limit of ordinary requests, answer included (not feeds, not
+    /// `_replicate`).
     pub request_timeout: Duration,
+    /// Longest silence while waiting for an answer or its next bytes, on
+    /// every request but `_replicate` (feeds send heartbeats well within
+    /// it).
+    pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How often a `POST /_replicate` in flight checks that CouchDB still
+    /// runs its job; it is abandoned after two checks that find none.
+    pub replication_probe: Duration,
+    /// Time limit of a `POST /_replicate`, for servers whose jobs cannot be
+    /// checked (no `_scheduler/jobs`).
+    pub replication_timeout: Duration,
     /// Idle keep-alive connections kept per host.
     pub max_idle_connections: usize,
 }
@@ -66,8 +80,23 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
+            replication_probe: Duration::from_secs(10),
+            replication_timeout: Duration::from_secs(3600),
             max_idle_connections: 32,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Deadlines that follow a feed heartbeat: a silent connection is
+    /// dropped after about two heartbeats.
+    pub fn with_heartbeat(heartbeat: Duration) -> Self {
+        ClientOptions {
+            idle_timeout: heartbeat * 2,
+            replication_probe: heartbeat,
+            ..ClientOptions::default()
         }
     }
 }
@@ -77,6 +106,10 @@ impl Default for ClientOptions {
 #[derive(Clone)]
 pub struct CouchClient {
     http: reqwest::Client,
+    /// For `POST /_replicate`, which is silent until the replication is
+    /// done: no idle limit; a watchdog stands in for it.
+    http_silent: reqwest::Client,
+    jobs: replicate::JobsCache,
     /// The server URL without credentials and without a trailing slash.
     base: ::url::Url,
     auth: Option<(String, Option<String>)>,
@@ -97,14 +130,19 @@ impl CouchClient {
     /// A client for the server at `url`; user info in the URL becomes Basic
     /// auth on every request.
     pub fn new(url: &SecretUrl, options: ClientOptions) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("spiegel/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.connect_timeout)
-            .pool_max_idle_per_host(options.max_idle_connections)
-            .tcp_keepalive(Duration::from_secs(30))
-            .tcp_nodelay(true)
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("spiegel/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(options.connect_timeout)
+                .pool_max_idle_per_host(options.max_idle_connections)
+                .tcp_keepalive(Duration::from_secs(30))
+                .tcp_nodelay(true)
+        };
+        let http = builder()
+            .read_timeout(options.idle_timeout)
             .build()
             .map_err(CouchError::from_transport)?;
+        let http_silent = builder().build().map_err(CouchError::from_transport)?;
         let mut base = url.without_credentials();
         let path = base.path().trim_end_matches('/').to_string();
         base.set_path(&path);
@@ -113,6 +151,8 @@ impl CouchClient {
         let auth = url.username().map(|user| (user, url.password()));
         Ok(CouchClient {
             http,
+            http_silent,
+            jobs: replicate::JobsCache::default(),
             base,
             auth,
             display: url.clone(),
@@ -148,7 +188,10 @@ impl CouchClient {
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let req = self.http.request(method, self.url_for(path));
+        self.authorized(self.http.request(method, self.url_for(path)))
+    }
+
+    fn authorized(&self, req: RequestBuilder) -> RequestBuilder {
         match &self.auth {
             Some((user, pass)) => req.basic_auth(user, pass.as_deref()),
             None => req,
@@ -162,10 +205,21 @@ impl CouchClient {
         db: Option<&str>,
         doc: Option<&str>,
     ) -> Result<Response> {
+        self.send_on(&self.http, req, db, doc).await
+    }
+
+    /// [`Self::send`] on one of the two HTTP clients.
+    async fn send_on(
+        &self,
+        http: &reqwest::Client,
+        req: RequestBuilder,
+        db: Option<&str>,
+        doc: Option<&str>,
+    ) -> Result<Response> {
         let request = req.build().map_err(CouchError::from_transport)?;
         let op = self.operation(&request);
         let started = std::time::Instant::now();
-        let result = match self.http.execute(request).await {
+        let result = match http.execute(request).await {
             Err(e) => Err(CouchError::from_transport(e)),
             Ok(resp) if resp.status().is_success() => Ok(resp),
             Ok(resp) => {
@@ -436,11 +490,10 @@ impl CouchClient {
     }
 
     /// `POST /_replicate`. Without `continuous` CouchDB answers when the
-    /// replication is done, so no time limit applies (TCP keep-alive still
-    /// detects a dead server).
+    /// replication is done and sends nothing meanwhile: a watchdog checks
+    /// that CouchDB still runs the job (see [`replicate`]).
     pub async fn replicate(&self, body: &Value) -> Result<Value> {
-        let req = self.request(Method::POST, "_replicate").json(body);
-        decode(self.send(req, None, None).await?).await
+        replicate::watched(self, body).await
     }
 
     /// `GET /{db}/_security`.

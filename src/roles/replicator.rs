@@ -17,7 +17,7 @@ use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
-use crate::worker::{Outcome, Role};
+use crate::worker::{Outcome, Role, Wait};
 
 pub const NAME: &str = "replicator";
 
@@ -44,9 +44,9 @@ struct State {
 }
 
 /// One replication's result.
-enum Result1 {
+enum Replicated {
     Ok,
-    Retry(String),
+    Retry(String, Wait),
     Failed(String),
     SourceMissing,
 }
@@ -112,10 +112,10 @@ impl Replicator {
         rules
     }
 
-    async fn replicate(&self, rule: &ReplicatorRule, db: &str) -> Result1 {
+    async fn replicate(&self, rule: &ReplicatorRule, db: &str) -> Replicated {
         let body = match rule.request(db, &self.passwords, self.auth) {
             Ok(body) => body,
-            Err(e) => return Result1::Failed(e.to_string()),
+            Err(e) => return Replicated::Failed(e.to_string()),
         };
         match self.client.replicate(&body).await {
             Ok(answer) if answer.get("ok") == Some(&Value::Bool(true)) => {
@@ -144,28 +144,31 @@ impl Replicator {
                     "docs_read={read} docs_written={written} doc_write_failures={failures}"
                 );
                 self.status.success(&rule.id, db, Some(detail));
-                Result1::Ok
+                Replicated::Ok
             }
-            Ok(answer) => Result1::Retry(format!(
-                "unexpected _replicate answer: {}",
-                crate::couch::redact_credentials(&answer.to_string())
-            )),
-            Err(e) if e.is_transient() => Result1::Retry(e.to_string()),
-            Err(CouchError::Unexpected { status: 404, .. }) | Err(CouchError::DbNotFound(_)) => {
+            Ok(answer) => Replicated::Retry(
+                format!(
+                    "unexpected _replicate answer: {}",
+                    crate::couch::redact_credentials(&answer.to_string())
+                ),
+                Wait::Backoff,
+            ),
+            Err(e) if e.is_transient() => Replicated::Retry(e.to_string(), Wait::for_couch(&e)),
+            Err(CouchError::NotFound(_)) | Err(CouchError::DbNotFound(_)) => {
                 // Which end is missing? The source is a database of ours.
                 match self.client.db_info(db).await {
-                    Err(CouchError::DbNotFound(_)) => Result1::SourceMissing,
+                    Err(CouchError::DbNotFound(_)) => Replicated::SourceMissing,
                     Ok(_) if rule.creates_target() => {
-                        Result1::Retry("_replicate answered not found".into())
+                        Replicated::Retry("_replicate answered not found".into(), Wait::Backoff)
                     }
-                    Ok(_) => Result1::Failed(
+                    Ok(_) => Replicated::Failed(
                         "the target database does not exist (set create_target: true to create it)"
                             .into(),
                     ),
-                    Err(e) => Result1::Retry(e.to_string()),
+                    Err(e) => Replicated::Retry(e.to_string(), Wait::for_couch(&e)),
                 }
             }
-            Err(e) => Result1::Failed(e.to_string()),
+            Err(e) => Replicated::Failed(e.to_string()),
         }
     }
 }
@@ -182,10 +185,10 @@ impl Role for Replicator {
         for rule in rules.iter().filter(|r| r.applies_to(db)) {
             let result = self.replicate(rule, db).await;
             let outcome = match &result {
-                Result1::Ok => "ok",
-                Result1::Failed(_) => "failed",
-                Result1::Retry(_) => "retry",
-                Result1::SourceMissing => "source_missing",
+                Replicated::Ok => "ok",
+                Replicated::Failed(_) => "failed",
+                Replicated::Retry(..) => "retry",
+                Replicated::SourceMissing => "source_missing",
             };
             self.metrics
                 .replications
@@ -194,18 +197,18 @@ impl Role for Replicator {
                 })
                 .inc();
             match result {
-                Result1::Ok => {
+                Replicated::Ok => {
                     self.lock().missing_since.remove(db);
                 }
-                Result1::Failed(error) => {
+                Replicated::Failed(error) => {
                     tracing::error!(doc = %rule.id, db, %error, replication = %rule.describe(db), "replication failed");
                     self.status.failure(&rule.id, db, error);
                 }
-                Result1::Retry(error) => {
+                Replicated::Retry(error, wait) => {
                     self.status.failure(&rule.id, db, error.clone());
-                    retry = Some(error);
+                    retry = Some((error, wait));
                 }
-                Result1::SourceMissing => {
+                Replicated::SourceMissing => {
                     let since = *self
                         .lock()
                         .missing_since
@@ -222,7 +225,7 @@ impl Role for Replicator {
                         let error =
                             "the source database does not exist (yet?); retrying".to_string();
                         self.status.failure(&rule.id, db, error.clone());
-                        retry = Some(error);
+                        retry = Some((error, Wait::Backoff));
                     }
                 }
             }
@@ -238,7 +241,7 @@ impl Role for Replicator {
                 self.lock().retries.remove(db);
                 Outcome::Done
             }
-            Some(error) => {
+            Some((error, wait)) => {
                 let mut state = self.lock();
                 let retries = state.retries.entry(db.to_string()).or_default();
                 *retries += 1;
@@ -247,7 +250,10 @@ impl Role for Replicator {
                     tracing::error!(db, %error, "replication failed after the last retry (--backoff-limit)");
                     Outcome::Done
                 } else {
-                    Outcome::RetryLater(error)
+                    Outcome::Retry {
+                        wait,
+                        reason: error,
+                    }
                 }
             }
         }

@@ -31,6 +31,10 @@ use crate::error::{Error, Result};
 use crate::install::GLOBAL_CHANGES;
 use crate::metrics::{self, WorkerMetrics};
 
+/// Longest wait before running again a database whose run found CouchDB
+/// unreachable.
+const RECONNECT_CAP: Duration = Duration::from_secs(1);
+
 /// Nudges kept for partitions not yet acquired, at most.
 const PARKED_NUDGES: usize = 100_000;
 
@@ -40,13 +44,50 @@ pub enum Outcome {
     /// The database's changes up to the run's start are handled.
     Done,
     /// Something transient failed; the runtime runs the database again
-    /// after a backoff, and its updates stay unhandled until then.
-    RetryLater(String),
-    /// Like `RetryLater`, after the given wait (the role follows a backoff
-    /// of its own, such as an on_change rule's).
-    RetryAfter(Duration, String),
+    /// after `wait`, and its updates stay unhandled until then.
+    Retry { wait: Wait, reason: String },
     /// The database does not exist (any more): nothing to do.
     Gone,
+}
+
+/// When a run that failed runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// After the runtime's backoff (`--backoff-*`, at most five minutes).
+    Backoff,
+    /// After a wait of the role's own, such as an on_change rule's backoff.
+    For(Duration),
+    /// CouchDB did not answer: as soon as it may again, within a second.
+    Reconnect,
+}
+
+impl Outcome {
+    /// Run again after the runtime's backoff.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Outcome::Retry {
+            wait: Wait::Backoff,
+            reason: reason.into(),
+        }
+    }
+
+    /// A CouchDB request failed: run again as soon as CouchDB answers if it
+    /// did not, after the backoff otherwise.
+    pub fn couch_failed(context: &str, error: &CouchError) -> Self {
+        Outcome::Retry {
+            wait: Wait::for_couch(error),
+            reason: format!("{context}: {error}"),
+        }
+    }
+}
+
+impl Wait {
+    /// [`Wait::Reconnect`] when CouchDB did not answer, else the backoff.
+    pub fn for_couch(error: &CouchError) -> Self {
+        match error {
+            CouchError::Unreachable(_) => Wait::Reconnect,
+            _ => Wait::Backoff,
+        }
+    }
 }
 
 /// What a role does with a database that changed.
@@ -306,24 +347,24 @@ pub async fn run<R: Role>(
             Some(event) = event_rx.recv() => match event {
                 Event::Finished { db, outcome, took } => {
                     metrics.run_duration.get_or_create(&label).observe(took.as_secs_f64());
-                    let finished = match &outcome {
-                        Outcome::Done | Outcome::Gone => {
-                            metrics.runs_succeeded.get_or_create(&label).inc();
-                            Finished::Handled
-                        }
-                        Outcome::RetryLater(reason) | Outcome::RetryAfter(_, reason) => {
+                    let finished = finished(&outcome);
+                    match &outcome {
+                        Outcome::Retry { reason, .. } => {
                             metrics.runs_failed.get_or_create(&label).inc();
                             tracing::warn!(role = %role_name, db = %db, %reason, "run failed; will retry");
-                            Finished::Retry
                         }
-                    };
+                        _ => {
+                            metrics.runs_succeeded.get_or_create(&label).inc();
+                        }
+                    }
                     if let Some(retry) = sched.on_finished(&db, finished, Instant::now()) {
                         let wait = match outcome {
-                            Outcome::RetryAfter(wait, _) => wait,
+                            Outcome::Retry { wait: Wait::For(wait), .. } => wait,
+                            Outcome::Retry { wait: Wait::Reconnect, .. } => Backoff::reconnect(RECONNECT_CAP).wait(retry),
                             _ => options.retry.wait(retry),
                         };
                         let tx = event_tx.clone();
-                        tokio::spawn(async move {
+                        tasks.spawn(async move {
                             tokio::time::sleep(wait).await;
                             let _ = tx.send(Event::RetryDue(db));
                         });
@@ -397,13 +438,7 @@ pub async fn run<R: Role>(
     while sched.in_flight() > 0 {
         match tokio::time::timeout_at(deadline, event_rx.recv()).await {
             Ok(Some(Event::Finished { db, outcome, .. })) => {
-                let finished =
-                    if matches!(outcome, Outcome::RetryLater(_) | Outcome::RetryAfter(..)) {
-                        Finished::Retry
-                    } else {
-                        Finished::Handled
-                    };
-                sched.on_finished(&db, finished, Instant::now());
+                sched.on_finished(&db, finished(&outcome), Instant::now());
             }
             Ok(Some(Event::RetryDue(_))) => {}
             Ok(None) | Err(_) => {
@@ -439,6 +474,14 @@ pub async fn run<R: Role>(
     Ok(())
 }
 
+/// What an outcome means to the scheduler.
+fn finished(outcome: &Outcome) -> Finished {
+    match outcome {
+        Outcome::Retry { .. } => Finished::Retry,
+        Outcome::Done | Outcome::Gone => Finished::Handled,
+    }
+}
+
 /// Asks the coordinator to save the checkpoints that moved, if any.
 fn save_checkpoints(sched: &mut Scheduler, requests: &mpsc::UnboundedSender<Request>) {
     let dirty = sched.take_dirty_checkpoints();
@@ -460,7 +503,7 @@ fn spawn_run<R: Role>(
         let outcome = AssertUnwindSafe(role.handle(&db))
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| Outcome::RetryLater("the run panicked".into()));
+            .unwrap_or_else(|_| Outcome::retry("the run panicked"));
         let _ = events.send(Event::Finished {
             db,
             outcome,

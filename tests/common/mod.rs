@@ -1,167 +1,27 @@
-//! Test harness: a CouchDB to test against, unique database names, and the
-//! spiegel binary.
-//!
-//! By default the tests start the project's test server (PouchDB Server with
-//! `_db_updates`, `testing/couchdb/server.js`). With
-//! `SPIEGEL_TEST_COUCHDB_URL=http://admin:pw@host:5984` every test runs
-//! against that server instead (a real CouchDB 3.x); tests that must stop or
-//! restart the server skip themselves there.
-#![allow(dead_code)]
+//! Test harness: a CouchDB to test against ([`server`]), unique database
+//! names, and the spiegel binary.
+#![allow(dead_code, unused_imports)]
+
+mod proxy;
+mod receiver;
+mod server;
+mod test_server;
+
+pub use proxy::Proxy;
+pub use receiver::{Received, Receiver};
+pub use server::*;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use spiegel::couch::{ClientOptions, CouchClient, SecretUrl};
 
-pub const EXTERNAL_ENV: &str = "SPIEGEL_TEST_COUCHDB_URL";
-
-/// The admin of test servers started with an admin.
-pub const ADMIN_USER: &str = "admin";
-pub const ADMIN_PASSWORD: &str = "s3cret-test";
-
-/// A test server process. Dropping it kills the server.
-pub struct TestServer {
-    child: Option<Child>,
-    /// Kept open: the launcher exits when its stdin closes, so a crashed
-    /// test run leaves no server behind.
-    stdin: Option<ChildStdin>,
-    pub url: String,
-    pub port: u16,
-    admin: bool,
-    data_dir: Option<tempfile::TempDir>,
-}
-
-#[derive(Default, Clone, Copy)]
-pub struct ServerOptions {
-    /// Require an admin (like CouchDB 3).
-    pub admin: bool,
-    /// Keep data on disk so that a killed server restarts with it.
-    pub persistent: bool,
-}
-
-fn launcher() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testing/couchdb/server.js")
-}
-
-impl TestServer {
-    pub fn start(options: ServerOptions) -> TestServer {
-        let data_dir = options
-            .persistent
-            .then(|| tempfile::tempdir().expect("temp dir for the test server"));
-        let mut server = TestServer {
-            child: None,
-            stdin: None,
-            url: String::new(),
-            port: 0,
-            admin: options.admin,
-            data_dir,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let launcher = launcher();
-        assert!(
-            launcher.with_file_name("node_modules").exists(),
-            "the test CouchDB is not installed: run `npm ci --prefix testing/couchdb`"
-        );
-        let mut cmd = Command::new("node");
-        cmd.arg(&launcher).arg("--port").arg(self.port.to_string());
-        if self.admin {
-            cmd.arg("--admin")
-                .arg(format!("{ADMIN_USER}:{ADMIN_PASSWORD}"));
-        }
-        if let Some(dir) = &self.data_dir {
-            cmd.arg("--data-dir").arg(dir.path());
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("start node testing/couchdb/server.js");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the test server's url line");
-        let ready: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|_| panic!("unexpected first line from the test server: {line:?}"));
-        let url = ready["url"]
-            .as_str()
-            .expect("url in the ready line")
-            .to_string();
-        let parsed = url::Url::parse(&url).expect("server url");
-        self.port = parsed.port().expect("server port");
-        self.url = if self.admin {
-            format!(
-                "http://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}",
-                self.port
-            )
-        } else {
-            url.trim_end_matches('/').to_string()
-        };
-        self.stdin = child.stdin.take();
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.stdin = None;
-    }
-
-    /// Starts again on the same port (and data, if persistent).
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The server the tests of this binary share: the external one, or a test
-/// server started on first use.
+/// The server the tests of this binary share (node 1 of a cluster).
 pub fn shared_url() -> String {
-    static SHARED: OnceLock<Mutex<TestServer>> = OnceLock::new();
-    if let Some(url) = external_url() {
-        return url;
-    }
-    let server = SHARED.get_or_init(|| {
-        Mutex::new(TestServer::start(ServerOptions {
-            admin: true,
-            persistent: false,
-        }))
-    });
-    server.lock().unwrap_or_else(|e| e.into_inner()).url.clone()
-}
-
-/// The external server's URL, when the tests run against one.
-pub fn external_url() -> Option<String> {
-    std::env::var(EXTERNAL_ENV)
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().trim_end_matches('/').to_string())
-}
-
-/// True (and a note printed) when a test needs its own test server, which an
-/// external CouchDB cannot provide.
-pub fn skip_on_external(test: &str) -> bool {
-    if external_url().is_some() {
-        eprintln!("{test}: skipped, it stops and restarts its own test server");
-        return true;
-    }
-    false
+    shared_urls().swap_remove(0)
 }
 
 /// Spiegel's logs in a test's output, when `SPIEGEL_TEST_LOG` is set.
@@ -422,4 +282,28 @@ pub async fn wait_doc(
         (found == present).then_some(())
     })
     .await
+}
+
+/// `_db_updates`' seq now: what came before it is history.
+pub async fn current_seq(couch: &CouchClient) -> spiegel::couch::Seq {
+    couch
+        .db_updates(Some(&spiegel::couch::Seq::now()), None)
+        .await
+        .expect("_db_updates")
+        .last_seq
+}
+
+/// A server this test owns (see [`OwnServer`]) with Spiegel installed in
+/// `spiegel` (4 partitions), and a client of it.
+pub async fn own_installation() -> (OwnServer, CouchClient) {
+    let server = OwnServer::start();
+    let couch = client_for(&server.url());
+    couch
+        .create_db("_global_changes")
+        .await
+        .expect("_global_changes");
+    spiegel::install::install(&couch, "spiegel", "", 4)
+        .await
+        .expect("install");
+    (server, couch)
 }

@@ -11,6 +11,9 @@
 
 mod couch;
 mod measure;
+
+/// Partitions of the benchmark's installation (`spiegel install`'s default).
+const PARTITIONS: u32 = 32;
 mod observed;
 mod processes;
 mod procfs;
@@ -27,7 +30,10 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use couch::{enc, Couch};
-use measure::{breakdown, cpu, percentiles, round3, sample, scrape, secs, wait_until, Samples};
+use measure::{
+    breakdown, cpu, percentiles, round3, sample, scrape, secs, wait_until, wait_until_async,
+    Samples,
+};
 use observed::{follow_aggregate, now_ms, start_receiver, Figures, Shared, State};
 use processes::{spiegel_bin, spiegel_cmd, start_spiegel, start_test_server, stop, Workers};
 use report::markdown;
@@ -97,6 +103,9 @@ pub(crate) struct Args {
     /// Leave the databases on an external server (--url) at the end.
     #[arg(long)]
     keep: bool,
+    /// Spiegel's log level (its logs are kept in the run's log folder).
+    #[arg(long, default_value = "warn")]
+    spiegel_log_level: String,
     /// The test CouchDB launcher (when --url is not given).
     #[arg(long)]
     server_js: Option<PathBuf>,
@@ -329,6 +338,21 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             args.ready_timeout,
             logs.display()
         );
+    }
+    if !baseline {
+        // Partitions still moving between processes would replay changes
+        // during the load.
+        let per_role = args.workers.unwrap_or(1).max(1);
+        let balanced = wait_until_async(deadline.saturating_duration_since(Instant::now()), || {
+            measure::balanced(&workers.metrics_urls, PARTITIONS, per_role)
+        })
+        .await;
+        if !balanced {
+            bail!(
+                "the partitions were not spread over the processes in time (logs in {})",
+                logs.display()
+            );
+        }
     }
     let ready_s = secs(ready_start);
     let config_to_ready_s = secs(config_start);

@@ -56,21 +56,47 @@ pub(crate) fn percentiles(mut v: Vec<f64>) -> Value {
 pub(crate) async fn scrape(urls: &[String]) -> HashMap<String, f64> {
     let mut sums = HashMap::new();
     for url in urls {
-        let Ok(resp) = reqwest::get(url.as_str()).await else {
-            continue;
-        };
-        let Ok(text) = resp.text().await else {
-            continue;
-        };
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            if let Some((series, value)) = line.rsplit_once(' ') {
-                if let Ok(v) = value.parse::<f64>() {
-                    *sums.entry(series.to_string()).or_default() += v;
-                }
-            }
+        for (series, v) in scrape_one(url).await {
+            *sums.entry(series).or_default() += v;
         }
     }
     sums
+}
+
+/// True when the partitions are spread over the processes: each owns at
+/// least its share of `partitions` among the `per_role` processes of its
+/// role. Until then partitions move, and a move replays some changes.
+pub(crate) async fn balanced(urls: &[String], partitions: u32, per_role: usize) -> bool {
+    let share = f64::from(partitions / per_role.max(1) as u32);
+    for url in urls {
+        let owned: f64 = scrape_one(url)
+            .await
+            .iter()
+            .filter(|(series, _)| series.starts_with("spiegel_owned_partitions{"))
+            .map(|(_, v)| v)
+            .sum();
+        if owned < share.max(1.0) {
+            return false;
+        }
+    }
+    true
+}
+
+/// One process's series.
+async fn scrape_one(url: &str) -> Vec<(String, f64)> {
+    let Ok(resp) = reqwest::get(url).await else {
+        return Vec::new();
+    };
+    let Ok(text) = resp.text().await else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse::<f64>().ok()?))
+        })
+        .collect()
 }
 
 /// Where the time went during load and drain, from Spiegel's own metrics
@@ -97,6 +123,8 @@ pub(crate) fn breakdown(before: &HashMap<String, f64>, after: &HashMap<String, f
         json!({
             "requests": d(format!("spiegel_couchdb_requests_total{{{l}}}")) as u64,
             "mean_s": mean("couchdb_request_duration_seconds", &l),
+            // Abandoned by the client: no answer, and CouchDB ran no job.
+            "unanswered": d(format!("spiegel_couchdb_errors_total{{{l},error=\"unreachable\"}}")) as u64,
         })
     };
     json!({
@@ -116,10 +144,13 @@ pub(crate) fn secs(since: Instant) -> f64 {
 }
 
 /// Polls `check` every 200 ms until it is true or `limit` passes.
-pub(crate) async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
     let start = Instant::now();
     loop {
-        if check() {
+        if check().await {
             return true;
         }
         if start.elapsed() >= limit {
@@ -127,4 +158,9 @@ pub(crate) async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool)
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Polls `check` every 200 ms until it is true or `limit` passes.
+pub(crate) async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    wait_until_async(limit, || std::future::ready(check())).await
 }

@@ -114,7 +114,7 @@ pub(crate) async fn start_spiegel(
         "--concurrency",
         concurrency.as_str(),
         "--log-level",
-        "warn",
+        args.spiegel_log_level.as_str(),
         "--log-format",
         "json",
     ];

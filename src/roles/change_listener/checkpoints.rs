@@ -1,6 +1,8 @@
 //! Per-database checkpoints of the change-listener: `spiegel_cl_<db_name>`
 //! documents with `last_seq`, as Spiegel 1.2 wrote them, so that a running
-//! 1.2 deployment resumes where it stopped.
+//! 1.2 deployment resumes where it stopped, and a rollback to 1.2 finds
+//! them as it reads them: 1.2's view indexes `"type": "change_listener"`
+//! documents by `db_name`, and takes one without `dirty` for clean.
 //!
 //! Writes are coalesced: many databases' checkpoints go to CouchDB in one
 //! `_bulk_docs` per flush, not one write per batch; a run reads its
@@ -13,6 +15,11 @@ use serde_json::{json, Value};
 
 use crate::coordination::change_listener_checkpoint_id;
 use crate::couch::{BulkResult, CouchClient, CouchError, Seq};
+
+/// The document type Spiegel 1.2 reads. Spiegel 2.0.0-alpha.1 wrote
+/// `change-listener`: such documents are found by id all the same and get
+/// this type at their next save.
+const CHECKPOINT_TYPE: &str = "change_listener";
 
 #[derive(Clone)]
 pub struct Checkpoints {
@@ -109,8 +116,9 @@ impl Checkpoints {
                         json!({ "_id": change_listener_checkpoint_id(db), "_rev": rev, "_deleted": true })
                     } else {
                         let mut doc = e.doc.clone().unwrap_or_else(|| {
-                            json!({ "_id": change_listener_checkpoint_id(db), "type": "change-listener", "db_name": db })
+                            json!({ "_id": change_listener_checkpoint_id(db), "db_name": db })
                         });
+                        doc["type"] = Value::from(CHECKPOINT_TYPE);
                         doc["last_seq"] = serde_json::to_value(&e.last_seq).unwrap_or(Value::Null);
                         // Spiegel 1.2's lock fields mean nothing here.
                         if let Some(obj) = doc.as_object_mut() {

@@ -33,7 +33,7 @@ use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{self, OnChangeRule, SecretSource};
-use crate::worker::{Outcome, Role};
+use crate::worker::{Outcome, Role, Wait};
 
 pub const NAME: &str = "change-listener";
 
@@ -130,13 +130,33 @@ pub struct ChangeListener {
     progress: Mutex<HashMap<String, Progress>>,
 }
 
+/// One rule's delivery of one change. A change is its document id and
+/// revision, never its seq: on a sharded database the same change can come
+/// back with another seq when `_changes` is read again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DeliveryKey {
+    rule: String,
+    doc_id: String,
+    rev: String,
+}
+
+impl DeliveryKey {
+    fn of(rule: &str, change: &Change) -> Self {
+        DeliveryKey {
+            rule: rule.to_string(),
+            doc_id: change.id.clone(),
+            rev: rev_of(change).to_string(),
+        }
+    }
+}
+
 /// What a database's failed run leaves for its retry.
 #[derive(Default)]
 struct Progress {
     /// Requests already delivered (or dead-lettered) since the checkpoint.
-    delivered: HashSet<String>,
+    delivered: HashSet<DeliveryKey>,
     /// Attempts of the requests that failed.
-    attempts: HashMap<String, Attempts>,
+    attempts: HashMap<DeliveryKey, Attempts>,
     /// Deleted while we held it: the next run starts from the beginning.
     deleted: bool,
     /// Not found since (the database was deleted without our seeing it).
@@ -150,7 +170,7 @@ struct Attempts {
 
 /// A request to make for a change.
 struct Job<'a> {
-    key: String,
+    key: DeliveryKey,
     rule: &'a Prepared,
     change: &'a Change,
     request: Request,
@@ -234,11 +254,11 @@ impl ChangeListener {
     }
 
     /// The job is done with (delivered or dead-lettered): a retry skips it.
-    fn settle(&self, db: &str, key: &str) {
+    fn settle(&self, db: &str, key: &DeliveryKey) {
         let mut progress = self.progress();
         let p = progress.entry(db.to_string()).or_default();
         p.attempts.remove(key);
-        p.delivered.insert(key.to_string());
+        p.delivered.insert(key.clone());
     }
 
     /// Sends one request once, recording the outcome.
@@ -354,12 +374,7 @@ impl ChangeListener {
                 if rule.rule.debounce && !debounced.insert(request.identity()) {
                     continue;
                 }
-                let key = format!(
-                    "{}\u{1f}{}\u{1f}{}",
-                    change.seq.as_param(),
-                    rule.rule.id,
-                    request.identity()
-                );
+                let key = DeliveryKey::of(&rule.rule.id, change);
                 if delivered.contains(&key) {
                     continue;
                 }
@@ -407,7 +422,7 @@ impl ChangeListener {
         let mut upto: Option<Seq> = None;
         let mut jobs_by_change = ordered.iter().peekable();
         for change in changes {
-            while let Some(job) = jobs_by_change.next_if(|j| j.change.seq == change.seq) {
+            while let Some(job) = jobs_by_change.next_if(|j| std::ptr::eq(j.change, change)) {
                 if let Sent::Retry(wait, reason) = self.send(job, db).await {
                     let progress = if parallel_failed { None } else { upto };
                     return Err((progress, wait, reason));
@@ -434,7 +449,7 @@ impl ChangeListener {
             tracing::info!(db, "database taken for deleted: its checkpoint is removed");
             Outcome::Gone
         } else {
-            Outcome::RetryLater("the database does not exist".into())
+            Outcome::retry("the database does not exist")
         }
     }
 }
@@ -461,7 +476,7 @@ impl Role for ChangeListener {
         } else {
             match self.checkpoints.get(db).await {
                 Ok(seq) => seq,
-                Err(e) => return Outcome::RetryLater(format!("cannot read the checkpoint: {e}")),
+                Err(e) => return Outcome::couch_failed("cannot read the checkpoint", &e),
             }
         };
         loop {
@@ -473,7 +488,7 @@ impl Role for ChangeListener {
             let page = match self.client.changes(db, &query).await {
                 Ok(page) => page,
                 Err(CouchError::DbNotFound(_)) => return self.missing(db),
-                Err(e) => return Outcome::RetryLater(e.to_string()),
+                Err(e) => return Outcome::couch_failed("cannot read _changes", &e),
             };
             if let Some(p) = self.progress().get_mut(db) {
                 p.missing_since = None;
@@ -494,7 +509,10 @@ impl Role for ChangeListener {
                     if let Some(seq) = upto {
                         self.checkpoints.set(db, seq);
                     }
-                    return Outcome::RetryAfter(wait, reason);
+                    return Outcome::Retry {
+                        wait: Wait::For(wait),
+                        reason,
+                    };
                 }
             }
             if !full {
@@ -615,4 +633,24 @@ pub async fn redeliver(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(seq: &str) -> Change {
+        serde_json::from_value(json!({"seq": seq, "id": "doc1", "changes": [{"rev": "1-a"}]}))
+            .expect("a change")
+    }
+
+    #[test]
+    fn a_change_read_again_with_another_seq_is_the_same_delivery() {
+        // A sharded database can give one change another seq when its
+        // `_changes` is read again (the shards' rows interleave otherwise).
+        let first = DeliveryKey::of("hook", &change("3-g1AAAAbc"));
+        let again = DeliveryKey::of("hook", &change("3-g1AAAAxy"));
+        assert_eq!(first, again);
+        assert_ne!(first, DeliveryKey::of("other", &change("3-g1AAAAbc")));
+    }
 }
