@@ -1,4 +1,5 @@
-//! The one backoff policy of Spiegel: how long to wait before attempt N+1.
+//! The one backoff policy of Spiegel, how long to wait before attempt N+1,
+//! and the one retry loop of its background work ([`Backoff::retry`]).
 //!
 //! It serves both the user-facing retry options (`--backoff-strategy`,
 //! `--backoff-delay`, `--backoff-multiplier`, `--backoff-limit`, with Spiegel
@@ -7,6 +8,7 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rand::Rng;
 
 #[derive(
@@ -69,6 +71,31 @@ impl Backoff {
     pub fn exhausted(&self, retries: u32) -> bool {
         self.limit != 0 && retries >= self.limit
     }
+
+    /// Runs `attempt` on `state` until it succeeds, waiting between
+    /// failures as this policy says and logging each failure as `what`
+    /// failing. The one retry loop of Spiegel's background work; `limit`
+    /// is not applied (background work is retried for as long as the worker
+    /// runs). `state` carries progress from one attempt to the next.
+    pub async fn retry<S, T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        state: &mut S,
+        mut attempt: impl FnMut(&mut S) -> BoxFuture<'_, Result<T, E>>,
+    ) -> T {
+        let mut failures = 0;
+        loop {
+            match attempt(state).await {
+                Ok(value) => return value,
+                Err(error) => {
+                    failures += 1;
+                    let wait = self.wait(failures);
+                    tracing::warn!(%error, retry_in = ?wait, "{what} failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +138,32 @@ mod tests {
         assert!(b.exhausted(3));
         b.limit = 0;
         assert!(!b.exhausted(1_000_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_waits_between_failures_until_an_attempt_succeeds() {
+        let b = Backoff {
+            max_delay: Some(Duration::from_secs(6)),
+            ..policy(Strategy::Exponential)
+        };
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0;
+        let value = b
+            .retry("the test", &mut attempts, |n| {
+                *n += 1;
+                let n = *n;
+                Box::pin(async move {
+                    if n < 4 {
+                        Err("not yet")
+                    } else {
+                        Ok(n)
+                    }
+                })
+            })
+            .await;
+        assert_eq!(value, 4);
+        // 5 s, 6 s (capped), 6 s.
+        assert_eq!(started.elapsed(), Duration::from_secs(17));
     }
 
     #[test]

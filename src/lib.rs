@@ -4,25 +4,31 @@
 //! - [`couch`]: the CouchDB client (requests, typed errors, resilient feeds).
 //! - [`config`]: command line, environment variables, passwords file.
 //! - [`coordination`]: partitions, leases and checkpoints shared by workers.
+//! - [`worker`]: the runtime that shares databases among a role's workers.
 //! - [`roles`]: what each worker role does with a database that changed.
-//! - [`rules`]: matching databases and documents to replicator and on_change docs.
-//! - [`delivery`]: calling the users' HTTP APIs.
+//! - [`status`]: the status book the roles keep of their documents.
+//! - [`rules`]: replicator and on_change documents, parsed and compiled.
+//! - [`delivery`]: sending on_change requests to the users' HTTP APIs.
+//! - [`commands`]: the one-shot commands (install, uninstall, status,
+//!   redeliver, the update-listener stub).
 //! - [`admin`]: the health, readiness and metrics endpoints.
-//! - [`install`]: the install and uninstall commands.
 //! - [`backoff`]: the one retry policy.
 
 pub mod admin;
 pub mod backoff;
+pub mod commands;
 pub mod config;
 pub mod coordination;
 pub mod couch;
 pub mod delivery;
 pub mod error;
-pub mod install;
 pub mod logging;
 pub mod metrics;
 pub mod roles;
 pub mod rules;
+pub mod status;
 pub mod worker;
 
+/// `install` and `uninstall`, at their former path.
+pub use commands::install;
 pub use error::{Error, Result};

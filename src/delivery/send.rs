@@ -169,7 +169,7 @@ mod tests {
 
     use super::*;
     use crate::config::Passwords;
-    use crate::delivery::{ChangeContext, Method, RequestTemplate, Signing};
+    use crate::rules::on_change::{ChangeContext, Method, Signing, Template, UrlPassword};
 
     /// What the test server saw.
     #[derive(Debug)]
@@ -260,15 +260,16 @@ mod tests {
             header: "X-Spiegel-Signature".into(),
         };
         let url = format!("http://bob@{addr}/hook/${{db_name}}");
-        let t = RequestTemplate {
-            url: &url,
+        let t = Template {
+            password: UrlPassword::lookup(&url, &passwords),
+            url,
             method,
-            params: Some(&params),
-            headers: &[],
+            params: Some(params),
+            headers: Vec::new(),
             timeout,
-            sign: Some(&signing),
+            sign: Some(signing),
         };
-        Request::build(&t, &change, &passwords).unwrap()
+        Request::build(&t, &change).unwrap()
     }
 
     fn signature(payload: &[u8]) -> String {

@@ -1,24 +1,26 @@
 //! The worker roles. Each is "something to do when a database changed":
 //! the replicator replicates it, the change-listener delivers its changes to
-//! on_change rules. The update-listener of Spiegel 1.2 survives only as a
-//! compatibility stub.
+//! on_change rules. [`run`] hosts them; what they report goes in the status
+//! book ([`crate::status`]).
 
 pub mod change_listener;
 pub mod replicator;
-pub mod status;
-pub mod update_listener;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::couch::CouchClient;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::rules::follower;
+use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::AuthStyle;
+use crate::status::{self, StatusBook};
+use crate::worker::{Role, WorkerOptions};
 
 /// The worker roles a process can host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +38,17 @@ impl RoleKind {
     }
 }
 
+/// What every role's worker is started with.
+struct Host<'a> {
+    config: &'a Config,
+    client: &'a CouchClient,
+    metrics: &'a Metrics,
+    /// The followed replicator and on_change documents.
+    docs: DocsWatch,
+    /// CouchDB's version, as the server reported it.
+    version: String,
+}
+
 /// Runs the given roles in this process until `shutdown` resolves, then
 /// stops each cleanly. One follower of the spiegel database's documents
 /// serves them all.
@@ -44,7 +57,7 @@ pub async fn run(
     client: &CouchClient,
     roles: &[RoleKind],
     metrics: &Metrics,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let server = client.server_info().await?;
     tracing::info!(version = %server.version, "connected to CouchDB");
@@ -52,103 +65,27 @@ pub async fn run(
     for role in roles {
         config.health.expect(role.name());
     }
-    let docs = follower::spawn(
-        client.clone(),
-        config.db_name.clone(),
-        config.namespace.clone(),
-    );
+    let host = Host {
+        config,
+        client,
+        metrics,
+        docs: follower::spawn(
+            client.clone(),
+            config.db_name.clone(),
+            config.namespace.clone(),
+        ),
+        version: server.version,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = tokio::task::JoinSet::new();
+    let mut workers = JoinSet::new();
     for role in roles {
         let mut stop = stop_rx.clone();
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         match role {
-            RoleKind::Replicator => {
-                let options = config.worker_options(replicator::NAME);
-                let book = status_book(config, client, replicator::NAME, &options.worker_id);
-                let (nudge_tx, nudge_rx) = mpsc::channel(256);
-                let already_run = status::reported_docs(
-                    client,
-                    &config.db_name,
-                    &config.namespace,
-                    replicator::NAME,
-                )
-                .await?;
-                tokio::spawn(replicator::nudge_on_changes(
-                    client.clone(),
-                    config.url.clone(),
-                    docs.clone(),
-                    already_run,
-                    nudge_tx,
-                ));
-                let role = replicator::Replicator::new(
-                    client.clone(),
-                    config.url.clone(),
-                    docs.clone(),
-                    config.passwords.clone(),
-                    AuthStyle::for_version(&server.version),
-                    config.backoff.clone(),
-                    config.assume_deleted_after,
-                    book,
-                    metrics.roles.clone(),
-                );
-                let run = crate::worker::run(
-                    client.clone(),
-                    Arc::new(role),
-                    options,
-                    metrics.worker.clone(),
-                    nudge_rx,
-                    stopped,
-                );
-                workers.spawn(run);
-            }
-            RoleKind::ChangeListener => {
-                let options = config.worker_options(change_listener::NAME);
-                let book = status_book(config, client, change_listener::NAME, &options.worker_id);
-                let checkpoints =
-                    change_listener::Checkpoints::new(client.clone(), &config.db_name);
-                // Per-database checkpoints are saved in batches: at most the
-                // lease time of changes is delivered again after a crash.
-                let flush_every = config.save_seq_after.min(config.lease_time);
-                let flusher = checkpoints.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(flush_every);
-                    loop {
-                        tick.tick().await;
-                        flusher.flush().await;
-                    }
-                });
-                let sender =
-                    crate::delivery::Sender::new(config.request_timeout, config.concurrency)
-                        .map_err(|e| crate::error::Error::Worker(e.to_string()))?;
-                let role = change_listener::ChangeListener::new(
-                    client.clone(),
-                    &config.db_name,
-                    &config.namespace,
-                    docs.clone(),
-                    config.passwords.clone(),
-                    sender,
-                    config.backoff.clone(),
-                    config.batch_size,
-                    config.assume_deleted_after,
-                    checkpoints,
-                    book,
-                    metrics.roles.clone(),
-                );
-                // on_change documents take effect at their databases' next change.
-                let (_, nudge_rx) = mpsc::channel(1);
-                let run = crate::worker::run(
-                    client.clone(),
-                    Arc::new(role),
-                    options,
-                    metrics.worker.clone(),
-                    nudge_rx,
-                    stopped,
-                );
-                workers.spawn(run);
-            }
+            RoleKind::Replicator => host.replicator(&mut workers, stopped).await?,
+            RoleKind::ChangeListener => host.change_listener(&mut workers, stopped)?,
         }
     }
     tokio::select! {
@@ -166,24 +103,96 @@ pub async fn run(
     Ok(())
 }
 
-/// A role's status book, saved in the background (at most every 5 s).
-fn status_book(
-    config: &Config,
-    client: &CouchClient,
-    role: &str,
-    worker_id: &str,
-) -> status::StatusBook {
-    let book = status::StatusBook::default();
-    tokio::spawn(status::save_periodically(
-        client.clone(),
-        config.db_name.clone(),
-        config.namespace.clone(),
-        role.into(),
-        worker_id.into(),
-        book.clone(),
-        config.save_seq_after.min(Duration::from_secs(5)),
-    ));
-    book
+impl Host<'_> {
+    /// Starts a replicator worker, nudged when replicator documents change.
+    async fn replicator(
+        &self,
+        workers: &mut JoinSet<Result<()>>,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let (config, client) = (self.config, self.client);
+        let options = config.worker_options(replicator::NAME);
+        let book = self.status_book(replicator::NAME, &options.worker_id);
+        let (nudge_tx, nudge_rx) = mpsc::channel(256);
+        let already_run =
+            status::reported_docs(client, &config.db_name, &config.namespace, replicator::NAME)
+                .await?;
+        tokio::spawn(replicator::nudge_on_changes(
+            client.clone(),
+            config.url.clone(),
+            self.docs.clone(),
+            already_run,
+            nudge_tx,
+        ));
+        let role = replicator::Replicator::new(
+            client.clone(),
+            config.url.clone(),
+            self.docs.clone(),
+            config.passwords.clone(),
+            AuthStyle::for_version(&self.version),
+            config.backoff.clone(),
+            config.assume_deleted_after,
+            book,
+            self.metrics.roles.clone(),
+        );
+        workers.spawn(self.worker(role, options, nudge_rx, stopped));
+        Ok(())
+    }
+
+    /// Starts a change-listener worker.
+    fn change_listener(
+        &self,
+        workers: &mut JoinSet<Result<()>>,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let options = self.config.worker_options(change_listener::NAME);
+        let book = self.status_book(change_listener::NAME, &options.worker_id);
+        let role = change_listener::ChangeListener::start(
+            self.config,
+            self.client.clone(),
+            self.docs.clone(),
+            book,
+            self.metrics.roles.clone(),
+        )?;
+        // on_change documents take effect at their databases' next change.
+        let (_, nudge_rx) = mpsc::channel(1);
+        workers.spawn(self.worker(role, options, nudge_rx, stopped));
+        Ok(())
+    }
+
+    /// The worker runtime hosting `role` until `stopped` resolves.
+    fn worker<R: Role>(
+        &self,
+        role: R,
+        options: WorkerOptions,
+        nudges: mpsc::Receiver<String>,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = Result<()>> {
+        crate::worker::run(
+            self.client.clone(),
+            Arc::new(role),
+            options,
+            self.metrics.worker.clone(),
+            nudges,
+            stopped,
+        )
+    }
+
+    /// A role's status book, saved in the background (at most every 5 s).
+    fn status_book(&self, role: &str, worker_id: &str) -> StatusBook {
+        let config = self.config;
+        let book = StatusBook::default();
+        tokio::spawn(status::save_periodically(
+            self.client.clone(),
+            config.db_name.clone(),
+            config.namespace.clone(),
+            role.into(),
+            worker_id.into(),
+            book.clone(),
+            config.save_seq_after.min(Duration::from_secs(5)),
+        ));
+        book
+    }
 }
 
 fn flatten(result: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::status::StatusBook;
 use crate::backoff::Backoff;
 use crate::config::Passwords;
 use crate::couch::{CouchClient, CouchError, SecretUrl};
@@ -17,6 +16,7 @@ use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
+use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
 pub const NAME: &str = "replicator";
@@ -342,60 +342,75 @@ async fn nudge_matching(
     rule: &ReplicatorRule,
     nudges: &mpsc::Sender<String>,
 ) -> std::result::Result<(), Closed> {
-    const PAGE: u64 = 100;
-    let mut after: Option<String> = None;
-    let mut with_counts = true;
+    let mut listing = Listing {
+        client: client.clone(),
+        after: None,
+        with_counts: true,
+    };
     let retry = Backoff::reconnect(Duration::from_secs(30));
-    let mut failures = 0;
+    let what = format!(
+        "listing the databases for replicator document {:?}",
+        rule.id
+    );
     loop {
-        let listed: crate::couch::Result<Vec<(String, bool)>> = if with_counts {
-            client
-                .dbs_info_after(after.as_deref(), PAGE)
-                .await
-                .map(|rows| {
-                    rows.into_iter()
-                        .map(|row| {
-                            let empty = row
-                                .info
-                                .is_some_and(|i| i.doc_count == 0 && i.doc_del_count == 0);
-                            (row.key, empty)
-                        })
-                        .collect()
-                })
-        } else {
-            let names = client.all_dbs_after(after.as_deref(), 1000).await;
-            names.map(|names| names.into_iter().map(|n| (n, false)).collect())
-        };
-        let page = match listed {
+        let page = match retry
+            .retry(&what, &mut listing, |l| Box::pin(l.next_page()))
+            .await
+        {
             Ok(page) => page,
-            Err(e) if with_counts && after.is_none() && !e.is_transient() => {
-                tracing::debug!(error = %e, "no GET /_dbs_info: every matching database is run");
-                with_counts = false;
-                continue;
-            }
-            Err(e) if e.is_transient() => {
-                failures += 1;
-                tracing::warn!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; retrying");
-                tokio::time::sleep(retry.wait(failures)).await;
-                if nudges.is_closed() {
-                    return Err(Closed);
-                }
-                continue;
-            }
             Err(e) => {
                 tracing::error!(doc = %rule.id, error = %e, "listing the databases for a new replicator document failed; the databases not listed run at their next change");
                 return Ok(());
             }
         };
-        failures = 0;
         let Some((last, _)) = page.last() else {
             return Ok(());
         };
-        after = Some(last.clone());
+        listing.after = Some(last.clone());
         for (db, empty) in page {
             if rule.applies_to(&db) && (!empty || rule.creates_target()) {
                 nudges.send(db).await.map_err(|_| Closed)?;
             }
+        }
+    }
+}
+
+/// A walk through the server's databases, a page at a time, with whether
+/// each is empty (never held a document) where the server can tell.
+struct Listing {
+    client: CouchClient,
+    after: Option<String>,
+    /// `GET /_dbs_info` works (CouchDB 3.2 and later).
+    with_counts: bool,
+}
+
+impl Listing {
+    const PAGE: u64 = 100;
+
+    /// The next page: `Err` to retry (transient), `Ok(Err)` to give up.
+    async fn next_page(&mut self) -> Result<Result<Vec<(String, bool)>, CouchError>, CouchError> {
+        let listed = if self.with_counts {
+            self.client
+                .dbs_info_after(self.after.as_deref(), Self::PAGE)
+                .await
+                .map(|rows| {
+                    let empty = |i: &crate::couch::DbInfo| i.doc_count == 0 && i.doc_del_count == 0;
+                    rows.into_iter()
+                        .map(|row| (row.key, row.info.as_ref().is_some_and(empty)))
+                        .collect()
+                })
+        } else {
+            let names = self.client.all_dbs_after(self.after.as_deref(), 1000).await;
+            names.map(|names| names.into_iter().map(|n| (n, false)).collect())
+        };
+        match listed {
+            Err(e) if self.with_counts && self.after.is_none() && !e.is_transient() => {
+                tracing::debug!(error = %e, "no GET /_dbs_info: every matching database is run");
+                self.with_counts = false;
+                Box::pin(self.next_page()).await
+            }
+            Err(e) if e.is_transient() => Err(e),
+            other => Ok(other),
         }
     }
 }

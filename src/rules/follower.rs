@@ -50,19 +50,13 @@ async fn follow(
     namespace: String,
     tx: watch::Sender<Option<Arc<UserDocs>>>,
 ) {
-    let backoff = Backoff::reconnect(Duration::from_secs(30));
-    let mut failures = 0;
-    loop {
-        match follow_once(&client, &db, &namespace, &tx).await {
-            Ok(()) => return,
-            Err(e) => {
-                failures += 1;
-                let wait = backoff.wait(failures);
-                tracing::error!(db = %db, error = %e, retry_in = ?wait, "cannot follow the spiegel database's documents");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+    let what = format!("following the documents of {db:?}");
+    let mut follower = (client, db, namespace, tx);
+    Backoff::reconnect(Duration::from_secs(30))
+        .retry(&what, &mut follower, |(client, db, namespace, tx)| {
+            Box::pin(follow_once(client, db, namespace, tx))
+        })
+        .await
 }
 
 /// Loads everything, then follows; returns Ok only when nobody listens.

@@ -55,8 +55,6 @@ pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semap
     let Ok(_permit) = permits.acquire_owned().await else {
         return;
     };
-    let backoff = Backoff::reconnect(Duration::from_secs(30));
-    let mut failures = 0;
     let (has_checkpoint, start_from_now) = (job.checkpoint.is_some(), job.start_from_now);
     let mut replay = Replay {
         client: job.client,
@@ -68,24 +66,23 @@ pub async fn replay(job: Job, tx: mpsc::Sender<CatchUpEvent>, permits: Arc<Semap
         end: None,
         listed_after: None,
     };
-    let partition = job.partition;
-    loop {
-        let result = match (has_checkpoint, start_from_now) {
-            (true, _) => replay.since_checkpoint().await,
-            (false, true) => replay.skip_history().await,
-            (false, false) => replay.every_database().await,
-        };
-        match result {
-            Ok(()) => return,
-            Err(Stop::Closed) => return,
-            Err(Stop::Couch(e)) => {
-                failures += 1;
-                let wait = backoff.wait(failures);
-                tracing::warn!(partition, error = %e, retry_in = ?wait, "partition replay failed; retrying");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+    let what = format!("the replay of partition {}", job.partition);
+    // Each attempt resumes where the last one was.
+    Backoff::reconnect(Duration::from_secs(30))
+        .retry(&what, &mut replay, |replay| {
+            Box::pin(async move {
+                let result = match (has_checkpoint, start_from_now) {
+                    (true, _) => replay.since_checkpoint().await,
+                    (false, true) => replay.skip_history().await,
+                    (false, false) => replay.every_database().await,
+                };
+                match result {
+                    Ok(()) | Err(Stop::Closed) => Ok(()),
+                    Err(Stop::Couch(e)) => Err(e),
+                }
+            })
+        })
+        .await
 }
 
 /// The seq `_db_updates` is at now.

@@ -6,22 +6,23 @@
 //! A role implements [`Role`]: given a database name, do the work.
 
 mod catch_up;
+mod runtime;
 mod scheduler;
 mod sweep;
 mod watermark;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio::task::{AbortHandle, JoinSet};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
 
 use self::catch_up::CatchUpEvent;
-use self::scheduler::{Finished, Scheduler};
+use self::runtime::{Inbox, Worker};
+use self::scheduler::Scheduler;
 use crate::admin::Health;
 use crate::backoff::Backoff;
 use crate::coordination::coordinator::{Assignment, Coordinator, Request, Timing};
@@ -34,9 +35,6 @@ use crate::metrics::{self, WorkerMetrics};
 /// Longest wait before running again a database whose run found CouchDB
 /// unreachable.
 const RECONNECT_CAP: Duration = Duration::from_secs(1);
-
-/// Nudges kept for partitions not yet acquired, at most.
-const PARKED_NUDGES: usize = 100_000;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,16 +160,6 @@ pub fn default_worker_id() -> String {
     )
 }
 
-/// Internal messages to the worker's loop.
-enum Event {
-    Finished {
-        db: String,
-        outcome: Outcome,
-        took: Duration,
-    },
-    RetryDue(String),
-}
-
 /// The installation's settings, or [`Error::NotInstalled`] when Spiegel is
 /// not installed in `db_name`.
 pub(crate) async fn installed_settings(
@@ -192,20 +180,19 @@ pub(crate) async fn installed_settings(
 }
 
 /// Runs a worker of `role` until `shutdown` resolves, then stops cleanly:
-/// `nudges` brings databases the role wants handled although no update
-/// event named them (they are handled if their partition is ours).
 /// runs in flight finish (or are abandoned after the shutdown timeout),
-/// checkpoints are saved and leases released.
+/// checkpoints are saved, leases released, and every task of the worker
+/// stopped. `nudges` brings databases the role wants handled although no
+/// update event named them (they are handled if their partition is ours).
 pub async fn run<R: Role>(
     client: CouchClient,
     role: Arc<R>,
     options: WorkerOptions,
     metrics: WorkerMetrics,
-    mut nudges: mpsc::Receiver<String>,
+    nudges: mpsc::Receiver<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let role_name = role.name().to_string();
-    let label = metrics::role(&role_name);
     let settings = installed_settings(&client, &options.db_name, &options.namespace).await?;
     // Where the live feed starts; every partition replays what came before
     // from its own checkpoint.
@@ -218,298 +205,96 @@ pub async fn run<R: Role>(
         concurrency = options.concurrency,
         "worker started"
     );
-
-    let (live_tx, mut live_rx) = mpsc::channel::<DbUpdate>(1024);
-    let feed_options = FeedOptions {
-        heartbeat: options.feed_heartbeat,
-        ..Default::default()
-    };
-    // Every task of the worker lives in these sets: dropping the worker
-    // (or aborting it, as a crash would) stops them all.
-    let mut tasks = JoinSet::new();
-    let mut runs = JoinSet::new();
-    tasks.spawn(follow_updates(
-        options.health.clone(),
-        client.clone(),
-        start,
-        feed_options,
-        live_tx,
-        metrics.clone(),
-        role_name.clone(),
-    ));
-
-    let (assign_tx, mut assign_rx) = mpsc::unbounded_channel();
-    let (beat_tx, mut beat_rx) = watch::channel(None);
-    let (request_tx, request_rx) = mpsc::unbounded_channel();
-    let coordinator = Coordinator::new(
-        client.clone(),
-        &options.db_name,
-        &options.namespace,
-        &role_name,
-        &options.worker_id,
-        settings.partitions,
-        options.timing.clone(),
-        metrics.clone(),
-        assign_tx,
-        beat_tx,
-    );
-    tasks.spawn(coordinator.run(request_rx));
-    let (catch_up_tx, mut catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
-    if let Some(interval) = options.sweep_interval {
-        tasks.spawn(sweep::run(client.clone(), interval, catch_up_tx.clone()));
-    }
-
+    let (live_tx, live) = mpsc::channel::<DbUpdate>(1024);
+    let (assign_tx, assignments) = mpsc::unbounded_channel();
+    let (beat_tx, beats) = watch::channel(None);
+    let (requests, request_rx) = mpsc::unbounded_channel();
+    let (catch_up, catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
+    let (events, events_rx) = mpsc::unbounded_channel();
     let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
-    let mut sched = Scheduler::new(settings.partitions, options.concurrency, skip);
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
-    // Replay tasks by partition, with the epoch of the ownership they serve.
-    let mut catch_ups: HashMap<u32, (u64, AbortHandle)> = HashMap::new();
-    // Nudges for partitions not (yet) ours, with when they came.
-    let mut parked: VecDeque<(String, Instant)> = VecDeque::new();
-    // Partitions being released, with when the release began.
-    let mut draining: HashMap<u32, Instant> = HashMap::new();
-    // Replays at once: each holds a connection and reads a whole feed.
-    let replays = Arc::new(Semaphore::new(2));
-    let mut flush = tokio::time::interval(options.checkpoint_interval);
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
-    // Catch-up events are read only while few runs are queued: a first
-    // start over 100,000 databases is paced by the runs, not by memory.
-    let queue_limit = options.concurrency * 4;
-
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(update) = live_rx.recv() => {
-                metrics.updates_received.get_or_create(&label).inc();
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                metrics.last_event.get_or_create(&label).set(now.as_secs_f64());
-                tracing::trace!(role = %role_name, db = %update.db_name, kind = ?update.kind, seq = %update.seq, "update");
-                if sched.on_live_event(&update, Instant::now()) {
-                    let role = role.clone();
-                    tasks.spawn(async move { role.deleted(&update.db_name).await });
-                }
-            }
-            Some(assignment) = assign_rx.recv() => match assignment {
-                Assignment::Acquired { partition, checkpoint } => {
-                    let epoch = sched.acquire(partition, checkpoint.clone());
-                    // Nudges that came before the partition was ours (a
-                    // worker that just started) still count for a while.
-                    let fresh = options.timing.lease * 2;
-                    parked.retain(|(db, at)| {
-                        at.elapsed() < fresh && !(sched.partition_of(db) == partition && sched.on_sweep(db, Instant::now()))
-                    });
-                    let job = catch_up::Job {
-                        client: client.clone(),
-                        partition,
-                        epoch,
-                        partitions: settings.partitions,
-                        checkpoint,
-                        start_from_now: options.start_from_now,
-                    };
-                    let task = tasks.spawn(catch_up::replay(job, catch_up_tx.clone(), replays.clone()));
-                    if let Some((_, old)) = catch_ups.insert(partition, (epoch, task)) {
-                        old.abort();
-                    }
-                    draining.remove(&partition);
-                }
-                Assignment::Release { partition } => {
-                    sched.release(partition);
-                    if let Some((_, task)) = catch_ups.remove(&partition) {
-                        task.abort();
-                    }
-                    draining.insert(partition, Instant::now());
-                }
-                Assignment::Lost { partition } => {
-                    sched.remove(partition);
-                    if let Some((_, task)) = catch_ups.remove(&partition) {
-                        task.abort();
-                    }
-                    draining.remove(&partition);
-                }
-            },
-            Some(event) = catch_up_rx.recv(), if sched.queued() < queue_limit => match event {
-                CatchUpEvent::Database { partition, epoch, db } => sched.on_catch_up_event(partition, epoch, &db, Instant::now()),
-                CatchUpEvent::Done { partition, epoch, end } => {
-                    tracing::debug!(role = %role_name, partition, "partition caught up");
-                    sched.on_catch_up_done(partition, epoch, end);
-                    if catch_ups.get(&partition).is_some_and(|(e, _)| *e == epoch) {
-                        catch_ups.remove(&partition);
-                    }
-                }
-                CatchUpEvent::Swept { db } => {
-                    if sched.on_sweep(&db, Instant::now()) {
-                        metrics.sweep_found.get_or_create(&label).inc();
-                        tracing::debug!(role = %role_name, db = %db, "sweep: changed since the previous sweep");
-                    }
-                }
-            },
-            Some(event) = event_rx.recv() => match event {
-                Event::Finished { db, outcome, took } => {
-                    metrics.run_duration.get_or_create(&label).observe(took.as_secs_f64());
-                    let finished = finished(&outcome);
-                    match &outcome {
-                        Outcome::Retry { reason, .. } => {
-                            metrics.runs_failed.get_or_create(&label).inc();
-                            tracing::warn!(role = %role_name, db = %db, %reason, "run failed; will retry");
-                        }
-                        _ => {
-                            metrics.runs_succeeded.get_or_create(&label).inc();
-                        }
-                    }
-                    if let Some(retry) = sched.on_finished(&db, finished, Instant::now()) {
-                        let wait = match outcome {
-                            Outcome::Retry { wait: Wait::For(wait), .. } => wait,
-                            Outcome::Retry { wait: Wait::Reconnect, .. } => Backoff::reconnect(RECONNECT_CAP).wait(retry),
-                            _ => options.retry.wait(retry),
-                        };
-                        let tx = event_tx.clone();
-                        tasks.spawn(async move {
-                            tokio::time::sleep(wait).await;
-                            let _ = tx.send(Event::RetryDue(db));
-                        });
-                    }
-                }
-                Event::RetryDue(db) => {
-                    metrics.runs_retried.get_or_create(&label).inc();
-                    sched.retry_due(&db);
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            Some(_) = runs.join_next(), if !runs.is_empty() => {}
-            Ok(()) = beat_rx.changed() => {
-                if let Some(at) = *beat_rx.borrow() {
-                    options.health.heartbeat(&role_name, at);
-                }
-            }
-            // Databases the role asks to handle (a document added or edited).
-            Some(db) = nudges.recv(), if sched.queued() < queue_limit => {
-                if !sched.on_sweep(&db, Instant::now()) && parked.len() < PARKED_NUDGES {
-                    parked.push_back((db, Instant::now()));
-                }
-            }
-            _ = flush.tick() => save_checkpoints(&mut sched, &request_tx),
-        }
-        draining.retain(|&partition, since| {
-            // A run that never ends must not keep the partition from its
-            // next owner: after the shutdown timeout it is released anyway
-            // (the run's updates are not marked handled, so nothing is lost).
-            if !sched.drained(partition) && since.elapsed() < options.shutdown_timeout {
-                return true;
-            }
-            let checkpoint = sched.remove(partition);
-            let _ = request_tx.send(Request::Released {
-                partition,
-                checkpoint,
-            });
-            false
-        });
-        if sched.take_urgent() {
-            save_checkpoints(&mut sched, &request_tx);
-        }
-        // Fencing: once our last heartbeat is older than the lease time
-        // minus a heartbeat, others may take our partitions; start nothing.
-        let fenced = beat_rx
-            .borrow()
-            .is_none_or(|t| t.elapsed() + options.timing.heartbeat >= options.timing.lease);
-        let startable = if fenced {
-            Vec::new()
-        } else {
-            sched.take_startable(Instant::now())
-        };
-        for start in startable {
-            metrics.runs_started.get_or_create(&label).inc();
-            tracing::trace!(role = %role_name, db = %start.db, "run");
-            metrics
-                .update_to_run
-                .get_or_create(&label)
-                .observe(start.waited.as_secs_f64());
-            spawn_run(&mut runs, role.clone(), start.db, event_tx.clone());
-        }
-    }
-
-    // Stop: no new runs; let those in flight finish, up to the timeout.
-    tracing::info!(role = %role_name, in_flight = sched.in_flight(), "stopping");
-    sched.stop();
-    for (_, task) in catch_ups.values() {
-        task.abort();
-    }
-    let deadline = tokio::time::Instant::now() + options.shutdown_timeout;
-    while sched.in_flight() > 0 {
-        match tokio::time::timeout_at(deadline, event_rx.recv()).await {
-            Ok(Some(Event::Finished { db, outcome, .. })) => {
-                sched.on_finished(&db, finished(&outcome), Instant::now());
-            }
-            Ok(Some(Event::RetryDue(_))) => {}
-            Ok(None) | Err(_) => {
-                tracing::warn!(role = %role_name, abandoned = sched.in_flight(), "shutdown timeout: abandoning runs in flight");
-                break;
-            }
-        }
-    }
-    role.stop().await;
-    let checkpoints = sched
-        .owned()
-        .into_iter()
-        .map(|p| (p, sched.remove(p)))
-        .collect();
-    let (done_tx, done_rx) = oneshot::channel();
-    if request_tx
-        .send(Request::Leave {
-            checkpoints,
-            done: done_tx,
-        })
-        .is_ok()
-        // The coordinator may be in the middle of a heartbeat (bounded by two
-        // heartbeats) and then needs two bounded steps to leave.
-        && tokio::time::timeout(options.timing.heartbeat * 7, done_rx)
-            .await
-            .is_err()
-    {
-        tracing::warn!(role = %role_name, "could not release the leases in time; they expire after the lease time");
-    }
-    tasks.abort_all();
-    runs.abort_all();
-    tracing::info!(role = %role_name, "stopped");
+    let mut worker = Worker {
+        label: metrics::role(&role_name),
+        sched: Scheduler::new(settings.partitions, options.concurrency, skip),
+        partitions: settings.partitions,
+        tasks: JoinSet::new(),
+        runs: JoinSet::new(),
+        catch_ups: HashMap::new(),
+        parked: VecDeque::new(),
+        draining: HashMap::new(),
+        replays: Arc::new(Semaphore::new(runtime::REPLAYS)),
+        role,
+        options,
+        client,
+        metrics,
+        requests,
+        events,
+        catch_up,
+    };
+    let services = Services {
+        start,
+        live: live_tx,
+        assignments: assign_tx,
+        beats: beat_tx,
+        requests: request_rx,
+    };
+    services.spawn(&mut worker);
+    let inbox = Inbox {
+        live,
+        assignments,
+        catch_up: catch_up_rx,
+        events: events_rx,
+        beats,
+        nudges,
+    };
+    worker.run(inbox, shutdown).await;
     Ok(())
 }
 
-/// What an outcome means to the scheduler.
-fn finished(outcome: &Outcome) -> Finished {
-    match outcome {
-        Outcome::Retry { .. } => Finished::Retry,
-        Outcome::Done | Outcome::Gone => Finished::Handled,
-    }
+/// The worker's services, each on a task of its own: the `_db_updates`
+/// feed, the coordinator and the sweep, with the channel ends they use.
+struct Services {
+    /// Where the feed starts.
+    start: Seq,
+    live: mpsc::Sender<DbUpdate>,
+    assignments: mpsc::UnboundedSender<Assignment>,
+    beats: watch::Sender<Option<std::time::Instant>>,
+    requests: mpsc::UnboundedReceiver<Request>,
 }
 
-/// Asks the coordinator to save the checkpoints that moved, if any.
-fn save_checkpoints(sched: &mut Scheduler, requests: &mpsc::UnboundedSender<Request>) {
-    let dirty = sched.take_dirty_checkpoints();
-    if !dirty.is_empty() {
-        let _ = requests.send(Request::Checkpoints(dirty));
+impl Services {
+    fn spawn<R: Role>(self, worker: &mut Worker<R>) {
+        let role = worker.role.name().to_string();
+        let feed_options = FeedOptions {
+            heartbeat: worker.options.feed_heartbeat,
+            ..Default::default()
+        };
+        worker.tasks.spawn(follow_updates(
+            worker.options.health.clone(),
+            worker.client.clone(),
+            self.start,
+            feed_options,
+            self.live,
+            worker.metrics.clone(),
+            role.clone(),
+        ));
+        let coordinator = Coordinator::new(
+            worker.client.clone(),
+            &worker.options.db_name,
+            &worker.options.namespace,
+            &role,
+            &worker.options.worker_id,
+            worker.partitions,
+            worker.options.timing.clone(),
+            worker.metrics.clone(),
+            self.assignments,
+            self.beats,
+        );
+        worker.tasks.spawn(coordinator.run(self.requests));
+        if let Some(interval) = worker.options.sweep_interval {
+            let sweep = sweep::run(worker.client.clone(), interval, worker.catch_up.clone());
+            worker.tasks.spawn(sweep);
+        }
     }
-}
-
-/// Runs the role on a database in its own task; a panic counts as a failure
-/// to retry, never as a lost database.
-fn spawn_run<R: Role>(
-    runs: &mut JoinSet<()>,
-    role: Arc<R>,
-    db: String,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    runs.spawn(async move {
-        let started = Instant::now();
-        let outcome = AssertUnwindSafe(role.handle(&db))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| Outcome::retry("the run panicked"));
-        let _ = events.send(Event::Finished {
-            db,
-            outcome,
-            took: started.elapsed(),
-        });
-    });
 }
 
 /// Follows `_db_updates` from `start` for as long as the worker runs. The
@@ -526,40 +311,32 @@ async fn follow_updates(
     role: String,
 ) {
     let label = metrics::role(&role);
-    let mut since = start;
-    let backoff = Backoff::reconnect(Duration::from_secs(60));
-    let mut failures = 0;
+    let options = FeedOptions {
+        retry_errors: Some(Duration::from_secs(60)),
+        ..options
+    };
+    let reconnects = options.reconnects.clone();
     let mut reported = 0;
-    loop {
-        let mut feed = client.db_updates_feed(Some(since.clone()), options.clone());
-        while let Some(item) = feed.next().await {
-            let reconnects = options
-                .reconnects
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if reconnects > reported {
-                metrics
-                    .feed_reconnects
-                    .get_or_create(&label)
-                    .inc_by(reconnects - reported);
-                reported = reconnects;
+    let mut feed = client.db_updates_feed(Some(start), options);
+    while let Some(item) = feed.next().await {
+        let now = reconnects.load(std::sync::atomic::Ordering::Relaxed);
+        if now > reported {
+            metrics
+                .feed_reconnects
+                .get_or_create(&label)
+                .inc_by(now - reported);
+            reported = now;
+        }
+        match item {
+            Ok(update) => {
+                health.feed(&role, true);
+                if tx.send(update).await.is_err() {
+                    return;
+                }
             }
-            match item {
-                Ok(update) => {
-                    failures = 0;
-                    health.feed(&role, true);
-                    since = update.seq.clone();
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    failures += 1;
-                    health.feed(&role, false);
-                    let wait = backoff.wait(failures);
-                    tracing::error!(role = %role, error = %e, retry_in = ?wait, "cannot follow _db_updates");
-                    tokio::time::sleep(wait).await;
-                    break;
-                }
+            Err(e) => {
+                health.feed(&role, false);
+                tracing::error!(role = %role, error = %e, "cannot follow _db_updates");
             }
         }
     }

@@ -23,95 +23,23 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 pub use self::checkpoints::Checkpoints;
-use super::status::StatusBook;
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::delivery::{ChangeContext, DeliveryError, Request, RequestTemplate, Sender, Signing};
+use crate::delivery::{DeliveryError, Request, Sender};
+use crate::error::{Error, Result};
 use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
-use crate::rules::on_change::{self, OnChangeRule, SecretSource};
+use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
+use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
 pub const NAME: &str = "change-listener";
 
 /// Requests of `block: false` rules sent at once, per run.
 const PARALLEL_REQUESTS: usize = 8;
-
-/// A rule ready to deliver: its signing secret resolved, its backoff built.
-pub struct Prepared {
-    pub rule: OnChangeRule,
-    signing: Option<Signing>,
-    backoff: Backoff,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    #[error(transparent)]
-    Doc(#[from] on_change::OnChangeDocError),
-    #[error("the signing secret is not available: {0}")]
-    Secret(String),
-}
-
-impl Prepared {
-    fn new(
-        id: &str,
-        doc: &Value,
-        passwords: &Passwords,
-        global: &Backoff,
-    ) -> Result<Self, PrepareError> {
-        let rule = OnChangeRule::parse(id, doc)?;
-        let signing = match &rule.request.sign {
-            None => None,
-            Some(sign) => {
-                let secret = match &sign.secret {
-                    SecretSource::Env(name) => std::env::var(name).map_err(|_| {
-                        PrepareError::Secret(format!("environment variable {name} is not set"))
-                    })?,
-                    SecretSource::Passwords { host, user } => passwords
-                        .lookup(host, host, user)
-                        .map(String::from)
-                        .ok_or_else(|| {
-                            PrepareError::Secret(format!(
-                                "no password for {user}@{host} in the passwords file"
-                            ))
-                        })?,
-                };
-                Some(Signing {
-                    secret,
-                    header: sign.header.clone(),
-                })
-            }
-        };
-        let base = Backoff {
-            jitter: false,
-            ..global.clone()
-        };
-        let backoff = match &rule.backoff {
-            Some(o) => o.apply(base),
-            None => base,
-        };
-        Ok(Prepared {
-            rule,
-            signing,
-            backoff,
-        })
-    }
-
-    fn template(&self) -> RequestTemplate<'_> {
-        let r = &self.rule.request;
-        RequestTemplate {
-            url: &r.url,
-            method: r.method,
-            params: r.params.as_ref(),
-            headers: &r.headers,
-            timeout: r.timeout,
-            sign: self.signing.as_ref(),
-        }
-    }
-}
 
 pub struct ChangeListener {
     client: CouchClient,
@@ -126,7 +54,7 @@ pub struct ChangeListener {
     checkpoints: Checkpoints,
     status: StatusBook,
     metrics: RoleMetrics,
-    rules: RuleCache<Prepared>,
+    rules: RuleCache<OnChangeRule>,
     progress: Mutex<HashMap<String, Progress>>,
 }
 
@@ -171,7 +99,7 @@ struct Attempts {
 /// A request to make for a change.
 struct Job<'a> {
     key: DeliveryKey,
-    rule: &'a Prepared,
+    rule: &'a OnChangeRule,
     change: &'a Change,
     request: Request,
 }
@@ -198,37 +126,45 @@ enum Sent {
 }
 
 impl ChangeListener {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    /// The role as `config` sets it up, with its checkpoints saved in the
+    /// background.
+    pub fn start(
+        config: &Config,
         client: CouchClient,
-        spiegel_db: &str,
-        namespace: &str,
         docs: DocsWatch,
-        passwords: Passwords,
-        sender: Sender,
-        backoff: Backoff,
-        batch_size: u64,
-        assume_deleted_after: Duration,
-        checkpoints: Checkpoints,
         status: StatusBook,
         metrics: RoleMetrics,
-    ) -> Self {
-        ChangeListener {
+    ) -> Result<Self> {
+        let checkpoints = Checkpoints::new(client.clone(), &config.db_name);
+        // Per-database checkpoints are saved in batches: at most the lease
+        // time of changes is delivered again after a crash.
+        let flush_every = config.save_seq_after.min(config.lease_time);
+        let flusher = checkpoints.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(flush_every);
+            loop {
+                tick.tick().await;
+                flusher.flush().await;
+            }
+        });
+        let sender = Sender::new(config.request_timeout, config.concurrency)
+            .map_err(|e| Error::Worker(e.to_string()))?;
+        Ok(ChangeListener {
             client,
-            spiegel_db: spiegel_db.into(),
-            namespace: namespace.into(),
+            spiegel_db: config.db_name.clone(),
+            namespace: config.namespace.clone(),
             docs,
-            passwords,
+            passwords: config.passwords.clone(),
             sender,
-            backoff,
-            batch_size: batch_size.max(1),
-            assume_deleted_after,
+            backoff: config.backoff.clone(),
+            batch_size: config.batch_size.max(1),
+            assume_deleted_after: config.assume_deleted_after,
             checkpoints,
             status,
             metrics,
             rules: RuleCache::new("on_change"),
             progress: Mutex::default(),
-        }
+        })
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
@@ -236,11 +172,15 @@ impl ChangeListener {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub async fn rules(&self) -> Arc<Vec<Prepared>> {
+    pub async fn rules(&self) -> Arc<Vec<OnChangeRule>> {
         let docs = follower::loaded(&mut self.docs.clone()).await;
+        let context = Context {
+            passwords: &self.passwords,
+            backoff: &self.backoff,
+        };
         self.rules.rules(
             &docs,
-            |id, doc| Prepared::new(id, doc, &self.passwords, &self.backoff),
+            |id, doc| OnChangeRule::compile(id, doc, &context),
             |id, parsed| match parsed {
                 Parsed::Usable(_) => self.status.invalid(id, None),
                 Parsed::Unusable(e) => {
@@ -276,71 +216,76 @@ impl ChangeListener {
             .inc();
         match result {
             Ok(delivered) => {
-                self.status.success(
-                    &job.rule.rule.id,
-                    db,
-                    Some(format!("HTTP {}", delivered.status)),
-                );
+                self.status
+                    .success(&job.rule.id, db, Some(format!("HTTP {}", delivered.status)));
                 self.settle(db, &job.key);
                 Sent::Ok
             }
-            Err(error) => {
-                let text = error.to_string();
-                self.status.failure(&job.rule.rule.id, db, text.clone());
-                let now = crate::coordination::timestamp();
-                let (count, first_at) = {
-                    let mut progress = self.progress();
-                    let p = progress.entry(db.to_string()).or_default();
-                    let a = p.attempts.entry(job.key.clone()).or_insert(Attempts {
-                        count: 0,
-                        first_at: now.clone(),
-                    });
-                    a.count += 1;
-                    (a.count, a.first_at.clone())
-                };
-                let retries = count - 1;
-                if !job.rule.backoff.exhausted(retries) {
-                    self.metrics.webhook_retries.inc();
-                    return Sent::Retry(job.rule.backoff.wait(count), text);
-                }
-                let letter = DeadLetter {
-                    kind: DeadLetter::KIND.into(),
-                    rule: job.rule.rule.id.clone(),
-                    db_name: db.into(),
-                    seq: job.change.seq.as_json().clone(),
-                    doc_id: job.change.id.clone(),
-                    rev: rev_of(job.change).to_string(),
-                    change: doc_of(job.change).into_owned(),
-                    request: job.request.redacted(),
-                    last_status: match &error {
-                        DeliveryError::Status { status, .. } => Some(*status),
-                        _ => None,
-                    },
-                    last_error: text.clone(),
-                    attempts: count,
-                    first_attempt_at: first_at,
-                    last_attempt_at: now,
-                };
-                if let Err(e) =
-                    dead_letter::store(&self.client, &self.spiegel_db, &self.namespace, &letter)
-                        .await
-                {
-                    // Without its dead letter the request must not be dropped.
-                    return Sent::Retry(
-                        job.rule.backoff.wait(count),
-                        format!("cannot store the dead letter: {e}"),
-                    );
-                }
-                tracing::error!(rule = %job.rule.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
-                self.metrics.dead_letters.inc();
-                self.settle(db, &job.key);
-                Sent::Dead
-            }
+            Err(error) => self.failed(job, db, &error).await,
         }
     }
 
+    /// A failed attempt: retried after the rule's backoff, or, after its
+    /// last retry, stored as a dead letter.
+    async fn failed(&self, job: &Job<'_>, db: &str, error: &DeliveryError) -> Sent {
+        let text = error.to_string();
+        self.status.failure(&job.rule.id, db, text.clone());
+        let now = crate::coordination::timestamp();
+        let (count, first_at) = {
+            let mut progress = self.progress();
+            let p = progress.entry(db.to_string()).or_default();
+            let a = p.attempts.entry(job.key.clone()).or_insert(Attempts {
+                count: 0,
+                first_at: now.clone(),
+            });
+            a.count += 1;
+            (a.count, a.first_at.clone())
+        };
+        let retries = count - 1;
+        if !job.rule.backoff.exhausted(retries) {
+            self.metrics.webhook_retries.inc();
+            return Sent::Retry(job.rule.backoff.wait(count), text);
+        }
+        let letter = DeadLetter {
+            kind: DeadLetter::KIND.into(),
+            rule: job.rule.id.clone(),
+            db_name: db.into(),
+            seq: job.change.seq.as_json().clone(),
+            doc_id: job.change.id.clone(),
+            rev: rev_of(job.change).to_string(),
+            change: doc_of(job.change).into_owned(),
+            request: job.request.redacted(),
+            last_status: match error {
+                DeliveryError::Status { status, .. } => Some(*status),
+                _ => None,
+            },
+            last_error: text.clone(),
+            attempts: count,
+            first_attempt_at: first_at,
+            last_attempt_at: now,
+        };
+        if let Err(e) =
+            dead_letter::store(&self.client, &self.spiegel_db, &self.namespace, &letter).await
+        {
+            // Without its dead letter the request must not be dropped.
+            return Sent::Retry(
+                job.rule.backoff.wait(count),
+                format!("cannot store the dead letter: {e}"),
+            );
+        }
+        tracing::error!(rule = %job.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
+        self.metrics.dead_letters.inc();
+        self.settle(db, &job.key);
+        Sent::Dead
+    }
+
     /// The requests of one batch, in change order, debounced.
-    fn jobs<'a>(&self, db: &str, rules: &[&'a Prepared], changes: &'a [Change]) -> Vec<Job<'a>> {
+    fn jobs<'a>(
+        &self,
+        db: &str,
+        rules: &[&'a OnChangeRule],
+        changes: &'a [Change],
+    ) -> Vec<Job<'a>> {
         let delivered = self
             .progress()
             .get(db)
@@ -351,7 +296,7 @@ impl ChangeListener {
         for change in changes {
             let rev = rev_of(change);
             let doc = doc_of(change);
-            for rule in rules.iter().filter(|r| r.rule.matches(&doc)) {
+            for rule in rules.iter().filter(|r| r.matches(&doc)) {
                 let context = ChangeContext {
                     db_name: db,
                     doc: &doc,
@@ -359,22 +304,19 @@ impl ChangeListener {
                     rev,
                     seq: change.seq.as_json(),
                 };
-                let request = match Request::build(&rule.template(), &context, &self.passwords) {
+                let request = match Request::build(&rule.request, &context) {
                     Ok(request) => request,
                     Err(e) => {
-                        tracing::error!(rule = %rule.rule.id, db, error = %e, "cannot build the request: skipped");
-                        self.status.failure(
-                            &rule.rule.id,
-                            db,
-                            format!("cannot build the request: {e}"),
-                        );
+                        tracing::error!(rule = %rule.id, db, error = %e, "cannot build the request: skipped");
+                        self.status
+                            .failure(&rule.id, db, format!("cannot build the request: {e}"));
                         continue;
                     }
                 };
-                if rule.rule.debounce && !debounced.insert(request.identity()) {
+                if rule.debounce && !debounced.insert(request.identity()) {
                     continue;
                 }
-                let key = DeliveryKey::of(&rule.rule.id, change);
+                let key = DeliveryKey::of(&rule.id, change);
                 if delivered.contains(&key) {
                     continue;
                 }
@@ -395,12 +337,11 @@ impl ChangeListener {
     async fn deliver(
         &self,
         db: &str,
-        rules: &[&Prepared],
+        rules: &[&OnChangeRule],
         changes: &[Change],
     ) -> Result<(), (Option<Seq>, Duration, String)> {
         let jobs = self.jobs(db, rules, changes);
-        let (parallel, ordered): (Vec<&Job>, Vec<&Job>) =
-            jobs.iter().partition(|j| !j.rule.rule.block);
+        let (parallel, ordered): (Vec<&Job>, Vec<&Job>) = jobs.iter().partition(|j| !j.rule.block);
 
         let mut failure: Option<(Duration, String)> = None;
         let mut waiting = parallel.iter();
@@ -461,7 +402,7 @@ impl Role for ChangeListener {
 
     async fn handle(&self, db: &str) -> Outcome {
         let rules = self.rules().await;
-        let rules: Vec<&Prepared> = rules.iter().filter(|r| r.rule.applies_to_db(db)).collect();
+        let rules: Vec<&OnChangeRule> = rules.iter().filter(|r| r.applies_to_db(db)).collect();
         if rules.is_empty() {
             return Outcome::Done;
         }
@@ -549,90 +490,6 @@ impl Role for ChangeListener {
     async fn stop(&self) {
         self.checkpoints.flush().await;
     }
-}
-
-/// What `spiegel redeliver` did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Redelivered {
-    pub delivered: usize,
-    pub failed: usize,
-    /// Dead letters whose on_change document no longer exists (kept).
-    pub orphaned: usize,
-}
-
-/// Sends dead letters again (all, or those of one rule and/or database),
-/// each with its rule's current URL, headers and signature, and removes the
-/// ones that succeed. A failure keeps the letter, with the new error.
-pub async fn redeliver(
-    client: &CouchClient,
-    config: &Config,
-    sender: &Sender,
-) -> Result<Redelivered, CouchError> {
-    let (spiegel_db, namespace, passwords) =
-        (&config.db_name, &config.namespace, &config.passwords);
-    let (rule_filter, db_filter) = (config.rule.as_deref(), config.database.as_deref());
-    use crate::couch::AllDocsQuery;
-    let letters: Vec<_> = dead_letter::list(client, spiegel_db, namespace)
-        .await?
-        .into_iter()
-        .filter(|(_, _, letter)| {
-            rule_filter.is_none_or(|r| r == letter.rule)
-                && db_filter.is_none_or(|d| d == letter.db_name)
-        })
-        .collect();
-    // Only the on_change documents the letters name, not the whole database.
-    let keys: HashSet<&str> = letters.iter().map(|(_, _, l)| l.rule.as_str()).collect();
-    let mut rules = HashMap::new();
-    if !keys.is_empty() {
-        let query = AllDocsQuery {
-            keys: Some(keys.into_iter().map(String::from).collect()),
-            include_docs: true,
-            ..Default::default()
-        };
-        let found = client.all_docs(spiegel_db, &query).await?;
-        for (id, doc) in found.rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
-            if doc.get("type") == Some(&Value::from("on_change")) {
-                if let Ok(prepared) = Prepared::new(&id, &doc, passwords, &config.backoff) {
-                    rules.insert(id, prepared);
-                }
-            }
-        }
-    }
-    let mut report = Redelivered::default();
-    for (id, rev, mut letter) in letters {
-        let Some(rule) = rules.get(&letter.rule) else {
-            tracing::warn!(letter = %id, rule = %letter.rule, "the on_change document of this dead letter is gone: kept");
-            report.orphaned += 1;
-            continue;
-        };
-        let context = ChangeContext {
-            db_name: &letter.db_name,
-            doc: &letter.change,
-            id: &letter.doc_id,
-            rev: &letter.rev,
-            seq: &letter.seq,
-        };
-        let outcome = match Request::build(&rule.template(), &context, passwords) {
-            Ok(request) => sender.send(&request).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(_) => {
-                client.delete_doc(spiegel_db, &id, &rev).await?;
-                report.delivered += 1;
-            }
-            Err(error) => {
-                letter.attempts += 1;
-                letter.last_error = error;
-                letter.last_attempt_at = crate::coordination::timestamp();
-                let mut doc = serde_json::to_value(&letter).unwrap_or(Value::Null);
-                doc["_rev"] = Value::from(rev);
-                client.put_doc(spiegel_db, &id, &doc).await?;
-                report.failed += 1;
-            }
-        }
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

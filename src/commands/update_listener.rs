@@ -1,7 +1,7 @@
 //! Spiegel 1.2's update-listener, kept so that an existing deployment (a
 //! Swarm service with `TYPE=update-listener`) does not crash-loop after the
 //! upgrade. The replicator and change-listener workers now follow
-//! `_db_updates` themselves, so this role has nothing to do.
+//! `_db_updates` themselves, so this command only idles.
 
 use std::future::Future;
 

@@ -1,0 +1,122 @@
+//! `spiegel redeliver`: sends dead letters again (all, or those of one rule
+//! and/or database), each with its rule's current URL, headers and
+//! signature, and removes the ones that succeed. A failure keeps the letter,
+//! with the new error. It needs no worker to be running, and does not check
+//! the rule's `if` or `selector` again.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::couch::{AllDocsQuery, CouchClient, CouchError};
+use crate::delivery::dead_letter::{self, DeadLetter};
+use crate::delivery::{Request, Sender};
+use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
+
+/// What `spiegel redeliver` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Redelivered {
+    pub delivered: usize,
+    pub failed: usize,
+    /// Dead letters whose on_change document no longer exists (kept).
+    pub orphaned: usize,
+}
+
+/// Sends the dead letters that `--rule` and `--database` select once each,
+/// and removes the ones delivered.
+pub async fn redeliver(
+    client: &CouchClient,
+    config: &Config,
+    sender: &Sender,
+) -> Result<Redelivered, CouchError> {
+    let spiegel_db = &config.db_name;
+    let (rule_filter, db_filter) = (config.rule.as_deref(), config.database.as_deref());
+    let letters: Vec<_> = dead_letter::list(client, spiegel_db, &config.namespace)
+        .await?
+        .into_iter()
+        .filter(|(_, _, letter)| {
+            rule_filter.is_none_or(|r| r == letter.rule)
+                && db_filter.is_none_or(|d| d == letter.db_name)
+        })
+        .collect();
+    let rules = rules_of(client, config, &letters).await?;
+    let mut report = Redelivered::default();
+    for (id, rev, mut letter) in letters {
+        let Some(rule) = rules.get(&letter.rule) else {
+            tracing::warn!(letter = %id, rule = %letter.rule, "the on_change document of this dead letter is gone: kept");
+            report.orphaned += 1;
+            continue;
+        };
+        match send_again(rule, &letter, sender).await {
+            Ok(()) => {
+                client.delete_doc(spiegel_db, &id, &rev).await?;
+                report.delivered += 1;
+            }
+            Err(error) => {
+                letter.attempts += 1;
+                letter.last_error = error;
+                letter.last_attempt_at = crate::coordination::timestamp();
+                let mut doc = serde_json::to_value(&letter).unwrap_or(Value::Null);
+                doc["_rev"] = Value::from(rev);
+                client.put_doc(spiegel_db, &id, &doc).await?;
+                report.failed += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The usable on_change rules that the letters name, by id: only those
+/// documents are read, not the whole spiegel database.
+async fn rules_of(
+    client: &CouchClient,
+    config: &Config,
+    letters: &[(String, String, DeadLetter)],
+) -> Result<HashMap<String, OnChangeRule>, CouchError> {
+    let keys: HashSet<&str> = letters.iter().map(|(_, _, l)| l.rule.as_str()).collect();
+    let mut rules = HashMap::new();
+    if keys.is_empty() {
+        return Ok(rules);
+    }
+    let query = AllDocsQuery {
+        keys: Some(keys.into_iter().map(String::from).collect()),
+        include_docs: true,
+        ..Default::default()
+    };
+    let context = Context {
+        passwords: &config.passwords,
+        backoff: &config.backoff,
+    };
+    let found = client.all_docs(&config.db_name, &query).await?;
+    for (id, doc) in found.rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
+        if doc.get("type") == Some(&Value::from("on_change")) {
+            if let Ok(rule) = OnChangeRule::compile(&id, &doc, &context) {
+                rules.insert(id, rule);
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// One attempt at the letter's request, built afresh from the rule; the
+/// error in words safe to store.
+async fn send_again(
+    rule: &OnChangeRule,
+    letter: &DeadLetter,
+    sender: &Sender,
+) -> Result<(), String> {
+    let change = ChangeContext {
+        db_name: &letter.db_name,
+        doc: &letter.change,
+        id: &letter.doc_id,
+        rev: &letter.rev,
+        seq: &letter.seq,
+    };
+    let request = Request::build(&rule.request, &change).map_err(|e| e.to_string())?;
+    sender
+        .send(&request)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,210 @@
+//! The placeholders of an on_change rule's request, defined once: which
+//! there are, how they are found in a string, and what replaces them for a
+//! change.
+//!
+//! Five placeholders are known: `$db_name` (the database name), `$change`
+//! (the whole document, or the deletion stub), `$change.id`, `$change.rev`
+//! and `$seq` (the `_changes` seq, opaque, as CouchDB sent it). Each may also
+//! be written `${db_name}`, `${change}`, `${change.id}`, `${change.rev}`,
+//! `${seq}`.
+//!
+//! - In `params`, at any depth (nested objects and arrays; keys are never
+//!   templated), a string that is exactly one placeholder is replaced by the
+//!   value itself with its JSON type: `$change` becomes the document object,
+//!   `$seq` the seq as received (number or string), the others strings. As in
+//!   Spiegel 1.2, unbalanced braces are tolerated in this whole-value case
+//!   (`${db_name`, `$db_name}`, `{$db_name}`). A placeholder inside a longer
+//!   string is replaced by text: `$change` as compact JSON, `$seq` as is when
+//!   it is a string and as compact JSON otherwise. A bare placeholder ends
+//!   where a name would end: `$db_names` and `$change.foo` are left alone; use
+//!   the `${...}` form when text follows directly.
+//! - In `url`, every placeholder (both forms) is replaced by its text,
+//!   percent-encoded as one path segment (`a/b` becomes `a%2Fb`, `+`, `$`,
+//!   `(` and `)` are encoded too).
+
+use serde_json::{Map, Value};
+
+use crate::couch::encode_segment;
+
+/// The change a request is built for.
+#[derive(Clone, Copy, Debug)]
+pub struct ChangeContext<'a> {
+    pub db_name: &'a str,
+    /// The whole document, or the deletion stub.
+    pub doc: &'a Value,
+    pub id: &'a str,
+    pub rev: &'a str,
+    /// The opaque `_changes` seq, passed on as is.
+    pub seq: &'a Value,
+}
+
+/// One of the known placeholders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placeholder {
+    DbName,
+    Change,
+    ChangeId,
+    ChangeRev,
+    Seq,
+}
+
+/// Names without the `$`, longest first so that a bare `$change.id` is not
+/// read as `$change` followed by `.id`.
+const NAMES: [(&str, Placeholder); 5] = [
+    ("change.rev", Placeholder::ChangeRev),
+    ("change.id", Placeholder::ChangeId),
+    ("db_name", Placeholder::DbName),
+    ("change", Placeholder::Change),
+    ("seq", Placeholder::Seq),
+];
+
+impl Placeholder {
+    fn named(name: &str) -> Option<Placeholder> {
+        NAMES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
+    /// The value that replaces a whole string.
+    fn value(self, c: &ChangeContext) -> Value {
+        match self {
+            Placeholder::DbName => Value::from(c.db_name),
+            Placeholder::Change => c.doc.clone(),
+            Placeholder::ChangeId => Value::from(c.id),
+            Placeholder::ChangeRev => Value::from(c.rev),
+            Placeholder::Seq => c.seq.clone(),
+        }
+    }
+
+    /// The text that replaces a placeholder inside a longer string.
+    fn text(self, c: &ChangeContext) -> String {
+        match self {
+            Placeholder::DbName => c.db_name.to_string(),
+            Placeholder::Change => c.doc.to_string(),
+            Placeholder::ChangeId => c.id.to_string(),
+            Placeholder::ChangeRev => c.rev.to_string(),
+            Placeholder::Seq => match c.seq {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+        }
+    }
+}
+
+/// Spiegel 1.2's whole-value test: the string matches
+/// `/^(\$?)\{?([^}]*)\}?$/` and the two groups joined name a placeholder.
+/// Hence its tolerance of unbalanced braces, kept for compatibility.
+fn whole_placeholder(s: &str) -> Option<Placeholder> {
+    let (dollar, rest) = match s.strip_prefix('$') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let rest = rest.strip_prefix('{').unwrap_or(rest);
+    let body = rest.strip_suffix('}').unwrap_or(rest);
+    if body.contains('}') {
+        return None;
+    }
+    let name = if dollar {
+        body
+    } else {
+        body.strip_prefix('$')?
+    };
+    Placeholder::named(name)
+}
+
+/// A URL for a change: every placeholder replaced by its text,
+/// percent-encoded as one path segment.
+pub(super) fn fill_url(url: &str, change: &ChangeContext) -> String {
+    substitute(url, |p| encode_segment(&p.text(change)))
+}
+
+/// `input` with every placeholder replaced by `text`.
+pub(super) fn replace_all(input: &str, text: &str) -> String {
+    substitute(input, |_| text.to_string())
+}
+
+/// Replaces every placeholder in `input`, both forms, by `render`'s text.
+fn substitute(input: &str, mut render: impl FnMut(Placeholder) -> String) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        match placeholder_at(after) {
+            Some((placeholder, len)) => {
+                out.push_str(&render(placeholder));
+                rest = &after[len..];
+            }
+            None => {
+                out.push('$');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The placeholder right after a `$`, and how many bytes it spans.
+fn placeholder_at(after: &str) -> Option<(Placeholder, usize)> {
+    if let Some(inner) = after.strip_prefix('{') {
+        let end = inner.find('}')?;
+        return Placeholder::named(&inner[..end]).map(|p| (p, end + 2));
+    }
+    NAMES.iter().find_map(|(name, placeholder)| {
+        let tail = after.strip_prefix(name)?;
+        ends_name(tail).then_some((*placeholder, name.len()))
+    })
+}
+
+/// Whether a bare name stops here: not followed by a name character, nor by
+/// a dot and a name character (`$change.foo` is not `$change`).
+fn ends_name(tail: &str) -> bool {
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut chars = tail.chars();
+    match chars.next() {
+        None => true,
+        Some('.') => !chars.next().is_some_and(is_name_char),
+        Some(c) => !is_name_char(c),
+    }
+}
+
+/// Params for a change: placeholders filled in at any depth, keys left as
+/// they are.
+pub(super) fn fill_object(map: &Map<String, Value>, c: &ChangeContext) -> Map<String, Value> {
+    map.iter()
+        .map(|(key, value)| (key.clone(), fill_value(value, c)))
+        .collect()
+}
+
+fn fill_value(value: &Value, c: &ChangeContext) -> Value {
+    match value {
+        Value::String(s) => match whole_placeholder(s) {
+            Some(placeholder) => placeholder.value(c),
+            None => Value::String(substitute(s, |p| p.text(c))),
+        },
+        Value::Array(items) => Value::Array(items.iter().map(|v| fill_value(v, c)).collect()),
+        Value::Object(map) => Value::Object(fill_object(map, c)),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unbalanced_braces_match_whole_values_as_in_spiegel_1_2() {
+        for s in ["${db_name", "$db_name}", "{$db_name}", "{$db_name"] {
+            assert_eq!(whole_placeholder(s), Some(Placeholder::DbName), "{s}");
+        }
+        for s in [
+            "db_name",
+            "{db_name}",
+            "$$db_name",
+            "$db_name}}",
+            "$db_}name",
+            "$other",
+        ] {
+            assert_eq!(whole_placeholder(s), None, "{s}");
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! The request of an on_change rule, compiled once: a [`Template`], filled
+//! in for each change by its placeholders ([`super::placeholder`]).
+//!
+//! The request members of the document: `url` (required; an http(s) URL
+//! once its placeholders are filled in, whose `user@host` gets its password
+//! from the passwords file), `method` (GET, POST, PUT or DELETE, in any case,
+//! default GET), `params` (an object), `headers` (an object of valid header
+//! names and string values), `timeout` (seconds, above 0 and at most 3600)
+//! and `sign` (where the signing secret is, and the header that carries the
+//! signature). Everything the document only names (the signing secret, the
+//! password of the URL's user) is looked up when the rule is compiled; how
+//! the request goes on the wire is the delivery's business.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::placeholder::{fill_object, fill_url, replace_all, ChangeContext};
+use super::{option_members, present, string_member, OnChangeDocError, Result};
+use crate::config::Passwords;
+use crate::couch::{redact_credentials, SecretUrl, UrlError};
+
+/// The signature header when `sign` does not name one.
+pub const DEFAULT_SIGN_HEADER: &str = "X-Spiegel-Signature";
+
+/// Upper bound of a per-rule timeout: an API that answers after an hour is
+/// better treated as a failure and retried.
+const MAX_TIMEOUT_SECS: f64 = 3600.0;
+
+/// What every placeholder of a URL is replaced by to check, when the rule is
+/// read, that the URL is well formed once filled in, even when a placeholder
+/// stands for (part of) the host name.
+const URL_SAMPLE: &str = "sample";
+
+const SIGN_MEMBERS: [&str; 4] = ["secret_env", "secret_host", "secret_user", "header"];
+
+/// The request of a rule: validated, its secrets resolved, its placeholders
+/// left in place since they depend on each change.
+///
+/// `Debug` shows neither header values nor secrets.
+#[derive(Clone, Default)]
+pub struct Template {
+    /// The URL as written, placeholders in place. Checked to be an http(s)
+    /// URL once they are filled in.
+    pub url: String,
+    pub method: Method,
+    /// A JSON object when present; its placeholders are left in place.
+    pub params: Option<Value>,
+    /// Extra request headers, in the order of the document's `headers`
+    /// object as read (names are valid HTTP header names).
+    pub headers: Vec<(String, String)>,
+    /// How long to wait for the response before counting a failure; `None`
+    /// for the sender's default.
+    pub timeout: Option<Duration>,
+    /// How to sign the request, if at all.
+    pub sign: Option<Signing>,
+    /// The password the passwords file gives the URL's user.
+    pub password: UrlPassword,
+}
+
+/// The HTTP methods an on_change rule may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Spiegel 1.2's default when a rule names no method.
+    #[default]
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+/// How to sign requests: the secret (resolved from wherever the rule points)
+/// and the name of the header that carries the signature.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Signing {
+    pub secret: String,
+    pub header: String,
+}
+
+/// The `sign` member as written: where the secret is, and the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignSpec {
+    pub secret: SecretSource,
+    pub header: String,
+}
+
+/// Where a signing secret comes from. Never the document itself: the spiegel
+/// database is readable by more people than should hold the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `"sign": {"secret_env": "NAME"}`: the environment variable `NAME` of
+    /// the Spiegel process.
+    Env(String),
+    /// `"sign": {"secret_host": "...", "secret_user": "..."}`: that user's
+    /// password for that host in the passwords file.
+    Passwords { host: String, user: String },
+}
+
+/// What the passwords file gives a `user@host` URL without a password.
+#[derive(Clone, Default)]
+pub enum UrlPassword {
+    /// Nothing: the URL has no user, has its own password, or the file has
+    /// no entry for its user and host.
+    #[default]
+    None,
+    /// The password of the URL's user, looked up when the rule was compiled.
+    Known(String),
+    /// The URL's user or host holds a placeholder: the file is looked up for
+    /// each change.
+    PerChange(Arc<Passwords>),
+}
+
+impl Template {
+    /// Validates the request members of an on_change document (`url`,
+    /// `method`, `params`, `timeout`, `headers`; `sign` is [`SignSpec`]'s).
+    /// Nothing is looked up yet: see [`Template::resolve`].
+    pub(super) fn parse(doc: &Value) -> Result<Self> {
+        let url = match present(doc, "url") {
+            None => return Err(OnChangeDocError::MissingUrl),
+            Some(Value::String(url)) => url,
+            Some(_) => return Err(OnChangeDocError::BadUrl("must be a string".to_string())),
+        };
+        // The error never repeats the URL, which may hold a password.
+        sample_url(url).map_err(|e| OnChangeDocError::BadUrl(e.to_string()))?;
+        let method = match present(doc, "method") {
+            None => Method::Get,
+            Some(Value::String(name)) => Method::from_name(name)
+                .ok_or_else(|| OnChangeDocError::UnknownMethod(format!("{name:?}")))?,
+            Some(other) => return Err(OnChangeDocError::UnknownMethod(other.to_string())),
+        };
+        let params = match present(doc, "params") {
+            None => None,
+            Some(params @ Value::Object(_)) => Some(params.clone()),
+            Some(_) => return Err(OnChangeDocError::ParamsNotObject),
+        };
+        let timeout = present(doc, "timeout").map(parse_timeout).transpose()?;
+        Ok(Template {
+            url: url.clone(),
+            method,
+            params,
+            headers: present(doc, "headers").map_or(Ok(Vec::new()), parse_headers)?,
+            timeout,
+            sign: None,
+            password: UrlPassword::None,
+        })
+    }
+
+    /// Completes a parsed template with what the document only names: the
+    /// signing secret, and the password of the URL's user.
+    pub(super) fn resolve(self, sign: Option<&SignSpec>, passwords: &Passwords) -> Result<Self> {
+        Ok(Template {
+            sign: sign.map(|s| s.resolve(passwords)).transpose()?,
+            password: UrlPassword::lookup(&self.url, passwords),
+            ..self
+        })
+    }
+
+    /// The URL for one change: each placeholder replaced by its text,
+    /// percent-encoded as one path segment, and the password of its user
+    /// filled in.
+    pub fn url_for(&self, change: &ChangeContext) -> Result<SecretUrl, UrlError> {
+        Ok(self
+            .password
+            .apply(SecretUrl::parse(&fill_url(&self.url, change))?))
+    }
+
+    /// The params for one change, placeholders filled in at any depth;
+    /// `null` counts as absent. Err: the JSON type of params that are not
+    /// an object.
+    pub fn params_for(
+        &self,
+        change: &ChangeContext,
+    ) -> std::result::Result<Option<Map<String, Value>>, &'static str> {
+        match &self.params {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(map)) => Ok(Some(fill_object(map, change))),
+            Some(other) => Err(json_type(other)),
+        }
+    }
+}
+
+impl fmt::Debug for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Template")
+            .field("url", &redact_credentials(&self.url))
+            .field("method", &self.method)
+            .field("params", &self.params)
+            .field("headers", &header_names)
+            .field("timeout", &self.timeout)
+            .field("sign", &self.sign)
+            .field("password", &self.password)
+            .finish()
+    }
+}
+
+/// The URL with every placeholder replaced by [`URL_SAMPLE`], parsed.
+fn sample_url(url: &str) -> Result<SecretUrl, UrlError> {
+    SecretUrl::parse(&replace_all(url, URL_SAMPLE))
+}
+
+impl Method {
+    /// Parses a method name case-insensitively (Spiegel 1.2 upper-cased it).
+    pub fn from_name(name: &str) -> Option<Method> {
+        match name.to_ascii_uppercase().as_str() {
+            "GET" => Some(Method::Get),
+            "POST" => Some(Method::Post),
+            "PUT" => Some(Method::Put),
+            "DELETE" => Some(Method::Delete),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    /// GET and DELETE carry the params in the query string, POST and PUT in
+    /// a JSON body, as in Spiegel 1.2.
+    pub fn has_body(self) -> bool {
+        matches!(self, Method::Post | Method::Put)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Signing {
+    // The secret must never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signing")
+            .field("secret", &"***")
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+impl SignSpec {
+    pub(super) fn parse(sign: &Value) -> Result<Self> {
+        let bad = OnChangeDocError::BadSign;
+        let members = option_members(
+            sign,
+            &SIGN_MEMBERS,
+            bad,
+            "must be an object with `secret_env`, or `secret_host` and `secret_user`",
+        )?;
+        let env = string_member(members, "secret_env", bad)?;
+        let host = string_member(members, "secret_host", bad)?;
+        let user = string_member(members, "secret_user", bad)?;
+        let secret = match (env, host, user) {
+            (Some(name), None, None) => SecretSource::Env(name.to_string()),
+            (None, Some(host), Some(user)) => SecretSource::Passwords {
+                host: host.to_string(),
+                user: user.to_string(),
+            },
+            (Some(_), _, _) => {
+                return Err(bad(
+                    "give either `secret_env` or `secret_host` and `secret_user`, not both"
+                        .to_string(),
+                ))
+            }
+            (None, None, None) => {
+                return Err(bad(
+                    "no secret: give `secret_env`, or `secret_host` and `secret_user`".to_string(),
+                ))
+            }
+            (None, _, _) => {
+                return Err(bad(
+                    "`secret_host` and `secret_user` go together".to_string()
+                ))
+            }
+        };
+        let header = match string_member(members, "header", bad)? {
+            None => DEFAULT_SIGN_HEADER.to_string(),
+            Some(name) if is_header_name(name) => name.to_string(),
+            Some(name) => return Err(bad(format!("{name:?} is not a valid header name"))),
+        };
+        Ok(SignSpec { secret, header })
+    }
+
+    /// The secret, from the environment of the Spiegel process or from the
+    /// passwords file.
+    fn resolve(&self, passwords: &Passwords) -> Result<Signing> {
+        let missing = OnChangeDocError::Secret;
+        let secret = match &self.secret {
+            SecretSource::Env(name) => std::env::var(name)
+                .map_err(|_| missing(format!("environment variable {name} is not set")))?,
+            SecretSource::Passwords { host, user } => passwords
+                .lookup(host, host, user)
+                .map(String::from)
+                .ok_or_else(|| {
+                    missing(format!(
+                        "no password for {user}@{host} in the passwords file"
+                    ))
+                })?,
+        };
+        Ok(Signing {
+            secret,
+            header: self.header.clone(),
+        })
+    }
+}
+
+impl UrlPassword {
+    /// What the passwords file gives the user of a URL template. Looked up
+    /// now unless a placeholder may stand in the URL's user info or host
+    /// (the sample text shows there), which keeps the file for each change.
+    pub fn lookup(url: &str, passwords: &Passwords) -> UrlPassword {
+        let Ok(sample) = sample_url(url) else {
+            return UrlPassword::None;
+        };
+        let authority = [
+            sample.username(),
+            sample.password(),
+            sample.host_with_port(),
+        ];
+        if authority
+            .iter()
+            .flatten()
+            .any(|part| part.contains(URL_SAMPLE))
+        {
+            return UrlPassword::PerChange(Arc::new(passwords.clone()));
+        }
+        let (None, Some(user), Some(host), Some(host_port)) = (
+            sample.password(),
+            sample.username(),
+            sample.host(),
+            sample.host_with_port(),
+        ) else {
+            return UrlPassword::None;
+        };
+        passwords
+            .lookup(&host_port, host, &user)
+            .map_or(UrlPassword::None, |p| UrlPassword::Known(p.to_string()))
+    }
+
+    /// The URL with its user's password filled in, as
+    /// [`Passwords::apply`] would.
+    fn apply(&self, url: SecretUrl) -> SecretUrl {
+        match self {
+            UrlPassword::None => url,
+            UrlPassword::Known(password) => url.with_password(password),
+            UrlPassword::PerChange(passwords) => passwords.apply(&url),
+        }
+    }
+}
+
+impl fmt::Debug for UrlPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UrlPassword::None => "None",
+            UrlPassword::Known(_) => "Known(***)",
+            UrlPassword::PerChange(_) => "PerChange",
+        })
+    }
+}
+
+fn parse_timeout(secs: &Value) -> Result<Duration> {
+    secs.as_f64()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_TIMEOUT_SECS)
+        .map(Duration::from_secs_f64)
+        .ok_or(OnChangeDocError::BadTimeout)
+}
+
+fn parse_headers(headers: &Value) -> Result<Vec<(String, String)>> {
+    let Value::Object(headers) = headers else {
+        return Err(OnChangeDocError::BadHeaders(
+            "must be an object of header names and string values".to_string(),
+        ));
+    };
+    headers
+        .iter()
+        .map(|(name, value)| {
+            if !is_header_name(name) {
+                return Err(OnChangeDocError::BadHeaders(format!(
+                    "{name:?} is not a valid header name"
+                )));
+            }
+            match value {
+                Value::String(text) if is_header_value(text) => Ok((name.clone(), text.clone())),
+                Value::String(_) => Err(OnChangeDocError::BadHeaders(format!(
+                    "the value of {name:?} contains a control character"
+                ))),
+                _ => Err(OnChangeDocError::BadHeaders(format!(
+                    "the value of {name:?} must be a string"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// An HTTP field name: one or more `tchar`s (RFC 9110, section 5.6.2).
+/// Checked here so that a bad name is reported against the document, not
+/// at every delivery.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An HTTP field value as the HTTP client accepts it: no control characters
+/// but tab (a CR or LF would let a document inject headers).
+fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn passwords() -> Passwords {
+        Passwords::parse(
+            r#"{"api.example.com": {"bob": "pw1"}, "alice.example.com": {"bob": "pw2"}}"#,
+            "p.json",
+        )
+        .unwrap()
+    }
+
+    /// The URL of `template` for a change of database `db`, with credentials.
+    fn url_for(url: &str, db: &str) -> SecretUrl {
+        let template = Template {
+            url: url.to_string(),
+            password: UrlPassword::lookup(url, &passwords()),
+            ..Template::default()
+        };
+        let (doc, seq) = (json!({"_id": "d"}), json!(1));
+        let change = ChangeContext {
+            db_name: db,
+            doc: &doc,
+            id: "d",
+            rev: "1-a",
+            seq: &seq,
+        };
+        template.url_for(&change).unwrap()
+    }
+
+    #[test]
+    fn the_url_password_is_looked_up_once_unless_the_host_is_a_placeholder() {
+        let fixed = "https://bob@api.example.com/${db_name}";
+        assert!(matches!(
+            UrlPassword::lookup(fixed, &passwords()),
+            UrlPassword::Known(p) if p == "pw1"
+        ));
+        assert_eq!(url_for(fixed, "x").password().as_deref(), Some("pw1"));
+
+        let templated = "https://bob@${db_name}.example.com/hook";
+        assert!(matches!(
+            UrlPassword::lookup(templated, &passwords()),
+            UrlPassword::PerChange(_)
+        ));
+        assert_eq!(
+            url_for(templated, "alice").password().as_deref(),
+            Some("pw2")
+        );
+        assert_eq!(url_for(templated, "carol").password(), None);
+
+        for none in [
+            "https://api.example.com/hook",
+            "https://bob:own@api.example.com/hook",
+            "https://eve@api.example.com/hook",
+        ] {
+            assert!(matches!(
+                UrlPassword::lookup(none, &passwords()),
+                UrlPassword::None
+            ));
+        }
+        assert_eq!(
+            url_for("https://bob:own@api.example.com/", "x")
+                .password()
+                .as_deref(),
+            Some("own")
+        );
+        assert!(!format!("{:?}", UrlPassword::lookup(fixed, &passwords())).contains("pw1"));
+    }
+}

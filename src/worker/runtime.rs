@@ -1,0 +1,429 @@
+//! One worker's event loop. [`Worker`] holds the whole state of a running
+//! worker; the loop in [`Worker::run`] waits for the next event and hands it
+//! to the one method that handles that kind of event.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::catch_up::{self, CatchUpEvent};
+use super::scheduler::{Finished, Scheduler};
+use super::{Outcome, Role, Wait, WorkerOptions, RECONNECT_CAP};
+use crate::backoff::Backoff;
+use crate::coordination::coordinator::{Assignment, Request};
+use crate::couch::{CouchClient, DbUpdate};
+use crate::metrics::{RoleLabel, WorkerMetrics};
+
+/// Nudges kept for partitions not yet acquired, at most.
+const PARKED_NUDGES: usize = 100_000;
+
+/// Partition replays at once: each holds a connection and reads a feed.
+pub(super) const REPLAYS: usize = 2;
+
+/// Internal messages of the worker's own tasks.
+pub(super) enum Event {
+    Finished {
+        db: String,
+        outcome: Outcome,
+        took: Duration,
+    },
+    RetryDue(String),
+}
+
+/// Where the worker's events come from.
+pub(super) struct Inbox {
+    /// The live `_db_updates` feed.
+    pub live: mpsc::Receiver<DbUpdate>,
+    /// Partitions gained, to give up, or lost, from the coordinator.
+    pub assignments: mpsc::UnboundedReceiver<Assignment>,
+    /// Replays of partitions, and the sweep's findings.
+    pub catch_up: mpsc::Receiver<CatchUpEvent>,
+    /// Runs that finished, retries that are due.
+    pub events: mpsc::UnboundedReceiver<Event>,
+    /// The coordinator's last successful heartbeat.
+    pub beats: watch::Receiver<Option<Instant>>,
+    /// Databases the role asks to handle (a document added or edited).
+    pub nudges: mpsc::Receiver<String>,
+}
+
+/// A running worker of one role.
+pub(super) struct Worker<R: Role> {
+    pub role: Arc<R>,
+    pub label: RoleLabel,
+    pub options: WorkerOptions,
+    pub client: CouchClient,
+    pub metrics: WorkerMetrics,
+    pub partitions: u32,
+    /// Which databases need a run, which runs may start, and each owned
+    /// partition's checkpoint. Free of I/O.
+    pub sched: Scheduler,
+    /// Every task but the runs: the feed, the coordinator, the sweep,
+    /// replays, retry timers, deletions. Dropped (aborted) with the worker.
+    pub tasks: JoinSet<()>,
+    /// The runs of the role in flight.
+    pub runs: JoinSet<()>,
+    /// Replay tasks by partition, with the epoch of the ownership they serve.
+    pub catch_ups: HashMap<u32, (u64, AbortHandle)>,
+    /// Nudges for partitions not (yet) ours, with when they came.
+    pub parked: VecDeque<(String, Instant)>,
+    /// Partitions being released, with when the release began.
+    pub draining: HashMap<u32, Instant>,
+    pub replays: Arc<Semaphore>,
+    /// To the coordinator.
+    pub requests: mpsc::UnboundedSender<Request>,
+    /// To this loop, from runs and retry timers.
+    pub events: mpsc::UnboundedSender<Event>,
+    /// To this loop, from replays.
+    pub catch_up: mpsc::Sender<CatchUpEvent>,
+}
+
+impl<R: Role> Worker<R> {
+    fn name(&self) -> &str {
+        self.role.name()
+    }
+
+    /// Handles events until `shutdown` resolves, then stops cleanly.
+    pub async fn run(mut self, mut inbox: Inbox, shutdown: impl std::future::Future<Output = ()>) {
+        let mut flush = tokio::time::interval(self.options.checkpoint_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        // Catch-up events and nudges are read only while few runs are
+        // queued: a first start over 100,000 databases is paced by the
+        // runs, not by memory.
+        let queue_limit = self.options.concurrency * 4;
+        loop {
+            let room = self.sched.queued() < queue_limit;
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(update) = inbox.live.recv() => self.on_update(update),
+                Some(assignment) = inbox.assignments.recv() => self.on_assignment(assignment),
+                Some(event) = inbox.catch_up.recv(), if room => self.on_catch_up(event),
+                Some(event) = inbox.events.recv() => self.on_event(event),
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
+                Ok(()) = inbox.beats.changed() => {
+                    if let Some(at) = *inbox.beats.borrow() {
+                        self.options.health.heartbeat(self.role.name(), at);
+                    }
+                }
+                Some(db) = inbox.nudges.recv(), if room => self.on_nudge(db),
+                _ = flush.tick() => self.save_checkpoints(),
+            }
+            self.release_drained();
+            if self.sched.take_urgent() {
+                self.save_checkpoints();
+            }
+            let fenced = self.fenced(&inbox.beats);
+            self.start_runs(fenced);
+        }
+        self.stop(inbox.events).await;
+    }
+
+    /// An event of the live `_db_updates` feed.
+    fn on_update(&mut self, update: DbUpdate) {
+        self.metrics
+            .updates_received
+            .get_or_create(&self.label)
+            .inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics
+            .last_event
+            .get_or_create(&self.label)
+            .set(now.as_secs_f64());
+        tracing::trace!(role = %self.name(), db = %update.db_name, kind = ?update.kind, seq = %update.seq, "update");
+        if self.sched.on_live_event(&update, Instant::now()) {
+            let role = self.role.clone();
+            self.tasks
+                .spawn(async move { role.deleted(&update.db_name).await });
+        }
+    }
+
+    fn on_assignment(&mut self, assignment: Assignment) {
+        match assignment {
+            Assignment::Acquired {
+                partition,
+                checkpoint,
+            } => self.acquire(partition, checkpoint),
+            Assignment::Release { partition } => {
+                self.sched.release(partition);
+                self.stop_replay(partition);
+                self.draining.insert(partition, Instant::now());
+            }
+            Assignment::Lost { partition } => {
+                self.sched.remove(partition);
+                self.stop_replay(partition);
+                self.draining.remove(&partition);
+            }
+        }
+    }
+
+    /// A partition is ours: replay what it missed since its checkpoint.
+    fn acquire(&mut self, partition: u32, checkpoint: Option<crate::couch::Seq>) {
+        let epoch = self.sched.acquire(partition, checkpoint.clone());
+        // Nudges that came before the partition was ours (a worker that
+        // just started) still count for a while.
+        let fresh = self.options.timing.lease * 2;
+        let sched = &mut self.sched;
+        self.parked.retain(|(db, at)| {
+            at.elapsed() < fresh
+                && !(sched.partition_of(db) == partition && sched.on_sweep(db, Instant::now()))
+        });
+        let job = catch_up::Job {
+            client: self.client.clone(),
+            partition,
+            epoch,
+            partitions: self.partitions,
+            checkpoint,
+            start_from_now: self.options.start_from_now,
+        };
+        let replay = catch_up::replay(job, self.catch_up.clone(), self.replays.clone());
+        let task = self.tasks.spawn(replay);
+        if let Some((_, old)) = self.catch_ups.insert(partition, (epoch, task)) {
+            old.abort();
+        }
+        self.draining.remove(&partition);
+    }
+
+    fn stop_replay(&mut self, partition: u32) {
+        if let Some((_, task)) = self.catch_ups.remove(&partition) {
+            task.abort();
+        }
+    }
+
+    fn on_catch_up(&mut self, event: CatchUpEvent) {
+        match event {
+            CatchUpEvent::Database {
+                partition,
+                epoch,
+                db,
+            } => self
+                .sched
+                .on_catch_up_event(partition, epoch, &db, Instant::now()),
+            CatchUpEvent::Done {
+                partition,
+                epoch,
+                end,
+            } => {
+                tracing::debug!(role = %self.name(), partition, "partition caught up");
+                self.sched.on_catch_up_done(partition, epoch, end);
+                if self
+                    .catch_ups
+                    .get(&partition)
+                    .is_some_and(|(e, _)| *e == epoch)
+                {
+                    self.catch_ups.remove(&partition);
+                }
+            }
+            CatchUpEvent::Swept { db } => {
+                if self.sched.on_sweep(&db, Instant::now()) {
+                    self.metrics.sweep_found.get_or_create(&self.label).inc();
+                    tracing::debug!(role = %self.name(), db = %db, "sweep: changed since the previous sweep");
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Finished { db, outcome, took } => self.on_finished(db, outcome, took),
+            Event::RetryDue(db) => {
+                self.metrics.runs_retried.get_or_create(&self.label).inc();
+                self.sched.retry_due(&db);
+            }
+        }
+    }
+
+    /// A run ended: count it, and set a retry timer if it asked for one.
+    fn on_finished(&mut self, db: String, outcome: Outcome, took: Duration) {
+        self.metrics
+            .run_duration
+            .get_or_create(&self.label)
+            .observe(took.as_secs_f64());
+        match &outcome {
+            Outcome::Retry { reason, .. } => {
+                self.metrics.runs_failed.get_or_create(&self.label).inc();
+                tracing::warn!(role = %self.name(), db = %db, %reason, "run failed; will retry");
+            }
+            Outcome::Done | Outcome::Gone => {
+                self.metrics.runs_succeeded.get_or_create(&self.label).inc();
+            }
+        }
+        let Some(retry) = self
+            .sched
+            .on_finished(&db, finished(&outcome), Instant::now())
+        else {
+            return;
+        };
+        let wait = match outcome {
+            Outcome::Retry {
+                wait: Wait::For(wait),
+                ..
+            } => wait,
+            Outcome::Retry {
+                wait: Wait::Reconnect,
+                ..
+            } => Backoff::reconnect(RECONNECT_CAP).wait(retry),
+            _ => self.options.retry.wait(retry),
+        };
+        let events = self.events.clone();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = events.send(Event::RetryDue(db));
+        });
+    }
+
+    fn on_nudge(&mut self, db: String) {
+        if !self.sched.on_sweep(&db, Instant::now()) && self.parked.len() < PARKED_NUDGES {
+            self.parked.push_back((db, Instant::now()));
+        }
+    }
+
+    /// Frees the partitions whose runs are over. A run that never ends must
+    /// not keep a partition from its next owner: after the shutdown timeout
+    /// it is released anyway (the run's updates are not marked handled, so
+    /// nothing is lost).
+    fn release_drained(&mut self) {
+        let timeout = self.options.shutdown_timeout;
+        let sched = &mut self.sched;
+        let requests = &self.requests;
+        self.draining.retain(|&partition, since| {
+            if !sched.drained(partition) && since.elapsed() < timeout {
+                return true;
+            }
+            let checkpoint = sched.remove(partition);
+            let _ = requests.send(Request::Released {
+                partition,
+                checkpoint,
+            });
+            false
+        });
+    }
+
+    /// Fencing: once our last heartbeat is older than the lease time minus
+    /// a heartbeat, others may take our partitions.
+    fn fenced(&self, beats: &watch::Receiver<Option<Instant>>) -> bool {
+        let timing = &self.options.timing;
+        beats
+            .borrow()
+            .is_none_or(|t| t.elapsed() + timing.heartbeat >= timing.lease)
+    }
+
+    /// Starts the runs the scheduler allows (none while fenced).
+    fn start_runs(&mut self, fenced: bool) {
+        if fenced {
+            return;
+        }
+        for start in self.sched.take_startable(Instant::now()) {
+            self.metrics.runs_started.get_or_create(&self.label).inc();
+            tracing::trace!(role = %self.name(), db = %start.db, "run");
+            self.metrics
+                .update_to_run
+                .get_or_create(&self.label)
+                .observe(start.waited.as_secs_f64());
+            self.spawn_run(start.db);
+        }
+    }
+
+    /// Runs the role on a database in its own task; a panic counts as a
+    /// failure to retry, never as a lost database.
+    fn spawn_run(&mut self, db: String) {
+        let role = self.role.clone();
+        let events = self.events.clone();
+        self.runs.spawn(async move {
+            let started = Instant::now();
+            let outcome = AssertUnwindSafe(role.handle(&db))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Outcome::retry("the run panicked"));
+            let _ = events.send(Event::Finished {
+                db,
+                outcome,
+                took: started.elapsed(),
+            });
+        });
+    }
+
+    /// Asks the coordinator to save the checkpoints that moved, if any.
+    fn save_checkpoints(&mut self) {
+        let dirty = self.sched.take_dirty_checkpoints();
+        if !dirty.is_empty() {
+            let _ = self.requests.send(Request::Checkpoints(dirty));
+        }
+    }
+
+    /// No new runs; those in flight finish (or are abandoned after the
+    /// shutdown timeout); checkpoints are saved and leases released; every
+    /// task is stopped.
+    async fn stop(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        tracing::info!(role = %self.name(), in_flight = self.sched.in_flight(), "stopping");
+        self.sched.stop();
+        for (_, task) in self.catch_ups.values() {
+            task.abort();
+        }
+        self.finish_runs(&mut events).await;
+        self.role.stop().await;
+        self.leave().await;
+        self.tasks.abort_all();
+        self.runs.abort_all();
+        // Wait for the aborted tasks, so that nothing of the worker outlives
+        // its stop.
+        while self.tasks.join_next().await.is_some() {}
+        while self.runs.join_next().await.is_some() {}
+        tracing::info!(role = %self.name(), "stopped");
+    }
+
+    async fn finish_runs(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
+        let deadline = tokio::time::Instant::now() + self.options.shutdown_timeout;
+        while self.sched.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(Event::Finished { db, outcome, .. })) => {
+                    self.sched
+                        .on_finished(&db, finished(&outcome), Instant::now());
+                }
+                Ok(Some(Event::RetryDue(_))) => {}
+                Ok(None) | Err(_) => {
+                    tracing::warn!(role = %self.name(), abandoned = self.sched.in_flight(), "shutdown timeout: abandoning runs in flight");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Saves the checkpoints, frees the leases and removes the membership.
+    async fn leave(&mut self) {
+        let checkpoints = self
+            .sched
+            .owned()
+            .into_iter()
+            .map(|p| (p, self.sched.remove(p)))
+            .collect();
+        let (done, left) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Leave { checkpoints, done })
+            .is_ok()
+            // The coordinator may be in the middle of a heartbeat (bounded
+            // by two heartbeats) and then needs two bounded steps to leave.
+            && tokio::time::timeout(self.options.timing.heartbeat * 7, left)
+                .await
+                .is_err()
+        {
+            tracing::warn!(role = %self.name(), "could not release the leases in time; they expire after the lease time");
+        }
+    }
+}
+
+/// What an outcome means to the scheduler.
+fn finished(outcome: &Outcome) -> Finished {
+    match outcome {
+        Outcome::Retry { .. } => Finished::Retry,
+        Outcome::Done | Outcome::Gone => Finished::Handled,
+    }
+}
