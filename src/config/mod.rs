@@ -13,9 +13,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, Value
 
 pub use self::passwords::{Passwords, PasswordsError};
 use crate::backoff::{Backoff, Strategy};
-use crate::coordination::coordinator::Timing;
 use crate::couch::{SecretUrl, UrlError};
-use crate::worker::WorkerOptions;
 
 /// What the process does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand, ValueEnum)]
@@ -456,9 +454,7 @@ impl Cli {
                 jitter: false,
             },
             partitions: self.partitions,
-            worker_id: self
-                .worker_id
-                .unwrap_or_else(crate::worker::default_worker_id),
+            worker_id: self.worker_id.unwrap_or_else(default_worker_id),
             lease_time: Duration::from_secs_f64(self.lease_time),
             since: self.since,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
@@ -487,35 +483,6 @@ impl Config {
     /// about two feed heartbeats.
     pub fn client_options(&self) -> crate::couch::ClientOptions {
         crate::couch::ClientOptions::with_heartbeat(self.feed_heartbeat())
-    }
-
-    /// The runtime settings of a worker of `role`. Each role of a process
-    /// gets its own worker id (the role is appended) so that `run` can host
-    /// several.
-    pub fn worker_options(&self, role: &str) -> WorkerOptions {
-        let lease = self.lease_time;
-        WorkerOptions {
-            db_name: self.db_name.clone(),
-            namespace: self.namespace.clone(),
-            worker_id: format!("{}-{role}", self.worker_id),
-            concurrency: self.concurrency,
-            timing: Timing {
-                lease,
-                heartbeat: lease / 3,
-            },
-            checkpoint_interval: self.save_seq_after,
-            feed_heartbeat: self.feed_heartbeat(),
-            start_from_now: self.since == Since::Now,
-            // Runs that fail for reasons outside the role wait like API
-            // calls do, but never longer than five minutes between tries.
-            retry: Backoff {
-                max_delay: Some(self.backoff.delay.max(Duration::from_secs(300))),
-                ..self.backoff.clone()
-            },
-            shutdown_timeout: self.shutdown_timeout,
-            sweep_interval: self.sweep_interval,
-            health: Arc::clone(&self.health),
-        }
     }
 }
 
@@ -559,6 +526,30 @@ fn positive_number(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{s} is out of range (above 0, at most 1000)"))
     }
+}
+
+/// A default worker id: host name, process id and a random suffix.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_else(|| "spiegel".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 #[cfg(test)]

@@ -81,20 +81,37 @@ pub struct Coordinator {
     to_worker: mpsc::UnboundedSender<Assignment>,
 }
 
+/// Which worker a coordinator speaks for, and where.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// The spiegel database.
+    pub db: String,
+    pub namespace: String,
+    pub role: String,
+    pub worker_id: String,
+    /// The installation's partition count.
+    pub partitions: u32,
+    pub timing: Timing,
+}
+
 impl Coordinator {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: CouchClient,
-        db: &str,
-        namespace: &str,
-        role: &str,
-        me: &str,
-        partitions: u32,
-        timing: Timing,
+        member: Member,
         metrics: WorkerMetrics,
         to_worker: mpsc::UnboundedSender<Assignment>,
         beats: watch::Sender<Option<Instant>>,
     ) -> Self {
+        let Member {
+            db,
+            namespace,
+            role,
+            worker_id: me,
+            partitions,
+            timing,
+        } = member;
+        let (db, namespace, role, me) =
+            (db.as_str(), namespace.as_str(), role.as_str(), me.as_str());
         let ids = DocIds::new(namespace, role);
         let member = WorkerDoc {
             id: ids.worker(me),

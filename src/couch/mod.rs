@@ -23,6 +23,9 @@ pub use self::url::{redact_credentials, SecretUrl, UrlError};
 
 pub type Result<T, E = CouchError> = std::result::Result<T, E>;
 
+/// The database CouchDB 3 serves `_db_updates` from; it must exist.
+pub const GLOBAL_CHANGES: &str = "_global_changes";
+
 /// Characters left as they are in a path segment. Everything else, `/`, `+`,
 /// `$`, `(`, `)` included, is percent-encoded: CouchDB decodes `+` in a path
 /// as a space, so a database named `a+b` must be sent as `a%2Bb`.

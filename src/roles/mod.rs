@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::AuthStyle;
 use crate::status::{self, StatusBook};
-use crate::worker::{Role, WorkerOptions};
+use crate::worker::{Extras, Role, WorkerOptions};
 
 /// The worker roles a process can host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,15 +66,19 @@ pub async fn run(
     for role in roles {
         config.health.expect(role.name());
     }
+    let (docs, follow) = follower::start(
+        client.clone(),
+        config.db_name.clone(),
+        config.namespace.clone(),
+    );
+    // The follower serves every worker; it stops after them.
+    let mut follower = JoinSet::new();
+    follower.spawn(follow);
     let host = Host {
         config,
         client,
         metrics,
-        docs: follower::spawn(
-            client.clone(),
-            config.db_name.clone(),
-            config.namespace.clone(),
-        ),
+        docs,
         version: server.version,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -100,6 +105,8 @@ pub async fn run(
     while let Some(result) = workers.join_next().await {
         flatten(result)?;
     }
+    follower.abort_all();
+    while follower.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -111,31 +118,32 @@ impl Host<'_> {
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let (config, client) = (self.config, self.client);
-        let options = config.worker_options(replicator::NAME);
-        let book = self.status_book(replicator::NAME, &options.worker_id);
-        let (nudge_tx, nudge_rx) = mpsc::channel(256);
+        let options = WorkerOptions::for_role(config, replicator::NAME);
+        let (book, saver) = self.status_book(replicator::NAME, &options.worker_id);
+        let (nudge_tx, nudges) = mpsc::channel(256);
         let already_run =
             status::reported_docs(client, &config.db_name, &config.namespace, replicator::NAME)
                 .await?;
-        tokio::spawn(replicator::nudge_on_changes(
+        let nudging = replicator::nudge_on_changes(
             client.clone(),
             config.url.clone(),
             self.docs.clone(),
             already_run,
             nudge_tx,
-        ));
-        let role = replicator::Replicator::new(
+        );
+        let role = replicator::Replicator::start(
+            config,
             client.clone(),
-            config.url.clone(),
             self.docs.clone(),
-            config.passwords.clone(),
             AuthStyle::for_version(&self.version),
-            config.backoff.clone(),
-            config.assume_deleted_after,
             book,
             self.metrics.roles.clone(),
         );
-        workers.spawn(self.worker(role, options, nudge_rx, stopped));
+        let extras = Extras {
+            nudges,
+            tasks: vec![Box::pin(nudging), saver],
+        };
+        workers.spawn(self.worker(role, options, extras, stopped));
         Ok(())
     }
 
@@ -145,9 +153,9 @@ impl Host<'_> {
         workers: &mut JoinSet<Result<()>>,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let options = self.config.worker_options(change_listener::NAME);
-        let book = self.status_book(change_listener::NAME, &options.worker_id);
-        let role = change_listener::ChangeListener::start(
+        let options = WorkerOptions::for_role(self.config, change_listener::NAME);
+        let (book, saver) = self.status_book(change_listener::NAME, &options.worker_id);
+        let (role, flusher) = change_listener::ChangeListener::start(
             self.config,
             self.client.clone(),
             self.docs.clone(),
@@ -155,8 +163,11 @@ impl Host<'_> {
             self.metrics.roles.clone(),
         )?;
         // on_change documents take effect at their databases' next change.
-        let (_, nudge_rx) = mpsc::channel(1);
-        workers.spawn(self.worker(role, options, nudge_rx, stopped));
+        let extras = Extras {
+            tasks: vec![Box::pin(flusher), saver],
+            ..Extras::default()
+        };
+        workers.spawn(self.worker(role, options, extras, stopped));
         Ok(())
     }
 
@@ -165,7 +176,7 @@ impl Host<'_> {
         &self,
         role: R,
         options: WorkerOptions,
-        nudges: mpsc::Receiver<String>,
+        extras: Extras,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<()>> {
         crate::worker::run(
@@ -173,16 +184,16 @@ impl Host<'_> {
             Arc::new(role),
             options,
             self.metrics.worker.clone(),
-            nudges,
+            extras,
             stopped,
         )
     }
 
-    /// A role's status book, saved in the background (at most every 5 s).
-    fn status_book(&self, role: &str, worker_id: &str) -> StatusBook {
+    /// A role's status book, and the task that saves it (at most every 5 s).
+    fn status_book(&self, role: &str, worker_id: &str) -> (StatusBook, BoxFuture<'static, ()>) {
         let config = self.config;
         let book = StatusBook::default();
-        tokio::spawn(status::save_periodically(
+        let saver = status::save_periodically(
             self.client.clone(),
             config.db_name.clone(),
             config.namespace.clone(),
@@ -190,14 +201,14 @@ impl Host<'_> {
             worker_id.into(),
             book.clone(),
             config.save_seq_after.min(Duration::from_secs(5)),
-        ));
-        book
+        );
+        (book, Box::pin(saver))
     }
 }
 
 fn flatten(result: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     match result {
         Ok(r) => r,
-        Err(e) => Err(crate::error::Error::Worker(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }

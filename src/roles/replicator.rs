@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::config::Passwords;
+use crate::config::{Config, Passwords};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
@@ -52,26 +52,23 @@ enum Replicated {
 }
 
 impl Replicator {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    /// The role as `config` sets it up.
+    pub fn start(
+        config: &Config,
         client: CouchClient,
-        server: SecretUrl,
         docs: DocsWatch,
-        passwords: Passwords,
         auth: AuthStyle,
-        backoff: Backoff,
-        assume_deleted_after: Duration,
         status: StatusBook,
         metrics: RoleMetrics,
     ) -> Self {
         Replicator {
             client,
-            server,
+            server: config.url.clone(),
             docs,
-            passwords,
+            passwords: config.passwords.clone(),
             auth,
-            backoff,
-            assume_deleted_after,
+            backoff: config.backoff.clone(),
+            assume_deleted_after: config.assume_deleted_after,
             status,
             metrics,
             rules: RuleCache::new("replicator"),

@@ -6,6 +6,7 @@
 //! rows are skipped by id, without reading their bodies.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +24,16 @@ pub type UserDocs = BTreeMap<String, Value>;
 /// A handle on the followed documents: `None` until the first full load.
 pub type DocsWatch = watch::Receiver<Option<Arc<UserDocs>>>;
 
-/// Starts following; the returned receiver sees every new version of the
-/// document set. Runs until the receiver and its clones are dropped.
-pub fn spawn(client: CouchClient, db: String, namespace: String) -> DocsWatch {
+/// The follower, to run on a task of the caller's, and a receiver that sees
+/// every new version of the document set. The follower ends once the
+/// receiver and its clones are dropped.
+pub fn start(
+    client: CouchClient,
+    db: String,
+    namespace: String,
+) -> (DocsWatch, impl Future<Output = ()> + Send + 'static) {
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(follow(client, db, namespace, tx));
-    rx
+    (rx, follow(client, db, namespace, tx))
 }
 
 /// Waits for the first full load.

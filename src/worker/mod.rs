@@ -16,6 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -25,11 +26,12 @@ use self::runtime::{Inbox, Worker};
 use self::scheduler::Scheduler;
 use crate::admin::Health;
 use crate::backoff::Backoff;
-use crate::coordination::coordinator::{Assignment, Coordinator, Request, Timing};
+use crate::config::{Config, Since};
+use crate::coordination::coordinator::{Assignment, Coordinator, Member, Request, Timing};
 use crate::coordination::{settings_doc_id, Settings};
+use crate::couch::GLOBAL_CHANGES;
 use crate::couch::{CouchClient, CouchError, DbUpdate, FeedOptions, Seq};
 use crate::error::{Error, Result};
-use crate::install::GLOBAL_CHANGES;
 use crate::metrics::{self, WorkerMetrics};
 
 /// Longest wait before running again a database whose run found CouchDB
@@ -136,28 +138,35 @@ pub struct WorkerOptions {
     pub health: Arc<Health>,
 }
 
-/// A default worker id: host name, process id and a random suffix.
-pub fn default_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .unwrap_or_else(|| "spiegel".into());
-    let host: String = host
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!(
-        "{host}-{}-{:04x}",
-        std::process::id(),
-        rand::random::<u16>()
-    )
+impl WorkerOptions {
+    /// The runtime settings of a worker of `role`. Each role of a process
+    /// gets its own worker id (the role is appended) so that `run` can host
+    /// several.
+    pub fn for_role(config: &Config, role: &str) -> Self {
+        let lease = config.lease_time;
+        WorkerOptions {
+            db_name: config.db_name.clone(),
+            namespace: config.namespace.clone(),
+            worker_id: format!("{}-{role}", config.worker_id),
+            concurrency: config.concurrency,
+            timing: Timing {
+                lease,
+                heartbeat: lease / 3,
+            },
+            checkpoint_interval: config.save_seq_after,
+            feed_heartbeat: config.feed_heartbeat(),
+            start_from_now: config.since == Since::Now,
+            // Runs that fail for reasons outside the role wait like API
+            // calls do, but never longer than five minutes between tries.
+            retry: Backoff {
+                max_delay: Some(config.backoff.delay.max(Duration::from_secs(300))),
+                ..config.backoff.clone()
+            },
+            shutdown_timeout: config.shutdown_timeout,
+            sweep_interval: config.sweep_interval,
+            health: Arc::clone(&config.health),
+        }
+    }
 }
 
 /// The installation's settings, or [`Error::NotInstalled`] when Spiegel is
@@ -179,17 +188,37 @@ pub(crate) async fn installed_settings(
     }
 }
 
+/// What a role brings to its worker besides itself.
+pub struct Extras {
+    /// Databases the role wants handled although no update event named them
+    /// (they are handled if their partition is ours).
+    pub nudges: mpsc::Receiver<String>,
+    /// Tasks the role needs while it runs (savers, followers). The worker
+    /// owns them: they stop with it, after the role's [`Role::stop`].
+    pub tasks: Vec<BoxFuture<'static, ()>>,
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        // No nudges: the sender is dropped at once.
+        let (_, nudges) = mpsc::channel(1);
+        Extras {
+            nudges,
+            tasks: Vec::new(),
+        }
+    }
+}
+
 /// Runs a worker of `role` until `shutdown` resolves, then stops cleanly:
 /// runs in flight finish (or are abandoned after the shutdown timeout),
 /// checkpoints are saved, leases released, and every task of the worker
-/// stopped. `nudges` brings databases the role wants handled although no
-/// update event named them (they are handled if their partition is ours).
+/// stopped, the role's `extras` included.
 pub async fn run<R: Role>(
     client: CouchClient,
     role: Arc<R>,
     options: WorkerOptions,
     metrics: WorkerMetrics,
-    nudges: mpsc::Receiver<String>,
+    extras: Extras,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let role_name = role.name().to_string();
@@ -238,13 +267,16 @@ pub async fn run<R: Role>(
         requests: request_rx,
     };
     services.spawn(&mut worker);
+    for task in extras.tasks {
+        worker.tasks.spawn(task);
+    }
     let inbox = Inbox {
         live,
         assignments,
         catch_up: catch_up_rx,
         events: events_rx,
         beats,
-        nudges,
+        nudges: extras.nudges,
     };
     worker.run(inbox, shutdown).await;
     Ok(())
@@ -277,15 +309,19 @@ impl Services {
             worker.metrics.clone(),
             role.clone(),
         ));
+        let member = Member {
+            db: worker.options.db_name.clone(),
+            namespace: worker.options.namespace.clone(),
+            role: role.clone(),
+            worker_id: worker.options.worker_id.clone(),
+            partitions: worker.partitions,
+            timing: worker.options.timing.clone(),
+        };
+        let metrics = worker.metrics.clone();
         let coordinator = Coordinator::new(
             worker.client.clone(),
-            &worker.options.db_name,
-            &worker.options.namespace,
-            &role,
-            &worker.options.worker_id,
-            worker.partitions,
-            worker.options.timing.clone(),
-            worker.metrics.clone(),
+            member,
+            metrics,
             self.assignments,
             self.beats,
         );

@@ -16,6 +16,7 @@ mod checkpoints;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{DeliveryError, Request, Sender};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
@@ -126,30 +127,29 @@ enum Sent {
 }
 
 impl ChangeListener {
-    /// The role as `config` sets it up, with its checkpoints saved in the
-    /// background.
+    /// The role as `config` sets it up, and the task that saves its
+    /// checkpoints (for the worker to run).
     pub fn start(
         config: &Config,
         client: CouchClient,
         docs: DocsWatch,
         status: StatusBook,
         metrics: RoleMetrics,
-    ) -> Result<Self> {
+    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static)> {
         let checkpoints = Checkpoints::new(client.clone(), &config.db_name);
         // Per-database checkpoints are saved in batches: at most the lease
         // time of changes is delivered again after a crash.
         let flush_every = config.save_seq_after.min(config.lease_time);
         let flusher = checkpoints.clone();
-        tokio::spawn(async move {
+        let flushing = async move {
             let mut tick = tokio::time::interval(flush_every);
             loop {
                 tick.tick().await;
                 flusher.flush().await;
             }
-        });
-        let sender = Sender::new(config.request_timeout, config.concurrency)
-            .map_err(|e| Error::Worker(e.to_string()))?;
-        Ok(ChangeListener {
+        };
+        let sender = Sender::new(config.request_timeout, config.concurrency)?;
+        let role = ChangeListener {
             client,
             spiegel_db: config.db_name.clone(),
             namespace: config.namespace.clone(),
@@ -164,7 +164,8 @@ impl ChangeListener {
             metrics,
             rules: RuleCache::new("on_change"),
             progress: Mutex::default(),
-        })
+        };
+        Ok((role, flushing))
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
@@ -470,21 +471,19 @@ impl Role for ChangeListener {
             p.delivered.clear();
             p.attempts.clear();
         }
-        // The checkpoint goes once the database has stayed deleted.
-        let client = self.client.clone();
-        let checkpoints = self.checkpoints.clone();
-        let wait = self.assume_deleted_after;
-        let db = db.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            if matches!(client.db_info(&db).await, Err(CouchError::DbNotFound(_))) {
-                // Load it first: only a known revision can be deleted.
-                let _ = checkpoints.get(&db).await;
-                checkpoints.forget(&db);
-                checkpoints.flush().await;
-                tracing::info!(db = %db, "deleted database: its checkpoint is removed");
-            }
-        });
+        // The checkpoint goes once the database has stayed deleted. (The
+        // worker runs this on a task of its own.)
+        tokio::time::sleep(self.assume_deleted_after).await;
+        if matches!(
+            self.client.db_info(db).await,
+            Err(CouchError::DbNotFound(_))
+        ) {
+            // Load it first: only a known revision can be deleted.
+            let _ = self.checkpoints.get(db).await;
+            self.checkpoints.forget(db);
+            self.checkpoints.flush().await;
+            tracing::info!(db = %db, "deleted database: its checkpoint is removed");
+        }
     }
 
     async fn stop(&self) {
