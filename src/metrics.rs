@@ -118,9 +118,31 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("spiegel");
+        let worker = WorkerMetrics::register(&mut registry);
+        let couch = CouchMetrics::register(&mut registry);
+        let roles = RoleMetrics::register(&mut registry);
+        Metrics {
+            registry,
+            worker,
+            couch,
+            roles,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl WorkerMetrics {
+    fn new() -> Self {
         let histograms =
             || Histograms::new_with_constructor(seconds_histogram as fn() -> Histogram);
-        let worker = WorkerMetrics {
+        WorkerMetrics {
             updates_received: Counters::default(),
             feed_reconnects: Counters::default(),
             runs_started: Counters::default(),
@@ -134,68 +156,82 @@ impl Metrics {
             checkpoint_writes: Counters::default(),
             sweep_found: Counters::default(),
             last_event: Family::default(),
-        };
-        let w = &worker;
+        }
+    }
+
+    fn register(registry: &mut Registry) -> Self {
+        let worker = WorkerMetrics::new();
         registry.register(
             "db_updates_received",
             "Database updates received from _db_updates",
-            w.updates_received.clone(),
+            worker.updates_received.clone(),
         );
         registry.register(
             "feed_reconnects",
             "Reconnects of the _db_updates feed",
-            w.feed_reconnects.clone(),
+            worker.feed_reconnects.clone(),
         );
         registry.register(
             "runs_started",
             "Runs started (one database handled by a role)",
-            w.runs_started.clone(),
+            worker.runs_started.clone(),
         );
         registry.register(
             "runs_succeeded",
             "Runs that handled their database",
-            w.runs_succeeded.clone(),
+            worker.runs_succeeded.clone(),
         );
         registry.register(
             "runs_failed",
             "Runs that failed and will be retried",
-            w.runs_failed.clone(),
+            worker.runs_failed.clone(),
         );
         registry.register(
             "runs_retried",
             "Runs started again after a failure",
-            w.runs_retried.clone(),
+            worker.runs_retried.clone(),
         );
         registry.register(
             "run_duration_seconds",
             "Duration of runs",
-            w.run_duration.clone(),
+            worker.run_duration.clone(),
         );
         registry.register(
             "update_to_run_seconds",
             "Time from receiving a database update to the start of the run that covers it",
-            w.update_to_run.clone(),
+            worker.update_to_run.clone(),
         );
         registry.register(
             "owned_partitions",
             "Partitions this process holds",
-            w.owned_partitions.clone(),
+            worker.owned_partitions.clone(),
         );
         registry.register(
             "live_workers",
             "Live workers of the role, as this process sees them",
-            w.live_workers.clone(),
+            worker.live_workers.clone(),
         );
         registry.register(
             "checkpoint_writes",
             "Lease documents written to save checkpoints",
-            w.checkpoint_writes.clone(),
+            worker.checkpoint_writes.clone(),
         );
         registry.register(
             "sweep_found",
             "Databases of owned partitions the sweep found changed since the previous sweep (most were handled through their update events too)",
-            w.sweep_found.clone(),
+            worker.sweep_found.clone(),
         );
+        registry.register(
+            "feed_last_event_timestamp_seconds",
+            "Unix time of the last _db_updates event received (feed lag: time() minus this, on a busy server)",
+            worker.last_event.clone(),
+        );
+        worker
+    }
+}
+
+impl CouchMetrics {
+    fn register(registry: &mut Registry) -> Self {
         let couch = CouchMetrics {
             requests: Family::default(),
             errors: Family::default(),
@@ -216,6 +252,12 @@ impl Metrics {
             "Latency of CouchDB requests by operation (to the answer's headers for feeds)",
             couch.latency.clone(),
         );
+        couch
+    }
+}
+
+impl RoleMetrics {
+    fn register(registry: &mut Registry) -> Self {
         let roles = RoleMetrics {
             replications: Family::default(),
             docs_read: Counters::default(),
@@ -260,25 +302,7 @@ impl Metrics {
             "on_change requests stored as dead letters after their last retry",
             roles.dead_letters.clone(),
         );
-        registry.register(
-            "feed_last_event_timestamp_seconds",
-            "Unix time of the last _db_updates event received (feed lag: time() minus this, on a busy server)",
-            worker.last_event.clone(),
-        );
-        Metrics {
-            registry,
-            worker,
-            couch,
-            roles,
-        }
-    }
-
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        roles
     }
 }
 

@@ -218,6 +218,7 @@ impl Setup {
             },
             shutdown_timeout: Duration::from_secs(5),
             sweep_interval: None,
+            assume_deleted_after: Duration::from_secs(300),
             health: Arc::default(),
         }
     }

@@ -143,20 +143,25 @@ pub(crate) fn continuous<T: FeedItem>(
                 }
             };
             options.reconnects.fetch_add(1, Ordering::Relaxed);
-            match ended {
-                Ended::Closed => {
-                    tracing::debug!(feed = %path, "feed closed by the server, reopening");
-                }
-                Ended::Retry(reason) => {
-                    failures += 1;
-                    let wait = backoff.wait(failures);
-                    tracing::warn!(feed = %path, %reason, retry_in = ?wait, "feed interrupted, reconnecting");
-                    tokio::time::sleep(wait).await;
-                }
-            }
+            before_reconnect(ended, &path, &backoff, &mut failures).await;
         }
     };
     Box::pin(stream)
+}
+
+/// Logs why a connection of the feed ended and waits before the next one.
+async fn before_reconnect(ended: Ended, path: &str, backoff: &Backoff, failures: &mut u32) {
+    match ended {
+        Ended::Closed => {
+            tracing::debug!(feed = %path, "feed closed by the server, reopening");
+        }
+        Ended::Retry(reason) => {
+            *failures += 1;
+            let wait = backoff.wait(*failures);
+            tracing::warn!(feed = %path, %reason, retry_in = ?wait, "feed interrupted, reconnecting");
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 enum Line<T> {

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -39,8 +39,6 @@ pub struct Replicator {
 #[derive(Default)]
 struct State {
     retries: HashMap<String, u32>,
-    /// Source databases answering "not found", since when.
-    missing_since: HashMap<String, Instant>,
 }
 
 /// One replication's result.
@@ -178,7 +176,7 @@ impl Role for Replicator {
     async fn handle(&self, db: &str) -> Outcome {
         let rules = self.rules().await;
         let mut retry = None;
-        let mut gone = false;
+        let mut missing = false;
         for rule in rules.iter().filter(|r| r.applies_to(db)) {
             let result = self.replicate(rule, db).await;
             let outcome = match &result {
@@ -194,9 +192,7 @@ impl Role for Replicator {
                 })
                 .inc();
             match result {
-                Replicated::Ok => {
-                    self.lock().missing_since.remove(db);
-                }
+                Replicated::Ok => {}
                 Replicated::Failed(error) => {
                     tracing::error!(doc = %rule.id, db, %error, replication = %rule.describe(db), "replication failed");
                     self.status.failure(&rule.id, db, error);
@@ -206,32 +202,16 @@ impl Role for Replicator {
                     retry = Some((error, wait));
                 }
                 Replicated::SourceMissing => {
-                    let since = *self
-                        .lock()
-                        .missing_since
-                        .entry(db.to_string())
-                        .or_insert_with(Instant::now);
-                    if since.elapsed() >= self.assume_deleted_after {
-                        let error = format!(
-                            "the source database does not exist; taken for deleted after {:?}: replication resumes when it is created again",
-                            self.assume_deleted_after
-                        );
-                        self.status.failure(&rule.id, db, error);
-                        gone = true;
-                    } else {
-                        let error =
-                            "the source database does not exist (yet?); retrying".to_string();
-                        self.status.failure(&rule.id, db, error.clone());
-                        retry = Some((error, Wait::Backoff));
-                    }
+                    let error = "the source database does not exist (yet?); retrying";
+                    self.status.failure(&rule.id, db, error.into());
+                    missing = true;
                 }
             }
         }
-        if gone {
-            let mut state = self.lock();
-            state.missing_since.remove(db);
-            state.retries.remove(db);
-            return Outcome::Gone;
+        if missing {
+            // The runtime retries it, and takes it for deleted in time.
+            self.lock().retries.remove(db);
+            return Outcome::Missing;
         }
         match retry {
             None => {
@@ -257,9 +237,18 @@ impl Role for Replicator {
     }
 
     async fn deleted(&self, db: &str) {
-        let mut state = self.lock();
-        state.retries.remove(db);
-        state.missing_since.remove(db);
+        self.lock().retries.remove(db);
+    }
+
+    async fn forget(&self, db: &str) {
+        self.lock().retries.remove(db);
+        let error = format!(
+            "the source database does not exist; taken for deleted after {:?}: replication resumes when it is created again",
+            self.assume_deleted_after
+        );
+        for rule in self.rules().await.iter().filter(|r| r.applies_to(db)) {
+            self.status.failure(&rule.id, db, error.clone());
+        }
     }
 }
 

@@ -64,15 +64,13 @@ async fn follow(
         .await
 }
 
-/// Loads everything, then follows; returns Ok only when nobody listens.
-async fn follow_once(
+/// The ids of the user documents, from `_changes` (cheap rows: internal
+/// documents are never downloaded), and the seq they are current at.
+async fn user_doc_ids(
     client: &CouchClient,
     db: &str,
     namespace: &str,
-    tx: &watch::Sender<Option<Arc<UserDocs>>>,
-) -> Result<(), CouchError> {
-    // The ids first (cheap rows), then the bodies of the user documents
-    // only: internal documents are never downloaded.
+) -> Result<(std::collections::BTreeSet<String>, Option<Seq>), CouchError> {
     let mut ids = std::collections::BTreeSet::new();
     let mut since: Option<Seq> = None;
     loop {
@@ -102,6 +100,17 @@ async fn follow_once(
             break;
         }
     }
+    Ok((ids, since))
+}
+
+/// Loads everything, then follows; returns Ok only when nobody listens.
+async fn follow_once(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    tx: &watch::Sender<Option<Arc<UserDocs>>>,
+) -> Result<(), CouchError> {
+    let (ids, since) = user_doc_ids(client, db, namespace).await?;
     let mut docs = UserDocs::new();
     let ids: Vec<String> = ids.into_iter().collect();
     for chunk in ids.chunks(500) {

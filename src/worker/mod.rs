@@ -46,8 +46,10 @@ pub enum Outcome {
     /// Something transient failed; the runtime runs the database again
     /// after `wait`, and its updates stay unhandled until then.
     Retry { wait: Wait, reason: String },
-    /// The database does not exist (any more): nothing to do.
-    Gone,
+    /// The database does not exist. The runtime runs it again after the
+    /// backoff until it has been missing for `--assume-deleted-after`, then
+    /// takes it for deleted ([`Role::forget`]).
+    Missing,
 }
 
 /// When a run that failed runs again.
@@ -104,6 +106,15 @@ pub trait Role: Send + Sync + 'static {
         async {}
     }
 
+    /// The database has stayed missing for `--assume-deleted-after` (after
+    /// a deletion event, or runs that found it missing): forget what is kept
+    /// about it, so that a database created again under its name starts
+    /// over.
+    fn forget(&self, db_name: &str) -> impl Future<Output = ()> + Send {
+        let _ = db_name;
+        async {}
+    }
+
     /// The worker stops: its runs are over (or abandoned). A role saves
     /// what it keeps in memory here.
     fn stop(&self) -> impl Future<Output = ()> + Send {
@@ -134,6 +145,8 @@ pub struct WorkerOptions {
     pub shutdown_timeout: Duration,
     /// Interval of the sweep for updates `_db_updates` missed; `None`: off.
     pub sweep_interval: Option<Duration>,
+    /// How long a database must stay missing to be taken for deleted.
+    pub assume_deleted_after: Duration,
     /// Where the worker reports its readiness (the admin server reads it).
     pub health: Arc<Health>,
 }
@@ -164,6 +177,7 @@ impl WorkerOptions {
             },
             shutdown_timeout: config.shutdown_timeout,
             sweep_interval: config.sweep_interval,
+            assume_deleted_after: config.assume_deleted_after,
             health: Arc::clone(&config.health),
         }
     }
@@ -250,6 +264,7 @@ pub async fn run<R: Role>(
         catch_ups: HashMap::new(),
         parked: VecDeque::new(),
         draining: HashMap::new(),
+        missing: HashMap::new(),
         replays: Arc::new(Semaphore::new(runtime::REPLAYS)),
         role,
         options,

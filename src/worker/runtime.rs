@@ -16,7 +16,7 @@ use super::scheduler::{Finished, Scheduler};
 use super::{Outcome, Role, Wait, WorkerOptions, RECONNECT_CAP};
 use crate::backoff::Backoff;
 use crate::coordination::coordinator::{Assignment, Request};
-use crate::couch::{CouchClient, DbUpdate};
+use crate::couch::{CouchClient, CouchError, DbUpdate};
 use crate::metrics::{RoleLabel, WorkerMetrics};
 
 /// Nudges kept for partitions not yet acquired, at most.
@@ -73,6 +73,8 @@ pub(super) struct Worker<R: Role> {
     pub parked: VecDeque<(String, Instant)>,
     /// Partitions being released, with when the release began.
     pub draining: HashMap<u32, Instant>,
+    /// Databases whose runs found them missing, since when.
+    pub missing: HashMap<String, Instant>,
     pub replays: Arc<Semaphore>,
     /// To the coordinator.
     pub requests: mpsc::UnboundedSender<Request>,
@@ -139,10 +141,23 @@ impl<R: Role> Worker<R> {
             .set(now.as_secs_f64());
         tracing::trace!(role = %self.name(), db = %update.db_name, kind = ?update.kind, seq = %update.seq, "update");
         if self.sched.on_live_event(&update, Instant::now()) {
-            let role = self.role.clone();
-            self.tasks
-                .spawn(async move { role.deleted(&update.db_name).await });
+            self.on_deleted(update.db_name);
         }
+    }
+
+    /// A database of ours was deleted: the role is told at once, and told
+    /// to forget it if it stays deleted for `--assume-deleted-after`.
+    fn on_deleted(&mut self, db: String) {
+        let role = self.role.clone();
+        let client = self.client.clone();
+        let wait = self.options.assume_deleted_after;
+        self.tasks.spawn(async move {
+            role.deleted(&db).await;
+            tokio::time::sleep(wait).await;
+            if matches!(client.db_info(&db).await, Err(CouchError::DbNotFound(_))) {
+                role.forget(&db).await;
+            }
+        });
     }
 
     fn on_assignment(&mut self, assignment: Assignment) {
@@ -242,6 +257,7 @@ impl<R: Role> Worker<R> {
 
     /// A run ended: count it, and set a retry timer if it asked for one.
     fn on_finished(&mut self, db: String, outcome: Outcome, took: Duration) {
+        let outcome = self.track_missing(&db, outcome);
         self.metrics
             .run_duration
             .get_or_create(&self.label)
@@ -251,7 +267,7 @@ impl<R: Role> Worker<R> {
                 self.metrics.runs_failed.get_or_create(&self.label).inc();
                 tracing::warn!(role = %self.name(), db = %db, %reason, "run failed; will retry");
             }
-            Outcome::Done | Outcome::Gone => {
+            Outcome::Done | Outcome::Missing => {
                 self.metrics.runs_succeeded.get_or_create(&self.label).inc();
             }
         }
@@ -277,6 +293,29 @@ impl<R: Role> Worker<R> {
             tokio::time::sleep(wait).await;
             let _ = events.send(Event::RetryDue(db));
         });
+    }
+
+    /// A database that runs find missing is run again after the backoff
+    /// until it has been missing for `--assume-deleted-after`; then it is
+    /// taken for deleted: handled, and forgotten by the role.
+    fn track_missing(&mut self, db: &str, outcome: Outcome) -> Outcome {
+        if outcome != Outcome::Missing {
+            self.missing.remove(db);
+            return outcome;
+        }
+        let since = *self
+            .missing
+            .entry(db.to_string())
+            .or_insert_with(Instant::now);
+        if since.elapsed() < self.options.assume_deleted_after {
+            return Outcome::retry("the database does not exist");
+        }
+        self.missing.remove(db);
+        tracing::info!(role = %self.name(), db, "the database stayed missing: taken for deleted");
+        let role = self.role.clone();
+        let db = db.to_string();
+        self.tasks.spawn(async move { role.forget(&db).await });
+        Outcome::Done
     }
 
     fn on_nudge(&mut self, db: String) {
@@ -424,6 +463,6 @@ impl<R: Role> Worker<R> {
 fn finished(outcome: &Outcome) -> Finished {
     match outcome {
         Outcome::Retry { .. } => Finished::Retry,
-        Outcome::Done | Outcome::Gone => Finished::Handled,
+        Outcome::Done | Outcome::Missing => Finished::Handled,
     }
 }

@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -51,7 +51,6 @@ pub struct ChangeListener {
     sender: Sender,
     backoff: Backoff,
     batch_size: u64,
-    assume_deleted_after: Duration,
     checkpoints: Checkpoints,
     status: StatusBook,
     metrics: RoleMetrics,
@@ -88,8 +87,6 @@ struct Progress {
     attempts: HashMap<DeliveryKey, Attempts>,
     /// Deleted while we held it: the next run starts from the beginning.
     deleted: bool,
-    /// Not found since (the database was deleted without our seeing it).
-    missing_since: Option<Instant>,
 }
 
 struct Attempts {
@@ -158,7 +155,6 @@ impl ChangeListener {
             sender,
             backoff: config.backoff.clone(),
             batch_size: config.batch_size.max(1),
-            assume_deleted_after: config.assume_deleted_after,
             checkpoints,
             status,
             metrics,
@@ -377,23 +373,6 @@ impl ChangeListener {
             Some((wait, reason)) => Err((None, wait, reason)),
         }
     }
-
-    fn missing(&self, db: &str) -> Outcome {
-        let since = *self
-            .progress()
-            .entry(db.to_string())
-            .or_default()
-            .missing_since
-            .get_or_insert_with(Instant::now);
-        if since.elapsed() >= self.assume_deleted_after {
-            self.checkpoints.forget(db);
-            self.progress().remove(db);
-            tracing::info!(db, "database taken for deleted: its checkpoint is removed");
-            Outcome::Gone
-        } else {
-            Outcome::retry("the database does not exist")
-        }
-    }
 }
 
 impl Role for ChangeListener {
@@ -429,12 +408,9 @@ impl Role for ChangeListener {
             };
             let page = match self.client.changes(db, &query).await {
                 Ok(page) => page,
-                Err(CouchError::DbNotFound(_)) => return self.missing(db),
+                Err(CouchError::DbNotFound(_)) => return Outcome::Missing,
                 Err(e) => return Outcome::couch_failed("cannot read _changes", &e),
             };
-            if let Some(p) = self.progress().get_mut(db) {
-                p.missing_since = None;
-            }
             if page.results.is_empty() {
                 return Outcome::Done;
             }
@@ -471,19 +447,17 @@ impl Role for ChangeListener {
             p.delivered.clear();
             p.attempts.clear();
         }
-        // The checkpoint goes once the database has stayed deleted. (The
-        // worker runs this on a task of its own.)
-        tokio::time::sleep(self.assume_deleted_after).await;
-        if matches!(
-            self.client.db_info(db).await,
-            Err(CouchError::DbNotFound(_))
-        ) {
-            // Load it first: only a known revision can be deleted.
-            let _ = self.checkpoints.get(db).await;
-            self.checkpoints.forget(db);
-            self.checkpoints.flush().await;
-            tracing::info!(db = %db, "deleted database: its checkpoint is removed");
-        }
+        // The checkpoint goes once the database has stayed deleted
+        // (`forget`).
+    }
+
+    async fn forget(&self, db: &str) {
+        self.progress().remove(db);
+        // Load it first: only a known revision can be deleted.
+        let _ = self.checkpoints.get(db).await;
+        self.checkpoints.forget(db);
+        self.checkpoints.flush().await;
+        tracing::info!(db = %db, "deleted database: its checkpoint is removed");
     }
 
     async fn stop(&self) {
