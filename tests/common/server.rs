@@ -94,8 +94,8 @@ pub struct Kit {
 const SUPERVISOR: &str = r#"
 trap '' INT TERM
 kit="$1"; shift
-clean() { "$kit" reset >/dev/null 2>&1; rm -rf "$SPIEGEL_COUCHDB_DIR"; }
-"$kit" "$@" || { clean; exit 1; }
+clean() { bash "$kit" reset >/dev/null 2>&1; rm -rf "$SPIEGEL_COUCHDB_DIR"; }
+bash "$kit" "$@" || { clean; exit 1; }
 echo "--ready--"
 cat >/dev/null
 clean
@@ -179,7 +179,9 @@ impl Kit {
 
     /// Runs a kit command on this working dir and returns its stdout.
     fn command(&self, args: &[&str]) -> String {
-        let out = Command::new(kit_script())
+        // Through bash: the kit may be a read-only copy without exec bits.
+        let out = Command::new("bash")
+            .arg(kit_script())
             .args(["--dir".as_ref(), self.dir.as_os_str()])
             .args(args)
             .stderr(Stdio::inherit())
