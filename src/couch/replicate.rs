@@ -86,8 +86,14 @@ fn normalize(raw: &str) -> Option<String> {
 
 #[derive(Deserialize)]
 struct Jobs {
+    #[serde(default)]
+    total_rows: usize,
     jobs: Vec<Job>,
 }
+
+/// Jobs per page of `_scheduler/jobs` (CouchDB answers 100 without a
+/// `limit`).
+const JOBS_PAGE: usize = 1000;
 
 #[derive(Deserialize)]
 struct Job {
@@ -154,26 +160,32 @@ async fn jobs(client: &CouchClient) -> Listing {
     listing
 }
 
+/// Every job of every node, page by page.
 async fn list_jobs(client: &CouchClient) -> Option<Arc<Vec<Endpoints>>> {
-    let req = client.request(Method::GET, "_scheduler/jobs");
-    let listed: Jobs = match client.json(req, None, None).await {
-        Ok(listed) => listed,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot list CouchDB's replication jobs");
-            return None;
-        }
-    };
-    let endpoints = listed
-        .jobs
-        .into_iter()
-        .filter_map(|j| {
+    let mut endpoints = Vec::new();
+    let mut skip = 0;
+    loop {
+        let page = [("limit", JOBS_PAGE), ("skip", skip)];
+        let req = client.request(Method::GET, "_scheduler/jobs").query(&page);
+        let listed: Jobs = match client.json(req, None, None).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list CouchDB's replication jobs");
+                return None;
+            }
+        };
+        skip += listed.jobs.len();
+        let done = listed.jobs.is_empty() || skip >= listed.total_rows;
+        endpoints.extend(listed.jobs.into_iter().filter_map(|j| {
             Some(Endpoints {
                 source: normalize(&j.source?)?,
                 target: normalize(&j.target?)?,
             })
-        })
-        .collect();
-    Some(Arc::new(endpoints))
+        }));
+        if done {
+            return Some(Arc::new(endpoints));
+        }
+    }
 }
 
 #[cfg(test)]
