@@ -759,31 +759,6 @@ async fn a_new_owner_resumes_from_the_checkpoint() {
     b.stop().await;
 }
 
-/// Waits until `_db_updates` since `before` shows a write to each of `dbs`.
-async fn wait_published(
-    couch: &spiegel::couch::CouchClient,
-    before: &spiegel::couch::Seq,
-    dbs: &[String],
-) {
-    wait_for(
-        "the writes in _db_updates",
-        Duration::from_secs(20),
-        || async {
-            let page = couch.db_updates(Some(before), None).await.ok()?;
-            let seen: std::collections::HashSet<&str> = page
-                .results
-                .iter()
-                .filter(|u| u.kind == spiegel::couch::DbUpdateKind::Updated)
-                .map(|u| u.db_name.as_str())
-                .collect();
-            dbs.iter()
-                .all(|db| seen.contains(db.as_str()))
-                .then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_handles_every_existing_database_once_paced_by_concurrency() {
     let s = Setup::new("scratch", 4).await;

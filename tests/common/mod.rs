@@ -307,3 +307,28 @@ pub async fn own_installation() -> (OwnServer, CouchClient) {
         .expect("install");
     (server, couch)
 }
+
+/// Waits until `_db_updates` since `before` shows a write to each of `dbs`.
+pub async fn wait_published(
+    couch: &spiegel::couch::CouchClient,
+    before: &spiegel::couch::Seq,
+    dbs: &[String],
+) {
+    wait_for(
+        "the writes in _db_updates",
+        Duration::from_secs(20),
+        || async {
+            let page = couch.db_updates(Some(before), None).await.ok()?;
+            let seen: std::collections::HashSet<&str> = page
+                .results
+                .iter()
+                .filter(|u| u.kind == spiegel::couch::DbUpdateKind::Updated)
+                .map(|u| u.db_name.as_str())
+                .collect();
+            dbs.iter()
+                .all(|db| seen.contains(db.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
+}
