@@ -355,25 +355,7 @@ async fn workers_on_two_nodes_share_partitions_deliver_everything_and_leave_no_c
         client_for(&urls[2]),
     );
     let (prefix, spiegel_db, receiver) = set_up(&node1, "twonodes", 8).await;
-    let status = || async {
-        let out = spiegel()
-            .args([
-                "status",
-                "--json",
-                "--url",
-                &urls[2],
-                "--db-name",
-                &spiegel_db,
-            ])
-            .output()
-            .expect("run spiegel status");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).expect("status JSON")
-    };
+    let status = || async { spiegel_status(&urls[2], &spiegel_db) };
 
     // Every conflicting revision that shows up while the workers run, read
     // through the node neither worker uses.

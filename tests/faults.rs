@@ -198,11 +198,15 @@ async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
         "--admin-addr",
         &admin,
     ]);
-    let ready = || async {
-        let answer = reqwest::get(format!("http://{admin}/readyz")).await.ok()?;
-        answer.status().is_success().then_some(())
+    // Waits until `/readyz` answers `want`.
+    let readyz = |want: u16| {
+        let url = format!("http://{admin}/readyz");
+        move || {
+            let url = url.clone();
+            async move { (reqwest::get(url).await.ok()?.status() == want).then_some(()) }
+        }
     };
-    wait_for("readiness", Duration::from_secs(20), ready).await;
+    wait_for("readiness", Duration::from_secs(20), readyz(200)).await;
     couch.put_doc(db, "before", &json!({})).await.unwrap();
     let delivered = |id: &'static str| {
         let receiver = receiver.clone();
@@ -225,17 +229,13 @@ async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
     .await;
 
     server.kill();
-    let unready = || async {
-        let answer = reqwest::get(format!("http://{admin}/readyz")).await.ok()?;
-        (answer.status() == 503).then_some(())
-    };
-    wait_for("unreadiness", Duration::from_secs(20), unready).await;
+    wait_for("unreadiness", Duration::from_secs(20), readyz(503)).await;
     // Not a synchronisation: the outage itself lasts 20 s, long enough for
     // reconnect backoffs to grow past the bounds below.
     tokio::time::sleep(Duration::from_secs(20)).await;
     server.restart();
     let back = Instant::now();
-    wait_for("readiness again", Duration::from_secs(20), ready).await;
+    wait_for("readiness again", Duration::from_secs(20), readyz(200)).await;
     let readiness = back.elapsed();
     // Written once CouchDB publishes updates again: it may drop the update
     // event of a write made while it starts up (`_db_updates` is best

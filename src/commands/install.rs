@@ -9,7 +9,7 @@ use crate::error::Result;
 
 /// CouchDB 3 serves `_db_updates` from this database and no longer creates
 /// it at setup.
-pub use crate::couch::GLOBAL_CHANGES;
+use crate::couch::GLOBAL_CHANGES;
 
 /// The design documents Spiegel 1.2 put in the spiegel database. Nothing
 /// reads them any more, and CouchDB 3's background indexer would keep

@@ -258,7 +258,6 @@ pub async fn run<R: Role>(
     let mut worker = Worker {
         label: metrics::role(&role_name),
         sched: Scheduler::new(settings.partitions, options.concurrency, skip),
-        partitions: settings.partitions,
         tasks: JoinSet::new(),
         runs: JoinSet::new(),
         catch_ups: HashMap::new(),
@@ -329,7 +328,7 @@ impl Services {
             namespace: worker.options.namespace.clone(),
             role: role.clone(),
             worker_id: worker.options.worker_id.clone(),
-            partitions: worker.partitions,
+            partitions: worker.sched.partitions(),
             timing: worker.options.timing.clone(),
         };
         let metrics = worker.metrics.clone();

@@ -58,7 +58,6 @@ pub(super) struct Worker<R: Role> {
     pub options: WorkerOptions,
     pub client: CouchClient,
     pub metrics: WorkerMetrics,
-    pub partitions: u32,
     /// Which databases need a run, which runs may start, and each owned
     /// partition's checkpoint. Free of I/O.
     pub sched: Scheduler,
@@ -194,7 +193,7 @@ impl<R: Role> Worker<R> {
             client: self.client.clone(),
             partition,
             epoch,
-            partitions: self.partitions,
+            partitions: self.sched.partitions(),
             checkpoint,
             start_from_now: self.options.start_from_now,
         };

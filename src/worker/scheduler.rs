@@ -139,6 +139,11 @@ impl Scheduler {
         }
     }
 
+    /// The installation's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions_total
+    }
+
     pub fn partition_of(&self, db: &str) -> u32 {
         partition_of(db, self.partitions_total)
     }

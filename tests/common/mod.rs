@@ -243,24 +243,22 @@ impl Installation {
 
     /// `spiegel status --json`.
     pub async fn status(&self) -> serde_json::Value {
-        let out = spiegel()
-            .args([
-                "status",
-                "--json",
-                "--url",
-                &self.url,
-                "--db-name",
-                &self.spiegel_db,
-            ])
-            .output()
-            .expect("run spiegel status");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
+        spiegel_status(&self.url, &self.spiegel_db)
     }
+}
+
+/// `spiegel status --json` on the installation in `spiegel_db` at `url`.
+pub fn spiegel_status(url: &str, spiegel_db: &str) -> serde_json::Value {
+    let out = spiegel()
+        .args(["status", "--json", "--url", url, "--db-name", spiegel_db])
+        .output()
+        .expect("run spiegel status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// Waits until document `id` of `db` exists (`present`) or not, or panics

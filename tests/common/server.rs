@@ -45,11 +45,6 @@ pub fn kind() -> Kind {
     }
 }
 
-/// True when the tests run against a real CouchDB (kit or external).
-pub fn real_couchdb() -> bool {
-    kind() != Kind::TestServer
-}
-
 /// The external server's URL, when the tests run against one.
 pub fn external_url() -> Option<String> {
     std::env::var(EXTERNAL_ENV)
