@@ -461,7 +461,10 @@ impl<R: Role> Worker<R> {
 /// What an outcome means to the scheduler.
 fn finished(outcome: &Outcome) -> Finished {
     match outcome {
-        Outcome::Retry { .. } => Finished::Retry,
-        Outcome::Done | Outcome::Missing => Finished::Handled,
+        // A database taken for deleted comes back from `track_missing` as
+        // `Done`; one still within `--assume-deleted-after` (or met at a
+        // stop) is not handled yet.
+        Outcome::Retry { .. } | Outcome::Missing => Finished::Retry,
+        Outcome::Done => Finished::Handled,
     }
 }
