@@ -198,8 +198,9 @@ async fn a_new_templated_doc_skips_empty_databases_until_their_first_write() {
     let doc = json!({"type": "replicator", "db_name": format!("^{}_user/", s.prefix),
                      "source": source, "target": format!("{}/{}", s.url, s.db("missing"))});
     s.couch.put_doc(&s.spiegel_db, "t", &doc).await.unwrap();
-    // No creation or write may reach the worker's live feed late (CouchDB
-    // publishes updates up to about half a second late).
+    // No creation or write may reach the worker's live feed late: CouchDB
+    // publishes updates up to about half a second late, and on a cluster
+    // each node that holds a copy publishes its own event.
     wait_for(
         "the writes in _db_updates",
         Duration::from_secs(20),
@@ -216,6 +217,8 @@ async fn a_new_templated_doc_skips_empty_databases_until_their_first_write() {
         },
     )
     .await;
+    let all: Vec<String> = empty.iter().chain(&full).cloned().collect();
+    wait_quiet(&s.couch, &all, Duration::from_secs(2)).await;
     let worker = s.start(&["--since", "now"]);
     let errors_of = |status: &Value| -> Vec<String> {
         status["documents"]["t"][0]["errors"]

@@ -291,6 +291,28 @@ pub async fn current_seq(couch: &CouchClient) -> spiegel::couch::Seq {
         .last_seq
 }
 
+/// Waits until `_db_updates` has published nothing about `dbs` for
+/// `quiet`. On a cluster every node that holds a copy of a shard publishes
+/// its own event for it, each up to `max_write_delay` after the write, so
+/// a database's events can keep arriving after its first one.
+pub async fn wait_quiet(couch: &CouchClient, dbs: &[String], quiet: Duration) {
+    let mut since = current_seq(couch).await;
+    let mut calm_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while calm_since.elapsed() < quiet {
+        assert!(Instant::now() < deadline, "_db_updates never went quiet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let page = couch
+            .db_updates(Some(&since), None)
+            .await
+            .expect("_db_updates");
+        if page.results.iter().any(|u| dbs.contains(&u.db_name)) {
+            calm_since = Instant::now();
+        }
+        since = page.last_seq;
+    }
+}
+
 /// A server this test owns (see [`OwnServer`]) with Spiegel installed in
 /// `spiegel` (4 partitions), and a client of it.
 pub async fn own_installation() -> (OwnServer, CouchClient) {
