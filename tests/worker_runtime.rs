@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spiegel::backoff::{Backoff, Strategy};
-use spiegel::coordination::coordinator::Timing;
 use spiegel::coordination::DocIds;
+use spiegel::coordination::Timing;
 use spiegel::couch::{AllDocsQuery, CouchClient};
 use spiegel::metrics::Metrics;
 use spiegel::worker::{self, Outcome, Role, WorkerOptions};
@@ -204,6 +204,7 @@ impl Setup {
             timing: Timing {
                 lease: LEASE,
                 heartbeat: HEARTBEAT,
+                drain: Duration::from_secs(5),
             },
             checkpoint_interval: Duration::from_millis(200),
             feed_heartbeat: Duration::from_millis(500),

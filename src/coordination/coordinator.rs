@@ -1,35 +1,25 @@
-//! The coordinator of one worker: writes its heartbeat, watches the other
-//! workers, claims and releases partition leases, and saves checkpoints into
-//! them. It does all of the worker's coordination I/O, on its own task, so
-//! that a slow CouchDB never stalls the scheduling of runs.
-//!
-//! Lease state machine (per partition, as this worker sees it):
-//! `free/expired --claim (CAS)--> owned --release (drained, CAS)--> free`,
-//! `owned --another owner seen, or own heartbeat failing for a lease time--> lost`.
+//! The coordinator of one worker. On its own task, so that a slow CouchDB
+//! never stalls the scheduling of runs, it beats ([`super::renewer`]),
+//! rebalances ([`super::taker`]) and moves each partition's lease through
+//! its lifecycle ([`super::partition`]), telling the worker what it gains,
+//! must give up, or lost.
 
-use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
 
-use serde::de::DeserializeOwned;
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Duration, Instant};
 
-use super::lease::{plan, DocIds, LeaseDoc, Liveness, WorkerDoc};
-use crate::couch::{AllDocsQuery, BulkResult, CouchClient, CouchError, Seq};
+use super::lease::{DocIds, LeaseDoc, WorkerDoc};
+use super::liveness::Liveness;
+use super::partition::{LeaseState, Partitions};
+use super::renewer::{Renewer, Timing};
+use super::store::LeaseStore;
+use super::taker::plan;
+use crate::couch::{Saved, Seq};
 use crate::metrics::{self, WorkerMetrics};
 
-/// Timing of the coordination protocol.
-#[derive(Clone, Debug)]
-pub struct Timing {
-    /// Time without a heartbeat after which a worker is taken for dead.
-    pub lease: Duration,
-    /// Interval of heartbeats and lease checks; a third of the lease time
-    /// by default, so two can be lost without losing the lease.
-    pub heartbeat: Duration,
-}
-
 /// What the coordinator tells the worker.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum Assignment {
     /// The partition is ours; replay from `checkpoint` (none: first start).
     Acquired {
@@ -60,32 +50,9 @@ pub enum Request {
     },
 }
 
-pub struct Coordinator {
-    client: CouchClient,
-    db: String,
-    ids: DocIds,
-    role: String,
-    me: String,
-    partitions: u32,
-    timing: Timing,
-    member: WorkerDoc,
-    liveness: Liveness,
-    leases: HashMap<u32, LeaseDoc>,
-    owned: BTreeSet<u32>,
-    releasing: BTreeSet<u32>,
-    last_beat: Option<Instant>,
-    /// Publishes `last_beat`: the worker starts no run once it is older
-    /// than the lease time minus a heartbeat (fencing).
-    beats: watch::Sender<Option<Instant>>,
-    metrics: WorkerMetrics,
-    to_worker: mpsc::UnboundedSender<Assignment>,
-}
-
 /// Which worker a coordinator speaks for, and where.
 #[derive(Clone, Debug)]
 pub struct Member {
-    /// The spiegel database.
-    pub db: String,
     pub namespace: String,
     pub role: String,
     pub worker_id: String,
@@ -94,52 +61,55 @@ pub struct Member {
     pub timing: Timing,
 }
 
-impl Coordinator {
-    pub fn new(
-        client: CouchClient,
-        member: Member,
-        metrics: WorkerMetrics,
-        to_worker: mpsc::UnboundedSender<Assignment>,
-        beats: watch::Sender<Option<Instant>>,
-    ) -> Self {
-        let Member {
-            db,
-            namespace,
-            role,
-            worker_id: me,
-            partitions,
-            timing,
-        } = member;
-        let (db, namespace, role, me) =
-            (db.as_str(), namespace.as_str(), role.as_str(), me.as_str());
-        let ids = DocIds::new(namespace, role);
-        let member = WorkerDoc {
-            id: ids.worker(me),
+/// The channels between a coordinator and its worker.
+pub struct Link {
+    pub to_worker: mpsc::UnboundedSender<Assignment>,
+    /// The last successful heartbeat, for the worker's fencing.
+    pub beats: watch::Sender<Option<Instant>>,
+}
+
+/// The whole coordination state of one worker.
+pub struct Coordinator<S> {
+    store: S,
+    role: String,
+    me: String,
+    timing: Timing,
+    renewer: Renewer,
+    liveness: Liveness,
+    /// Each partition's lease document as last read or written by us.
+    leases: Vec<LeaseDoc>,
+    /// Each partition's place in the lease lifecycle.
+    states: Partitions,
+    metrics: WorkerMetrics,
+    to_worker: mpsc::UnboundedSender<Assignment>,
+}
+
+impl<S: LeaseStore> Coordinator<S> {
+    pub fn new(store: S, member: Member, metrics: WorkerMetrics, link: Link) -> Self {
+        let ids = DocIds::new(&member.namespace, &member.role);
+        let doc = WorkerDoc {
+            id: ids.worker(&member.worker_id),
             rev: None,
             kind: WorkerDoc::KIND.into(),
-            role: role.into(),
-            worker_id: me.into(),
+            role: member.role.clone(),
+            worker_id: member.worker_id.clone(),
             beats: 0,
-            lease_ms: timing.lease.as_millis() as u64,
+            lease_ms: member.timing.lease.as_millis() as u64,
             conflicts: Vec::new(),
         };
         Coordinator {
-            client,
-            db: db.into(),
-            ids,
-            role: role.into(),
-            me: me.into(),
-            partitions,
-            liveness: Liveness::new(timing.lease),
-            timing,
-            member,
-            leases: HashMap::new(),
-            owned: BTreeSet::new(),
-            releasing: BTreeSet::new(),
-            last_beat: None,
-            beats,
+            store,
+            leases: (0..member.partitions)
+                .map(|p| LeaseDoc::new(&ids, &member.role, p))
+                .collect(),
+            states: Partitions::new(member.partitions),
+            renewer: Renewer::new(doc, member.timing.clone(), link.beats),
+            liveness: Liveness::new(member.timing.lease),
+            role: member.role,
+            me: member.worker_id,
+            timing: member.timing,
             metrics,
-            to_worker,
+            to_worker: link.to_worker,
         }
     }
 
@@ -156,14 +126,16 @@ impl Coordinator {
                 _ = tick.tick() => self.beat().await,
                 request = requests.recv() => match request {
                     Some(Request::Checkpoints(list)) => {
-                        bounded(limit, "saving checkpoints", self.save_checkpoints(list)).await;
+                        let list = list.into_iter().map(|(p, seq)| (p, Some(seq))).collect();
+                        bounded(limit, "saving checkpoints", self.write_leases(list, true)).await;
                     }
                     Some(Request::Released { partition, checkpoint }) => {
-                        bounded(limit, "releasing a lease", self.free(&[(partition, checkpoint)])).await;
+                        if self.states.set(partition, LeaseState::Releasing) {
+                            bounded(limit, "releasing a lease", self.free(vec![(partition, checkpoint)])).await;
+                        }
                     }
                     Some(Request::Leave { checkpoints, done }) => {
-                        bounded(limit, "releasing leases", self.free(&checkpoints)).await;
-                        bounded(limit, "removing the membership", self.remove_membership()).await;
+                        self.leave(checkpoints, limit).await;
                         let _ = done.send(());
                         return;
                     }
@@ -177,6 +149,24 @@ impl Coordinator {
         metrics::role(&self.role)
     }
 
+    /// Moves a partition in its lifecycle and tells the worker, if the move
+    /// is one the worker must know about.
+    fn set(&mut self, partition: u32, next: LeaseState) {
+        if !self.states.set(partition, next) {
+            return;
+        }
+        let assignment = match next {
+            LeaseState::Owned => Assignment::Acquired {
+                partition,
+                checkpoint: self.leases[partition as usize].checkpoint.clone(),
+            },
+            LeaseState::Draining { .. } => Assignment::Release { partition },
+            LeaseState::Lost => Assignment::Lost { partition },
+            _ => return,
+        };
+        self.tell(assignment);
+    }
+
     fn tell(&self, assignment: Assignment) {
         // The worker outlives its coordinator; a send can only fail during
         // shutdown, when nothing needs the message any more.
@@ -185,37 +175,14 @@ impl Coordinator {
 
     /// One heartbeat: prove we are alive, see who else is, and rebalance.
     async fn beat(&mut self) {
-        // The time the write was sent: an observer can only see it later,
-        // so leases computed from it are never longer than others think.
-        let sent = Instant::now();
-        let beat = tokio::time::timeout(self.timing.heartbeat, self.write_membership()).await;
-        let alive = match beat {
-            Ok(Ok(())) => {
-                self.last_beat = Some(sent);
-                let _ = self.beats.send(Some(sent));
-                true
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(role = %self.role, error = %e, "heartbeat failed");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(role = %self.role, "heartbeat timed out");
-                false
-            }
-        };
-        // Fencing: others may take our partitions once our heartbeat has been
-        // missing for a lease time; stop working on them a heartbeat before.
-        let fenced = self
-            .last_beat
-            .is_none_or(|t| t.elapsed() + self.timing.heartbeat >= self.timing.lease);
-        if fenced {
-            if !self.owned.is_empty() {
+        let alive = self.renewer.renew(&self.store).await;
+        if self.renewer.fenced(Instant::now()) {
+            let held = self.states.held();
+            if !held.is_empty() {
                 tracing::warn!(role = %self.role, "heartbeats failing for too long: dropping every partition");
-                for partition in std::mem::take(&mut self.owned) {
-                    self.tell(Assignment::Lost { partition });
+                for partition in held {
+                    self.set(partition, LeaseState::Lost);
                 }
-                self.releasing.clear();
                 self.update_gauges(0);
             }
             return;
@@ -224,6 +191,7 @@ impl Coordinator {
             // Without a fresh heartbeat our standing is unknown: claim nothing.
             return;
         }
+        self.release_overdue().await;
         match tokio::time::timeout(self.timing.heartbeat, self.rebalance()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -235,31 +203,24 @@ impl Coordinator {
         }
     }
 
-    async fn write_membership(&mut self) -> Result<(), CouchError> {
-        self.member.beats += 1;
-        match self
-            .client
-            .put_doc(&self.db, &self.member.id, &self.member)
-            .await
-        {
-            Ok(written) => {
-                self.member.rev = Some(written.rev);
-                Ok(())
-            }
-            Err(CouchError::Conflict) => {
-                // Someone removed or touched our document (a cleanup that took
-                // us for dead): take the current revision, write next time.
-                let current: Option<WorkerDoc> =
-                    self.client.get_doc_opt(&self.db, &self.member.id).await?;
-                self.member.rev = current.and_then(|d| d.rev);
-                Err(CouchError::Conflict)
-            }
-            Err(e) => Err(e),
+    /// A run that never ends must not keep a partition from its next owner:
+    /// after the drain timeout the lease is freed with its last saved
+    /// checkpoint (the run's updates are not marked handled, so nothing is
+    /// lost), and the worker drops the partition.
+    async fn release_overdue(&mut self) {
+        let overdue = self.states.overdue(Instant::now(), self.timing.drain);
+        for &partition in &overdue {
+            tracing::warn!(role = %self.role, partition, "runs still in flight after the drain timeout: releasing the partition anyway");
+            self.states.set(partition, LeaseState::Releasing);
+            self.tell(Assignment::Lost { partition });
         }
+        let keep_stored_checkpoint = |p: u32| (p, None);
+        self.free(overdue.into_iter().map(keep_stored_checkpoint).collect())
+            .await;
     }
 
-    async fn rebalance(&mut self) -> Result<(), CouchError> {
-        let members: Vec<WorkerDoc> = self.read_range(self.ids.worker_range()).await?;
+    async fn rebalance(&mut self) -> Result<(), crate::couch::CouchError> {
+        let members = self.store.members().await?;
         // Observed now, after the read: a revision cannot be older than this
         // from our point of view.
         let now = Instant::now();
@@ -270,48 +231,20 @@ impl Coordinator {
                 .filter_map(|m| Some((m.worker_id.as_str(), m.rev.as_deref()?))),
         );
         self.remove_dead_members(now, &members).await;
-
-        let mut table: Vec<LeaseDoc> = (0..self.partitions)
-            .map(|p| LeaseDoc::new(&self.ids, &self.role, p))
-            .collect();
-        for lease in self.read_range::<LeaseDoc>(self.ids.lease_range()).await? {
-            if let Some(slot) = table.get_mut(lease.partition as usize) {
+        for lease in self.store.leases().await? {
+            if let Some(slot) = self.leases.get_mut(lease.partition as usize) {
                 *slot = lease;
             }
         }
-        for lease in &table {
-            self.leases.insert(lease.partition, lease.clone());
-        }
-
-        // Leases someone else now holds are lost; ours from an earlier
-        // life under the same id are picked up again.
-        for lease in &table {
-            let ours = lease.owner.as_deref() == Some(self.me.as_str());
-            if self.owned.contains(&lease.partition) && !ours {
-                tracing::warn!(role = %self.role, partition = lease.partition, owner = ?lease.owner, "lease taken by another worker");
-                self.owned.remove(&lease.partition);
-                self.releasing.remove(&lease.partition);
-                self.tell(Assignment::Lost {
-                    partition: lease.partition,
-                });
-            } else if ours && !self.owned.contains(&lease.partition) {
-                self.owned.insert(lease.partition);
-                self.tell(Assignment::Acquired {
-                    partition: lease.partition,
-                    checkpoint: lease.checkpoint.clone(),
-                });
-            }
-        }
-
-        let owners: Vec<(u32, Option<String>)> = table
+        self.follow_owners();
+        let owners: Vec<(u32, Option<String>)> = self
+            .leases
             .iter()
             .map(|l| (l.partition, l.owner.clone()))
             .collect();
         let plan = plan(&self.me, &live, &owners);
         for partition in plan.release {
-            if self.releasing.insert(partition) {
-                self.tell(Assignment::Release { partition });
-            }
+            self.set(partition, LeaseState::Draining { since: now });
         }
         for partition in plan.claim {
             self.claim(partition).await;
@@ -320,12 +253,28 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Leases someone else now holds are lost; ours from an earlier life
+    /// under the same id are picked up again.
+    fn follow_owners(&mut self) {
+        for partition in 0..self.leases.len() as u32 {
+            let owner = self.leases[partition as usize].owner.clone();
+            let ours = owner.as_deref() == Some(self.me.as_str());
+            let held = self.states.state(partition).held();
+            if held && !ours {
+                tracing::warn!(role = %self.role, partition, ?owner, "lease taken by another worker");
+                self.set(partition, LeaseState::Lost);
+            } else if ours && !held {
+                self.set(partition, LeaseState::Owned);
+            }
+        }
+    }
+
     fn update_gauges(&self, live: usize) {
         let label = self.label();
         self.metrics
             .owned_partitions
             .get_or_create(&label)
-            .set(self.owned.len() as i64);
+            .set(self.states.held().len() as i64);
         if live > 0 {
             self.metrics
                 .live_workers
@@ -335,132 +284,121 @@ impl Coordinator {
     }
 
     async fn claim(&mut self, partition: u32) {
-        let Some(mut lease) = self.leases.get(&partition).cloned() else {
+        if !self.states.set(partition, LeaseState::Claiming) {
             return;
-        };
+        }
+        let mut lease = self.leases[partition as usize].clone();
         let previous = lease.owner.replace(self.me.clone());
-        match self.client.put_doc(&self.db, &lease.id, &lease).await {
+        match self.store.claim(lease).await {
             Ok(written) => {
-                lease.rev = Some(written.rev);
                 tracing::info!(role = %self.role, partition, previous_owner = ?previous, "acquired partition");
-                self.owned.insert(partition);
-                self.tell(Assignment::Acquired {
-                    partition,
-                    checkpoint: lease.checkpoint.clone(),
-                });
-                self.leases.insert(partition, lease);
-            }
-            Err(CouchError::Conflict) => {
-                tracing::debug!(role = %self.role, partition, "another worker claimed the partition first");
+                self.leases[partition as usize] = written;
+                self.set(partition, LeaseState::Owned);
             }
             Err(e) => {
-                tracing::warn!(role = %self.role, partition, error = %e, "cannot claim partition")
+                self.states.set(partition, LeaseState::Free);
+                match e {
+                    crate::couch::CouchError::Conflict => {
+                        tracing::debug!(role = %self.role, partition, "another worker claimed the partition first")
+                    }
+                    e => {
+                        tracing::warn!(role = %self.role, partition, error = %e, "cannot claim partition")
+                    }
+                }
             }
         }
     }
 
-    /// Writes checkpoints of owned partitions in one `_bulk_docs`.
-    async fn save_checkpoints(&mut self, list: Vec<(u32, Seq)>) {
-        let updates = list
-            .into_iter()
-            .filter(|(p, _)| self.owned.contains(p))
-            .map(|(p, seq)| (p, Some(seq), true))
-            .collect();
-        self.write_leases(updates).await;
-    }
-
     /// Frees leases, saving their last checkpoint.
-    async fn free(&mut self, list: &[(u32, Option<Seq>)]) {
-        let updates = list
-            .iter()
-            .filter(|(p, _)| self.owned.contains(p))
-            .map(|(p, seq)| (*p, seq.clone(), false))
-            .collect();
-        self.write_leases(updates).await;
-        for (partition, _) in list {
-            if self.owned.remove(partition) {
+    async fn free(&mut self, list: Vec<(u32, Option<Seq>)>) {
+        let partitions: Vec<u32> = list.iter().map(|(p, _)| *p).collect();
+        self.write_leases(list, false).await;
+        for partition in partitions {
+            if self.states.set(partition, LeaseState::Free) {
                 tracing::info!(role = %self.role, partition, "released partition");
             }
-            self.releasing.remove(partition);
         }
         self.update_gauges(0);
     }
 
-    /// Writes `(partition, checkpoint, keep ownership)` into the leases we
-    /// own. A conflict means the lease changed under us: re-read it and, if
-    /// it is still ours, write again once; otherwise it is lost.
-    async fn write_leases(&mut self, updates: Vec<(u32, Option<Seq>, bool)>) {
-        let mut attempt = 0;
-        let mut pending = updates;
-        while !pending.is_empty() && attempt < 2 {
-            attempt += 1;
-            let docs: Vec<LeaseDoc> = pending
-                .iter()
-                .filter_map(|(p, seq, keep)| {
-                    let mut lease = self.leases.get(p)?.clone();
-                    if let Some(seq) = seq {
-                        lease.checkpoint = Some(seq.clone());
-                        lease.checkpoint_at = Some(super::timestamp());
-                    }
-                    lease.owner = keep.then(|| self.me.clone());
-                    Some(lease)
-                })
-                .collect();
-            if docs.is_empty() {
+    /// Shutdown: every lease we hold is freed with its checkpoint, and the
+    /// membership document removed.
+    async fn leave(&mut self, checkpoints: Vec<(u32, Option<Seq>)>, limit: Duration) {
+        let held: BTreeSet<u32> = self.states.held().into_iter().collect();
+        let mut list = Vec::new();
+        for (partition, checkpoint) in checkpoints {
+            if !held.contains(&partition) {
+                continue;
+            }
+            if self.states.state(partition) == LeaseState::Owned {
+                let now = Instant::now();
+                self.states
+                    .set(partition, LeaseState::Draining { since: now });
+            }
+            self.states.set(partition, LeaseState::Releasing);
+            list.push((partition, checkpoint));
+        }
+        bounded(limit, "releasing leases", self.free(list)).await;
+        bounded(
+            limit,
+            "removing the membership",
+            self.renewer.leave(&self.store),
+        )
+        .await;
+    }
+
+    /// Writes checkpoints (`None`: keep the stored one) into leases we hold,
+    /// keeping or giving up ownership, in one request. A lease another
+    /// worker took meanwhile is lost.
+    async fn write_leases(&mut self, updates: Vec<(u32, Option<Seq>)>, keep: bool) {
+        let docs: Vec<LeaseDoc> = updates
+            .into_iter()
+            .filter(|(p, _)| self.states.state(*p).held())
+            .filter_map(|(p, seq)| {
+                let mut lease = self.leases.get(p as usize)?.clone();
+                if let Some(seq) = seq {
+                    lease.checkpoint = Some(seq);
+                    lease.checkpoint_at = Some(super::timestamp());
+                }
+                lease.owner = keep.then(|| self.me.clone());
+                Some(lease)
+            })
+            .collect();
+        if docs.is_empty() {
+            return;
+        }
+        let count = docs.len() as u64;
+        let partitions: Vec<u32> = docs.iter().map(|d| d.partition).collect();
+        let saved = match self.store.update(docs, &self.me).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(role = %self.role, error = %e, "cannot save checkpoints; they will be saved later");
                 return;
             }
-            let results = match self.client.bulk_docs(&self.db, &docs, true).await {
-                Ok(results) => results,
-                Err(e) => {
-                    tracing::warn!(role = %self.role, error = %e, "cannot save checkpoints; they will be saved later");
-                    return;
-                }
-            };
-            self.metrics
-                .checkpoint_writes
-                .get_or_create(&self.label())
-                .inc_by(docs.len() as u64);
-            let mut retry = Vec::new();
-            for ((doc, result), update) in docs.into_iter().zip(results).zip(pending) {
-                match result {
-                    BulkResult::Written { rev, .. } => {
-                        let mut doc = doc;
-                        doc.rev = Some(rev);
-                        self.leases.insert(doc.partition, doc);
-                    }
-                    failed if failed.is_conflict() => {
-                        match self.client.get_doc_opt::<LeaseDoc>(&self.db, &doc.id).await {
-                            Ok(Some(current))
-                                if current.owner.as_deref() == Some(self.me.as_str()) =>
-                            {
-                                self.leases.insert(current.partition, current);
-                                retry.push(update);
-                            }
-                            Ok(current) => {
-                                let partition = doc.partition;
-                                tracing::warn!(role = %self.role, partition, owner = ?current.and_then(|c| c.owner), "lease taken by another worker");
-                                if self.owned.remove(&partition) {
-                                    self.tell(Assignment::Lost { partition });
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(role = %self.role, error = %e, "cannot re-read a lease")
-                            }
-                        }
-                    }
-                    failed => {
-                        tracing::warn!(role = %self.role, partition = doc.partition, result = ?failed, "lease write refused")
-                    }
-                }
-            }
-            pending = retry;
+        };
+        self.metrics
+            .checkpoint_writes
+            .get_or_create(&self.label())
+            .inc_by(count);
+        for (partition, saved) in partitions.into_iter().zip(saved) {
+            self.saved(partition, saved);
         }
     }
 
-    async fn remove_membership(&mut self) {
-        if let Some(rev) = &self.member.rev {
-            if let Err(e) = self.client.delete_doc(&self.db, &self.member.id, rev).await {
-                tracing::warn!(role = %self.role, error = %e, "cannot remove the membership document");
+    /// Takes in what became of a lease write.
+    fn saved(&mut self, partition: u32, saved: Saved<LeaseDoc>) {
+        match saved {
+            Saved::Written(lease) => self.leases[partition as usize] = lease,
+            Saved::Superseded(current) => {
+                let owner = current.as_ref().and_then(|c| c.owner.clone());
+                tracing::warn!(role = %self.role, partition, ?owner, "lease taken by another worker");
+                if let Some(current) = current {
+                    self.leases[partition as usize] = current;
+                }
+                self.set(partition, LeaseState::Lost);
+            }
+            Saved::Refused(e) => {
+                tracing::warn!(role = %self.role, partition, error = %e, "lease write refused")
             }
         }
     }
@@ -473,64 +411,8 @@ impl Coordinator {
             .iter()
             .filter(|m| m.worker_id != self.me && stale.contains(&m.worker_id))
         {
-            if let Some(rev) = &member.rev {
-                if self
-                    .client
-                    .delete_doc(&self.db, &member.id, rev)
-                    .await
-                    .is_ok()
-                {
-                    tracing::info!(role = %self.role, worker = %member.worker_id, "removed the membership of a dead worker");
-                }
-            }
-        }
-    }
-
-    /// Reads every document of an id range. Documents in conflict are
-    /// resolved on the way: CouchDB's deterministic winner stays, the losing
-    /// revisions are deleted. Every revision ever written is safe to keep
-    /// (a checkpoint is only written after its updates were handled), so
-    /// keeping the winner loses nothing.
-    async fn read_range<T: DeserializeOwned>(
-        &self,
-        (start, end): (String, String),
-    ) -> Result<Vec<T>, CouchError> {
-        let query = AllDocsQuery {
-            include_docs: true,
-            conflicts: true,
-            start_key: Some(start),
-            end_key: Some(end),
-            ..Default::default()
-        };
-        let rows = self.client.all_docs(&self.db, &query).await?.rows;
-        let mut docs = Vec::with_capacity(rows.len());
-        for doc in rows.into_iter().filter_map(|r| r.doc) {
-            self.resolve_conflicts(&doc).await;
-            match serde_json::from_value::<T>(doc) {
-                Ok(parsed) => docs.push(parsed),
-                Err(e) => {
-                    tracing::warn!(role = %self.role, error = %e, "skipping a malformed coordination document")
-                }
-            }
-        }
-        Ok(docs)
-    }
-
-    async fn resolve_conflicts(&self, doc: &Value) {
-        let (Some(id), Some(conflicts)) = (
-            doc.get("_id").and_then(Value::as_str),
-            doc.get("_conflicts").and_then(Value::as_array),
-        ) else {
-            return;
-        };
-        for rev in conflicts.iter().filter_map(Value::as_str) {
-            match self.client.delete_doc(&self.db, id, rev).await {
-                Ok(_) => {
-                    tracing::info!(role = %self.role, id, rev, "resolved a conflict: kept the winning revision")
-                }
-                Err(e) => {
-                    tracing::debug!(role = %self.role, id, rev, error = %e, "conflict already resolved")
-                }
+            if self.store.remove(member).await.is_ok() {
+                tracing::info!(role = %self.role, worker = %member.worker_id, "removed the membership of a dead worker");
             }
         }
     }
@@ -540,5 +422,212 @@ impl Coordinator {
 async fn bounded(limit: Duration, what: &str, step: impl std::future::Future<Output = ()>) {
     if tokio::time::timeout(limit, step).await.is_err() {
         tracing::warn!("{what} cut short after {limit:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lease protocol on tokio's paused clock, over a store in memory:
+    //! every timing is asserted exactly, not on the wall clock.
+
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::coordination::store::memory::MemoryStore;
+    use crate::metrics::Metrics;
+
+    const PARTITIONS: u32 = 4;
+    const TIMING: Timing = Timing {
+        lease: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(10),
+        drain: Duration::from_secs(60),
+    };
+
+    /// One worker's end of a running coordinator.
+    struct Worker {
+        assignments: mpsc::UnboundedReceiver<Assignment>,
+        requests: mpsc::UnboundedSender<Request>,
+        task: tokio::task::JoinHandle<()>,
+        /// Partitions the worker holds, as it was told.
+        owned: BTreeSet<u32>,
+    }
+
+    fn start(store: &MemoryStore, id: &str) -> Worker {
+        let (to_worker, assignments) = mpsc::unbounded_channel();
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let member = Member {
+            namespace: String::new(),
+            role: "test".into(),
+            worker_id: id.into(),
+            partitions: PARTITIONS,
+            timing: TIMING,
+        };
+        let link = Link {
+            to_worker,
+            beats: watch::channel(None).0,
+        };
+        let metrics = Metrics::new().worker;
+        let coordinator = Coordinator::new(store.clone(), member, metrics, link);
+        Worker {
+            assignments,
+            requests,
+            task: tokio::spawn(coordinator.run(request_rx)),
+            owned: BTreeSet::new(),
+        }
+    }
+
+    impl Worker {
+        /// The next assignment, applied to `owned`, with when it came.
+        async fn next(&mut self) -> (Assignment, Instant) {
+            // Virtual time: a missing assignment fails the test at once.
+            let wait = tokio::time::timeout(Duration::from_secs(600), self.assignments.recv());
+            let assignment = wait.await.expect("an assignment in time").expect("running");
+            match &assignment {
+                Assignment::Acquired { partition, .. } => self.owned.insert(*partition),
+                Assignment::Release { partition } | Assignment::Lost { partition } => {
+                    self.owned.remove(partition)
+                }
+            };
+            (assignment, Instant::now())
+        }
+
+        /// Takes assignments until `owned` has `count` partitions.
+        async fn until_owning(&mut self, count: usize) -> Instant {
+            loop {
+                let (_, at) = self.next().await;
+                if self.owned.len() == count {
+                    return at;
+                }
+            }
+        }
+    }
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(DocIds::new("", "test"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_workers_partitions_are_taken_one_lease_time_after_its_last_beat() {
+        let store = store();
+        let mut a = start(&store, "a");
+        a.until_owning(4).await;
+        let mut b = start(&store, "b");
+        // "a" gives two partitions up; "b" claims them once they are free.
+        while a.owned.len() > 2 {
+            if let (Assignment::Release { partition }, _) = a.next().await {
+                a.requests
+                    .send(Request::Released {
+                        partition,
+                        checkpoint: None,
+                    })
+                    .unwrap();
+            }
+        }
+        b.until_owning(2).await;
+        // "b" dies: its last heartbeat is its last write.
+        b.task.abort();
+        let died = Instant::now();
+        let taken = a.until_owning(4).await;
+        let waited = taken - died;
+        assert!(waited >= TIMING.lease, "taken after {waited:?}");
+        assert!(
+            waited <= TIMING.lease + 2 * TIMING.heartbeat,
+            "taken after {waited:?}"
+        );
+        assert_eq!(store.lease(3).unwrap().owner.as_deref(), Some("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_cannot_beat_drops_its_partitions_before_others_may_take_them() {
+        let store = store();
+        let mut a = start(&store, "a");
+        a.until_owning(4).await;
+        let cut = store.with_own_link();
+        // Same documents; "a" is restarted on a link we can cut.
+        a.requests
+            .send(Request::Leave {
+                checkpoints: Vec::new(),
+                done: oneshot::channel().0,
+            })
+            .unwrap();
+        let mut a = start(&cut, "a");
+        let last_beat = a.until_owning(4).await;
+        cut.down.store(true, Ordering::SeqCst);
+        let mut lost = 0;
+        let mut when = last_beat;
+        while lost < 4 {
+            if let (Assignment::Lost { .. }, at) = a.next().await {
+                lost += 1;
+                when = at;
+            }
+        }
+        let after = when - last_beat;
+        assert!(
+            after >= TIMING.lease - TIMING.heartbeat,
+            "dropped after {after:?}"
+        );
+        assert!(
+            after < TIMING.lease,
+            "dropped after {after:?}: others may already hold them"
+        );
+        // Another worker takes them only after the lease time.
+        let mut b = start(&store, "b");
+        let taken = b.until_owning(4).await;
+        assert!(taken - last_beat >= TIMING.lease);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_whose_runs_never_end_is_released_after_the_drain_timeout() {
+        let store = store();
+        let mut a = start(&store, "a");
+        a.until_owning(4).await;
+        let mut b = start(&store, "b");
+        // "a" is asked to give two partitions up, and never says they drained.
+        let mut asked = Vec::new();
+        while asked.len() < 2 {
+            if let (Assignment::Release { partition }, at) = a.next().await {
+                asked.push((partition, at));
+            }
+        }
+        let mut lost = Vec::new();
+        while lost.len() < 2 {
+            if let (Assignment::Lost { partition }, at) = a.next().await {
+                lost.push((partition, at));
+            }
+        }
+        for ((p, asked_at), (q, lost_at)) in asked.iter().zip(&lost) {
+            assert_eq!(p, q);
+            let drained_for = *lost_at - *asked_at;
+            assert!(
+                drained_for >= TIMING.drain,
+                "released after {drained_for:?}"
+            );
+            assert!(drained_for <= TIMING.drain + TIMING.heartbeat);
+        }
+        b.until_owning(2).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leaving_frees_every_lease_with_its_checkpoint_and_removes_the_membership() {
+        let store = store();
+        let mut a = start(&store, "a");
+        a.until_owning(4).await;
+        let checkpoints = (0..PARTITIONS)
+            .map(|p| (p, Some(Seq::from(serde_json::json!(format!("{p}-seq"))))))
+            .collect();
+        let (done, left) = oneshot::channel();
+        a.requests
+            .send(Request::Leave { checkpoints, done })
+            .unwrap();
+        left.await.unwrap();
+        for p in 0..PARTITIONS {
+            let lease = store.lease(p).unwrap();
+            assert_eq!(lease.owner, None);
+            assert_eq!(
+                lease.checkpoint,
+                Some(Seq::from(serde_json::json!(format!("{p}-seq"))))
+            );
+        }
+        assert!(store.members().await.unwrap().is_empty());
     }
 }

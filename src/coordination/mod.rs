@@ -2,14 +2,24 @@
 //! fixed number of partitions by a stable hash, and workers hold partitions
 //! through lease documents in the spiegel database.
 //!
-//! This module owns the ids and shapes of Spiegel's internal documents.
+//! Reading order: [`lease`] (the documents), [`liveness`] (who is alive),
+//! [`taker`] (who should hold what), [`partition`] (the lease lifecycle),
+//! [`renewer`] (heartbeat and fencing), [`store`] (where documents live),
+//! [`coordinator`] (the task that ties them together). This module also
+//! owns the ids and shapes of Spiegel's other internal documents.
 
 pub mod coordinator;
 mod lease;
+mod liveness;
+mod partition;
+mod renewer;
+pub mod store;
+mod taker;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::lease::{plan, DocIds, LeaseDoc, Liveness, Plan, WorkerDoc};
+pub use self::lease::{DocIds, LeaseDoc, WorkerDoc};
+pub use self::renewer::Timing;
 
 /// The id prefix of every internal document except change-listener
 /// checkpoints (whose ids are fixed by Spiegel 1.2 compatibility).

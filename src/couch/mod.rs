@@ -6,6 +6,7 @@ mod error;
 pub mod feed;
 mod replicate;
 mod types;
+mod update;
 mod url;
 
 use std::time::Duration;
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 pub use self::error::CouchError;
 pub use self::feed::FeedOptions;
 pub use self::types::*;
+pub use self::update::{Revised, Saved};
 pub use self::url::{redact_credentials, SecretUrl, UrlError};
 
 pub type Result<T, E = CouchError> = std::result::Result<T, E>;

@@ -27,8 +27,10 @@ use self::scheduler::Scheduler;
 use crate::admin::Health;
 use crate::backoff::Backoff;
 use crate::config::{Config, Since};
-use crate::coordination::coordinator::{Assignment, Coordinator, Member, Request, Timing};
+use crate::coordination::coordinator::{Assignment, Coordinator, Link, Member, Request};
+use crate::coordination::store::CouchStore;
 use crate::coordination::{settings_doc_id, Settings};
+use crate::coordination::{DocIds, Timing};
 use crate::couch::GLOBAL_CHANGES;
 use crate::couch::{CouchClient, CouchError, DbUpdate, FeedOptions, Seq};
 use crate::error::{Error, Result};
@@ -165,6 +167,7 @@ impl WorkerOptions {
             timing: Timing {
                 lease,
                 heartbeat: lease / 3,
+                drain: config.shutdown_timeout,
             },
             checkpoint_interval: config.save_seq_after,
             feed_heartbeat: config.feed_heartbeat(),
@@ -262,7 +265,6 @@ pub async fn run<R: Role>(
         runs: JoinSet::new(),
         catch_ups: HashMap::new(),
         parked: VecDeque::new(),
-        draining: HashMap::new(),
         missing: HashMap::new(),
         replays: Arc::new(Semaphore::new(runtime::REPLAYS)),
         role,
@@ -303,7 +305,7 @@ struct Services {
     start: Seq,
     live: mpsc::Sender<DbUpdate>,
     assignments: mpsc::UnboundedSender<Assignment>,
-    beats: watch::Sender<Option<std::time::Instant>>,
+    beats: watch::Sender<Option<tokio::time::Instant>>,
     requests: mpsc::UnboundedReceiver<Request>,
 }
 
@@ -323,22 +325,24 @@ impl Services {
             worker.metrics.clone(),
             role.clone(),
         ));
+        let options = &worker.options;
         let member = Member {
-            db: worker.options.db_name.clone(),
-            namespace: worker.options.namespace.clone(),
+            namespace: options.namespace.clone(),
             role: role.clone(),
-            worker_id: worker.options.worker_id.clone(),
+            worker_id: options.worker_id.clone(),
             partitions: worker.sched.partitions(),
-            timing: worker.options.timing.clone(),
+            timing: options.timing.clone(),
         };
-        let metrics = worker.metrics.clone();
-        let coordinator = Coordinator::new(
-            worker.client.clone(),
-            member,
-            metrics,
-            self.assignments,
-            self.beats,
-        );
+        let store = CouchStore {
+            client: worker.client.clone(),
+            db: options.db_name.clone(),
+            ids: DocIds::new(&options.namespace, &role),
+        };
+        let link = Link {
+            to_worker: self.assignments,
+            beats: self.beats,
+        };
+        let coordinator = Coordinator::new(store, member, worker.metrics.clone(), link);
         worker.tasks.spawn(coordinator.run(self.requests));
         if let Some(interval) = worker.options.sweep_interval {
             let sweep = sweep::run(worker.client.clone(), interval, worker.catch_up.clone());

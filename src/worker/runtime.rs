@@ -7,6 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::time::Instant as TokioInstant;
+
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
@@ -46,7 +48,7 @@ pub(super) struct Inbox {
     /// Runs that finished, retries that are due.
     pub events: mpsc::UnboundedReceiver<Event>,
     /// The coordinator's last successful heartbeat.
-    pub beats: watch::Receiver<Option<Instant>>,
+    pub beats: watch::Receiver<Option<TokioInstant>>,
     /// Databases the role asks to handle (a document added or edited).
     pub nudges: mpsc::Receiver<String>,
 }
@@ -70,8 +72,6 @@ pub(super) struct Worker<R: Role> {
     pub catch_ups: HashMap<u32, (u64, AbortHandle)>,
     /// Nudges for partitions not (yet) ours, with when they came.
     pub parked: VecDeque<(String, Instant)>,
-    /// Partitions being released, with when the release began.
-    pub draining: HashMap<u32, Instant>,
     /// Databases whose runs found them missing, since when.
     pub missing: HashMap<String, Instant>,
     pub replays: Arc<Semaphore>,
@@ -109,7 +109,7 @@ impl<R: Role> Worker<R> {
                 Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
                 Ok(()) = inbox.beats.changed() => {
                     if let Some(at) = *inbox.beats.borrow() {
-                        self.options.health.heartbeat(self.role.name(), at);
+                        self.options.health.heartbeat(self.role.name(), at.into_std());
                     }
                 }
                 Some(db) = inbox.nudges.recv(), if room => self.on_nudge(db),
@@ -168,12 +168,10 @@ impl<R: Role> Worker<R> {
             Assignment::Release { partition } => {
                 self.sched.release(partition);
                 self.stop_replay(partition);
-                self.draining.insert(partition, Instant::now());
             }
             Assignment::Lost { partition } => {
                 self.sched.remove(partition);
                 self.stop_replay(partition);
-                self.draining.remove(&partition);
             }
         }
     }
@@ -202,7 +200,6 @@ impl<R: Role> Worker<R> {
         if let Some((_, old)) = self.catch_ups.insert(partition, (epoch, task)) {
             old.abort();
         }
-        self.draining.remove(&partition);
     }
 
     fn stop_replay(&mut self, partition: u32) {
@@ -323,34 +320,23 @@ impl<R: Role> Worker<R> {
         }
     }
 
-    /// Frees the partitions whose runs are over. A run that never ends must
-    /// not keep a partition from its next owner: after the shutdown timeout
-    /// it is released anyway (the run's updates are not marked handled, so
-    /// nothing is lost).
+    /// Hands the partitions being given up whose runs are over back to the
+    /// coordinator, with their final checkpoints. (One whose runs never end
+    /// is released by the coordinator after the drain timeout.)
     fn release_drained(&mut self) {
-        let timeout = self.options.shutdown_timeout;
-        let sched = &mut self.sched;
-        let requests = &self.requests;
-        self.draining.retain(|&partition, since| {
-            if !sched.drained(partition) && since.elapsed() < timeout {
-                return true;
-            }
-            let checkpoint = sched.remove(partition);
-            let _ = requests.send(Request::Released {
+        for (partition, checkpoint) in self.sched.take_drained() {
+            let _ = self.requests.send(Request::Released {
                 partition,
                 checkpoint,
             });
-            false
-        });
+        }
     }
 
-    /// Fencing: once our last heartbeat is older than the lease time minus
-    /// a heartbeat, others may take our partitions.
-    fn fenced(&self, beats: &watch::Receiver<Option<Instant>>) -> bool {
-        let timing = &self.options.timing;
-        beats
-            .borrow()
-            .is_none_or(|t| t.elapsed() + timing.heartbeat >= timing.lease)
+    /// Fencing (see [`crate::coordination::Timing::fenced`]).
+    fn fenced(&self, beats: &watch::Receiver<Option<TokioInstant>>) -> bool {
+        self.options
+            .timing
+            .fenced(*beats.borrow(), TokioInstant::now())
     }
 
     /// Starts the runs the scheduler allows (none while fenced).

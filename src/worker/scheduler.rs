@@ -192,13 +192,23 @@ impl Scheduler {
         }
     }
 
-    /// True when a releasing partition has no run in flight.
-    pub fn drained(&self, partition: u32) -> bool {
+    /// Removes the releasing partitions whose runs are over, with their
+    /// final checkpoints.
+    pub fn take_drained(&mut self) -> Vec<(u32, Option<Seq>)> {
+        let drained: Vec<u32> = self
+            .partitions
+            .iter()
+            .filter(|(p, state)| state.releasing && self.in_flight_in(**p) == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        drained.into_iter().map(|p| (p, self.remove(p))).collect()
+    }
+
+    fn in_flight_in(&self, partition: u32) -> usize {
         self.in_flight_by_partition
             .get(&partition)
             .copied()
             .unwrap_or(0)
-            == 0
     }
 
     /// Forgets a partition and returns its last checkpoint.
@@ -655,14 +665,14 @@ mod tests {
             s.take_startable(now).is_empty(),
             "no new run in a releasing partition"
         );
-        assert!(!s.drained(0));
+        assert!(s.take_drained().is_empty(), "a run is in flight");
         s.on_finished(&names[0], Finished::Handled, now);
-        assert!(s.drained(0));
         assert_eq!(
-            s.remove(0),
-            Some(seq(1)),
+            s.take_drained(),
+            [(0, Some(seq(1)))],
             "covers the finished run, not the dropped event"
         );
+        assert!(s.owned().is_empty());
         assert_eq!(s.active_databases(), 0);
     }
 

@@ -1,0 +1,110 @@
+//! The heartbeat: a worker proves it is alive by writing its membership
+//! document, and stops working on its partitions (fencing) before others
+//! may take them for its silence.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::lease::WorkerDoc;
+use super::store::LeaseStore;
+
+/// Timing of the coordination protocol.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Time without a heartbeat after which a worker is taken for dead.
+    pub lease: Duration,
+    /// Interval of heartbeats and lease checks; a third of the lease time
+    /// by default, so two can be lost without losing the lease.
+    pub heartbeat: Duration,
+    /// How long a partition being given up may wait for its runs before it
+    /// is released anyway.
+    pub drain: Duration,
+}
+
+impl Timing {
+    /// Fencing: once our last heartbeat is older than the lease time minus
+    /// a heartbeat, others may soon take our partitions, so we must not
+    /// work on them any more.
+    pub fn fenced(&self, last_beat: Option<Instant>, now: Instant) -> bool {
+        last_beat.is_none_or(|t| now.saturating_duration_since(t) + self.heartbeat >= self.lease)
+    }
+}
+
+/// Writes the heartbeats of one worker and remembers the last that worked.
+pub struct Renewer {
+    member: WorkerDoc,
+    timing: Timing,
+    last_beat: Option<Instant>,
+    /// Publishes `last_beat` to the worker, which fences itself with it.
+    beats: watch::Sender<Option<Instant>>,
+}
+
+impl Renewer {
+    pub fn new(member: WorkerDoc, timing: Timing, beats: watch::Sender<Option<Instant>>) -> Self {
+        Renewer {
+            member,
+            timing,
+            last_beat: None,
+            beats,
+        }
+    }
+
+    /// One heartbeat, bounded by the heartbeat interval. True if it was
+    /// written.
+    pub async fn renew<S: LeaseStore>(&mut self, store: &S) -> bool {
+        // The time the write was sent: an observer can only see it later,
+        // so leases computed from it are never longer than others think.
+        let sent = Instant::now();
+        let mut member = self.member.clone();
+        member.beats += 1;
+        let role = member.role.clone();
+        match tokio::time::timeout(self.timing.heartbeat, store.beat(member)).await {
+            Ok(Ok(written)) => {
+                self.member = written;
+                self.last_beat = Some(sent);
+                let _ = self.beats.send(Some(sent));
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%role, error = %e, "heartbeat failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(%role, "heartbeat timed out");
+                false
+            }
+        }
+    }
+
+    /// True once the heartbeat has failed for too long (see [`Timing::fenced`]).
+    pub fn fenced(&self, now: Instant) -> bool {
+        self.timing.fenced(self.last_beat, now)
+    }
+
+    /// Removes the membership document: a clean stop.
+    pub async fn leave<S: LeaseStore>(&self, store: &S) {
+        if let Err(e) = store.remove(&self.member).await {
+            tracing::warn!(role = %self.member.role, error = %e, "cannot remove the membership document");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_fenced_a_heartbeat_before_its_lease_ends() {
+        let timing = Timing {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+        };
+        let beat = Instant::now();
+        assert!(timing.fenced(None, beat), "never beat: fenced");
+        assert!(!timing.fenced(Some(beat), beat + Duration::from_secs(19)));
+        assert!(timing.fenced(Some(beat), beat + Duration::from_secs(20)));
+    }
+}
