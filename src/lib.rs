@@ -13,6 +13,7 @@
 //!   redeliver, the update-listener stub).
 //! - [`admin`]: the health, readiness and metrics endpoints.
 //! - [`backoff`]: the one retry policy.
+//! - [`flush`]: the one way state kept in memory is saved.
 
 pub mod admin;
 pub mod backoff;
@@ -22,6 +23,7 @@ pub mod coordination;
 pub mod couch;
 pub mod delivery;
 pub mod error;
+pub mod flush;
 pub mod logging;
 pub mod metrics;
 pub mod roles;

@@ -8,13 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::coordination::INTERNAL_PREFIX;
-use crate::couch::{AllDocsQuery, CouchClient, CouchError};
+use crate::couch::{AllDocsQuery, CouchClient, CouchError, Revised};
+use crate::flush::Flush;
 
 /// Errors kept per document: enough to see a pattern, bounded for
 /// templated documents over thousands of databases.
@@ -65,19 +63,41 @@ pub fn status_doc_prefix(namespace: &str) -> String {
     format!("{namespace}{INTERNAL_PREFIX}status_")
 }
 
-/// The in-memory book of one worker, shared by its runs.
+/// The in-memory book of one worker, shared by its runs, and where it is
+/// saved ([`Flush`]). The default book is saved nowhere.
 #[derive(Clone, Default)]
 pub struct StatusBook {
     inner: Arc<Mutex<Book>>,
+    target: Option<Arc<Target>>,
 }
 
 #[derive(Default)]
 struct Book {
     docs: BTreeMap<String, DocStatus>,
     dirty: bool,
+    /// The revision of the status document, once saved.
+    rev: Option<String>,
+}
+
+/// Where a book is saved: its worker's status document.
+pub struct Target {
+    pub client: CouchClient,
+    /// The spiegel database.
+    pub db: String,
+    pub namespace: String,
+    pub role: String,
+    pub worker_id: String,
 }
 
 impl StatusBook {
+    /// An empty book saved in `target`.
+    pub fn saved_in(target: Target) -> Self {
+        StatusBook {
+            target: Some(Arc::new(target)),
+            ..Default::default()
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Book) -> T) -> T {
         // A panic while holding this lock cannot leave the book half-written
         // in a way that matters: it only holds counters and messages.
@@ -155,49 +175,43 @@ impl StatusBook {
     }
 }
 
-/// Saves the book every `interval` when it changed, until the process ends.
-pub async fn save_periodically(
-    client: CouchClient,
-    db: String,
-    namespace: String,
-    role: String,
-    worker_id: String,
-    book: StatusBook,
-    interval: Duration,
-) {
-    let id = format!("{}{worker_id}", status_doc_prefix(&namespace));
-    let mut rev: Option<String> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(docs) = book.take_if_dirty() else {
-            continue;
+impl Flush for StatusBook {
+    /// Writes the status document if the book changed.
+    async fn flush(&self) {
+        let Some(target) = &self.target else {
+            return;
         };
-        let mut doc = StatusDoc {
-            id: id.clone(),
-            rev: rev.clone(),
+        let Some(docs) = self.take_if_dirty() else {
+            return;
+        };
+        let doc = StatusDoc {
+            id: format!("{}{}", status_doc_prefix(&target.namespace), target.worker_id),
+            rev: self.with(|b| b.rev.clone()),
             kind: StatusDoc::KIND.into(),
-            role: role.clone(),
-            worker_id: worker_id.clone(),
+            role: target.role.clone(),
+            worker_id: target.worker_id.clone(),
             updated_at: crate::coordination::timestamp(),
             docs,
         };
-        let mut result = client.put_doc(&db, &id, &doc).await;
-        if matches!(result, Err(CouchError::Conflict)) {
-            // Our revision is stale (first save after a restart under the
-            // same id): take the current one and write again.
-            let current: Option<Value> = client.get_doc_opt(&db, &id).await.unwrap_or(None);
-            doc.rev = current.and_then(|c| c.get("_rev").and_then(Value::as_str).map(String::from));
-            result = client.put_doc(&db, &id, &doc).await;
-        }
-        match result {
-            Ok(written) => rev = Some(written.rev),
+        match target.client.save(&target.db, doc).await {
+            Ok(saved) => self.with(|b| b.rev = saved.rev),
             Err(e) => {
-                tracing::warn!(role = %role, error = %e, "cannot save the status document; retrying later");
-                book.with(|b| b.dirty = true);
+                tracing::warn!(role = %target.role, error = %e, "cannot save the status document; retrying later");
+                self.with(|b| b.dirty = true);
             }
         }
+    }
+}
+
+impl Revised for StatusDoc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn rev(&self) -> Option<&str> {
+        self.rev.as_deref()
+    }
+    fn set_rev(&mut self, rev: Option<String>) {
+        self.rev = rev;
     }
 }
 

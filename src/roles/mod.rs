@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::couch::CouchClient;
 use crate::error::Result;
+use crate::flush;
 use crate::metrics::Metrics;
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::AuthStyle;
@@ -189,20 +190,19 @@ impl Host<'_> {
         )
     }
 
-    /// A role's status book, and the task that saves it (at most every 5 s).
+    /// A role's status book, and the task that saves it (at most every 5 s;
+    /// the role saves it a last time at stop).
     fn status_book(&self, role: &str, worker_id: &str) -> (StatusBook, BoxFuture<'static, ()>) {
         let config = self.config;
-        let book = StatusBook::default();
-        let saver = status::save_periodically(
-            self.client.clone(),
-            config.db_name.clone(),
-            config.namespace.clone(),
-            role.into(),
-            worker_id.into(),
-            book.clone(),
-            config.save_seq_after.min(Duration::from_secs(5)),
-        );
-        (book, Box::pin(saver))
+        let book = StatusBook::saved_in(status::Target {
+            client: self.client.clone(),
+            db: config.db_name.clone(),
+            namespace: config.namespace.clone(),
+            role: role.into(),
+            worker_id: worker_id.into(),
+        });
+        let interval = config.save_seq_after.min(Duration::from_secs(5));
+        (book.clone(), Box::pin(flush::every(book, interval)))
     }
 }
 

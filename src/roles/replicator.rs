@@ -16,6 +16,7 @@ use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
+use crate::flush::Flush;
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
@@ -249,6 +250,10 @@ impl Role for Replicator {
         for rule in self.rules().await.iter().filter(|r| r.applies_to(db)) {
             self.status.failure(&rule.id, db, error.clone());
         }
+    }
+
+    async fn stop(&self) {
+        self.status.flush().await;
     }
 }
 

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use crate::coordination::change_listener_checkpoint_id;
-use crate::couch::{BulkResult, CouchClient, CouchError, Seq};
+use crate::couch::{CouchClient, CouchError, Revised, Saved, Seq};
+use crate::flush::Flush;
 
 /// The document type Spiegel 1.2 reads. Spiegel 2.0.0-alpha.1 wrote
 /// `change-listener`: such documents are found by id all the same and get
@@ -100,86 +101,96 @@ impl Checkpoints {
         entry.remove = true;
     }
 
-    /// Writes every changed checkpoint in one request. Conflicts (another
-    /// worker wrote around a failover) take the stored revision and are
-    /// written again at the next flush.
-    pub async fn flush(&self) {
-        let pending: Vec<(String, Value)> = {
-            let mut cache = self.lock();
-            cache
-                .iter_mut()
-                .filter(|(_, e)| e.dirty)
-                .filter_map(|(db, e)| {
-                    e.dirty = false;
-                    let doc = if e.remove {
-                        let rev = e.doc.as_ref()?.get("_rev")?.clone();
-                        json!({ "_id": change_listener_checkpoint_id(db), "_rev": rev, "_deleted": true })
-                    } else {
-                        let mut doc = e.doc.clone().unwrap_or_else(|| {
-                            json!({ "_id": change_listener_checkpoint_id(db), "db_name": db })
-                        });
-                        doc["type"] = Value::from(CHECKPOINT_TYPE);
-                        doc["last_seq"] = serde_json::to_value(&e.last_seq).unwrap_or(Value::Null);
-                        // Spiegel 1.2's lock fields mean nothing here.
-                        if let Some(obj) = doc.as_object_mut() {
-                            obj.remove("dirty");
-                            obj.remove("locked_at");
-                        }
-                        doc
-                    };
-                    e.saving = true;
-                    Some((db.clone(), doc))
-                })
-                .collect()
+    /// The documents to write, each marked as being saved.
+    fn take_pending(&self) -> Vec<(String, Value)> {
+        let mut cache = self.lock();
+        cache
+            .iter_mut()
+            .filter(|(_, e)| e.dirty)
+            .filter_map(|(db, e)| {
+                e.dirty = false;
+                let doc = if e.remove {
+                    let rev = e.doc.as_ref()?.get("_rev")?.clone();
+                    json!({ "_id": change_listener_checkpoint_id(db), "_rev": rev, "_deleted": true })
+                } else {
+                    checkpoint_doc(db, e)
+                };
+                e.saving = true;
+                Some((db.clone(), doc))
+            })
+            .collect()
+    }
+
+    /// Takes in what became of a write.
+    fn saved(&self, db: &str, saved: Option<Saved<Value>>) {
+        let mut cache = self.lock();
+        let Some(entry) = cache.get_mut(db) else {
+            return;
         };
+        entry.saving = false;
+        match saved {
+            Some(Saved::Written(_) | Saved::Superseded(_)) if entry.remove && !entry.dirty => {
+                cache.remove(db);
+            }
+            Some(Saved::Written(doc)) => entry.doc = Some(doc),
+            Some(Saved::Superseded(stored)) => entry.doc = stored,
+            Some(Saved::Refused(e)) => {
+                tracing::warn!(db = %db, error = %e, "checkpoint write refused; retrying");
+                entry.dirty = true;
+            }
+            None => entry.dirty = true,
+        }
+    }
+}
+
+impl Flush for Checkpoints {
+    /// Writes every changed checkpoint in one request. A conflict (another
+    /// worker wrote around a failover) is written again on the stored
+    /// revision.
+    async fn flush(&self) {
+        let pending = self.take_pending();
         if pending.is_empty() {
             return;
         }
-        let docs: Vec<&Value> = pending.iter().map(|(_, d)| d).collect();
-        let results = match self.client.bulk_docs(&self.db, &docs, true).await {
-            Ok(results) => results,
+        let (dbs, docs): (Vec<String>, Vec<Value>) = pending.into_iter().unzip();
+        let on_stored = |mut mine: Value, stored: Option<&Value>| {
+            let rev = stored.and_then(|s| s.rev()).map(String::from);
+            // A removal of a document already gone is done.
+            if rev.is_none() && mine.get("_deleted").is_some() {
+                return None;
+            }
+            mine.set_rev(rev);
+            Some(mine)
+        };
+        match self.client.save_all(&self.db, docs, on_stored).await {
+            Ok(results) => {
+                for (db, saved) in dbs.iter().zip(results) {
+                    self.saved(db, Some(saved));
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot save change-listener checkpoints; retrying");
-                let mut cache = self.lock();
-                for (db, _) in &pending {
-                    if let Some(entry) = cache.get_mut(db) {
-                        entry.dirty = true;
-                        entry.saving = false;
-                    }
+                for db in &dbs {
+                    self.saved(db, None);
                 }
-                return;
-            }
-        };
-        for ((db, mut doc), result) in pending.into_iter().zip(results) {
-            let stale = result.is_conflict();
-            let current = match (&result, stale) {
-                (BulkResult::Written { rev, .. }, _) => {
-                    doc["_rev"] = Value::from(rev.as_str());
-                    Some(doc)
-                }
-                (_, true) => self
-                    .client
-                    .get_doc_opt::<Value>(&self.db, &change_listener_checkpoint_id(&db))
-                    .await
-                    .ok()
-                    .flatten(),
-                _ => {
-                    tracing::warn!(db = %db, result = ?result, "checkpoint write refused");
-                    None
-                }
-            };
-            let mut cache = self.lock();
-            if let Some(entry) = cache.get_mut(&db) {
-                entry.saving = false;
-                if entry.remove && !stale {
-                    cache.remove(&db);
-                    continue;
-                }
-                if stale {
-                    entry.dirty = true;
-                }
-                entry.doc = current.filter(|d| d.get("_deleted").is_none());
             }
         }
     }
+}
+
+/// The checkpoint document of `db` as Spiegel 1.2 reads it, keeping the
+/// stored document's other fields.
+fn checkpoint_doc(db: &str, entry: &Entry) -> Value {
+    let mut doc = entry
+        .doc
+        .clone()
+        .unwrap_or_else(|| json!({ "_id": change_listener_checkpoint_id(db), "db_name": db }));
+    doc["type"] = Value::from(CHECKPOINT_TYPE);
+    doc["last_seq"] = serde_json::to_value(&entry.last_seq).unwrap_or(Value::Null);
+    // Spiegel 1.2's lock fields mean nothing here.
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("dirty");
+        obj.remove("locked_at");
+    }
+    doc
 }

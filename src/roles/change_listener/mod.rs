@@ -34,6 +34,7 @@ use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
+use crate::flush::{self, Flush};
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
@@ -137,14 +138,7 @@ impl ChangeListener {
         // Per-database checkpoints are saved in batches: at most the lease
         // time of changes is delivered again after a crash.
         let flush_every = config.save_seq_after.min(config.lease_time);
-        let flusher = checkpoints.clone();
-        let flushing = async move {
-            let mut tick = tokio::time::interval(flush_every);
-            loop {
-                tick.tick().await;
-                flusher.flush().await;
-            }
-        };
+        let flushing = flush::every(checkpoints.clone(), flush_every);
         let sender = Sender::new(config.request_timeout, config.concurrency)?;
         let role = ChangeListener {
             client,
@@ -462,6 +456,7 @@ impl Role for ChangeListener {
 
     async fn stop(&self) {
         self.checkpoints.flush().await;
+        self.status.flush().await;
     }
 }
 
