@@ -6,9 +6,9 @@
 //! write it; `spiegel status` ([`crate::commands::status`]) reads it, and a
 //! starting replicator reads which documents were already reported on.
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use serde::{Deserialize, Serialize};
 
 use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError, Revised};
@@ -185,7 +185,11 @@ impl Flush for StatusBook {
             return;
         };
         let doc = StatusDoc {
-            id: format!("{}{}", status_doc_prefix(&target.namespace), target.worker_id),
+            id: format!(
+                "{}{}",
+                status_doc_prefix(&target.namespace),
+                target.worker_id
+            ),
             rev: self.with(|b| b.rev.clone()),
             kind: StatusDoc::KIND.into(),
             role: target.role.clone(),

@@ -554,6 +554,49 @@ async fn concurrency_bounds_runs_and_a_failing_database_blocks_no_other() {
     w.stop().await;
 }
 
+/// The value of a counter series of the worker's metrics (0 if absent).
+fn counter(w: &Worker, series: &str) -> u64 {
+    w.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_keeps_failing_is_given_up_after_the_backoff_limit_until_its_next_change() {
+    let s = Setup::new("limit", 2).await;
+    let failing = s.db("failing");
+    let mut role = s.recorder("w1", Duration::ZERO);
+    role.failing.insert(failing.clone());
+    let mut options = s.options("w1");
+    options.retry.limit = 2;
+    let w = s.start(options, role);
+    s.wait_balanced(&["w1"], Duration::from_secs(20)).await;
+    // Only this database fails, so every retry is one of its.
+    let retried = || counter(&w, "spiegel_runs_retried_total{role=\"test-role\"}");
+
+    s.couch.create_db(&failing).await.unwrap();
+    s.write(&failing, 1).await;
+    wait_for(
+        "the first run and 2 retries",
+        Duration::from_secs(20),
+        || async { (s.log.runs_of(&failing).len() >= 3).then_some(()) },
+    )
+    .await;
+    // Its next change runs it again, with a fresh budget of 2 retries.
+    let more = s.write(&failing, 1).await;
+    wait_for("3 more runs", Duration::from_secs(20), || async {
+        (s.log.runs_of(&failing).len() >= 6 && s.log.has_run_seeing(&failing, more)).then_some(())
+    })
+    .await;
+    // Two budgets: 2 first runs and 4 retries. Without the limit the first
+    // budget would never end (retried = runs - 1, and runs keep coming).
+    let runs = s.log.runs_of(&failing).len() as u64;
+    assert_eq!((runs, retried()), (6, 4), "runs and retries");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_partitions_evenly_as_they_join_and_leave() {
     let s = Setup::new("share", 8).await;

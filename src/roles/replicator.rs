@@ -3,7 +3,7 @@
 //! the `--url` server.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,11 +12,11 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
+use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
-use crate::flush::Flush;
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
@@ -28,18 +28,10 @@ pub struct Replicator {
     docs: DocsWatch,
     passwords: Passwords,
     auth: AuthStyle,
-    /// Retries of transient failures, per database (its limit applies).
-    backoff: Backoff,
     assume_deleted_after: Duration,
     status: StatusBook,
     metrics: RoleMetrics,
     rules: RuleCache<ReplicatorRule>,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    retries: HashMap<String, u32>,
 }
 
 /// One replication's result.
@@ -66,18 +58,11 @@ impl Replicator {
             docs,
             passwords: config.passwords.clone(),
             auth,
-            backoff: config.backoff.clone(),
             assume_deleted_after: config.assume_deleted_after,
             status,
             metrics,
             rules: RuleCache::new("replicator"),
-            state: Mutex::default(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // The state holds caches and counters only; a poisoned lock is safe to reuse.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current rules, re-parsed when the documents changed. Unusable
@@ -211,38 +196,16 @@ impl Role for Replicator {
         }
         if missing {
             // The runtime retries it, and takes it for deleted in time.
-            self.lock().retries.remove(db);
             return Outcome::Missing;
         }
         match retry {
-            None => {
-                self.lock().retries.remove(db);
-                Outcome::Done
-            }
-            Some((error, wait)) => {
-                let mut state = self.lock();
-                let retries = state.retries.entry(db.to_string()).or_default();
-                *retries += 1;
-                if self.backoff.exhausted(*retries) {
-                    state.retries.remove(db);
-                    tracing::error!(db, %error, "replication failed after the last retry (--backoff-limit)");
-                    Outcome::Done
-                } else {
-                    Outcome::Retry {
-                        wait,
-                        reason: error,
-                    }
-                }
-            }
+            None => Outcome::Done,
+            // The runtime applies --backoff-limit.
+            Some((reason, wait)) => Outcome::Retry { wait, reason },
         }
     }
 
-    async fn deleted(&self, db: &str) {
-        self.lock().retries.remove(db);
-    }
-
     async fn forget(&self, db: &str) {
-        self.lock().retries.remove(db);
         let error = format!(
             "the source database does not exist; taken for deleted after {:?}: replication resumes when it is created again",
             self.assume_deleted_after

@@ -253,6 +253,7 @@ impl<R: Role> Worker<R> {
 
     /// A run ended: count it, and set a retry timer if it asked for one.
     fn on_finished(&mut self, db: String, outcome: Outcome, took: Duration) {
+        let outcome = self.limit_retries(&db, outcome);
         let outcome = self.track_missing(&db, outcome);
         self.metrics
             .run_duration
@@ -289,6 +290,27 @@ impl<R: Role> Worker<R> {
             tokio::time::sleep(wait).await;
             let _ = events.send(Event::RetryDue(db));
         });
+    }
+
+    /// `--backoff-limit`: a database whose runs keep failing for a reason
+    /// of its own ([`Wait::Backoff`]) is given up after the last retry, and
+    /// runs again at its next change. Runs that met CouchDB unreachable are
+    /// retried for as long as it takes, and a role's own waits
+    /// ([`Wait::For`]) follow the role's policy.
+    fn limit_retries(&mut self, db: &str, outcome: Outcome) -> Outcome {
+        let Outcome::Retry {
+            wait: Wait::Backoff,
+            reason,
+        } = &outcome
+        else {
+            return outcome;
+        };
+        // Retries made so far: this run was the last allowed if they reach the limit.
+        if !self.options.retry.exhausted(self.sched.retries(db)) {
+            return outcome;
+        }
+        tracing::error!(role = %self.name(), db, %reason, "run failed after the last retry (--backoff-limit): the database runs again at its next change");
+        Outcome::Done
     }
 
     /// A database that runs find missing is run again after the backoff

@@ -338,6 +338,11 @@ impl Scheduler {
 
     /// A run finished. On [`Finished::Retry`] returns the retry number (1
     /// for the first) after which [`Self::retry_due`] must be called.
+    /// Runs of `db` that failed in a row (0 once one succeeds).
+    pub fn retries(&self, db: &str) -> u32 {
+        self.dbs.get(db).map_or(0, |s| s.retries)
+    }
+
     pub fn on_finished(&mut self, db: &str, outcome: Finished, now: Instant) -> Option<u32> {
         let partition = self.partition_of(db);
         let state = self.dbs.get_mut(db)?;

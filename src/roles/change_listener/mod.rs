@@ -30,11 +30,11 @@ use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{DeliveryError, Request, Sender};
 use crate::error::Result;
+use crate::flush::{self, Flush};
 use crate::metrics::{ClassLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
-use crate::flush::{self, Flush};
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
