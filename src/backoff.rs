@@ -14,6 +14,7 @@ use rand::Rng;
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
 )]
+/// How the wait grows from one retry to the next.
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// The same delay before every retry (Spiegel 1.2's "linear").
@@ -22,10 +23,14 @@ pub enum Strategy {
     Exponential,
 }
 
+/// A retry policy: how long to wait before each retry, and how many.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Backoff {
+    /// How the wait grows.
     pub strategy: Strategy,
+    /// The wait before the first retry.
     pub delay: Duration,
+    /// The factor of each further wait (exponential strategy).
     pub multiplier: f64,
     /// Upper bound of one wait; `None` for no bound.
     pub max_delay: Option<Duration>,

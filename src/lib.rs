@@ -15,6 +15,8 @@
 //! - [`backoff`]: the one retry policy.
 //! - [`flush`]: the one way state kept in memory is saved.
 
+#![deny(missing_docs)]
+
 pub mod admin;
 pub mod backoff;
 pub mod commands;
@@ -23,12 +25,12 @@ pub mod coordination;
 pub mod couch;
 pub mod delivery;
 pub mod error;
-pub mod flush;
+pub(crate) mod flush;
 pub mod logging;
 pub mod metrics;
 pub mod roles;
-pub mod rules;
-pub mod status;
+pub(crate) mod rules;
+pub(crate) mod status;
 pub mod worker;
 
 /// `install` and `uninstall`, at their former path.

@@ -104,19 +104,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_signal();
             let metrics = Arc::new(Metrics::new());
             let client = client.with_metrics(metrics.couch.clone());
+            // The admin server answers until the workers have stopped.
+            let mut admin = tokio::task::JoinSet::new();
             if let Some(addr) = config.admin_addr {
                 let listener = spiegel::admin::bind(addr)
                     .await
                     .map_err(|e| anyhow::anyhow!("--admin-addr {addr}: {e}"))?;
                 tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: /healthz /readyz /metrics");
-                tokio::spawn(spiegel::admin::serve(
+                admin.spawn(spiegel::admin::serve(
                     listener,
                     metrics.clone(),
                     config.health.clone(),
                     client.clone(),
                 ));
             }
-            roles::run(&config, &client, hosted, &metrics, shutdown).await?;
+            let ran = roles::run(&config, &client, hosted, &metrics, shutdown).await;
+            admin.shutdown().await;
+            ran?;
         }
     }
     Ok(())

@@ -11,8 +11,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RoleLabel {
-    pub role: String,
+pub(crate) struct RoleLabel {
+    pub(crate) role: String,
 }
 
 type Counters = Family<RoleLabel, Counter>;
@@ -27,42 +27,43 @@ fn seconds_histogram() -> Histogram {
 /// The worker runtime's series.
 #[derive(Clone)]
 pub struct WorkerMetrics {
-    pub updates_received: Counters,
-    pub feed_reconnects: Counters,
-    pub runs_started: Counters,
-    pub runs_succeeded: Counters,
-    pub runs_failed: Counters,
-    pub runs_retried: Counters,
-    pub run_duration: Histograms,
-    pub update_to_run: Histograms,
-    pub owned_partitions: Gauges,
-    pub live_workers: Gauges,
-    pub checkpoint_writes: Counters,
-    pub sweep_found: Counters,
-    pub last_event: Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) updates_received: Counters,
+    pub(crate) feed_reconnects: Counters,
+    pub(crate) runs_started: Counters,
+    pub(crate) runs_succeeded: Counters,
+    pub(crate) runs_failed: Counters,
+    pub(crate) runs_retried: Counters,
+    pub(crate) run_duration: Histograms,
+    pub(crate) update_to_run: Histograms,
+    pub(crate) owned_partitions: Gauges,
+    pub(crate) live_workers: Gauges,
+    pub(crate) checkpoint_writes: Counters,
+    pub(crate) sweep_found: Counters,
+    pub(crate) last_event: Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// CouchDB requests by operation (method and path shape).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OpLabel {
-    pub op: String,
+pub(crate) struct OpLabel {
+    pub(crate) op: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OpErrorLabel {
-    pub op: String,
-    pub error: String,
+pub(crate) struct OpErrorLabel {
+    pub(crate) op: String,
+    pub(crate) error: String,
 }
 
+/// The series of the CouchDB client.
 #[derive(Clone, Debug)]
 pub struct CouchMetrics {
-    pub requests: Family<OpLabel, Counter>,
-    pub errors: Family<OpErrorLabel, Counter>,
-    pub latency: Family<OpLabel, Histogram, fn() -> Histogram>,
+    pub(crate) requests: Family<OpLabel, Counter>,
+    pub(crate) errors: Family<OpErrorLabel, Counter>,
+    pub(crate) latency: Family<OpLabel, Histogram, fn() -> Histogram>,
 }
 
 impl CouchMetrics {
-    pub fn observe(&self, op: &str, took: std::time::Duration, error: Option<&str>) {
+    pub(crate) fn observe(&self, op: &str, took: std::time::Duration, error: Option<&str>) {
         let label = OpLabel { op: op.to_string() };
         self.requests.get_or_create(&label).inc();
         self.latency
@@ -80,33 +81,36 @@ impl CouchMetrics {
 
 /// What the roles count about their work.
 #[derive(Clone)]
-pub struct RoleMetrics {
+pub(crate) struct RoleMetrics {
     /// Replications by outcome (ok, failed, retry, source_missing).
-    pub replications: Family<OutcomeLabel, Counter>,
-    pub docs_read: Counters,
-    pub docs_written: Counters,
-    pub doc_write_failures: Counters,
+    pub(crate) replications: Family<OutcomeLabel, Counter>,
+    pub(crate) docs_read: Counters,
+    pub(crate) docs_written: Counters,
+    pub(crate) doc_write_failures: Counters,
     /// Webhook requests by status class (2xx, 3xx, 4xx, 5xx, timeout, network).
-    pub webhook_requests: Family<ClassLabel, Counter>,
-    pub webhook_retries: Counter,
-    pub dead_letters: Counter,
+    pub(crate) webhook_requests: Family<ClassLabel, Counter>,
+    pub(crate) webhook_retries: Counter,
+    pub(crate) dead_letters: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: String,
+pub(crate) struct OutcomeLabel {
+    pub(crate) outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClassLabel {
-    pub class: String,
+pub(crate) struct ClassLabel {
+    pub(crate) class: String,
 }
 
+/// Every Prometheus series of a process, in one registry.
 pub struct Metrics {
-    pub registry: Registry,
+    pub(crate) registry: Registry,
+    /// The worker runtime's series.
     pub worker: WorkerMetrics,
+    /// The CouchDB client's series.
     pub couch: CouchMetrics,
-    pub roles: RoleMetrics,
+    pub(crate) roles: RoleMetrics,
 }
 
 impl Default for Metrics {
@@ -116,6 +120,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every series, registered and at zero.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("spiegel");
         let worker = WorkerMetrics::register(&mut registry);
@@ -306,7 +311,7 @@ impl RoleMetrics {
     }
 }
 
-pub fn role(role: &str) -> RoleLabel {
+pub(crate) fn role(role: &str) -> RoleLabel {
     RoleLabel {
         role: role.to_string(),
     }

@@ -166,6 +166,7 @@ impl StatusBook {
         });
     }
 
+    #[cfg(test)]
     pub fn snapshot(&self) -> BTreeMap<String, DocStatus> {
         self.with(|b| b.docs.clone())
     }

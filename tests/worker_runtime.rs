@@ -556,7 +556,11 @@ async fn concurrency_bounds_runs_and_a_failing_database_blocks_no_other() {
 
 /// The value of a counter series of the worker's metrics (0 if absent).
 fn counter(w: &Worker, series: &str) -> u64 {
-    w.metrics
+    counter_in(&w.metrics, series)
+}
+
+fn counter_in(metrics: &Metrics, series: &str) -> u64 {
+    metrics
         .encode()
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -1050,16 +1054,12 @@ async fn after_a_stop_nothing_of_the_worker_still_runs() {
     s.wait_balanced(&["a"], Duration::from_secs(20)).await;
     s.couch.create_db(&failing).await.unwrap();
     s.write(&failing, 1).await;
-    let failed = metrics
-        .worker
-        .runs_failed
-        .get_or_create(&spiegel::metrics::role(ROLE))
-        .clone();
+    let failed = "spiegel_runs_failed_total{role=\"test-role\"}";
     wait_for(
         "the failed run, its retry due in 10 minutes",
         Duration::from_secs(20),
         || {
-            let failed = failed.get();
+            let failed = counter_in(&metrics, failed);
             async move { (failed > 0).then_some(()) }
         },
     )

@@ -56,10 +56,12 @@ impl Health {
         });
     }
 
+    /// Records whether the role's `_db_updates` feed is connected.
     pub fn feed(&self, role: &str, ok: bool) {
         self.with(role, |r| r.feed_ok = ok);
     }
 
+    /// Records the role's last successful heartbeat.
     pub fn heartbeat(&self, role: &str, at: Instant) {
         self.with(role, |r| r.last_beat = Some(at));
     }

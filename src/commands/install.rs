@@ -143,7 +143,9 @@ async fn delete_if_present(client: &CouchClient, db: &str, id: &str) -> Result<b
 /// What `uninstall` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Uninstalled {
+    /// Spiegel's own documents deleted (leases, checkpoints, status).
     pub internal_docs_removed: usize,
+    /// Whether the spiegel database itself was deleted.
     pub database_deleted: bool,
     /// Replicator and on_change docs left in place.
     pub user_docs_kept: usize,

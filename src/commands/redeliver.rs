@@ -17,7 +17,9 @@ use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
 /// What `spiegel redeliver` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Redelivered {
+    /// Dead letters delivered and removed.
     pub delivered: usize,
+    /// Dead letters that failed again and were kept.
     pub failed: usize,
     /// Dead letters whose on_change document no longer exists (kept).
     pub orphaned: usize,

@@ -1,204 +1,238 @@
 //! `spiegel status`: the workers of each role and their partitions, the
 //! dead letters, and each document's state as the workers reported it in
-//! their status documents ([`crate::status`]).
+//! their status documents ([`crate::status`]). Every document is read into
+//! its type; the report is a typed value, printed as JSON or as text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
 
 use chrono::Utc;
-use serde_json::{json, Map, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::coordination::{settings_doc_id, DocIds};
+use crate::coordination::{settings_doc_id, DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::status::status_doc_prefix;
+use crate::status::{status_doc_prefix, DocStatus, StatusDoc};
 
-/// What `spiegel status` shows: the workers of each role and their
-/// partitions, and each document's state as the workers reported it.
-pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<Value, CouchError> {
-    let settings: Option<Value> = client.get_doc_opt(db, &settings_doc_id(namespace)).await?;
-    let workers = docs_with_prefix(client, db, &DocIds::all_workers(namespace)).await?;
-    let leases = docs_with_prefix(client, db, &DocIds::all_leases(namespace)).await?;
-    let statuses = docs_with_prefix(client, db, &status_doc_prefix(namespace)).await?;
-    let letters = dead_letter::list(client, db, namespace).await?;
-    Ok(json!({
-        "dead_letters": dead_letter_counts(&letters),
-        "database": db,
-        "installed": settings.is_some(),
-        "partitions": settings.as_ref().and_then(|s| s.get("partitions")).cloned(),
-        "roles": roles(&leases, &workers),
-        "documents": documents(&statuses),
-    }))
+/// What `spiegel status` shows.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Dead letters waiting for `spiegel redeliver`.
+    pub dead_letters: DeadLetterCounts,
+    /// The spiegel database.
+    pub database: String,
+    /// Whether Spiegel is installed there.
+    pub installed: bool,
+    /// The installation's partition count.
+    pub partitions: Option<u32>,
+    /// Per role: its workers and partitions.
+    pub roles: BTreeMap<String, RoleReport>,
+    /// Per replicator or on_change document: what each worker reported.
+    pub documents: BTreeMap<String, Vec<DocReport>>,
 }
 
-/// The documents whose ids start with `prefix`.
-async fn docs_with_prefix(
+/// The dead letters, in total and per rule.
+#[derive(Debug, Default, Serialize)]
+pub struct DeadLetterCounts {
+    /// All of them.
+    pub total: usize,
+    /// Per on_change rule.
+    pub by_rule: BTreeMap<String, usize>,
+}
+
+/// One role's workers and partitions.
+#[derive(Debug, Default, Serialize)]
+pub struct RoleReport {
+    /// Per worker id: its partitions and heartbeats.
+    pub workers: BTreeMap<String, WorkerReport>,
+    /// Partitions without an owner.
+    pub free_partitions: Vec<u32>,
+    /// How long ago the oldest checkpoint was saved: how much a takeover
+    /// would replay.
+    pub oldest_checkpoint_age_seconds: Option<i64>,
+}
+
+/// One worker of a role.
+#[derive(Debug, Default, Serialize)]
+pub struct WorkerReport {
+    /// The partitions it holds.
+    pub partitions: Vec<u32>,
+    /// Heartbeats written (absent when it has no membership document).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeats: Option<u64>,
+}
+
+/// What one worker reported about one document.
+#[derive(Debug, Serialize)]
+pub struct DocReport {
+    /// The counts, last success and errors.
+    #[serde(flatten)]
+    pub status: DocStatus,
+    /// The reporting worker's role.
+    pub role: String,
+    /// The reporting worker.
+    pub worker: String,
+    /// When it saved the report.
+    pub reported_at: String,
+}
+
+/// Reads the installation's documents into a [`Report`].
+pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<Report, CouchError> {
+    let settings: Option<Settings> = client.get_doc_opt(db, &settings_doc_id(namespace)).await?;
+    let workers: Vec<WorkerDoc> = read_prefix(client, db, &DocIds::all_workers(namespace)).await?;
+    let leases: Vec<LeaseDoc> = read_prefix(client, db, &DocIds::all_leases(namespace)).await?;
+    let statuses: Vec<StatusDoc> = read_prefix(client, db, &status_doc_prefix(namespace)).await?;
+    let letters = dead_letter::list(client, db, namespace).await?;
+    Ok(Report {
+        dead_letters: dead_letter_counts(&letters),
+        database: db.into(),
+        installed: settings.is_some(),
+        partitions: settings.map(|s| s.partitions),
+        roles: roles(&leases, &workers),
+        documents: documents(statuses),
+    })
+}
+
+/// The documents whose ids start with `prefix` that parse as `T`; the
+/// others are skipped with a warning.
+async fn read_prefix<T: DeserializeOwned>(
     client: &CouchClient,
     db: &str,
     prefix: &str,
-) -> Result<Vec<Value>, CouchError> {
+) -> Result<Vec<T>, CouchError> {
     let rows = client
         .all_docs(db, &AllDocsQuery::prefix(prefix))
         .await?
         .rows;
-    Ok(rows.into_iter().filter_map(|r| r.doc).collect())
+    let mut docs = Vec::new();
+    for (id, doc) in rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
+        match serde_json::from_value(doc) {
+            Ok(doc) => docs.push(doc),
+            Err(e) => tracing::warn!(id = %id, error = %e, "skipping a malformed document"),
+        }
+    }
+    Ok(docs)
 }
 
 /// Per role: its workers with their partitions and heartbeats, the
 /// partitions without an owner, and the age of the oldest checkpoint.
-fn roles(leases: &[Value], workers: &[Value]) -> Map<String, Value> {
-    let mut roles = Map::new();
+fn roles(leases: &[LeaseDoc], workers: &[WorkerDoc]) -> BTreeMap<String, RoleReport> {
+    let mut roles: BTreeMap<String, RoleReport> = BTreeMap::new();
     let now = Utc::now();
     for lease in leases {
-        let role = lease["role"].as_str().unwrap_or("?").to_string();
-        let entry = roles.entry(role).or_insert_with(
-            || json!({"workers": {}, "free_partitions": [], "oldest_checkpoint_age_seconds": null}),
-        );
-        // The oldest checkpoint tells how much a takeover would replay.
-        let age = lease["checkpoint_at"]
-            .as_str()
+        let role = roles.entry(lease.role.clone()).or_default();
+        let age = lease
+            .checkpoint_at
+            .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0));
         if let Some(age) = age {
-            let oldest = entry["oldest_checkpoint_age_seconds"].as_i64().unwrap_or(0);
-            entry["oldest_checkpoint_age_seconds"] = json!(oldest.max(age));
+            let oldest = role.oldest_checkpoint_age_seconds.unwrap_or(0);
+            role.oldest_checkpoint_age_seconds = Some(oldest.max(age));
         }
-        match lease["owner"].as_str() {
+        match &lease.owner {
             Some(owner) => {
-                let mut partitions = entry["workers"][owner]["partitions"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                partitions.push(lease["partition"].clone());
-                entry["workers"][owner] = json!({ "partitions": partitions });
+                let worker = role.workers.entry(owner.clone()).or_default();
+                worker.partitions.push(lease.partition);
             }
-            None => {
-                if let Some(free) = entry["free_partitions"].as_array_mut() {
-                    free.push(lease["partition"].clone());
-                }
-            }
+            None => role.free_partitions.push(lease.partition),
         }
     }
     for worker in workers {
-        let role = worker["role"].as_str().unwrap_or("?").to_string();
-        let id = worker["worker_id"].as_str().unwrap_or("?").to_string();
-        let entry = roles
-            .entry(role)
-            .or_insert_with(|| json!({"workers": {}, "free_partitions": []}));
-        if entry["workers"].get(&id).is_none() {
-            entry["workers"][&id] = json!({ "partitions": [] });
-        }
-        entry["workers"][&id]["heartbeats"] = worker["beats"].clone();
+        let role = roles.entry(worker.role.clone()).or_default();
+        let entry = role.workers.entry(worker.worker_id.clone()).or_default();
+        entry.heartbeats = Some(worker.beats);
     }
     roles
 }
 
 /// Per document id, the state each worker reported.
-fn documents(statuses: &[Value]) -> Map<String, Value> {
-    let mut documents = Map::new();
+fn documents(statuses: Vec<StatusDoc>) -> BTreeMap<String, Vec<DocReport>> {
+    let mut documents: BTreeMap<String, Vec<DocReport>> = BTreeMap::new();
     for status in statuses {
-        let Some(docs) = status["docs"].as_object() else {
-            continue;
-        };
-        for (id, state) in docs {
-            let mut state = state.clone();
-            state["role"] = status["role"].clone();
-            state["worker"] = status["worker_id"].clone();
-            state["reported_at"] = status["updated_at"].clone();
-            if let Some(list) = documents
-                .entry(id.clone())
-                .or_insert_with(|| json!([]))
-                .as_array_mut()
-            {
-                list.push(state);
-            }
+        for (id, state) in status.docs {
+            documents.entry(id).or_default().push(DocReport {
+                status: state,
+                role: status.role.clone(),
+                worker: status.worker_id.clone(),
+                reported_at: status.updated_at.clone(),
+            });
         }
     }
     documents
 }
 
-/// The number of dead letters, in total and per rule.
-fn dead_letter_counts(letters: &[(String, String, DeadLetter)]) -> Value {
-    let mut by_rule = Map::new();
+fn dead_letter_counts(letters: &[(String, String, DeadLetter)]) -> DeadLetterCounts {
+    let mut counts = DeadLetterCounts {
+        total: letters.len(),
+        ..Default::default()
+    };
     for (_, _, letter) in letters {
-        let n = by_rule
-            .get(&letter.rule)
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        by_rule.insert(letter.rule.clone(), json!(n + 1));
+        *counts.by_rule.entry(letter.rule.clone()).or_default() += 1;
     }
-    json!({ "total": letters.len(), "by_rule": by_rule })
+    counts
 }
 
 /// The report as a readable text for a terminal.
-pub fn render(report: &Value) -> String {
-    use std::fmt::Write;
+pub fn render(report: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "spiegel database {}: {}",
-        report["database"].as_str().unwrap_or("?"),
-        if report["installed"] == Value::Bool(true) {
-            format!("installed, {} partitions", report["partitions"])
-        } else {
-            "not installed".into()
-        }
-    );
-    if let Some(roles) = report["roles"].as_object() {
-        for (role, r) in roles {
-            let _ = writeln!(out, "\n{role}:");
-            if let Some(workers) = r["workers"].as_object() {
-                for (id, w) in workers {
-                    let n = w["partitions"].as_array().map_or(0, Vec::len);
-                    let _ = writeln!(out, "  worker {id}: {n} partitions");
-                }
-            }
-            if let Some(age) = r["oldest_checkpoint_age_seconds"].as_i64() {
-                let _ = writeln!(out, "  oldest checkpoint saved {age} s ago");
-            }
-            let free = r["free_partitions"].as_array().map_or(0, Vec::len);
-            if free > 0 {
-                let _ = writeln!(out, "  {free} partitions without an owner");
-            }
-        }
+    let installed = match report.partitions {
+        Some(n) if report.installed => format!("installed, {n} partitions"),
+        _ => "not installed".into(),
+    };
+    let _ = writeln!(out, "spiegel database {}: {installed}", report.database);
+    for (name, role) in &report.roles {
+        render_role(&mut out, name, role);
     }
-    let dead = report["dead_letters"]["total"].as_u64().unwrap_or(0);
-    if dead > 0 {
+    let dead = &report.dead_letters;
+    if dead.total > 0 {
         let _ = writeln!(
             out,
-            "\ndead letters: {dead} (spiegel redeliver sends them again)"
+            "\ndead letters: {} (spiegel redeliver sends them again)",
+            dead.total
         );
-        if let Some(by_rule) = report["dead_letters"]["by_rule"].as_object() {
-            for (rule, n) in by_rule {
-                let _ = writeln!(out, "  {rule}: {n}");
-            }
+        for (rule, n) in &dead.by_rule {
+            let _ = writeln!(out, "  {rule}: {n}");
         }
     }
-    if let Some(docs) = report["documents"].as_object() {
-        let _ = writeln!(out, "\ndocuments:");
-        for (id, reports) in docs {
-            for r in reports.as_array().into_iter().flatten() {
-                let _ = writeln!(
-                    out,
-                    "  {id} ({} on {}): {} succeeded, {} failed{}",
-                    r["role"].as_str().unwrap_or("?"),
-                    r["worker"].as_str().unwrap_or("?"),
-                    r["succeeded"],
-                    r["failed"],
-                    r["invalid"]
-                        .as_str()
-                        .map(|e| format!("; UNUSABLE: {e}"))
-                        .unwrap_or_default()
-                );
-                if let Some(errors) = r["errors"].as_object() {
-                    for (db, e) in errors {
-                        let _ = writeln!(
-                            out,
-                            "    {db}: {} ({})",
-                            e["detail"].as_str().unwrap_or(""),
-                            e["at"].as_str().unwrap_or("")
-                        );
-                    }
-                }
-            }
+    let _ = writeln!(out, "\ndocuments:");
+    for (id, reports) in &report.documents {
+        for r in reports {
+            render_doc(&mut out, id, r);
         }
     }
     out
+}
+
+fn render_role(out: &mut String, name: &str, role: &RoleReport) {
+    let _ = writeln!(out, "\n{name}:");
+    for (id, w) in &role.workers {
+        let _ = writeln!(out, "  worker {id}: {} partitions", w.partitions.len());
+    }
+    if let Some(age) = role.oldest_checkpoint_age_seconds {
+        let _ = writeln!(out, "  oldest checkpoint saved {age} s ago");
+    }
+    let free = role.free_partitions.len();
+    if free > 0 {
+        let _ = writeln!(out, "  {free} partitions without an owner");
+    }
+}
+
+fn render_doc(out: &mut String, id: &str, r: &DocReport) {
+    let unusable = r
+        .status
+        .invalid
+        .as_deref()
+        .map(|e| format!("; UNUSABLE: {e}"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {id} ({} on {}): {} succeeded, {} failed{unusable}",
+        r.role, r.worker, r.status.succeeded, r.status.failed
+    );
+    for (db, e) in &r.status.errors {
+        let detail = e.detail.as_deref().unwrap_or("");
+        let _ = writeln!(out, "    {db}: {detail} ({})", e.at);
+    }
 }

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+/// What `spiegel update-listener` prints: the role is gone, and why.
 pub const EXPLANATION: &str =
     "the update-listener is no longer needed: replicator and change-listener \
 workers follow CouchDB's _db_updates feed themselves. This process stays idle so that an existing \

@@ -39,6 +39,7 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's name, as on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Command::Install => "install",
@@ -53,28 +54,40 @@ impl Command {
     }
 }
 
+/// Where a partition without a checkpoint starts (`--since`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Since {
+    /// Handle every existing database once.
     Beginning,
+    /// Skip the history: only updates from now on.
     Now,
 }
 
+/// How much is logged (`--log-level`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
+    /// Failures only.
     Error,
+    /// Failures and what an operator should look at.
     Warn,
+    /// Also starts, stops and partition moves.
     Info,
+    /// Also each run and request.
     Debug,
+    /// Also each update event.
     Trace,
     /// Spiegel 1.2's name for its most severe level; same as error.
     Fatal,
 }
 
+/// How log lines are written (`--log-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON lines otherwise.
     Auto,
+    /// Text for a terminal.
     Human,
+    /// One JSON object per line.
     Json,
 }
 
@@ -87,6 +100,7 @@ its variable. See docs/configuration.md for the full reference.";
 #[derive(Debug, Parser)]
 #[command(name = "spiegel", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
+    /// The command (or `--type`).
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -122,6 +136,7 @@ pub struct Cli {
         default_value = "info",
         global = true
     )]
+    /// How much is logged: error, warn, info, debug or trace.
     pub log_level: LogLevel,
 
     #[arg(
@@ -131,6 +146,7 @@ pub struct Cli {
         default_value = "auto",
         global = true
     )]
+    /// How log lines are written: auto, human or json.
     pub log_format: LogFormat,
 
     /// The name of the spiegel database, which holds the replicator and
@@ -344,15 +360,21 @@ pub enum ConfigError {
     #[error(
         "--url (or URL) is required: the CouchDB server, e.g. http://admin:secret@localhost:5984"
     )]
+    /// No `--url`.
     MissingUrl,
+    /// No command and no `--type`.
     #[error("a command is required: spiegel <COMMAND> or --type=<TYPE> (see --help)")]
     MissingCommand,
+    /// `--admin-addr` is not `HOST:PORT`.
     #[error("--admin-addr (or ADMIN_ADDR): {0:?} is not HOST:PORT (for example 0.0.0.0:9090), or empty to turn the server off")]
     AdminAddr(String),
+    /// `--url` is not a usable URL.
     #[error("--url (or URL): {0}")]
     BadUrl(#[from] UrlError),
+    /// A command and a different `--type`.
     #[error("two different commands given: {0} and --type={1}")]
     TwoCommands(&'static str, &'static str),
+    /// The passwords file is unusable.
     #[error(transparent)]
     Passwords(#[from] PasswordsError),
 }
@@ -360,30 +382,51 @@ pub enum ConfigError {
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// What to do.
     pub command: Command,
+    /// The CouchDB server, with an admin's credentials.
     pub url: SecretUrl,
+    /// The spiegel database.
     pub db_name: String,
+    /// The prefix of Spiegel's document ids (`--namespace`).
     pub namespace: String,
+    /// Passwords for URLs in replicator and on_change documents.
     pub passwords: Passwords,
+    /// Changes read per `_changes` request of the change-listener.
     pub batch_size: u64,
+    /// Runs at once per role, at most.
     pub concurrency: usize,
+    /// How long a database must stay missing to be taken for deleted.
     pub assume_deleted_after: Duration,
+    /// Longest time between checkpoint saves.
     pub save_seq_after: Duration,
+    /// The retry policy of runs and requests (`--backoff-*`).
     pub backoff: Backoff,
+    /// Partitions of database names, fixed at install.
     pub partitions: u32,
+    /// This process's worker id (the role is appended).
     pub worker_id: String,
+    /// Time without a heartbeat after which a worker is taken for dead.
     pub lease_time: Duration,
+    /// Where a partition without a checkpoint starts.
     pub since: Since,
+    /// How long a stop waits for runs in flight.
     pub shutdown_timeout: Duration,
+    /// Interval of the sweep for missed updates; `None`: off.
     pub sweep_interval: Option<Duration>,
+    /// Deadline of one on_change request.
     pub request_timeout: Duration,
     /// `None`: no admin server.
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Shared by the workers of the process and the admin server.
     pub health: Arc<crate::admin::Health>,
+    /// uninstall: also delete the user's replicator and on_change documents.
     pub delete_user_docs: bool,
+    /// status: print JSON.
     pub json: bool,
+    /// redeliver: only this rule's dead letters.
     pub rule: Option<String>,
+    /// redeliver: only this database's dead letters.
     pub database: Option<String>,
     /// Obsolete options that were set explicitly, with why they do nothing.
     pub obsolete_set: Vec<(String, &'static str)>,

@@ -11,17 +11,33 @@ use serde_json::Value;
 
 use crate::couch::SecretUrl;
 
+/// Why a passwords file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordsError {
+    /// The file cannot be read.
     #[error("cannot read passwords file {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
+    /// The file is not JSON.
     #[error("passwords file {path} is not valid JSON: {message}")]
-    Json { path: String, message: String },
+    Json {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// The JSON is not `{host: {user: password}}`.
     #[error("passwords file {path} has the wrong shape: {message} (expected {{\"<host>\": {{\"<user>\": \"<password>\"}}}})")]
-    Shape { path: String, message: String },
+    Shape {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Passwords by host, then by user.
@@ -29,6 +45,7 @@ pub enum PasswordsError {
 pub struct Passwords(HashMap<String, HashMap<String, String>>);
 
 impl Passwords {
+    /// Reads and checks a passwords file.
     pub fn load(path: &Path) -> Result<Self, PasswordsError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| PasswordsError::Read {

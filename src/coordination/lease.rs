@@ -18,6 +18,7 @@ pub struct DocIds {
 }
 
 impl DocIds {
+    /// The ids of `role`'s documents in `namespace`.
     pub fn new(namespace: &str, role: &str) -> Self {
         DocIds {
             lease_prefix: format!("{}{role}_", Self::all_leases(namespace)),
@@ -40,6 +41,7 @@ impl DocIds {
         format!("{}{partition:04}", self.lease_prefix)
     }
 
+    /// The membership document id of a worker.
     pub fn worker(&self, worker_id: &str) -> String {
         format!("{}{worker_id}", self.worker_prefix)
     }

@@ -8,22 +8,23 @@
 //! [`coordinator`] (the task that ties them together). This module also
 //! owns the ids and shapes of Spiegel's other internal documents.
 
-pub mod coordinator;
+pub(crate) mod coordinator;
 mod lease;
 mod liveness;
 mod partition;
 mod renewer;
-pub mod store;
+pub(crate) mod store;
 mod taker;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::lease::{DocIds, LeaseDoc, WorkerDoc};
+pub use self::lease::DocIds;
+pub(crate) use self::lease::{LeaseDoc, WorkerDoc};
 pub use self::renewer::Timing;
 
 /// The id prefix of every internal document except change-listener
 /// checkpoints (whose ids are fixed by Spiegel 1.2 compatibility).
-pub const INTERNAL_PREFIX: &str = "spiegel_";
+pub(crate) const INTERNAL_PREFIX: &str = "spiegel_";
 
 /// Spiegel 1.2's change-listener checkpoint id: `spiegel_cl_<db_name>`.
 pub fn change_listener_checkpoint_id(db_name: &str) -> String {
@@ -37,7 +38,7 @@ pub fn settings_doc_id(namespace: &str) -> String {
 
 /// True for the ids of Spiegel's own bookkeeping documents (and design
 /// documents): what the config follower skips without reading the body.
-pub fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
+pub(crate) fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
     id.starts_with("_design/")
         || id.starts_with(INTERNAL_PREFIX)
         || (!namespace.is_empty()
@@ -48,13 +49,13 @@ pub fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
 
 /// Now, as the RFC 3339 text (UTC, milliseconds) that Spiegel's documents
 /// carry for operators. Never used for coordination.
-pub fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The installation's fixed parameters.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Settings {
+pub(crate) struct Settings {
     #[serde(rename = "type")]
     pub kind: String,
     /// Number of partitions of database names; fixed once installed.
@@ -78,7 +79,7 @@ impl Settings {
 /// The partition of a database name: FNV-1a (64 bit) of the name's UTF-8
 /// bytes, modulo the partition count. Stable across versions, platforms and
 /// languages, which matters because every worker must agree on it.
-pub fn partition_of(db_name: &str, partitions: u32) -> u32 {
+pub(crate) fn partition_of(db_name: &str, partitions: u32) -> u32 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let hash = db_name

@@ -7,14 +7,20 @@ use serde::Deserialize;
 
 use super::url::redact_credentials;
 
+/// What went wrong talking to CouchDB, classified so that callers can tell a retry from a mistake.
 #[derive(Debug, thiserror::Error)]
 pub enum CouchError {
+    /// The database does not exist.
     #[error("database {0:?} does not exist")]
     DbNotFound(String),
+    /// The document does not exist (or was deleted).
     #[error("document {id:?} not found in database {db:?} ({reason})")]
     DocNotFound {
+        /// The database.
         db: String,
+        /// The document id.
         id: String,
+        /// CouchDB's reason (`missing` or `deleted`).
         reason: String,
     },
     /// Not found, about no database of the request's path: a peer of
@@ -22,14 +28,19 @@ pub enum CouchError {
     /// with `db_not_found` and status 404 or 500).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The write was based on a revision that is not the current one.
     #[error("document update conflict")]
     Conflict,
+    /// CouchDB refused the credentials (401).
     #[error("unauthorized: {0} (check the credentials in the URL or passwords file)")]
     Unauthorized(String),
+    /// The credentials lack a permission (403).
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// CouchDB refused the request as malformed (400).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The database already exists, or a precondition failed (412).
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
     /// Worth retrying: a 5xx or 429 answer, a feed that stopped sending.
@@ -42,10 +53,14 @@ pub enum CouchError {
     /// Any other answer the client does not know how to classify.
     #[error("unexpected CouchDB answer {status}: {error}: {reason}")]
     Unexpected {
+        /// The HTTP status (0 for a document of `_bulk_docs`).
         status: u16,
+        /// CouchDB's error.
         error: String,
+        /// CouchDB's reason.
         reason: String,
     },
+    /// The answer is not the JSON expected.
     #[error("cannot decode CouchDB answer: {0}")]
     Decode(String),
 }

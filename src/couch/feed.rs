@@ -25,6 +25,7 @@ use crate::backoff::Backoff;
 /// A feed of `T`: each item, or the error that ended the feed.
 pub type Feed<T> = Pin<Box<dyn Stream<Item = Result<T, CouchError>> + Send>>;
 
+/// How a continuous feed is read and kept alive.
 #[derive(Clone, Debug)]
 pub struct FeedOptions {
     /// How often CouchDB sends a newline on an idle feed.
@@ -54,6 +55,7 @@ impl Default for FeedOptions {
 
 /// An item of a feed: it carries the seq to resume after it.
 pub trait FeedItem: DeserializeOwned + Send + 'static {
+    /// Where the feed resumes after this item.
     fn seq(&self) -> &Seq;
 }
 

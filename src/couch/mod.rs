@@ -23,6 +23,7 @@ pub use self::types::*;
 pub use self::update::{Revised, Saved};
 pub use self::url::{redact_credentials, SecretUrl, UrlError};
 
+/// The result of a CouchDB call.
 pub type Result<T, E = CouchError> = std::result::Result<T, E>;
 
 /// The database CouchDB 3 serves `_db_updates` from; it must exist.
@@ -70,6 +71,7 @@ pub struct ClientOptions {
     /// every request but `_replicate` (feeds send heartbeats well within
     /// it).
     pub idle_timeout: Duration,
+    /// Longest wait for a TCP connection.
     pub connect_timeout: Duration,
     /// How often a `POST /_replicate` in flight checks that CouchDB still
     /// runs its job; it is abandoned after two checks that find none.

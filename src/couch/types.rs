@@ -29,6 +29,7 @@ impl Seq {
         }
     }
 
+    /// The seq as CouchDB sent it.
     pub fn as_json(&self) -> &Value {
         &self.0
     }
@@ -50,8 +51,11 @@ impl fmt::Display for Seq {
 /// the version is required.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ServerInfo {
+    /// The welcome text.
     pub couchdb: Option<String>,
+    /// The server's version, e.g. `3.5.0`.
     pub version: String,
+    /// Optional features the server announces.
     #[serde(default)]
     pub features: Vec<String>,
 }
@@ -59,10 +63,14 @@ pub struct ServerInfo {
 /// `GET /{db}`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct DbInfo {
+    /// The database's name.
     pub db_name: String,
+    /// The seq of its last update.
     pub update_seq: Seq,
+    /// Documents that exist.
     #[serde(default)]
     pub doc_count: u64,
+    /// Documents deleted.
     #[serde(default)]
     pub doc_del_count: u64,
 }
@@ -70,9 +78,12 @@ pub struct DbInfo {
 /// A row of `GET /_dbs_info` (CouchDB 3.2+).
 #[derive(Clone, Debug, Deserialize)]
 pub struct DbsInfoRow {
+    /// The database name asked for.
     pub key: String,
+    /// Its information, if it exists.
     #[serde(default)]
     pub info: Option<DbInfo>,
+    /// Why there is none (`not_found`).
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -80,7 +91,9 @@ pub struct DbsInfoRow {
 /// A successful document write.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct DocRev {
+    /// The document's id.
     pub id: String,
+    /// The revision written.
     pub rev: String,
 }
 
@@ -89,24 +102,33 @@ pub struct DocRev {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum BulkResult {
+    /// Not written.
     Failed {
+        /// The document's id.
         #[serde(default)]
         id: Option<String>,
+        /// CouchDB's error, e.g. `conflict` or `forbidden`.
         error: String,
+        /// CouchDB's explanation.
         #[serde(default)]
         reason: Option<String>,
     },
+    /// Written.
     Written {
+        /// The document's id.
         id: String,
+        /// Its new revision.
         rev: String,
     },
 }
 
 impl BulkResult {
+    /// True when the document was not written.
     pub fn is_failed(&self) -> bool {
         matches!(self, BulkResult::Failed { .. })
     }
 
+    /// True when the document was not written for a conflict.
     pub fn is_conflict(&self) -> bool {
         matches!(self, BulkResult::Failed { error, .. } if error == "conflict")
     }
@@ -120,12 +142,17 @@ pub fn prefix_range(prefix: &str) -> (String, String) {
 /// Parameters of `_all_docs`.
 #[derive(Clone, Debug, Default)]
 pub struct AllDocsQuery {
+    /// Only these ids (a POST).
     pub keys: Option<Vec<String>>,
+    /// With each document's body.
     pub include_docs: bool,
     /// With `include_docs`: add `_conflicts` to documents that have them.
     pub conflicts: bool,
+    /// The first id of the range.
     pub start_key: Option<String>,
+    /// The last id of the range.
     pub end_key: Option<String>,
+    /// At most this many rows.
     pub limit: Option<u64>,
 }
 
@@ -142,8 +169,10 @@ impl AllDocsQuery {
     }
 }
 
+/// The answer of `_all_docs`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AllDocs {
+    /// One row per id, in id order.
     pub rows: Vec<AllDocsRow>,
 }
 
@@ -151,20 +180,28 @@ pub struct AllDocs {
 /// `error: "not_found"`, a deleted one with `value.deleted` and no doc.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AllDocsRow {
+    /// The document's id (absent for a key not found).
     #[serde(default)]
     pub id: Option<String>,
+    /// The key asked for.
     pub key: Value,
+    /// The current revision.
     #[serde(default)]
     pub value: Option<AllDocsValue>,
+    /// The body, with `include_docs`.
     #[serde(default)]
     pub doc: Option<Value>,
+    /// Why there is no document (`not_found`).
     #[serde(default)]
     pub error: Option<String>,
 }
 
+/// The value of an `_all_docs` row.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AllDocsValue {
+    /// The current revision.
     pub rev: String,
+    /// True for a deleted document (asked for by id).
     #[serde(default)]
     pub deleted: bool,
 }
@@ -172,34 +209,47 @@ pub struct AllDocsValue {
 /// Parameters of `_changes`.
 #[derive(Clone, Debug, Default)]
 pub struct ChangesQuery {
+    /// Changes after this seq (none: from the start).
     pub since: Option<Seq>,
+    /// At most this many changes.
     pub limit: Option<u64>,
+    /// With each document's body.
     pub include_docs: bool,
 }
 
 /// One row of `_changes`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct Change {
+    /// Where the feed resumes after this change.
     pub seq: Seq,
+    /// The document's id.
     pub id: String,
+    /// The leaf revisions (`style=all_docs`).
     #[serde(default)]
     pub changes: Vec<ChangeRev>,
+    /// True when the document was deleted.
     #[serde(default)]
     pub deleted: bool,
+    /// The body, with `include_docs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<Value>,
 }
 
+/// A revision of a change.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct ChangeRev {
+    /// The revision.
     pub rev: String,
 }
 
 /// A page of a normal `_changes` request.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ChangesPage {
+    /// The changes, in the feed's order.
     pub results: Vec<Change>,
+    /// Where the next page starts.
     pub last_seq: Seq,
+    /// Changes left after this page, if the server says.
     #[serde(default)]
     pub pending: Option<u64>,
 }
@@ -208,8 +258,11 @@ pub struct ChangesPage {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DbUpdateKind {
+    /// The database was created.
     Created,
+    /// A document of it was written.
     Updated,
+    /// The database was deleted.
     Deleted,
     /// Anything a newer CouchDB may add (for example `ddoc_updated`).
     #[serde(other)]
@@ -219,16 +272,21 @@ pub enum DbUpdateKind {
 /// One event of `_db_updates`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct DbUpdate {
+    /// The database.
     pub db_name: String,
+    /// What happened.
     #[serde(rename = "type")]
     pub kind: DbUpdateKind,
+    /// Where the feed resumes after this event.
     pub seq: Seq,
 }
 
 /// A page of a normal `_db_updates` request.
 #[derive(Clone, Debug, Deserialize)]
 pub struct DbUpdatesPage {
+    /// The events, latest per database.
     pub results: Vec<DbUpdate>,
+    /// Where the next page starts.
     pub last_seq: Seq,
 }
 

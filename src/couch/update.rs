@@ -11,7 +11,9 @@ use super::{BulkResult, CouchClient, CouchError, Result};
 
 /// A document that carries its own id and revision.
 pub trait Revised: Serialize + DeserializeOwned {
+    /// The `_id`.
     fn id(&self) -> &str;
+    /// The `_rev` the next write is based on, if any.
     fn rev(&self) -> Option<&str>;
     /// Sets the revision the next write is based on (`None`: a new document).
     fn set_rev(&mut self, rev: Option<String>);

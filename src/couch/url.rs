@@ -16,8 +16,10 @@ pub struct SecretUrl(Url);
 /// Why a URL was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
+    /// Not a URL.
     #[error("invalid URL: {0}")]
     Parse(#[from] url::ParseError),
+    /// Not `http` or `https`.
     #[error("unsupported URL scheme {0:?}: expected http or https")]
     Scheme(String),
 }
@@ -44,6 +46,7 @@ impl SecretUrl {
         self.0.password().map(decode)
     }
 
+    /// The host name, without port or credentials.
     pub fn host(&self) -> Option<&str> {
         self.0.host_str()
     }

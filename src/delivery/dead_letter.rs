@@ -9,34 +9,45 @@ use serde_json::Value;
 use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 
+/// An on_change request that still failed after its last retry, kept in the spiegel database until it is redelivered.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeadLetter {
+    /// Always [`DeadLetter::KIND`].
     #[serde(rename = "type")]
     pub kind: String,
     /// The on_change document whose request failed.
     pub rule: String,
+    /// The database of the change.
     pub db_name: String,
     /// The change's `_changes` seq, as received.
     pub seq: Value,
+    /// The changed document.
     pub doc_id: String,
+    /// The document revision the request was for.
     pub rev: String,
     /// The changed document (or its deletion stub), to build the request
     /// again on redelivery.
     pub change: Value,
     /// The request as sent, without credentials or secrets.
     pub request: Value,
+    /// The HTTP status of the last attempt, if the API answered.
     pub last_status: Option<u16>,
     /// The last error, with an excerpt of the answer's body.
     pub last_error: String,
+    /// Attempts made, the first included.
     pub attempts: u32,
+    /// When the first attempt was made (RFC 3339).
     pub first_attempt_at: String,
+    /// When the last attempt was made (RFC 3339).
     pub last_attempt_at: String,
 }
 
 impl DeadLetter {
+    /// The `type` of dead letter documents.
     pub const KIND: &'static str = "spiegel_dead_letter";
 }
 
+/// The id prefix of every dead letter of an installation.
 pub fn id_prefix(namespace: &str) -> String {
     format!("{namespace}{INTERNAL_PREFIX}dead_")
 }

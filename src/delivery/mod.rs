@@ -9,8 +9,9 @@
 //! [`Template`]: crate::rules::on_change::Template
 
 pub mod dead_letter;
-pub mod request;
-pub mod send;
+pub(crate) mod request;
+pub(crate) mod send;
 
-pub use request::{Request, RequestError};
-pub use send::{Delivered, DeliveryError, Sender};
+pub(crate) use request::Request;
+pub(crate) use send::DeliveryError;
+pub use send::Sender;

@@ -321,7 +321,7 @@ mod tests {
     use serde_json::json;
 
     use crate::config::Passwords;
-    use crate::rules::on_change::UrlPassword;
+    use crate::rules::on_change::template::UrlPassword;
 
     fn doc() -> Value {
         json!({"_id": "d/1", "_rev": "2-abc", "n": 5})

@@ -169,7 +169,8 @@ mod tests {
 
     use super::*;
     use crate::config::Passwords;
-    use crate::rules::on_change::{ChangeContext, Method, Signing, Template, UrlPassword};
+    use crate::rules::on_change::template::UrlPassword;
+    use crate::rules::on_change::{ChangeContext, Method, Signing, Template};
 
     /// What the test server saw.
     #[derive(Debug)]

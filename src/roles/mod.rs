@@ -3,8 +3,8 @@
 //! on_change rules. [`run`] hosts them; what they report goes in the status
 //! book ([`crate::status`]).
 
-pub mod change_listener;
-pub mod replicator;
+pub(crate) mod change_listener;
+pub(crate) mod replicator;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,11 +27,14 @@ use crate::worker::{Extras, Role, WorkerOptions};
 /// The worker roles a process can host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoleKind {
+    /// Replicates changed databases.
     Replicator,
+    /// Delivers changes to on_change rules.
     ChangeListener,
 }
 
 impl RoleKind {
+    /// The role's name, as in `--type` and logs.
     pub fn name(self) -> &'static str {
         match self {
             RoleKind::Replicator => replicator::NAME,

@@ -47,7 +47,12 @@ pub enum Outcome {
     Done,
     /// Something transient failed; the runtime runs the database again
     /// after `wait`, and its updates stay unhandled until then.
-    Retry { wait: Wait, reason: String },
+    Retry {
+        /// When to run again.
+        wait: Wait,
+        /// Why, for logs and metrics.
+        reason: String,
+    },
     /// The database does not exist. The runtime runs it again after the
     /// backoff until it has been missing for `--assume-deleted-after`, then
     /// takes it for deleted ([`Role::forget`]).
@@ -129,10 +134,13 @@ pub trait Role: Send + Sync + 'static {
 pub struct WorkerOptions {
     /// The spiegel database.
     pub db_name: String,
+    /// The namespace of Spiegel's documents.
     pub namespace: String,
     /// Unique among the workers of a role; part of a document id.
     pub worker_id: String,
+    /// Runs at once, at most.
     pub concurrency: usize,
+    /// Lease, heartbeat and drain times.
     pub timing: Timing,
     /// Longest time between checkpoint saves.
     pub checkpoint_interval: Duration,

@@ -63,7 +63,7 @@ use self::conditions::Conditions;
 pub use self::placeholder::ChangeContext;
 use self::selector::Selector;
 use self::template::SignSpec;
-pub use self::template::{Method, Signing, Template, UrlPassword};
+pub use self::template::{Method, Signing, Template};
 use crate::backoff::{Backoff, Strategy};
 use crate::config::Passwords;
 
