@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::coordination::INTERNAL_PREFIX;
-use crate::couch::{AllDocsQuery, CouchClient, CouchError, Revised};
+use crate::couch::{impl_revised, AllDocsQuery, CouchClient, CouchError};
 use crate::flush::Flush;
 
 /// Errors kept per document: enough to see a pattern, bounded for
@@ -208,18 +208,6 @@ impl Flush for StatusBook {
     }
 }
 
-impl Revised for StatusDoc {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn rev(&self) -> Option<&str> {
-        self.rev.as_deref()
-    }
-    fn set_rev(&mut self, rev: Option<String>) {
-        self.rev = rev;
-    }
-}
-
 /// Ids of the documents of `role` that some worker reported on.
 pub async fn reported_docs(
     client: &CouchClient,
@@ -241,6 +229,8 @@ pub async fn reported_docs(
     }
     Ok(ids)
 }
+
+impl_revised!(StatusDoc);
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::INTERNAL_PREFIX;
-use crate::couch::{prefix_range, Revised, Seq};
+use crate::couch::{impl_revised, prefix_range, Seq};
 
 /// Ids of one role's coordination documents.
 #[derive(Clone, Debug)]
@@ -137,29 +137,7 @@ impl LeaseDoc {
     }
 }
 
-impl Revised for LeaseDoc {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn rev(&self) -> Option<&str> {
-        self.rev.as_deref()
-    }
-    fn set_rev(&mut self, rev: Option<String>) {
-        self.rev = rev;
-    }
-}
-
-impl Revised for WorkerDoc {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn rev(&self) -> Option<&str> {
-        self.rev.as_deref()
-    }
-    fn set_rev(&mut self, rev: Option<String>) {
-        self.rev = rev;
-    }
-}
+impl_revised!(LeaseDoc, WorkerDoc);
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 pub use self::error::CouchError;
 pub use self::feed::FeedOptions;
 pub use self::types::*;
+pub(crate) use self::update::impl_revised;
 pub use self::update::{Revised, Saved};
 pub use self::url::{redact_credentials, SecretUrl, UrlError};
 

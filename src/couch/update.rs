@@ -38,6 +38,25 @@ impl Revised for Value {
     }
 }
 
+/// Implements [`Revised`] for document structs whose `id: String` and
+/// `rev: Option<String>` fields are `_id` and `_rev`.
+macro_rules! impl_revised {
+    ($($doc:ty),+) => {$(
+        impl $crate::couch::Revised for $doc {
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn rev(&self) -> Option<&str> {
+                self.rev.as_deref()
+            }
+            fn set_rev(&mut self, rev: Option<String>) {
+                self.rev = rev;
+            }
+        }
+    )+};
+}
+pub(crate) use impl_revised;
+
 /// What became of one document of [`CouchClient::save_all`].
 #[derive(Debug)]
 pub enum Saved<T> {
