@@ -9,6 +9,7 @@
 //! - [`status`]: the status book the roles keep of their documents.
 //! - [`rules`]: replicator and on_change documents, parsed and compiled.
 //! - [`delivery`]: sending on_change requests to the users' HTTP APIs.
+//! - [`replication`]: the native replication engine.
 //! - [`commands`]: the one-shot commands (install, uninstall, status,
 //!   redeliver, the update-listener stub).
 //! - [`admin`]: the health, readiness and metrics endpoints.
@@ -28,6 +29,7 @@ pub mod error;
 pub(crate) mod flush;
 pub mod logging;
 pub mod metrics;
+pub mod replication;
 pub mod roles;
 pub(crate) mod rules;
 pub(crate) mod status;

@@ -30,6 +30,10 @@ pub struct DocStatus {
     /// Why the document itself cannot be used, if it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<String>,
+    /// What an operator should know about how the document runs (a
+    /// parameter that sends it to another engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -152,6 +156,17 @@ impl StatusBook {
             let s = b.docs.entry(doc.to_string()).or_default();
             if s.invalid != reason {
                 s.invalid = reason;
+                b.dirty = true;
+            }
+        });
+    }
+
+    /// Sets (or clears, with `None`) the document's note.
+    pub fn note(&self, doc: &str, note: Option<String>) {
+        self.with(|b| {
+            let s = b.docs.entry(doc.to_string()).or_default();
+            if s.note != note {
+                s.note = note;
                 b.dirty = true;
             }
         });

@@ -63,6 +63,16 @@ impl Installation {
 
 #[tokio::test]
 async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
+    plain_doc_follows_edits_and_deletion("couchdb").await;
+}
+
+#[tokio::test]
+async fn a_plain_replicator_doc_follows_edits_and_deletion_live_on_the_native_engine() {
+    plain_doc_follows_edits_and_deletion("native").await;
+}
+
+/// A Spiegel 1.2 document, unchanged, on either engine (`--replication-engine`).
+async fn plain_doc_follows_edits_and_deletion(engine: &str) {
     let s = Installation::new("plain").await;
     let (src, t1, t2, t3) = (s.db("src"), s.db("t1"), s.db("t2"), s.db("t3"));
     for db in [&src, &t1, &t2, &t3] {
@@ -73,7 +83,12 @@ async fn a_plain_replicator_doc_follows_edits_and_deletion_live() {
     let doc = json!({"type": "replicator", "source": s.db_url(&src, true), "target": s.db_url(&t1, true),
                      "dirty": true, "locked_at": null});
     s.couch.put_doc(&s.spiegel_db, "r1", &doc).await.unwrap();
-    let worker = s.start(&["--passwords-file", &passwords]);
+    let worker = s.start(&[
+        "--passwords-file",
+        &passwords,
+        "--replication-engine",
+        engine,
+    ]);
 
     s.couch
         .put_doc(&src, "doc1", &json!({"v": 1}))
@@ -259,6 +274,47 @@ async fn a_new_templated_doc_skips_empty_databases_until_their_first_write() {
 
 #[tokio::test]
 async fn replication_parameters_pass_through() {
+    filter_and_query_params_apply("couchdb").await;
+}
+
+#[tokio::test]
+async fn the_native_engine_applies_filter_and_query_params() {
+    filter_and_query_params_apply("native").await;
+}
+
+#[tokio::test]
+async fn a_parameter_the_native_engine_lacks_sends_the_document_to_couchdb_with_a_note() {
+    let s = Installation::new("fallback").await;
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.put_doc(&src, "a", &json!({})).await.unwrap();
+    let _worker = s.start(&["--replication-engine", "native"]);
+    let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
+                     "target": format!("{}/{}", s.url, dst), "create_target": true,
+                     "checkpoint_interval": 5000});
+    s.couch.put_doc(&s.spiegel_db, "tuned", &doc).await.unwrap();
+    s.wait_doc(&dst, "a").await;
+    let note = wait_for(
+        "the note in the status",
+        Duration::from_secs(20),
+        || async {
+            let status = s.status().await;
+            status["documents"]["tuned"][0]["note"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
+    assert!(
+        note.contains("checkpoint_interval") && note.contains("couchdb"),
+        "{note}"
+    );
+    let detail = s.status().await["documents"]["tuned"][0]["last_success"]["detail"].clone();
+    assert!(!detail.to_string().contains("engine=native"), "{detail}");
+}
+
+/// A filter function with `query_params`, on `engine`.
+async fn filter_and_query_params_apply(engine: &str) {
     let s = Installation::new("params").await;
     let (src, dst) = (s.db("src"), s.db("dst"));
     s.couch.create_db(&src).await.unwrap();
@@ -274,7 +330,7 @@ async fn replication_parameters_pass_through() {
     let _worker = s.start(&[]);
     let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
                      "target": format!("{}/{}", s.url, dst), "filter": "app/chosen",
-                     "query_params": {"flag": "yes"}});
+                     "query_params": {"flag": "yes"}, "engine": engine});
     s.couch
         .put_doc(&s.spiegel_db, "filtered", &doc)
         .await

@@ -231,6 +231,9 @@ fn render_doc(out: &mut String, id: &str, r: &DocReport) {
         "  {id} ({} on {}): {} succeeded, {} failed{unusable}",
         r.role, r.worker, r.status.succeeded, r.status.failed
     );
+    if let Some(note) = &r.status.note {
+        let _ = writeln!(out, "    note: {note}");
+    }
     for (db, e) in &r.status.errors {
         let detail = e.detail.as_deref().unwrap_or("");
         let _ = writeln!(out, "    {db}: {detail} ({})", e.at);

@@ -14,6 +14,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, Value
 pub use self::passwords::{Passwords, PasswordsError};
 use crate::backoff::{Backoff, Strategy};
 use crate::couch::{SecretUrl, UrlError};
+use crate::replication::Engine;
 
 /// What the process does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand, ValueEnum)]
@@ -281,6 +282,18 @@ pub struct Cli {
     )]
     pub since: Since,
 
+    /// How replicator documents without an `engine` replicate: `couchdb`
+    /// (CouchDB's one-shot `_replicate`) or `native` (Spiegel itself, over
+    /// the replication protocol: no start-up delay).
+    #[arg(
+        long,
+        env = "REPLICATION_ENGINE",
+        value_enum,
+        default_value = "couchdb",
+        global = true
+    )]
+    pub replication_engine: Engine,
+
     /// Seconds a stopping worker waits for its runs in flight before it
     /// abandons them (they are handled again by the next owner).
     #[arg(
@@ -410,6 +423,8 @@ pub struct Config {
     pub lease_time: Duration,
     /// Where a partition without a checkpoint starts.
     pub since: Since,
+    /// The engine of replicator documents that name none.
+    pub replication_engine: Engine,
     /// How long a stop waits for runs in flight.
     pub shutdown_timeout: Duration,
     /// Interval of the sweep for missed updates; `None`: off.
@@ -500,6 +515,7 @@ impl Cli {
             worker_id: self.worker_id.unwrap_or_else(default_worker_id),
             lease_time: Duration::from_secs_f64(self.lease_time),
             since: self.since,
+            replication_engine: self.replication_engine,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             sweep_interval: (self.sweep_interval > 0)
                 .then(|| Duration::from_secs(self.sweep_interval)),

@@ -4,6 +4,7 @@
 
 mod error;
 pub mod feed;
+mod protocol;
 mod replicate;
 mod types;
 mod update;
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 
 pub use self::error::CouchError;
 pub use self::feed::FeedOptions;
+pub use self::protocol::{ChangesFilter, RevToFetch, RevsDiff};
 pub use self::types::*;
 pub(crate) use self::update::impl_revised;
 pub use self::update::{Revised, Saved};
@@ -167,6 +169,25 @@ impl CouchClient {
             options,
             metrics: None,
         })
+    }
+
+    /// A client for the server of `url`, with `url`'s credentials, that
+    /// shares this client's connection pools, deadlines and metrics: the
+    /// native replication engine reaches the servers of replicator
+    /// documents through it.
+    pub fn at(&self, url: &SecretUrl) -> Self {
+        let mut base = url.without_credentials();
+        let path = base.path().trim_end_matches('/').to_string();
+        base.set_path(&path);
+        base.set_query(None);
+        base.set_fragment(None);
+        CouchClient {
+            base,
+            auth: url.username().map(|user| (user, url.password())),
+            display: url.clone(),
+            jobs: replicate::JobsCache::default(),
+            ..self.clone()
+        }
     }
 
     /// The server URL, safe to display.

@@ -14,6 +14,7 @@ use crate::config::{Config, Passwords};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
+use crate::replication::{Engine, Peer, Replication, ReplicationError};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
@@ -28,6 +29,8 @@ pub struct Replicator {
     docs: DocsWatch,
     passwords: Passwords,
     auth: AuthStyle,
+    /// The engine of documents that name none.
+    engine: Engine,
     assume_deleted_after: Duration,
     status: StatusBook,
     metrics: RoleMetrics,
@@ -58,6 +61,7 @@ impl Replicator {
             docs,
             passwords: config.passwords.clone(),
             auth,
+            engine: config.replication_engine,
             assume_deleted_after: config.assume_deleted_after,
             status,
             metrics,
@@ -80,6 +84,14 @@ impl Replicator {
                     if rule.trigger == Trigger::Elsewhere {
                         tracing::warn!(doc = %id, "the source is on another server than --url: this server's updates never trigger it");
                     }
+                    let note = match (rule.engine.unwrap_or(self.engine), &rule.native) {
+                        (Engine::Native, Err(e)) => Some(format!("{e}: replicated by the couchdb engine")),
+                        _ => None,
+                    };
+                    if let Some(note) = &note {
+                        tracing::warn!(doc = %id, "{note}");
+                    }
+                    self.status.note(id, note);
                     self.status.invalid(id, None);
                 }
                 Parsed::Unusable(e) => {
@@ -93,7 +105,84 @@ impl Replicator {
         rules
     }
 
+    /// The engine that replicates `rule`: its own choice, else the default;
+    /// a document the native engine cannot run goes to `couchdb`.
+    fn engine_of(&self, rule: &ReplicatorRule) -> Engine {
+        match rule.engine.unwrap_or(self.engine) {
+            Engine::Native if rule.native.is_err() => Engine::CouchDb,
+            engine => engine,
+        }
+    }
+
     async fn replicate(&self, rule: &ReplicatorRule, db: &str) -> Replicated {
+        match self.engine_of(rule) {
+            Engine::CouchDb => self.replicate_couchdb(rule, db).await,
+            Engine::Native => self.replicate_native(rule, db).await,
+        }
+    }
+
+    /// Counts a successful replication and reports it in the status.
+    fn succeeded(&self, rule: &ReplicatorRule, db: &str, counts: [u64; 3], extra: &str) {
+        let [read, written, failures] = counts;
+        let label = metrics::role(NAME);
+        self.metrics.docs_read.get_or_create(&label).inc_by(read);
+        self.metrics
+            .docs_written
+            .get_or_create(&label)
+            .inc_by(written);
+        self.metrics
+            .doc_write_failures
+            .get_or_create(&label)
+            .inc_by(failures);
+        let detail =
+            format!("docs_read={read} docs_written={written} doc_write_failures={failures}{extra}");
+        self.status.success(&rule.id, db, Some(detail));
+    }
+
+    async fn replicate_native(&self, rule: &ReplicatorRule, db: &str) -> Replicated {
+        let Ok(options) = &rule.native else {
+            return Replicated::Failed("the native engine cannot run this document".into());
+        };
+        let (source, target) = match rule.endpoints(db, &self.passwords) {
+            Ok(urls) => urls,
+            Err(e) => return Replicated::Failed(e.to_string()),
+        };
+        let (Some(source), Some(target)) = (
+            Peer::at(&self.client, &source),
+            Peer::at(&self.client, &target),
+        ) else {
+            return Replicated::Failed("the source or the target URL names no database".into());
+        };
+        let replication = Replication {
+            source,
+            target,
+            options: options.clone(),
+        };
+        let started = std::time::Instant::now();
+        match replication.run().await {
+            Ok(report) => {
+                let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
+                let extra = format!(
+                    " engine=native seq={seq} took_ms={}",
+                    started.elapsed().as_millis()
+                );
+                let counts = [
+                    report.docs_read,
+                    report.docs_written,
+                    report.doc_write_failures,
+                ];
+                self.succeeded(rule, db, counts, &extra);
+                Replicated::Ok
+            }
+            Err(ReplicationError::SourceMissing) => Replicated::SourceMissing,
+            Err(e) => match e.couch_error() {
+                Some(c) if c.is_transient() => Replicated::Retry(e.to_string(), Wait::for_couch(c)),
+                _ => Replicated::Failed(e.to_string()),
+            },
+        }
+    }
+
+    async fn replicate_couchdb(&self, rule: &ReplicatorRule, db: &str) -> Replicated {
         let body = match rule.request(db, &self.passwords, self.auth) {
             Ok(body) => body,
             Err(e) => return Replicated::Failed(e.to_string()),
@@ -106,25 +195,12 @@ impl Replicator {
                         .and_then(Value::as_u64)
                         .unwrap_or(0)
                 };
-                let (read, written, failures) = (
+                let counts = [
                     count("docs_read"),
                     count("docs_written"),
                     count("doc_write_failures"),
-                );
-                let label = metrics::role(NAME);
-                self.metrics.docs_read.get_or_create(&label).inc_by(read);
-                self.metrics
-                    .docs_written
-                    .get_or_create(&label)
-                    .inc_by(written);
-                self.metrics
-                    .doc_write_failures
-                    .get_or_create(&label)
-                    .inc_by(failures);
-                let detail = format!(
-                    "docs_read={read} docs_written={written} doc_write_failures={failures}"
-                );
-                self.status.success(&rule.id, db, Some(detail));
+                ];
+                self.succeeded(rule, db, counts, "");
                 Replicated::Ok
             }
             Ok(answer) => Replicated::Retry(

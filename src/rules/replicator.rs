@@ -15,9 +15,10 @@ use serde_json::{Map, Value};
 
 use crate::config::Passwords;
 use crate::couch::{encode_segment, SecretUrl, UrlError};
+use crate::replication::{Engine, Options, Unsupported};
 
 /// Fields that are Spiegel's, never `_replicate`'s.
-const NOT_PARAMETERS: [&str; 9] = [
+const NOT_PARAMETERS: [&str; 10] = [
     "_id",
     "_rev",
     "_conflicts",
@@ -27,6 +28,7 @@ const NOT_PARAMETERS: [&str; 9] = [
     "locked_at",
     "updated_at",
     "continuous",
+    "engine",
 ];
 
 const PLACEHOLDER: &str = "${db_name}";
@@ -48,6 +50,8 @@ pub enum ReplicatorDocError {
     PlaceholderWithoutRegex,
     #[error("the source names no database")]
     NoSourceDatabase,
+    #[error("`engine` must be \"native\" or \"couchdb\"")]
+    BadEngine,
 }
 
 /// Where the replicator doc's source lives, relative to this server.
@@ -73,6 +77,10 @@ pub struct ReplicatorRule {
     pub trigger: Trigger,
     /// The doc asked for `continuous: true`, which is ignored.
     pub asked_continuous: bool,
+    /// The engine the document asks for (none: `--replication-engine`).
+    pub engine: Option<Engine>,
+    /// How the native engine would run it, or why it cannot.
+    pub native: Result<Options, Unsupported>,
 }
 
 /// A source or target: a URL (possibly templated) and, in CouchDB's object
@@ -190,6 +198,17 @@ impl ReplicatorRule {
                     .collect()
             })
             .unwrap_or_default();
+        let engine = match doc.get("engine") {
+            None | Some(Value::Null) => None,
+            Some(engine) => Some(
+                serde_json::from_value(engine.clone())
+                    .map_err(|_| ReplicatorDocError::BadEngine)?,
+            ),
+        };
+        let native = match (&source.extra, &target.extra) {
+            (None, None) => Options::parse(&params),
+            _ => Err(Unsupported("a source or target given as an object".into())),
+        };
         Ok(ReplicatorRule {
             id: id.to_string(),
             source,
@@ -198,7 +217,22 @@ impl ReplicatorRule {
             params,
             trigger,
             asked_continuous: doc.get("continuous") == Some(&Value::Bool(true)),
+            engine,
+            native,
         })
+    }
+
+    /// The source and target URLs for database `db`, with passwords filled
+    /// in from the passwords file. Never log them.
+    pub fn endpoints(
+        &self,
+        db: &str,
+        passwords: &Passwords,
+    ) -> Result<(SecretUrl, SecretUrl), ReplicatorDocError> {
+        let name = self.pattern.as_ref().map(|_| db);
+        let source = passwords.apply(&self.source.resolve(name, "source")?);
+        let target = passwords.apply(&self.target.resolve(name, "target")?);
+        Ok((source, target))
     }
 
     /// True when a change of database `db` of this server triggers the doc.

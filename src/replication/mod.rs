@@ -1,0 +1,315 @@
+//! The native replication engine. Spiegel replicates a changed database
+//! itself, over CouchDB's replication protocol, rather than asking CouchDB
+//! to start a one-shot `_replicate` job (which waits up to `[replicator]
+//! startup_jitter` before it starts).
+//!
+//! One run, batch by batch until the source has no more changes:
+//! 1. read the checkpoints `_local/<replication id>` of both sides, and
+//!    start from the newest session they share ([`checkpoint`]);
+//! 2. read a page of the source's `_changes` (every leaf revision, with the
+//!    document's filter, selector or ids);
+//! 3. ask the target which revisions it lacks (`_revs_diff`);
+//! 4. fetch them with their history and the attachments the target does
+//!    not have (`_bulk_get`, or `GET ?open_revs=` where it is missing);
+//! 5. write them as they are (`_bulk_docs`, `new_edits: false`);
+//! 6. record the checkpoint on both sides.
+
+mod checkpoint;
+mod options;
+mod peer;
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use self::checkpoint::{replication_id, Logs};
+pub use self::options::{Options, Unsupported};
+pub use self::peer::Peer;
+use crate::couch::{Change, CouchError, RevToFetch, Seq};
+
+/// Which engine replicates a document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Spiegel, over CouchDB's replication protocol: starts at once.
+    Native,
+    /// CouchDB's one-shot `POST /_replicate`.
+    #[value(name = "couchdb")]
+    CouchDb,
+}
+
+/// What one run did, in the counts CouchDB's replicator reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// Revisions of changes that were checked against the target.
+    pub missing_checked: u64,
+    /// Revisions the target lacked.
+    pub missing_found: u64,
+    /// Revisions fetched from the source.
+    pub docs_read: u64,
+    /// Revisions written to the target.
+    pub docs_written: u64,
+    /// Revisions the target refused (a validation function), or that could
+    /// not be read.
+    pub doc_write_failures: u64,
+    /// The source seq the run reached.
+    pub last_seq: Option<Seq>,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The source database does not exist.
+    #[error("the source database does not exist")]
+    SourceMissing,
+    /// The target does not exist, and the document does not create it.
+    #[error("the target database does not exist (set create_target: true to create it)")]
+    TargetMissing,
+    /// A request failed.
+    #[error("{step}: {source}")]
+    Couch {
+        /// What the engine was doing.
+        step: &'static str,
+        /// The request's error.
+        source: CouchError,
+    },
+}
+
+impl ReplicationError {
+    fn couch(step: &'static str) -> impl FnOnce(CouchError) -> Self {
+        move |source| ReplicationError::Couch { step, source }
+    }
+
+    /// The CouchDB error behind a failed request, if that is what failed.
+    pub fn couch_error(&self) -> Option<&CouchError> {
+        match self {
+            ReplicationError::Couch { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// One replication from `source` to `target`.
+pub struct Replication {
+    /// Where documents come from.
+    pub source: Peer,
+    /// Where they go.
+    pub target: Peer,
+    /// How.
+    pub options: Options,
+}
+
+impl Replication {
+    /// Replicates every change of the source since the last checkpoint.
+    pub async fn run(&self) -> Result<Report, ReplicationError> {
+        let mut logs = self.logs().await?;
+        let start = match &self.options.since_seq {
+            Some(seq) => Some(seq.clone()),
+            None => logs.start_seq(),
+        };
+        let mut report = Report::default();
+        let mut bulk_get = true;
+        let mut since = start.clone();
+        loop {
+            let page = self
+                .source
+                .client
+                .changes_page(
+                    &self.source.db,
+                    since.as_ref(),
+                    self.options.batch,
+                    &self.options.filter,
+                    self.options.winning_revs_only,
+                )
+                .await
+                .map_err(ReplicationError::couch("reading the source's changes"))?;
+            let count = page.results.len() as u64;
+            if count > 0 {
+                self.copy(&page.results, &mut report, &mut bulk_get).await?;
+            }
+            let moved = since.as_ref() != Some(&page.last_seq);
+            if self.options.use_checkpoints && count > 0 && moved {
+                logs.record(
+                    &self.source,
+                    &self.target,
+                    start.as_ref(),
+                    &page.last_seq,
+                    &report,
+                )
+                .await?;
+            }
+            report.last_seq = Some(page.last_seq.clone());
+            since = Some(page.last_seq);
+            if count < self.options.batch {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// The checkpoints (none without `use_checkpoints`), creating the
+    /// target first if the document asks for it.
+    async fn logs(&self) -> Result<Logs, ReplicationError> {
+        let id = replication_id(&self.source, &self.target, &self.options);
+        if self.options.create_target {
+            self.create_target().await?;
+        }
+        if !self.options.use_checkpoints {
+            self.check_exists().await?;
+            return Ok(Logs::empty(&id));
+        }
+        Logs::read(&self.source, &self.target, &id).await
+    }
+
+    async fn create_target(&self) -> Result<(), ReplicationError> {
+        let target = &self.target;
+        target
+            .client
+            .create_db_with(&target.db, &self.options.create_target_params)
+            .await
+            .map_err(ReplicationError::couch("creating the target"))?;
+        Ok(())
+    }
+
+    async fn check_exists(&self) -> Result<(), ReplicationError> {
+        let exists = |peer: &Peer| {
+            let peer = peer.clone();
+            async move { peer.client.db_info(&peer.db).await }
+        };
+        match exists(&self.source).await {
+            Err(CouchError::DbNotFound(_)) => return Err(ReplicationError::SourceMissing),
+            Err(e) => return Err(ReplicationError::couch("reading the source")(e)),
+            Ok(_) => {}
+        }
+        match exists(&self.target).await {
+            Err(CouchError::DbNotFound(_)) => Err(ReplicationError::TargetMissing),
+            Err(e) => Err(ReplicationError::couch("reading the target")(e)),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Copies one page of changes: what the target lacks is fetched and
+    /// written.
+    async fn copy(
+        &self,
+        changes: &[Change],
+        report: &mut Report,
+        bulk_get: &mut bool,
+    ) -> Result<(), ReplicationError> {
+        let mut revs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for change in changes {
+            let leaves = change.changes.iter().map(|c| c.rev.clone());
+            revs.entry(change.id.clone()).or_default().extend(leaves);
+        }
+        report.missing_checked += revs.values().map(|r| r.len() as u64).sum::<u64>();
+        let diff = self
+            .target
+            .client
+            .revs_diff(&self.target.db, &revs)
+            .await
+            .map_err(ReplicationError::couch(
+                "comparing revisions with the target",
+            ))?;
+        let wanted: Vec<RevToFetch> = diff
+            .into_iter()
+            .flat_map(|(id, d)| {
+                let since = d.possible_ancestors;
+                d.missing.into_iter().map(move |rev| RevToFetch {
+                    id: id.clone(),
+                    rev,
+                    atts_since: since.clone(),
+                })
+            })
+            .collect();
+        report.missing_found += wanted.len() as u64;
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let docs = self.fetch(&wanted, report, bulk_get).await?;
+        self.write(docs, report).await
+    }
+
+    /// The wanted revisions from the source; those it cannot give count as
+    /// failures.
+    async fn fetch(
+        &self,
+        wanted: &[RevToFetch],
+        report: &mut Report,
+        bulk_get: &mut bool,
+    ) -> Result<Vec<Value>, ReplicationError> {
+        let source = &self.source;
+        let results = if *bulk_get {
+            match source.client.bulk_get(&source.db, wanted).await {
+                Err(e) if no_bulk_get(&e) => {
+                    *bulk_get = false;
+                    self.fetch_each(wanted).await?
+                }
+                other => other.map_err(ReplicationError::couch("fetching revisions"))?,
+            }
+        } else {
+            self.fetch_each(wanted).await?
+        };
+        let mut docs = Vec::with_capacity(results.len());
+        for result in results {
+            match result {
+                Ok(doc) => docs.push(doc),
+                Err(error) => {
+                    tracing::warn!(db = %source.db, %error, "a revision could not be read from the source");
+                    report.doc_write_failures += 1;
+                }
+            }
+        }
+        report.docs_read += docs.len() as u64;
+        Ok(docs)
+    }
+
+    /// [`Self::fetch`] without `_bulk_get`: one request per document.
+    async fn fetch_each(
+        &self,
+        wanted: &[RevToFetch],
+    ) -> Result<Vec<Result<Value, Value>>, ReplicationError> {
+        let mut by_id: BTreeMap<&str, (Vec<String>, &[String])> = BTreeMap::new();
+        for w in wanted {
+            let entry = by_id.entry(&w.id).or_insert((Vec::new(), &w.atts_since));
+            entry.0.push(w.rev.clone());
+        }
+        let mut results = Vec::new();
+        for (id, (revs, since)) in by_id {
+            let source = &self.source;
+            let got = source
+                .client
+                .open_revs(&source.db, id, &revs, since)
+                .await
+                .map_err(ReplicationError::couch("fetching revisions"))?;
+            results.extend(got);
+        }
+        Ok(results)
+    }
+
+    /// Writes revisions as they are; those the target refuses count as
+    /// failures.
+    async fn write(&self, docs: Vec<Value>, report: &mut Report) -> Result<(), ReplicationError> {
+        let target = &self.target;
+        let refused = target
+            .client
+            .bulk_docs_replicated(&target.db, &docs)
+            .await
+            .map_err(ReplicationError::couch("writing to the target"))?;
+        for failure in &refused {
+            tracing::warn!(db = %target.db, result = ?failure, "the target refused a revision");
+        }
+        report.doc_write_failures += refused.len() as u64;
+        report.docs_written += (docs.len() - refused.len().min(docs.len())) as u64;
+        Ok(())
+    }
+}
+
+/// The answer of a server without `_bulk_get` (CouchDB before 2.3).
+fn no_bulk_get(e: &CouchError) -> bool {
+    matches!(
+        e,
+        CouchError::NotFound(_)
+            | CouchError::DocNotFound { .. }
+            | CouchError::BadRequest(_)
+            | CouchError::Unexpected { status: 405, .. }
+    )
+}
