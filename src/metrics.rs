@@ -82,7 +82,7 @@ impl CouchMetrics {
 /// What the roles count about their work.
 #[derive(Clone)]
 pub(crate) struct RoleMetrics {
-    /// Replications by outcome (ok, failed, retry, source_missing).
+    /// Replications by outcome (ok, failed, retry, source_missing) and engine.
     pub(crate) replications: Family<OutcomeLabel, Counter>,
     pub(crate) docs_read: Counters,
     pub(crate) docs_written: Counters,
@@ -96,6 +96,8 @@ pub(crate) struct RoleMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct OutcomeLabel {
     pub(crate) outcome: String,
+    /// The replication engine (`native` or `couchdb`).
+    pub(crate) engine: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

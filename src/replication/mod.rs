@@ -38,6 +38,16 @@ pub enum Engine {
     CouchDb,
 }
 
+impl Engine {
+    /// The engine's name, as in documents and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Native => "native",
+            Engine::CouchDb => "couchdb",
+        }
+    }
+}
+
 /// What one run did, in the counts CouchDB's replicator reports.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {

@@ -251,6 +251,7 @@ impl Role for Replicator {
                 .replications
                 .get_or_create(&OutcomeLabel {
                     outcome: outcome.into(),
+                    engine: self.engine_of(rule).name().into(),
                 })
                 .inc();
             match result {

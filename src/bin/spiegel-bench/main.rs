@@ -103,6 +103,9 @@ pub(crate) struct Args {
     /// Leave the databases on an external server (--url) at the end.
     #[arg(long)]
     keep: bool,
+    /// `--replication-engine` passed to Spiegel: `couchdb` or `native`.
+    #[arg(long, default_value = "couchdb")]
+    replication_engine: String,
     /// Spiegel's log level (its logs are kept in the run's log folder).
     #[arg(long, default_value = "warn")]
     spiegel_log_level: String,
@@ -506,6 +509,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "spiegel_processes": if baseline { 0 } else { spiegel_pids.len() },
             "workers_per_role": args.workers,
             "concurrency": if baseline { Value::Null } else { json!(args.concurrency) },
+            "replication_engine": if baseline { Value::Null } else { json!(args.replication_engine) },
             "server": server_kind,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },

@@ -115,6 +115,8 @@ pub(crate) async fn start_spiegel(
         concurrency.as_str(),
         "--log-level",
         args.spiegel_log_level.as_str(),
+        "--replication-engine",
+        args.replication_engine.as_str(),
         "--log-format",
         "json",
     ];

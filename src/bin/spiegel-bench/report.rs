@@ -34,6 +34,7 @@ pub(crate) fn markdown(r: &Value) -> String {
         "Spiegel processes / concurrency",
         format!("{} / {}", p["spiegel_processes"], f(&p["concurrency"])),
     );
+    row("Replication engine", f(&p["replication_engine"]));
     row("CPUs", f(&p["cpus"]));
     let t = &r["timing"];
     row(

@@ -75,7 +75,10 @@ impl Checkpoints {
             .map(Seq::from);
         let mut cache = self.lock();
         let entry = cache.entry(db.to_string()).or_default();
-        if !entry.dirty && !entry.saving {
+        // On a cluster a read may come from a copy that has not received our
+        // last write yet: a revision older than the one we wrote is stale.
+        let stale = generation(doc.as_ref()) < generation(entry.doc.as_ref());
+        if !entry.dirty && !entry.saving && !stale {
             entry.doc = doc;
             entry.last_seq = last_seq;
         }
@@ -176,6 +179,15 @@ impl Flush for Checkpoints {
             }
         }
     }
+}
+
+/// The generation of a document's revision (the `N` of `N-hash`; 0 for
+/// none): later writes of one document have higher generations.
+fn generation(doc: Option<&Value>) -> u64 {
+    doc.and_then(|d| d.rev())
+        .and_then(|rev| rev.split_once('-'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The checkpoint document of `db` as Spiegel 1.2 reads it, keeping the
