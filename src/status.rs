@@ -152,21 +152,25 @@ impl StatusBook {
 
     /// Marks a document unusable (or usable again with `None`).
     pub fn invalid(&self, doc: &str, reason: Option<String>) {
-        self.with(|b| {
-            let s = b.docs.entry(doc.to_string()).or_default();
-            if s.invalid != reason {
-                s.invalid = reason;
-                b.dirty = true;
-            }
-        });
+        self.set(doc, reason, |s| &mut s.invalid);
     }
 
     /// Sets (or clears, with `None`) the document's note.
     pub fn note(&self, doc: &str, note: Option<String>) {
+        self.set(doc, note, |s| &mut s.note);
+    }
+
+    /// Sets one field of a document's status, dirty only if it changed.
+    fn set(
+        &self,
+        doc: &str,
+        value: Option<String>,
+        field: fn(&mut DocStatus) -> &mut Option<String>,
+    ) {
         self.with(|b| {
-            let s = b.docs.entry(doc.to_string()).or_default();
-            if s.note != note {
-                s.note = note;
+            let slot = field(b.docs.entry(doc.to_string()).or_default());
+            if *slot != value {
+                *slot = value;
                 b.dirty = true;
             }
         });

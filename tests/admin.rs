@@ -131,8 +131,11 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
     // Created again: ready again (Spiegel's own heartbeat writes are events
     // that show the feeds work, even on an otherwise idle server).
     couch.delete_db("_global_changes").await.unwrap();
-    let body = wait_status(&format!("{admin}/readyz"), 503, Duration::from_secs(15)).await;
-    assert!(body.contains("not following _db_updates"), "{body}");
+    wait_for("unready for the feed", Duration::from_secs(15), || async {
+        let (status, body) = get(&format!("{admin}/readyz")).await?;
+        (status == 503 && body.contains("not following _db_updates")).then_some(())
+    })
+    .await;
     couch.create_db("_global_changes").await.unwrap();
     wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
 

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::coordination::Timing;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -28,7 +30,7 @@ pub struct Health {
 struct RoleHealth {
     feed_ok: bool,
     last_beat: Option<Instant>,
-    lease: Duration,
+    timing: Timing,
 }
 
 impl Health {
@@ -38,7 +40,11 @@ impl Health {
         let entry = roles.entry(role.to_string()).or_insert(RoleHealth {
             feed_ok: false,
             last_beat: None,
-            lease: Duration::from_secs(15),
+            timing: Timing {
+                lease: Duration::from_secs(15),
+                heartbeat: Duration::from_secs(5),
+                drain: Duration::from_secs(30),
+            },
         });
         f(entry);
     }
@@ -49,10 +55,10 @@ impl Health {
     }
 
     /// A worker of `role` started (its feed is open).
-    pub fn started(&self, role: &str, lease: Duration) {
+    pub fn started(&self, role: &str, timing: &Timing) {
         self.with(role, |r| {
             r.feed_ok = true;
-            r.lease = lease;
+            r.timing = timing.clone();
         });
     }
 
@@ -74,9 +80,11 @@ impl Health {
             if !r.feed_ok {
                 problems.push(format!("{role}: not following _db_updates"));
             }
-            match r.last_beat {
+            // Unready as soon as the worker fences itself (it runs nothing).
+            let last_beat = r.last_beat.map(tokio::time::Instant::from_std);
+            match last_beat {
                 None => problems.push(format!("{role}: no heartbeat yet")),
-                Some(t) if t.elapsed() >= r.lease => {
+                Some(_) if r.timing.fenced(last_beat, tokio::time::Instant::now()) => {
                     problems.push(format!("{role}: heartbeats failing, leases lost"))
                 }
                 Some(_) => {}

@@ -58,11 +58,9 @@ impl Logs {
             )
         })?;
         Ok(Logs {
-            id: local,
             source: source_log,
             target: target_log,
-            session: hex::encode(rand::random::<[u8; 16]>()),
-            start_time: crate::coordination::timestamp(),
+            ..Logs::empty(id)
         })
     }
 

@@ -66,7 +66,7 @@ impl Options {
             ("selector", Value::Object(_)) => self.filter.selector = Some(value.clone()),
             ("doc_ids", Value::Array(ids)) => {
                 let ids: Option<Vec<String>> =
-                    ids.iter().map(|i| i.as_str().map(String::from)).collect();
+                    ids.iter().map(|i| i.as_str().map(unquote)).collect();
                 self.filter.doc_ids = Some(ids.ok_or_else(wrong)?);
             }
             ("use_checkpoints", Value::Bool(b)) => self.use_checkpoints = *b,
@@ -79,6 +79,15 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// A `doc_ids` entry as CouchDB's replicator reads it: URL-decoded, `+`
+/// as a space (`["c+d", "e%2Ff"]` replicates `c d` and `e/f`).
+fn unquote(id: &str) -> String {
+    let spaced = id.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

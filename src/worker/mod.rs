@@ -251,7 +251,7 @@ pub async fn run<R: Role>(
     // Where the live feed starts; every partition replays what came before
     // from its own checkpoint.
     let start = catch_up::current_seq(&client).await?;
-    options.health.started(&role_name, options.timing.lease);
+    options.health.started(&role_name, &options.timing);
     tracing::info!(
         role = %role_name,
         worker = %options.worker_id,

@@ -1,0 +1,1455 @@
+//! Differential conformance of Spiegel's native replication engine with
+//! CouchDB's own replicator.
+//!
+//! Each test builds a history in a source database, then replicates it
+//! twice: into target A through a replicator document of the spiegel
+//! database (`"engine": ENGINE`, run by a replicator worker), and into
+//! target B with CouchDB's `POST /_replicate`, both with the same
+//! parameters. A must become what B is, as CouchDB's API shows it (see
+//! [`same`]). Then more changes, both replicate again (Spiegel by itself, on
+//! the source's update event), and A must match B again.
+//!
+//! The comparison with CouchDB's replicator needs a real CouchDB:
+//! `SPIEGEL_TEST_SERVER=kit SPIEGEL_TEST_KIT=/work/shared/couchdb`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use sha2::Digest as _;
+use spiegel::couch::encode_segment;
+
+use common::*;
+
+/// The engine of target A's replicator document. `"couchdb"` makes both
+/// targets come from CouchDB's replicator, which must make them identical:
+/// that validates the comparison and the histories.
+const ENGINE: &str = "native";
+
+/// How long target A may take to match target B.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The id of target A's replicator document in the spiegel database.
+const REPLICATOR_DOC: &str = "under-test";
+
+/// The `_replicate` parameters the native engine supports; a document with
+/// any other goes to the couchdb engine, with a note in `spiegel status`.
+const NATIVE_PARAMS: [&str; 9] = [
+    "create_target",
+    "create_target_params",
+    "filter",
+    "query_params",
+    "selector",
+    "doc_ids",
+    "use_checkpoints",
+    "since_seq",
+    "winning_revs_only",
+];
+
+// ---------------------------------------------------------------------------
+// Raw HTTP, for what `CouchClient` lacks.
+
+/// Requests to the test server as its admin: `open_revs`, attachments,
+/// `_local_docs`, `_changes?style=all_docs`, `new_edits: false`...
+#[derive(Clone)]
+struct Http {
+    client: reqwest::Client,
+    /// The server's URL without credentials nor trailing slash.
+    base: String,
+    user: String,
+    password: Option<String>,
+}
+
+/// A request body.
+enum Body<'a> {
+    Empty,
+    Json(&'a Value),
+    /// Raw bytes with their content type (an attachment).
+    Bytes(&'a str, Vec<u8>),
+}
+
+impl Http {
+    fn new(admin_url: &str) -> Http {
+        let mut url = url::Url::parse(admin_url).expect("the server's URL");
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let user = decode(url.username());
+        let password = url.password().map(decode);
+        url.set_username("").expect("a URL with a host");
+        url.set_password(None).expect("a URL with a host");
+        Http {
+            client: reqwest::Client::new(),
+            base: url.as_str().trim_end_matches('/').to_string(),
+            user,
+            password,
+        }
+    }
+
+    /// `method /path?query`: the status and the JSON answer (`Null` when
+    /// the answer is not JSON).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Body<'_>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method.clone(), format!("{}/{path}", self.base))
+            .query(query)
+            .header("Accept", "application/json")
+            .timeout(Duration::from_secs(120));
+        if !self.user.is_empty() {
+            req = req.basic_auth(&self.user, self.password.as_deref());
+        }
+        req = match body {
+            Body::Empty => req,
+            Body::Json(json) => req.json(json),
+            Body::Bytes(content_type, bytes) => {
+                req.header("Content-Type", content_type).body(bytes)
+            }
+        };
+        let answer = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} /{path}: {e}"));
+        let status = answer.status().as_u16();
+        let bytes = answer
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{method} /{path}: {e}"));
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> (u16, Value) {
+        self.send(Method::GET, path, query, Body::Empty).await
+    }
+
+    /// A request that must succeed (2xx); its answer.
+    async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Body<'_>,
+    ) -> Value {
+        let what = format!("{method} /{path}");
+        let (status, answer) = self.send(method, path, query, body).await;
+        assert!((200..300).contains(&status), "{what}: {status} {answer}");
+        answer
+    }
+
+    /// The winning revision of `id`, if it exists and is not deleted.
+    async fn rev(&self, db: &str, id: &str) -> Option<String> {
+        let (status, doc) = self.get(&doc_path(db, id), &[]).await;
+        (status == 200).then(|| doc["_rev"].as_str().expect("_rev").to_string())
+    }
+
+    /// Writes `body` as `id`, on top of its winning revision if it has one;
+    /// returns the new revision.
+    async fn put(&self, db: &str, id: &str, mut body: Value) -> String {
+        if let Some(rev) = self.rev(db, id).await {
+            body["_rev"] = json!(rev);
+        }
+        let answer = self
+            .ok(Method::PUT, &doc_path(db, id), &[], Body::Json(&body))
+            .await;
+        answer["rev"].as_str().expect("rev").to_string()
+    }
+
+    /// Changes the winning revision of `id` with `change` (attachment stubs
+    /// kept, as a client that edits a document does); returns the new
+    /// revision.
+    async fn edit(
+        &self,
+        db: &str,
+        id: &str,
+        change: impl FnOnce(&mut Map<String, Value>),
+    ) -> String {
+        let (status, mut doc) = self.get(&doc_path(db, id), &[]).await;
+        assert_eq!(status, 200, "GET {id}: {doc}");
+        change(doc.as_object_mut().expect("a document"));
+        let answer = self
+            .ok(Method::PUT, &doc_path(db, id), &[], Body::Json(&doc))
+            .await;
+        answer["rev"].as_str().expect("rev").to_string()
+    }
+
+    /// Deletes revision `rev` of `id` (the winner when `None`), as
+    /// `DELETE` does: the tombstone has no body. Returns its revision.
+    async fn delete(&self, db: &str, id: &str, rev: Option<&str>) -> String {
+        let rev = match rev {
+            Some(rev) => rev.to_string(),
+            None => self.rev(db, id).await.expect("a document to delete"),
+        };
+        let answer = self
+            .ok(
+                Method::DELETE,
+                &doc_path(db, id),
+                &[("rev", &rev)],
+                Body::Empty,
+            )
+            .await;
+        answer["rev"].as_str().expect("rev").to_string()
+    }
+
+    /// Adds or replaces attachment `name` of `id`'s winning revision;
+    /// returns the new revision.
+    async fn put_attachment(
+        &self,
+        db: &str,
+        id: &str,
+        name: &str,
+        content_type: &str,
+        data: Vec<u8>,
+    ) -> String {
+        let rev = self.rev(db, id).await.expect("a document to attach to");
+        let path = format!("{}/{}", doc_path(db, id), encode_segment(name));
+        let answer = self
+            .ok(
+                Method::PUT,
+                &path,
+                &[("rev", &rev)],
+                Body::Bytes(content_type, data),
+            )
+            .await;
+        answer["rev"].as_str().expect("rev").to_string()
+    }
+
+    /// Removes attachment `name` from `id`'s winning revision.
+    async fn delete_attachment(&self, db: &str, id: &str, name: &str) -> String {
+        let rev = self.rev(db, id).await.expect("a document");
+        let path = format!("{}/{}", doc_path(db, id), encode_segment(name));
+        let answer = self
+            .ok(Method::DELETE, &path, &[("rev", &rev)], Body::Empty)
+            .await;
+        answer["rev"].as_str().expect("rev").to_string()
+    }
+
+    /// Stores a revision as given (`_bulk_docs` with `new_edits: false`, as
+    /// a replicator writes): `{pos}-{hash(tag)}` on top of `parent` (a new
+    /// root when `None`), with an explicit `_rev` and `_revisions`. Writing
+    /// it beside an existing child of `parent` makes a conflict. Returns
+    /// the revision.
+    async fn branch(
+        &self,
+        db: &str,
+        id: &str,
+        parent: Option<&str>,
+        tag: &str,
+        body: Value,
+    ) -> String {
+        let (start, mut ids) = match parent {
+            None => (1, Vec::new()),
+            Some(parent) => {
+                let (status, doc) = self
+                    .get(&doc_path(db, id), &[("rev", parent), ("revs", "true")])
+                    .await;
+                assert_eq!(status, 200, "GET {id}?rev={parent}: {doc}");
+                let revisions = &doc["_revisions"];
+                let ids: Vec<Value> = revisions["ids"].as_array().expect("ids").clone();
+                (revisions["start"].as_u64().expect("start") + 1, ids)
+            }
+        };
+        let hash = rev_hash(tag);
+        ids.insert(0, json!(hash));
+        let rev = format!("{start}-{hash}");
+        let mut doc = body;
+        doc["_id"] = json!(id);
+        doc["_rev"] = json!(rev);
+        doc["_revisions"] = json!({"start": start, "ids": ids});
+        let path = format!("{}/_bulk_docs", encode_segment(db));
+        let answer = self
+            .ok(
+                Method::POST,
+                &path,
+                &[],
+                Body::Json(&json!({"docs": [doc], "new_edits": false})),
+            )
+            .await;
+        assert!(
+            answer
+                .as_array()
+                .is_some_and(|a| a.iter().all(|r| r.get("error").is_none())),
+            "{id} {rev}: {answer}"
+        );
+        rev
+    }
+
+    /// The update seq of `db` (opaque, to pass back as is).
+    async fn update_seq(&self, db: &str) -> Value {
+        let (status, info) = self.get(&encode_segment(db), &[]).await;
+        assert_eq!(status, 200, "GET /{db}: {info}");
+        info["update_seq"].clone()
+    }
+
+    /// The `_local` documents of `db`, with their bodies.
+    async fn local_docs(&self, db: &str) -> Vec<Value> {
+        let path = format!("{}/_local_docs", encode_segment(db));
+        let (status, answer) = self.get(&path, &[("include_docs", "true")]).await;
+        assert_eq!(status, 200, "GET /{db}/_local_docs: {answer}");
+        answer["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|row| row["doc"].clone())
+            .collect()
+    }
+
+    /// The leaves of `id` (`open_revs=all`): `(rev, deleted)`, sorted.
+    async fn leaves(&self, db: &str, id: &str) -> Vec<(String, bool)> {
+        let (_, answer) = self.get(&doc_path(db, id), &[("open_revs", "all")]).await;
+        let mut leaves: Vec<(String, bool)> = answer
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|leaf| {
+                let doc = leaf.get("ok")?;
+                Some((
+                    doc["_rev"].as_str()?.to_string(),
+                    doc["_deleted"] == json!(true),
+                ))
+            })
+            .collect();
+        leaves.sort();
+        leaves
+    }
+}
+
+/// `{db}/{id}`, both encoded as CouchDB routes them: `_design/` and
+/// `_local/` keep their slash, every other `/`, `+`, `%`... is encoded.
+fn doc_path(db: &str, id: &str) -> String {
+    let id = ["_design/", "_local/"]
+        .iter()
+        .find_map(|prefix| {
+            id.strip_prefix(prefix)
+                .map(|rest| format!("{prefix}{}", encode_segment(rest)))
+        })
+        .unwrap_or_else(|| encode_segment(id));
+    format!("{}/{id}", encode_segment(db))
+}
+
+/// A revision hash (32 hex digits, like CouchDB's) named by `tag`.
+fn rev_hash(tag: &str) -> String {
+    hex::encode(sha2::Sha256::digest(tag.as_bytes()))[..32].to_string()
+}
+
+/// `len` bytes that do not compress, the same for the same `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn base64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+// ---------------------------------------------------------------------------
+// The comparison.
+
+/// What is compared of one target, by name; two targets are the same when
+/// their facts are.
+type Facts = BTreeMap<String, Value>;
+
+/// Whether target `a` holds what target `b` holds, as CouchDB's API shows
+/// it; `Err` is a readable diff. Compared: `doc_count` and `doc_del_count`;
+/// the `_all_docs` ids and winning revs; for every document id of the
+/// source's `_changes?style=all_docs` (deleted ones too) and of either
+/// target, the leaves (`open_revs=all&revs=true`, with `_revisions` and
+/// bodies) and the winner with `conflicts` and `deleted_conflicts`, as
+/// status and body, attachments reduced to their metadata. And the
+/// source's `_local` documents `locals` must be in neither target.
+async fn same(
+    http: &Http,
+    source: &str,
+    a: &str,
+    b: &str,
+    locals: &[String],
+) -> Result<(), String> {
+    for target in [a, b] {
+        for local in locals {
+            let (status, doc) = http.get(&doc_path(target, local), &[]).await;
+            if status != 404 {
+                return Err(format!(
+                    "{local} of the source was copied into {target}: {status} {doc}"
+                ));
+            }
+        }
+    }
+    let (summary_a, ids_a) = summary(http, a).await;
+    let (summary_b, ids_b) = summary(http, b).await;
+    diff(&summary_a, &summary_b)?;
+    let mut ids = source_ids(http, source).await;
+    ids.extend(ids_a);
+    ids.extend(ids_b);
+    diff(&details(http, a, &ids).await, &details(http, b, &ids).await)
+}
+
+/// Panics with a readable diff unless targets `a` and `b` are the same
+/// (see [`same`]).
+async fn assert_same(http: &Http, source: &str, a: &str, b: &str, locals: &[String]) {
+    if let Err(diff) = same(http, source, a, b, locals).await {
+        panic!("{a} (engine {ENGINE}) differs from {b} (CouchDB's _replicate):\n{diff}");
+    }
+}
+
+/// The counts and `_all_docs` of `db`, and the ids `_all_docs` lists.
+async fn summary(http: &Http, db: &str) -> (Facts, BTreeSet<String>) {
+    let mut facts = Facts::new();
+    let mut ids = BTreeSet::new();
+    let (status, info) = http.get(&encode_segment(db), &[]).await;
+    if status != 200 {
+        facts.insert(
+            "GET /<target>".into(),
+            json!({"status": status, "body": info}),
+        );
+        return (facts, ids);
+    }
+    facts.insert("doc_count".into(), info["doc_count"].clone());
+    facts.insert("doc_del_count".into(), info["doc_del_count"].clone());
+    let path = format!("{}/_all_docs", encode_segment(db));
+    let (status, all) = http.get(&path, &[]).await;
+    assert_eq!(status, 200, "GET /{db}/_all_docs: {all}");
+    for row in all["rows"].as_array().expect("rows") {
+        let id = row["id"].as_str().expect("id").to_string();
+        facts.insert(format!("_all_docs {id:?}"), row["value"]["rev"].clone());
+        ids.insert(id);
+    }
+    (facts, ids)
+}
+
+/// The id of every document of `source` (deleted ones too).
+async fn source_ids(http: &Http, source: &str) -> BTreeSet<String> {
+    let path = format!("{}/_changes", encode_segment(source));
+    let (status, changes) = http.get(&path, &[("style", "all_docs")]).await;
+    assert_eq!(status, 200, "GET /{source}/_changes: {changes}");
+    changes["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|change| change["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// The leaves and the winner of each of `ids` in `db`.
+async fn details(http: &Http, db: &str, ids: &BTreeSet<String>) -> Facts {
+    let mut facts = Facts::new();
+    for id in ids {
+        let path = doc_path(db, id);
+        let (status, leaves) = http
+            .get(&path, &[("open_revs", "all"), ("revs", "true")])
+            .await;
+        facts.insert(
+            format!("{id:?} open_revs=all&revs=true"),
+            json!({"status": status, "body": sorted_leaves(leaves)}),
+        );
+        let (status, winner) = http
+            .get(
+                &path,
+                &[("conflicts", "true"), ("deleted_conflicts", "true")],
+            )
+            .await;
+        facts.insert(
+            format!("{id:?} conflicts&deleted_conflicts"),
+            json!({"status": status, "body": comparable(winner)}),
+        );
+    }
+    facts
+}
+
+/// An `open_revs` answer in revision order, each document [`comparable`].
+fn sorted_leaves(answer: Value) -> Value {
+    let Value::Array(mut leaves) = answer else {
+        return answer;
+    };
+    let key = |leaf: &Value| {
+        leaf.get("ok")
+            .and_then(|doc| doc.get("_rev"))
+            .or_else(|| leaf.get("missing"))
+            .map(Value::to_string)
+            .unwrap_or_default()
+    };
+    leaves.sort_by_key(key);
+    Value::Array(
+        leaves
+            .into_iter()
+            .map(|mut leaf| {
+                if let Some(doc) = leaf.get_mut("ok") {
+                    *doc = comparable(doc.take());
+                }
+                leaf
+            })
+            .collect(),
+    )
+}
+
+/// A document with its attachments reduced to what a replication must
+/// keep: `content_type`, `length`, `digest` and `revpos` (not the data, nor
+/// how CouchDB stores it).
+fn comparable(mut doc: Value) -> Value {
+    if let Some(Value::Object(attachments)) = doc.get_mut("_attachments") {
+        for attachment in attachments.values_mut() {
+            *attachment = json!({
+                "content_type": attachment["content_type"],
+                "length": attachment["length"],
+                "digest": attachment["digest"],
+                "revpos": attachment["revpos"],
+            });
+        }
+    }
+    doc
+}
+
+/// Facts a diff shows at most; the count of the others follows.
+const SHOWN: usize = 30;
+
+/// `Ok` when `a` and `b` are equal, else each fact that differs (up to
+/// [`SHOWN`]) with both values.
+fn diff(a: &Facts, b: &Facts) -> Result<(), String> {
+    let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
+    let differing: Vec<&String> = a
+        .keys()
+        .chain(b.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|key| a.get(*key) != b.get(*key))
+        .collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    let mut lines: Vec<String> = differing
+        .iter()
+        .take(SHOWN)
+        .map(|key| {
+            format!(
+                "{key}:\n    A (engine {ENGINE}): {}\n    B (CouchDB's _replicate): {}",
+                show(a.get(*key)),
+                show(b.get(*key))
+            )
+        })
+        .collect();
+    if differing.len() > SHOWN {
+        lines.push(format!("...and {} more", differing.len() - SHOWN));
+    }
+    Err(lines.join("\n"))
+}
+
+// ---------------------------------------------------------------------------
+// One differential run.
+
+/// A source, target A (filled by Spiegel's engine under test) and target B
+/// (filled by CouchDB's `_replicate`), on a fresh installation.
+struct Differential {
+    s: Installation,
+    http: Http,
+    source: String,
+    a: String,
+    b: String,
+    /// The replication parameters both targets get (`create_target: true`
+    /// besides).
+    params: Value,
+    /// `_local` documents of the source, which no target may get.
+    locals: Vec<String>,
+    worker: Option<Spiegel>,
+}
+
+impl Differential {
+    /// A fresh installation with an empty source.
+    async fn new(label: &str) -> Differential {
+        init_logs();
+        let s = Installation::new(label).await;
+        let http = Http::new(&s.url);
+        let (source, a, b) = (s.db("source"), s.db("native"), s.db("couchdb"));
+        s.couch.create_db(&source).await.expect("create the source");
+        Differential {
+            s,
+            http,
+            source,
+            a,
+            b,
+            params: json!({}),
+            locals: Vec::new(),
+            worker: None,
+        }
+    }
+
+    /// The admin URL of database `db`.
+    fn url(&self, db: &str) -> String {
+        format!(
+            "{}/{}",
+            self.s.url.trim_end_matches('/'),
+            encode_segment(db)
+        )
+    }
+
+    /// `params` with `create_target: true` and the other `fields`.
+    fn body(&self, fields: Value) -> Value {
+        let mut body = self.params.clone();
+        body["create_target"] = json!(true);
+        for (k, v) in fields.as_object().expect("fields") {
+            body[k] = v.clone();
+        }
+        body
+    }
+
+    /// Replicates the source into A with a replicator document and a
+    /// running replicator worker, and into B with `POST /_replicate`, both
+    /// with `params`; waits until A matches B.
+    async fn replicate(&mut self, params: Value) {
+        self.params = params;
+        self.worker = Some(
+            self.s
+                .start_worker("replicator", &["--backoff-delay", "0.2"]),
+        );
+        let doc = self.body(json!({
+            "type": "replicator",
+            "source": self.url(&self.source),
+            "target": self.url(&self.a),
+            "engine": ENGINE,
+        }));
+        self.s
+            .couch
+            .put_doc(&self.s.spiegel_db, REPLICATOR_DOC, &doc)
+            .await
+            .expect("the replicator document");
+        self.couchdb_replicates().await;
+        self.converge().await;
+        let params = self.params.as_object().expect("params");
+        if ENGINE == "native" && params.keys().all(|k| NATIVE_PARAMS.contains(&k.as_str())) {
+            self.assert_no_engine_note().await;
+        }
+    }
+
+    /// Asserts the replicator document ran with no note in `spiegel
+    /// status` (so not sent to the couchdb engine instead), once the
+    /// status shows a success.
+    async fn assert_no_engine_note(&self) {
+        let what = format!("a success of {REPLICATOR_DOC} in spiegel status");
+        let reports = wait_for(&what, DEADLINE, || async {
+            let status = self.s.status().await;
+            let reports = status["documents"][REPLICATOR_DOC].as_array()?.clone();
+            let succeeded = |r: &Value| r["succeeded"].as_u64().unwrap_or(0) > 0;
+            reports.iter().any(succeeded).then_some(reports)
+        })
+        .await;
+        assert!(
+            reports.iter().all(|r| r.get("note").is_none()),
+            "a document with parameters the native engine supports: {reports:#?}"
+        );
+    }
+
+    /// After more changes to the source: Spiegel replicates them by itself
+    /// (on the source's update event); `POST /_replicate` again for B; waits
+    /// until A matches B.
+    async fn replicate_again(&self) {
+        self.couchdb_replicates().await;
+        self.converge().await;
+    }
+
+    /// `POST /_replicate` from the source into B.
+    async fn couchdb_replicates(&self) {
+        let body =
+            self.body(json!({"source": self.url(&self.source), "target": self.url(&self.b)}));
+        let answer = self
+            .s
+            .couch
+            .replicate(&body)
+            .await
+            .unwrap_or_else(|e| panic!("POST /_replicate into {}: {e}", self.b));
+        assert_eq!(answer["ok"], json!(true), "POST /_replicate: {answer}");
+    }
+
+    /// Polls [`same`] until A matches B; after [`DEADLINE`], panics with
+    /// the last difference.
+    async fn converge(&self) {
+        let start = Instant::now();
+        loop {
+            match same(&self.http, &self.source, &self.a, &self.b, &self.locals).await {
+                Ok(()) => return,
+                Err(diff) if start.elapsed() > DEADLINE => panic!(
+                    "after {DEADLINE:?}, {} (engine {ENGINE}) still differs from {} (CouchDB's _replicate):\n{diff}",
+                    self.a, self.b
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// Asserts A matches B now (after [`Self::converge`], to say so).
+    async fn assert_same(&self) {
+        assert_same(&self.http, &self.source, &self.a, &self.b, &self.locals).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Histories.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_replication_matches_couchdbs_for_updates_deletions_and_recreations() {
+    let mut d = Differential::new("updates").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    h.put(&src, "new", json!({"v": 1})).await;
+    for v in 1..=3 {
+        h.put(&src, "updated", json!({"v": v})).await;
+    }
+    h.put(&src, "deleted", json!({"v": 1})).await;
+    h.delete(&src, "deleted", None).await;
+    h.put(&src, "recreated", json!({"v": 1})).await;
+    h.delete(&src, "recreated", None).await;
+    h.put(&src, "recreated", json!({"v": "again"})).await;
+    // A tombstone with a body, as PUT {_deleted: true, ...} leaves it.
+    h.put(&src, "tombstone-with-body", json!({"v": 1})).await;
+    h.put(
+        &src,
+        "tombstone-with-body",
+        json!({"_deleted": true, "why": "gone"}),
+    )
+    .await;
+    d.replicate(json!({})).await;
+    d.assert_same().await;
+    let recreated = h.rev(&d.b, "recreated").await.expect("recreated in B");
+    assert!(recreated.starts_with("3-"), "{recreated}");
+    assert_eq!(h.rev(&d.b, "deleted").await, None);
+
+    // After more changes.
+    h.put(&src, "new", json!({"v": 2})).await;
+    h.delete(&src, "updated", None).await;
+    h.put(&src, "deleted", json!({"v": "back"})).await;
+    h.delete(&src, "recreated", None).await;
+    h.put(&src, "later", json!({"v": 1})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+    assert_eq!(h.rev(&d.b, "updated").await, None);
+    assert!(h.rev(&d.b, "later").await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_replication_matches_couchdbs_for_conflicts_and_deleted_conflicts() {
+    let mut d = Differential::new("conflicts").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    // Two live branches and a deleted one on a common root.
+    let root = h.put(&src, "c", json!({"v": 1})).await;
+    h.branch(&src, "c", Some(&root), "c-a", json!({"branch": "a"}))
+        .await;
+    let c_b = h
+        .branch(&src, "c", Some(&root), "c-b", json!({"branch": "b"}))
+        .await;
+    h.branch(&src, "c", Some(&root), "c-del", json!({"_deleted": true}))
+        .await;
+    // A document that exists only as revisions written with their history,
+    // three deep, and a second root beside it.
+    let r1 = h.branch(&src, "remote", None, "r1", json!({"v": 1})).await;
+    let r2 = h
+        .branch(&src, "remote", Some(&r1), "r2", json!({"v": 2}))
+        .await;
+    h.branch(&src, "remote", Some(&r2), "r3", json!({"v": 3}))
+        .await;
+    h.branch(&src, "remote", None, "other-root", json!({"v": "x"}))
+        .await;
+    // Every branch deleted: the document is deleted, its conflicts hidden.
+    let root = h.put(&src, "all-deleted", json!({"v": 1})).await;
+    h.branch(
+        &src,
+        "all-deleted",
+        Some(&root),
+        "ad-1",
+        json!({"_deleted": true}),
+    )
+    .await;
+    h.branch(
+        &src,
+        "all-deleted",
+        Some(&root),
+        "ad-2",
+        json!({"_deleted": true}),
+    )
+    .await;
+    // A longer branch that ends in a deletion beside a shorter live one:
+    // the live one wins (a deleted leaf never wins over a live one).
+    let root = h.put(&src, "deleted-longer", json!({"v": 1})).await;
+    let long = h
+        .branch(&src, "deleted-longer", Some(&root), "dl-1", json!({"v": 2}))
+        .await;
+    h.branch(
+        &src,
+        "deleted-longer",
+        Some(&long),
+        "dl-2",
+        json!({"_deleted": true}),
+    )
+    .await;
+    h.branch(
+        &src,
+        "deleted-longer",
+        Some(&root),
+        "dl-live",
+        json!({"v": "live"}),
+    )
+    .await;
+    d.replicate(json!({})).await;
+    d.assert_same().await;
+    let (_, c) = h
+        .get(
+            &doc_path(&d.b, "c"),
+            &[("conflicts", "true"), ("deleted_conflicts", "true")],
+        )
+        .await;
+    assert_eq!(c["_conflicts"].as_array().map(Vec::len), Some(1), "{c}");
+    assert_eq!(
+        c["_deleted_conflicts"].as_array().map(Vec::len),
+        Some(1),
+        "{c}"
+    );
+    assert_eq!(h.leaves(&d.b, "all-deleted").await.len(), 2);
+
+    // After more changes: a new conflict, a branch deleted, the winner
+    // updated, a conflicted document deleted.
+    let root = h.put(&src, "fresh", json!({"v": 1})).await;
+    h.branch(&src, "fresh", Some(&root), "f-a", json!({"v": "a"}))
+        .await;
+    h.branch(&src, "fresh", Some(&root), "f-b", json!({"v": "b"}))
+        .await;
+    h.delete(&src, "c", Some(&c_b)).await;
+    h.put(&src, "c", json!({"v": "winner updated"})).await;
+    h.delete(&src, "remote", None).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+    assert_eq!(h.leaves(&d.b, "fresh").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_replication_matches_couchdbs_for_attachments_small_large_replaced_and_removed() {
+    let mut d = Differential::new("attachments").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    // Inline at creation (revpos 1), compressible.
+    let inline =
+        json!({"inline.txt": {"content_type": "text/plain", "data": base64(b"hello, inline")}});
+    h.put(&src, "small", json!({"v": 1, "_attachments": inline}))
+        .await;
+    // 5 MB that do not compress.
+    h.put(&src, "big", json!({"v": 1})).await;
+    h.put_attachment(
+        &src,
+        "big",
+        "big.bin",
+        "application/octet-stream",
+        noise(5 << 20, 1),
+    )
+    .await;
+    // Replaced by a newer revision of the same name.
+    h.put(&src, "replaced", json!({"v": 1})).await;
+    h.put_attachment(&src, "replaced", "a.txt", "text/plain", b"first".to_vec())
+        .await;
+    h.put_attachment(
+        &src,
+        "replaced",
+        "a.txt",
+        "text/plain",
+        b"second, longer".to_vec(),
+    )
+    .await;
+    // One of two removed.
+    h.put(&src, "removed", json!({"v": 1})).await;
+    h.put_attachment(&src, "removed", "keep.txt", "text/plain", b"kept".to_vec())
+        .await;
+    h.put_attachment(
+        &src,
+        "removed",
+        "drop.json",
+        "application/json",
+        b"{\"x\":1}".to_vec(),
+    )
+    .await;
+    h.delete_attachment(&src, "removed", "drop.json").await;
+    // The body edited, the attachment carried over as a stub.
+    h.put(&src, "kept", json!({"v": 1})).await;
+    h.put_attachment(
+        &src,
+        "kept",
+        "k.bin",
+        "application/octet-stream",
+        noise(10_000, 2),
+    )
+    .await;
+    h.edit(&src, "kept", |doc| {
+        doc.insert("v".into(), json!(2));
+    })
+    .await;
+    // Two branches with different attachments.
+    let root = h
+        .put(&src, "att-conflict", json!({"_attachments": {"r.txt": {"content_type": "text/plain", "data": base64(b"root")}}}))
+        .await;
+    h.branch(
+        &src,
+        "att-conflict",
+        Some(&root),
+        "ac-a",
+        json!({"_attachments": {"a.txt": {"content_type": "text/plain", "data": base64(b"branch a")}}}),
+    )
+    .await;
+    h.branch(
+        &src,
+        "att-conflict",
+        Some(&root),
+        "ac-b",
+        json!({"_attachments": {"b.bin": {"content_type": "application/octet-stream", "data": base64(&noise(3000, 3))}}}),
+    )
+    .await;
+    d.replicate(json!({})).await;
+    d.assert_same().await;
+    let (_, big) = h.get(&doc_path(&d.b, "big"), &[]).await;
+    assert_eq!(big["_attachments"]["big.bin"]["length"], json!(5 << 20));
+
+    // After more changes: the big document's body edited (its attachment a
+    // stub), an attachment added, one replaced again, a document deleted.
+    h.edit(&src, "big", |doc| {
+        doc.insert("v".into(), json!(2));
+    })
+    .await;
+    h.put_attachment(
+        &src,
+        "small",
+        "added.txt",
+        "text/plain",
+        b"added later".to_vec(),
+    )
+    .await;
+    h.put_attachment(&src, "replaced", "a.txt", "text/plain", b"third".to_vec())
+        .await;
+    h.delete(&src, "removed", None).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_replication_matches_couchdbs_for_design_docs_special_ids_and_never_copies_local_docs(
+) {
+    let mut d = Differential::new("ids").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    let ddoc = json!({
+        "views": {"by_v": {"map": "function(doc) { emit(doc.v, null); }"}},
+        "filters": {"all": "function(doc, req) { return true; }"},
+    });
+    h.put(&src, "_design/app", ddoc).await;
+    h.put(&src, "_design/gone", json!({"views": {}})).await;
+    h.delete(&src, "_design/gone", None).await;
+    h.put(&src, "_local/x", json!({"never": "copied"})).await;
+    for id in ["a/b", "c+d", "é文", "q?x=1&y#z", "50% off", " lead space"] {
+        h.put(&src, id, json!({"id": id})).await;
+    }
+    d.locals = vec!["_local/x".into(), "_local/y".into()];
+    d.replicate(json!({})).await;
+    d.assert_same().await;
+    assert!(h.rev(&d.b, "_design/app").await.is_some());
+    assert!(h.rev(&d.b, "é文").await.is_some());
+
+    // After more changes.
+    h.edit(&src, "_design/app", |doc| {
+        doc.insert("language".into(), json!("javascript"));
+    })
+    .await;
+    h.put(&src, "_local/x", json!({"still": "never copied"}))
+        .await;
+    h.put(&src, "_local/y", json!({"never": "copied"})).await;
+    h.put(&src, "é文", json!({"v": 2})).await;
+    h.delete(&src, "c+d", None).await;
+    h.put(&src, "new/é+%", json!({"v": 1})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+}
+
+// ---------------------------------------------------------------------------
+// Parameters.
+
+/// Documents of kinds `a` and `b` for the filter and selector tests. Each
+/// document changes at most once per phase, so that the result does not
+/// depend on when Spiegel runs between the writes.
+async fn kinds_before(h: &Http, src: &str) {
+    for (id, kind) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        h.put(src, id, json!({"kind": kind})).await;
+    }
+    // A tombstone without a body no longer has a kind...
+    h.put(src, "a-deleted", json!({"kind": "a"})).await;
+    h.delete(src, "a-deleted", None).await;
+    // ...one written with a body keeps it.
+    h.put(src, "a-tombstone-with-kind", json!({"kind": "a"}))
+        .await;
+    h.put(
+        src,
+        "a-tombstone-with-kind",
+        json!({"_deleted": true, "kind": "a"}),
+    )
+    .await;
+    // Conflicting branches of different kinds.
+    let root = h.put(src, "mixed", json!({"kind": "a"})).await;
+    h.branch(
+        src,
+        "mixed",
+        Some(&root),
+        "m-a",
+        json!({"kind": "a", "v": 2}),
+    )
+    .await;
+    h.branch(
+        src,
+        "mixed",
+        Some(&root),
+        "m-b",
+        json!({"kind": "b", "v": 2}),
+    )
+    .await;
+}
+
+/// The second phase of [`kinds_before`]: a replicated document deleted, one
+/// changing kind each way, a new one.
+async fn kinds_after(h: &Http, src: &str) {
+    h.delete(src, "a1", None).await;
+    h.put(src, "a2", json!({"kind": "b"})).await;
+    h.put(src, "b1", json!({"kind": "a"})).await;
+    h.put(src, "a3", json!({"kind": "a"})).await;
+}
+
+/// What CouchDB's replicator makes of [`kinds_before`] and [`kinds_after`]
+/// with "kind a only", in `target`: the filter (or selector) sees each
+/// leaf revision as it is, so a tombstone without a body never passes (the
+/// deletion of a replicated document is not replicated), a document that
+/// stops passing keeps its last passing revision, and of two conflicting
+/// branches only the passing one is copied.
+async fn assert_kinds_outcome(h: &Http, target: &str) {
+    let leaves = |id: &'static str| h.leaves(target, id);
+    assert_eq!(leaves("a1").await.len(), 1);
+    assert_eq!(
+        h.rev(target, "a1").await.as_deref().map(|r| &r[..2]),
+        Some("1-")
+    );
+    assert!(leaves("a-deleted").await.is_empty());
+    assert_eq!(leaves("a-tombstone-with-kind").await.len(), 1);
+    let (_, a2) = h.get(&doc_path(target, "a2"), &[]).await;
+    assert_eq!(a2["kind"], json!("a"), "{a2}");
+    assert!(h.rev(target, "b1").await.is_some());
+    assert!(h.rev(target, "b2").await.is_none());
+    assert_eq!(leaves("mixed").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_filter_with_query_params_matches_couchdbs() {
+    let d = Differential::new("filter").await;
+    let src = d.source.clone();
+    let ddoc = json!({"filters": {"by_kind": "function(doc, req) { return doc.kind === req.query.kind; }"}});
+    d.http.put(&src, "_design/f", ddoc).await;
+    kinds_match(
+        d,
+        json!({"filter": "f/by_kind", "query_params": {"kind": "a"}}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_selector_matches_couchdbs() {
+    let d = Differential::new("selector").await;
+    kinds_match(d, json!({"selector": {"kind": "a"}})).await;
+}
+
+/// The "kind a only" history ([`kinds_before`], then [`kinds_after`]),
+/// replicated by both engines with `params`: a filter or a selector.
+async fn kinds_match(mut d: Differential, params: Value) {
+    let src = d.source.clone();
+    kinds_before(&d.http, &src).await;
+    d.replicate(params).await;
+    d.assert_same().await;
+    assert!(d.http.rev(&d.b, "a1").await.is_some());
+    assert!(d.http.rev(&d.b, "b1").await.is_none());
+
+    kinds_after(&d.http, &src).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+    assert_kinds_outcome(&d.http, &d.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_doc_ids_match_couchdbs() {
+    let mut d = Differential::new("docids").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    h.put(&src, "_design/app", json!({"views": {}})).await;
+    for id in ["a/b", "é文", "plain", "other", "other/2"] {
+        h.put(&src, id, json!({"id": id})).await;
+    }
+    let root = h.rev(&src, "plain").await.expect("plain");
+    h.branch(&src, "plain", Some(&root), "p-live", json!({"v": 2}))
+        .await;
+    h.branch(
+        &src,
+        "plain",
+        Some(&root),
+        "p-del",
+        json!({"_deleted": true}),
+    )
+    .await;
+    let doc_ids = json!(["a/b", "é文", "_design/app", "plain", "absent", "later"]);
+    d.replicate(json!({"doc_ids": doc_ids})).await;
+    d.assert_same().await;
+    assert!(h.rev(&d.b, "é文").await.is_some());
+    assert!(h.rev(&d.b, "other").await.is_none());
+
+    // After more changes: listed documents updated, deleted and created,
+    // an unlisted one updated.
+    h.put(&src, "a/b", json!({"v": 2})).await;
+    h.delete(&src, "plain", None).await;
+    h.put(&src, "later", json!({"v": 1})).await;
+    h.put(&src, "other", json!({"v": 2})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_doc_ids_are_url_decoded_like_couchdbs() {
+    // CouchDB decodes each of `doc_ids` as a URL query value (`+` is a
+    // space, `%2F` a slash) before it looks the documents up.
+    let mut d = Differential::new("docidsdecoded").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    for id in ["c+d", "c d", "e%2Ff", "e/f"] {
+        h.put(&src, id, json!({"id": id})).await;
+    }
+    d.replicate(json!({"doc_ids": ["c+d", "e%2Ff"]})).await;
+    d.assert_same().await;
+    let (_, all) = h
+        .get(&format!("{}/_all_docs", encode_segment(&d.b)), &[])
+        .await;
+    let ids: Vec<&str> = all["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|row| row["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["c d", "e/f"], "CouchDB's outcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_winning_revs_only_matches_couchdbs() {
+    let mut d = Differential::new("winning").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    let root = h.put(&src, "w", json!({"v": 1})).await;
+    h.branch(&src, "w", Some(&root), "w-a", json!({"branch": "a"}))
+        .await;
+    h.branch(&src, "w", Some(&root), "w-b", json!({"branch": "b"}))
+        .await;
+    let root = h.put(&src, "wd", json!({"v": 1})).await;
+    h.branch(&src, "wd", Some(&root), "wd-del", json!({"_deleted": true}))
+        .await;
+    h.branch(&src, "wd", Some(&root), "wd-live", json!({"v": 2}))
+        .await;
+    h.put(&src, "plain", json!({"v": 1})).await;
+    h.put(&src, "gone", json!({"v": 1})).await;
+    h.delete(&src, "gone", None).await;
+    d.replicate(json!({"winning_revs_only": true})).await;
+    d.assert_same().await;
+    // Only winners are copied: no conflict, no deleted conflict.
+    assert_eq!(h.leaves(&d.b, "w").await.len(), 1);
+    assert_eq!(h.leaves(&d.b, "wd").await.len(), 1);
+
+    // After more changes: the winner of `w` deleted, so that the other
+    // branch wins; one write per document (see `kinds_before`).
+    h.delete(&src, "w", None).await;
+    h.put(&src, "plain", json!({"v": 2})).await;
+    h.put(&src, "new", json!({"v": 1})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+    // The new winner is copied beside the old one, whose deletion is not:
+    // the target now has a conflict, and its winner is a revision deleted
+    // in the source.
+    let target = h.leaves(&d.b, "w").await;
+    assert_eq!(target.len(), 2, "{target:?}");
+    assert!(target.iter().all(|(_, deleted)| !deleted), "{target:?}");
+    let winner = h.rev(&d.b, "w").await.expect("w in B");
+    let in_source = h.leaves(&src, "w").await;
+    assert!(
+        !in_source.contains(&(winner.clone(), false)),
+        "{winner} {in_source:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_since_seq_matches_couchdbs() {
+    let mut d = Differential::new("since").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    for id in ["early", "early-updated", "early-deleted"] {
+        h.put(&src, id, json!({"v": 1})).await;
+    }
+    let since = h.update_seq(&src).await;
+    h.put(&src, "early-updated", json!({"v": 2})).await;
+    h.delete(&src, "early-deleted", None).await;
+    h.put(&src, "late", json!({"v": 1})).await;
+    d.replicate(json!({"since_seq": since})).await;
+    d.assert_same().await;
+    assert!(h.rev(&d.b, "early").await.is_none());
+    assert!(h.rev(&d.b, "late").await.is_some());
+
+    h.put(&src, "early", json!({"v": 2})).await;
+    h.put(&src, "later", json!({"v": 1})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_create_target_params_shape_the_target_like_couchdbs() {
+    let mut d = Differential::new("targetparams").await;
+    d.http.put(&d.source, "doc", json!({"v": 1})).await;
+    d.replicate(json!({"create_target_params": {"q": 1}})).await;
+    d.assert_same().await;
+    let (_, a) = d.http.get(&encode_segment(&d.a), &[]).await;
+    let (_, b) = d.http.get(&encode_segment(&d.b), &[]).await;
+    let (a, b) = (&a["cluster"], &b["cluster"]);
+    assert_eq!(b["q"], json!(1), "{b}");
+    assert_eq!(a, b, "the targets' shards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_doc_with_a_parameter_the_engine_lacks_still_replicates_like_couchdb() {
+    let mut d = Differential::new("unsupported").await;
+    for id in ["x", "y", "z"] {
+        d.http.put(&d.source, id, json!({"v": 1})).await;
+    }
+    d.replicate(json!({"checkpoint_interval": 5000})).await;
+    d.assert_same().await;
+    if ENGINE == "native" {
+        // The document ran on the couchdb engine, with a note in `spiegel
+        // status` that names the parameter (the status is saved
+        // periodically).
+        let what = "a note about checkpoint_interval in spiegel status";
+        wait_for(what, DEADLINE, || async {
+            let status = d.s.status().await.to_string();
+            status.contains("checkpoint_interval").then_some(())
+        })
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints.
+
+/// The fields of a checkpoint document CouchDB's replicator writes (3.5:
+/// `couch_replicator_scheduler_job:do_checkpoint`), and of each entry of
+/// its `history`. Not required: the `bulk_get_docs` and `bulk_get_attempts`
+/// counters CouchDB also writes there, the value of
+/// `replication_id_version` (CouchDB's is the number 4), and the date
+/// format of `start_time` and `end_time` (CouchDB's is RFC 1123).
+const CHECKPOINT_FIELDS: [&str; 4] = [
+    "session_id",
+    "source_last_seq",
+    "replication_id_version",
+    "history",
+];
+const HISTORY_FIELDS: [&str; 11] = [
+    "session_id",
+    "start_time",
+    "end_time",
+    "start_last_seq",
+    "end_last_seq",
+    "recorded_seq",
+    "missing_checked",
+    "missing_found",
+    "docs_read",
+    "docs_written",
+    "doc_write_failures",
+];
+
+/// The replication checkpoint of `target` (its one `_local` document with
+/// a `history`), once there is one whose session is not `not_session` and
+/// the source holds the same document (same id, same session and
+/// `source_last_seq`), as CouchDB writes them: on both sides.
+async fn checkpoint(http: &Http, source: &str, target: &str, not_session: Option<&Value>) -> Value {
+    let what = format!("the same checkpoint in {target} and its source");
+    wait_for(&what, DEADLINE, || async {
+        let docs = http.local_docs(target).await;
+        let checkpoints: Vec<&Value> = docs.iter().filter(|d| d["history"].is_array()).collect();
+        assert!(
+            checkpoints.len() <= 1,
+            "one replication, one checkpoint: {docs:?}"
+        );
+        let found = (*checkpoints.first()?).clone();
+        if Some(&found["session_id"]) == not_session {
+            return None;
+        }
+        let id = found["_id"].as_str().expect("_id");
+        assert!(id.starts_with("_local/"), "{id}");
+        let (_, on_source) = http.get(&doc_path(source, id), &[]).await;
+        (on_source["session_id"] == found["session_id"]
+            && on_source["source_last_seq"] == found["source_last_seq"])
+            .then_some(found)
+    })
+    .await
+}
+
+/// Asserts `checkpoint` has CouchDB's checkpoint format, that its newest
+/// history entry is its session, and that each entry starts where the
+/// one before it was recorded.
+fn assert_couchdb_checkpoint_format(checkpoint: &Value) {
+    for field in CHECKPOINT_FIELDS {
+        assert!(
+            checkpoint.get(field).is_some(),
+            "no {field}: {checkpoint:#}"
+        );
+    }
+    assert!(checkpoint["session_id"].is_string(), "{checkpoint:#}");
+    assert!(
+        !checkpoint["replication_id_version"].is_null(),
+        "{checkpoint:#}"
+    );
+    let history = checkpoint["history"].as_array().expect("history");
+    assert!(!history.is_empty(), "{checkpoint:#}");
+    for entry in history {
+        for field in HISTORY_FIELDS {
+            assert!(
+                entry.get(field).is_some(),
+                "no history.{field}: {checkpoint:#}"
+            );
+        }
+        for counter in [
+            "missing_checked",
+            "missing_found",
+            "docs_read",
+            "docs_written",
+            "doc_write_failures",
+        ] {
+            assert!(entry[counter].is_u64(), "history.{counter}: {checkpoint:#}");
+        }
+        assert!(entry["session_id"].is_string(), "{checkpoint:#}");
+        assert_eq!(
+            entry["recorded_seq"], entry["end_last_seq"],
+            "{checkpoint:#}"
+        );
+    }
+    assert_eq!(
+        history[0]["session_id"], checkpoint["session_id"],
+        "{checkpoint:#}"
+    );
+    assert_eq!(
+        history[0]["recorded_seq"], checkpoint["source_last_seq"],
+        "{checkpoint:#}"
+    );
+    for pair in history.windows(2) {
+        assert_eq!(
+            pair[0]["start_last_seq"], pair[1]["recorded_seq"],
+            "a run resumes from the last checkpoint: {checkpoint:#}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_checkpoints_have_couchdbs_format_on_both_sides_and_runs_resume_from_them() {
+    let mut d = Differential::new("checkpoint").await;
+    for id in ["x", "y", "z"] {
+        d.http.put(&d.source, id, json!({"v": 1})).await;
+    }
+    d.replicate(json!({"use_checkpoints": true})).await;
+    let first = checkpoint(&d.http, &d.source, &d.a, None).await;
+    assert_couchdb_checkpoint_format(&first);
+    // CouchDB's own, which the format is checked against.
+    let couchdbs = checkpoint(&d.http, &d.source, &d.b, None).await;
+    assert_couchdb_checkpoint_format(&couchdbs);
+
+    // A later run adds its session on top and starts where the last one
+    // was recorded.
+    d.http.put(&d.source, "w", json!({"v": 1})).await;
+    d.replicate_again().await;
+    let second = checkpoint(&d.http, &d.source, &d.a, Some(&first["session_id"])).await;
+    assert_couchdb_checkpoint_format(&second);
+    let history = second["history"].as_array().expect("history");
+    assert!(
+        history
+            .iter()
+            .any(|e| e["session_id"] == first["session_id"]),
+        "the first session stays in the history: {second:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_use_checkpoints_false_writes_no_checkpoint_like_couchdb() {
+    let mut d = Differential::new("nocheckpoint").await;
+    for id in ["x", "y"] {
+        d.http.put(&d.source, id, json!({"v": 1})).await;
+    }
+    d.replicate(json!({"use_checkpoints": false})).await;
+    d.http.put(&d.source, "z", json!({"v": 1})).await;
+    d.replicate_again().await;
+    d.assert_same().await;
+    for db in [&d.a, &d.b, &d.source] {
+        let locals = d.http.local_docs(db).await;
+        assert!(locals.is_empty(), "no checkpoint in {db}: {locals:?}");
+    }
+}
