@@ -103,6 +103,10 @@ pub(crate) struct Args {
     /// Leave the databases on an external server (--url) at the end.
     #[arg(long)]
     keep: bool,
+    /// The process id of an external CouchDB (--url) on this machine:
+    /// its CPU seconds, RSS and connections are measured like Spiegel's.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// `--replication-engine` passed to Spiegel: `couchdb` or `native`.
     #[arg(long, default_value = "couchdb")]
     replication_engine: String,
@@ -175,7 +179,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         _ => unreachable!(),
     };
     let couch = Couch::new(&url)?;
-    let server_pid = server.as_ref().map(|s| s.pid);
+    let server_pid = server.as_ref().map(|s| s.pid).or(args.server_pid);
     let root = couch.get("").await.context("GET / on the server")?;
     let server_kind = match &server {
         Some(_) => "test CouchDB (PouchDB Server 4.2.0 + CouchDB 3 shims), in memory, started by the benchmark".to_string(),

@@ -1,0 +1,123 @@
+//! The native replication engine through the library, against a real
+//! server: resuming after a run cut short, and large attachments.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use spiegel::couch::{CouchClient, SecretUrl};
+use spiegel::replication::{Options, Peer, Replication};
+
+use common::*;
+
+/// A replication from `source` to `target` of the shared server, with the
+/// `_replicate` parameters `params`.
+fn replication(couch: &CouchClient, source: &str, target: &str, params: Value) -> Replication {
+    let peer = |db: &str| {
+        let url = SecretUrl::parse(&format!("{}/{}", shared_url(), db)).unwrap();
+        Peer::at(couch, &url).unwrap()
+    };
+    let params: Map<String, Value> = params.as_object().cloned().unwrap_or_default();
+    Replication {
+        source: peer(source),
+        target: peer(target),
+        options: Options::parse(&params).unwrap(),
+    }
+}
+
+async fn doc_count(couch: &CouchClient, db: &str) -> u64 {
+    couch.db_info(db).await.map(|i| i.doc_count).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_missing() {
+    let couch = client_for(&shared_url());
+    let (source, target) = (unique_name("cut_src"), unique_name("cut_dst"));
+    couch.create_db(&source).await.unwrap();
+    let docs: Vec<Value> = (0..500)
+        .map(|i| json!({"_id": format!("d{i:03}"), "i": i}))
+        .collect();
+    couch.bulk_docs(&source, &docs, true).await.unwrap();
+    let params = json!({"create_target": true, "worker_batch_size": 50});
+
+    // The first run is cut short (its future dropped, as a killed process
+    // stops) once a few batches have reached the target.
+    let first = replication(&couch, &source, &target, params.clone());
+    let run = tokio::spawn(async move { first.run().await.map(|_| ()) });
+    wait_for("a few batches written", Duration::from_secs(60), || async {
+        (doc_count(&couch, &target).await >= 150).then_some(())
+    })
+    .await;
+    run.abort();
+    let _ = run.await;
+    let present = doc_count(&couch, &target).await;
+    assert!(
+        present < 500,
+        "cut short before the end ({present} written)"
+    );
+
+    // The second run reads the changes since the checkpoint (at most one
+    // batch before what was written) and fetches only what is missing.
+    let second = replication(&couch, &source, &target, params);
+    let report = second.run().await.unwrap();
+    assert_eq!(doc_count(&couch, &target).await, 500);
+    assert_eq!(report.docs_read, 500 - present, "{report:?}");
+    assert_eq!(report.missing_found, 500 - present, "{report:?}");
+    assert!(
+        report.missing_checked <= 500 - present + 2 * 50,
+        "changes read again from the checkpoint, not from the start: {report:?}"
+    );
+    // A third run finds nothing to do.
+    let third = replication(&couch, &source, &target, json!({}));
+    let report = third.run().await.unwrap();
+    assert_eq!(
+        (report.missing_checked, report.docs_read),
+        (0, 0),
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mb_attachment_replicates_intact() {
+    let couch = client_for(&shared_url());
+    let (source, target) = (unique_name("big_src"), unique_name("big_dst"));
+    couch.create_db(&source).await.unwrap();
+    // Incompressible bytes, so that no layer shrinks them.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let data: Vec<u8> = (0..20 * 1024 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let url = format!(
+        "{}/{}/big/blob",
+        shared_url(),
+        spiegel::couch::encode_segment(&source)
+    );
+    let put = reqwest::Client::new()
+        .put(&url)
+        .header("Content-Type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+
+    let report = replication(&couch, &source, &target, json!({"create_target": true}))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.docs_written, 1, "{report:?}");
+    let url = format!(
+        "{}/{}/big/blob",
+        shared_url(),
+        spiegel::couch::encode_segment(&target)
+    );
+    let copied = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(copied.len(), data.len());
+    assert!(copied.as_ref() == data.as_slice(), "the bytes differ");
+}
