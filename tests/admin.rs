@@ -71,7 +71,7 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
     couch.create_db(dst).await.unwrap();
     let url = server_url.clone();
     couch
-        .put_doc("spiegel", "r", &json!({"type": "replicator", "source": format!("{url}/{src}"), "target": format!("{url}/{dst}")}))
+        .put_doc("spiegel", "r", &json!({"type": "replicator", "source": format!("{url}/{src}"), "target": format!("{url}/{dst}"), "engine": "couchdb"}))
         .await
         .unwrap();
     couch.put_doc(src, "doc", &json!({})).await.unwrap();

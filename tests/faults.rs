@@ -129,7 +129,8 @@ async fn a_silent_replicate_is_abandoned_and_the_database_keeps_replicating() {
     // The server as Spiegel knows it, through the proxy.
     let url = t.proxy.url(&t.s.url);
     let doc = json!({"type": "replicator", "source": format!("{url}/{}", t.db),
-                     "target": format!("{url}/{target}"), "create_target": true});
+                     "target": format!("{url}/{target}"), "create_target": true,
+                     "engine": "couchdb"});
     t.s.couch.put_doc(&t.s.spiegel_db, "r", &doc).await.unwrap();
     t.proxy.silence_next_request("POST /_replicate");
     let worker = t.start("replicator");

@@ -1008,9 +1008,11 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
         .unwrap();
     assert!(answer.status().is_success());
     let docs = s.write(&db, 1).await;
+    // A sweep lists every database of the server: on a server shared with
+    // the whole suite, a pass can take a while.
     s.wait_run_seeing(
         "a run found by the sweep",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         &db,
         docs,
     )

@@ -282,14 +282,14 @@ pub struct Cli {
     )]
     pub since: Since,
 
-    /// How replicator documents without an `engine` replicate: `couchdb`
-    /// (CouchDB's one-shot `_replicate`) or `native` (Spiegel itself, over
-    /// the replication protocol: no start-up delay).
+    /// How replicator documents without an `engine` replicate: `native`
+    /// (Spiegel itself, over the replication protocol: no start-up delay)
+    /// or `couchdb` (CouchDB's one-shot `_replicate`).
     #[arg(
         long,
         env = "REPLICATION_ENGINE",
         value_enum,
-        default_value = "couchdb",
+        default_value = "native",
         global = true
     )]
     pub replication_engine: Engine,
