@@ -479,3 +479,54 @@ async fn two_replicator_workers_share_the_databases() {
     )
     .await;
 }
+
+#[tokio::test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "starts a second server of its own"
+)]
+async fn credentials_for_a_source_and_a_target_on_two_servers_come_from_the_passwords_file() {
+    let s = Installation::new("twoservers").await;
+    let other = OwnServer::start();
+    let other_couch = client_for(&other.url());
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.put_doc(&src, "a", &json!({})).await.unwrap();
+    // One entry per server (host and port); the bare host's entry is wrong,
+    // so only a lookup by host and port can succeed.
+    let here = SecretUrl::parse(&s.url).unwrap();
+    let there = SecretUrl::parse(&other.url()).unwrap();
+    let entry = |url: &SecretUrl| {
+        let user = url.username().unwrap();
+        (
+            url.host_with_port().unwrap(),
+            json!({ user: url.password().unwrap() }),
+        )
+    };
+    let (here_key, here_user) = entry(&here);
+    let (there_key, there_user) = entry(&there);
+    let passwords = json!({ here_key: here_user, there_key: there_user,
+                            here.host().unwrap(): { here.username().unwrap(): "wrong" } });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("passwords.json");
+    std::fs::write(&path, passwords.to_string()).unwrap();
+    let without_password = |url: &SecretUrl, db: &str| {
+        let mut u = url.without_credentials();
+        u.set_username(&url.username().unwrap()).unwrap();
+        format!("{}{}", u.as_str(), spiegel::couch::encode_segment(db))
+    };
+    let doc = json!({"type": "replicator", "source": without_password(&here, &src),
+                     "target": without_password(&there, &dst), "create_target": true});
+    s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
+    let worker = s.start(&["--passwords-file", path.to_str().unwrap()]);
+    wait_doc(
+        &other_couch,
+        &dst,
+        "a",
+        true,
+        Duration::from_secs(30),
+        "a on the other server",
+    )
+    .await;
+    assert!(!worker.logs().contains(&common::admin_password()));
+}
