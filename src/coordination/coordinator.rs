@@ -4,7 +4,7 @@
 //! its lifecycle ([`super::partition`]), telling the worker what it gains,
 //! must give up, or lost.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Duration, Instant};
@@ -80,6 +80,11 @@ pub struct Coordinator<S> {
     leases: Vec<LeaseDoc>,
     /// Each partition's place in the lease lifecycle.
     states: Partitions,
+    /// Status documents of this role's workers that are not live, with
+    /// when this worker first saw them so.
+    orphans: HashMap<String, Instant>,
+    /// Heartbeats since the last look at the status documents.
+    beats_since_statuses: u32,
     metrics: WorkerMetrics,
     to_worker: mpsc::UnboundedSender<Assignment>,
 }
@@ -103,6 +108,8 @@ impl<S: LeaseStore> Coordinator<S> {
                 .map(|p| LeaseDoc::new(&ids, &member.role, p))
                 .collect(),
             states: Partitions::new(member.partitions),
+            orphans: HashMap::new(),
+            beats_since_statuses: 0,
             renewer: Renewer::new(doc, member.timing.clone(), link.beats),
             liveness: Liveness::new(member.timing.lease),
             role: member.role,
@@ -252,6 +259,7 @@ impl<S: LeaseStore> Coordinator<S> {
                 .filter_map(|m| Some((m.worker_id.as_str(), m.rev.as_deref()?))),
         );
         self.remove_dead_members(now, &members).await;
+        self.remove_orphaned_statuses(now, &live).await;
         for lease in self.store.leases().await? {
             if let Some(slot) = self.leases.get_mut(lease.partition as usize) {
                 *slot = lease;
@@ -422,6 +430,37 @@ impl<S: LeaseStore> Coordinator<S> {
                 tracing::warn!(role = %self.role, partition, error = %e, "lease write refused")
             }
         }
+    }
+
+    /// Status documents of this role's workers that have not been live for
+    /// ten lease times (stopped cleanly, or dead) are deleted, so that
+    /// `spiegel status` shows the workers that run. Looked at every ten
+    /// heartbeats: a listing of ids only.
+    async fn remove_orphaned_statuses(&mut self, now: Instant, live: &BTreeSet<String>) {
+        self.beats_since_statuses += 1;
+        if self.beats_since_statuses < 10 {
+            return;
+        }
+        self.beats_since_statuses = 0;
+        let Ok(statuses) = self.store.statuses().await else {
+            return;
+        };
+        let suffix = format!("-{}", self.role);
+        let mut seen = HashMap::new();
+        for (worker, id, rev) in statuses {
+            if !worker.ends_with(&suffix) || live.contains(&worker) || worker == self.me {
+                continue;
+            }
+            let since = self.orphans.get(&worker).copied().unwrap_or(now);
+            if now - since >= self.timing.lease * 10 {
+                if self.store.remove_status(&id, &rev).await.is_ok() {
+                    tracing::info!(role = %self.role, worker = %worker, "removed the status of a worker gone for ten lease times");
+                }
+                continue;
+            }
+            seen.insert(worker, since);
+        }
+        self.orphans = seen;
     }
 
     /// Membership documents of workers silent for ten lease times are

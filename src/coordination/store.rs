@@ -29,6 +29,19 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// claiming it only one wins; the other gets [`CouchError::Conflict`].
     fn claim(&self, lease: LeaseDoc) -> impl Future<Output = Result<LeaseDoc, CouchError>> + Send;
 
+    /// The status documents of every worker of every role: (worker id,
+    /// document id, revision).
+    fn statuses(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, String, String)>, CouchError>> + Send;
+
+    /// Deletes a status document.
+    fn remove_status(
+        &self,
+        id: &str,
+        rev: &str,
+    ) -> impl Future<Output = Result<(), CouchError>> + Send;
+
     /// Writes leases we hold, in one request. A lease that changed since it
     /// was read is written again on top if it is still ours (`me`), and is
     /// [`Saved::Superseded`] if another worker took it.
@@ -45,6 +58,8 @@ pub struct CouchStore {
     /// The spiegel database.
     pub db: String,
     pub ids: DocIds,
+    /// The id prefix of status documents (`<namespace>spiegel_status_`).
+    pub status_prefix: String,
 }
 
 impl LeaseStore for CouchStore {
@@ -65,6 +80,28 @@ impl LeaseStore for CouchStore {
             return Ok(());
         };
         self.client.delete_doc(&self.db, &member.id, rev).await?;
+        Ok(())
+    }
+
+    async fn statuses(&self) -> Result<Vec<(String, String, String)>, CouchError> {
+        let query = AllDocsQuery::prefix(&self.status_prefix);
+        let query = AllDocsQuery {
+            include_docs: false,
+            ..query
+        };
+        let rows = self.client.all_docs(&self.db, &query).await?.rows;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let id = row.id?;
+                let worker = id.strip_prefix(&self.status_prefix)?.to_string();
+                Some((worker, id, row.value?.rev))
+            })
+            .collect())
+    }
+
+    async fn remove_status(&self, id: &str, rev: &str) -> Result<(), CouchError> {
+        self.client.delete_doc(&self.db, id, rev).await?;
         Ok(())
     }
 
@@ -244,6 +281,14 @@ pub mod memory {
         async fn remove(&self, member: &WorkerDoc) -> Result<(), CouchError> {
             self.check()?;
             self.docs.lock().unwrap().remove(&member.id);
+            Ok(())
+        }
+
+        async fn statuses(&self) -> Result<Vec<(String, String, String)>, CouchError> {
+            Ok(Vec::new())
+        }
+
+        async fn remove_status(&self, _id: &str, _rev: &str) -> Result<(), CouchError> {
             Ok(())
         }
 

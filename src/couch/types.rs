@@ -112,6 +112,9 @@ pub enum BulkResult {
         /// CouchDB's explanation.
         #[serde(default)]
         reason: Option<String>,
+        /// The revision (`new_edits: false` answers name it).
+        #[serde(default)]
+        rev: Option<String>,
     },
     /// Written.
     Written {

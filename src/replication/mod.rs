@@ -25,7 +25,7 @@ use serde_json::Value;
 use self::checkpoint::{replication_id, Logs};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
-use crate::couch::{Change, CouchError, RevToFetch, Seq};
+use crate::couch::{BulkResult, Change, CouchError, RevToFetch, Seq};
 
 /// Which engine replicates a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -235,7 +235,19 @@ impl Replication {
             return Ok(());
         }
         let docs = self.fetch(&wanted, report, bulk_get).await?;
-        self.write(docs, report).await
+        let again = self.write(docs, report).await?;
+        if again.is_empty() {
+            return Ok(());
+        }
+        // The target lacks an attachment the source sent as a stub (the
+        // ancestor it has is on another branch): fetch those revisions with
+        // every attachment, as CouchDB's replicator does.
+        let docs = self.fetch(&again, report, bulk_get).await?;
+        for left in self.write(docs, report).await? {
+            tracing::warn!(db = %self.target.db, id = %left.id, rev = %left.rev, "the target refused a revision even with its attachments");
+            report.doc_write_failures += 1;
+        }
+        Ok(())
     }
 
     /// The wanted revisions from the source; those it cannot give count as
@@ -295,21 +307,41 @@ impl Replication {
         Ok(results)
     }
 
-    /// Writes revisions as they are; those the target refuses count as
-    /// failures.
-    async fn write(&self, docs: Vec<Value>, report: &mut Report) -> Result<(), ReplicationError> {
+    /// Writes revisions as they are. Returns those refused for a missing
+    /// attachment stub (to fetch again with every attachment); the others
+    /// the target refuses count as failures.
+    async fn write(
+        &self,
+        docs: Vec<Value>,
+        report: &mut Report,
+    ) -> Result<Vec<RevToFetch>, ReplicationError> {
         let target = &self.target;
         let refused = target
             .client
             .bulk_docs_replicated(&target.db, &docs)
             .await
             .map_err(ReplicationError::couch("writing to the target"))?;
-        for failure in &refused {
-            tracing::warn!(db = %target.db, result = ?failure, "the target refused a revision");
+        report.docs_written += docs.len().saturating_sub(refused.len()) as u64;
+        let mut again = Vec::new();
+        for failure in refused {
+            match failure {
+                BulkResult::Failed {
+                    error,
+                    id: Some(id),
+                    rev: Some(rev),
+                    ..
+                } if error == "missing_stub" => again.push(RevToFetch {
+                    id,
+                    rev,
+                    atts_since: Vec::new(),
+                }),
+                failure => {
+                    tracing::warn!(db = %target.db, result = ?failure, "the target refused a revision");
+                    report.doc_write_failures += 1;
+                }
+            }
         }
-        report.doc_write_failures += refused.len() as u64;
-        report.docs_written += (docs.len() - refused.len().min(docs.len())) as u64;
-        Ok(())
+        Ok(again)
     }
 }
 

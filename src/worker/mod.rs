@@ -345,6 +345,7 @@ impl Services {
             client: worker.client.clone(),
             db: options.db_name.clone(),
             ids: DocIds::new(&options.namespace, &role),
+            status_prefix: crate::status::status_doc_prefix(&options.namespace),
         };
         let link = Link {
             to_worker: self.assignments,
