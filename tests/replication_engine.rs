@@ -39,18 +39,27 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
         .map(|i| json!({"_id": format!("d{i:03}"), "i": i}))
         .collect();
     couch.bulk_docs(&source, &docs, true).await.unwrap();
-    let params = json!({"create_target": true, "worker_batch_size": 50});
+    let params = json!({"create_target": true, "worker_batch_size": 10});
 
     // The first run is cut short (its future dropped, as a killed process
     // stops) once a few batches have reached the target.
     let first = replication(&couch, &source, &target, params.clone());
     let run = tokio::spawn(async move { first.run().await.map(|_| ()) });
-    wait_for("a few batches written", Duration::from_secs(60), || async {
-        (doc_count(&couch, &target).await >= 150).then_some(())
+    let cut = wait_for("a few batches written", Duration::from_secs(60), || {
+        let ended = run.is_finished();
+        let couch = &couch;
+        let target = &target;
+        async move {
+            if ended {
+                return Some(false);
+            }
+            (doc_count(couch, target).await >= 150).then_some(true)
+        }
     })
     .await;
     run.abort();
-    let _ = run.await;
+    let ended = run.await;
+    assert!(cut, "the first run ended before it was cut: {ended:?}");
     let present = doc_count(&couch, &target).await;
     assert!(
         present < 500,
@@ -65,7 +74,7 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
     assert_eq!(report.docs_read, 500 - present, "{report:?}");
     assert_eq!(report.missing_found, 500 - present, "{report:?}");
     assert!(
-        report.missing_checked <= 500 - present + 2 * 50,
+        report.missing_checked <= 500 - present + 2 * 10,
         "changes read again from the checkpoint, not from the start: {report:?}"
     );
     // A third run finds nothing to do.
