@@ -1012,7 +1012,7 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
     // the whole suite, a pass can take a while.
     s.wait_run_seeing(
         "a run found by the sweep",
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         &db,
         docs,
     )
