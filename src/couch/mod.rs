@@ -313,12 +313,7 @@ impl CouchClient {
 
     /// `PUT /{db}`. Returns false when the database already existed.
     pub async fn create_db(&self, db: &str) -> Result<bool> {
-        let req = self.request(Method::PUT, &encode_segment(db));
-        match self.json::<Value>(req, Some(db), None).await {
-            Ok(_) => Ok(true),
-            Err(CouchError::PreconditionFailed(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.create_db_with(db, &serde_json::Map::new()).await
     }
 
     /// `DELETE /{db}`.

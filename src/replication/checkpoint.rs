@@ -41,22 +41,8 @@ impl Logs {
     /// Reads both checkpoints. A missing database is reported as such.
     pub async fn read(source: &Peer, target: &Peer, id: &str) -> Result<Logs, ReplicationError> {
         let local = format!("_local/{id}");
-        let source_log = source.client.get_doc_opt(&source.db, &local).await;
-        let source_log = source_log.map_err(|e| {
-            missing(
-                e,
-                ReplicationError::SourceMissing,
-                "reading the source checkpoint",
-            )
-        })?;
-        let target_log = target.client.get_doc_opt(&target.db, &local).await;
-        let target_log = target_log.map_err(|e| {
-            missing(
-                e,
-                ReplicationError::TargetMissing,
-                "reading the target checkpoint",
-            )
-        })?;
+        let source_log = read_log(source, &local, ReplicationError::SourceMissing).await?;
+        let target_log = read_log(target, &local, ReplicationError::TargetMissing).await?;
         Ok(Logs {
             source: source_log,
             target: target_log,
@@ -163,12 +149,27 @@ impl Logs {
     }
 }
 
+/// A side's checkpoint document, if any; `when_missing` if its database
+/// does not exist.
+async fn read_log(
+    peer: &Peer,
+    local: &str,
+    when_missing: ReplicationError,
+) -> Result<Option<Value>, ReplicationError> {
+    let log = peer.client.get_doc_opt(&peer.db, local).await;
+    log.map_err(|e| missing(e, when_missing, "reading a checkpoint"))
+}
+
 fn seq_of(value: &Value) -> Option<Seq> {
     (!value.is_null()).then(|| Seq::from(value.clone()))
 }
 
 /// A missing database as `when_missing`, any other error as a step failure.
-fn missing(e: CouchError, when_missing: ReplicationError, step: &'static str) -> ReplicationError {
+pub(super) fn missing(
+    e: CouchError,
+    when_missing: ReplicationError,
+    step: &'static str,
+) -> ReplicationError {
     match e {
         CouchError::DbNotFound(_) => when_missing,
         e => ReplicationError::Couch { step, source: e },

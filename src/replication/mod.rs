@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use self::checkpoint::{replication_id, Logs};
+use self::checkpoint::{missing, replication_id, Logs};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
 use crate::couch::{BulkResult, Change, CouchError, RevToFetch, Seq};
@@ -181,20 +181,14 @@ impl Replication {
     }
 
     async fn check_exists(&self) -> Result<(), ReplicationError> {
-        let exists = |peer: &Peer| {
-            let peer = peer.clone();
-            async move { peer.client.db_info(&peer.db).await }
-        };
-        match exists(&self.source).await {
-            Err(CouchError::DbNotFound(_)) => return Err(ReplicationError::SourceMissing),
-            Err(e) => return Err(ReplicationError::couch("reading the source")(e)),
-            Ok(_) => {}
-        }
-        match exists(&self.target).await {
-            Err(CouchError::DbNotFound(_)) => Err(ReplicationError::TargetMissing),
-            Err(e) => Err(ReplicationError::couch("reading the target")(e)),
-            Ok(_) => Ok(()),
-        }
+        let (source, target) = (&self.source, &self.target);
+        let source_info = source.client.db_info(&source.db).await;
+        source_info
+            .map_err(|e| missing(e, ReplicationError::SourceMissing, "reading the source"))?;
+        let target_info = target.client.db_info(&target.db).await;
+        target_info
+            .map_err(|e| missing(e, ReplicationError::TargetMissing, "reading the target"))?;
+        Ok(())
     }
 
     /// Copies one page of changes: what the target lacks is fetched and
