@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{impl_revised, AllDocsQuery, CouchClient, CouchError};
-use crate::flush::Flush;
+use crate::flush::{Flush, Turn};
 
 /// Errors kept per document: enough to see a pattern, bounded for
 /// templated documents over thousands of databases.
@@ -73,6 +73,7 @@ pub fn status_doc_prefix(namespace: &str) -> String {
 pub struct StatusBook {
     inner: Arc<Mutex<Book>>,
     target: Option<Arc<Target>>,
+    turn: Arc<Turn>,
 }
 
 #[derive(Default)]
@@ -196,8 +197,12 @@ impl StatusBook {
 }
 
 impl Flush for StatusBook {
+    fn turn(&self) -> &Turn {
+        &self.turn
+    }
+
     /// Writes the status document if the book changed.
-    async fn flush(&self) {
+    async fn write_changes(&self) {
         let Some(target) = &self.target else {
             return;
         };

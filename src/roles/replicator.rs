@@ -292,7 +292,7 @@ impl Role for Replicator {
         }
     }
 
-    async fn stop(&self) {
+    async fn save(&self) {
         self.status.flush().await;
     }
 }

@@ -122,9 +122,10 @@ pub trait Role: Send + Sync + 'static {
         async {}
     }
 
-    /// The worker stops: its runs are over (or abandoned). A role saves
-    /// what it keeps in memory here.
-    fn stop(&self) -> impl Future<Output = ()> + Send {
+    /// Saves what the role keeps in memory about its databases. Called
+    /// before a partition is handed to another worker, which reads it, and
+    /// when the worker stops, once its runs are over (or abandoned).
+    fn save(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
 }
@@ -219,7 +220,7 @@ pub struct Extras {
     /// (they are handled if their partition is ours).
     pub nudges: mpsc::Receiver<String>,
     /// Tasks the role needs while it runs (savers, followers). The worker
-    /// owns them: they stop with it, after the role's [`Role::stop`].
+    /// owns them: they stop with it, after the role's [`Role::save`] at stop.
     pub tasks: Vec<BoxFuture<'static, ()>>,
 }
 

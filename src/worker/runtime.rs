@@ -343,15 +343,26 @@ impl<R: Role> Worker<R> {
     }
 
     /// Hands the partitions being given up whose runs are over back to the
-    /// coordinator, with their final checkpoints. (One whose runs never end
-    /// is released by the coordinator after the drain timeout.)
+    /// coordinator, with their final checkpoints, once the role has saved
+    /// what its runs did: the next owner starts from what it reads in
+    /// CouchDB. (A partition whose runs never end is released by the
+    /// coordinator after the drain timeout.)
     fn release_drained(&mut self) {
-        for (partition, checkpoint) in self.sched.take_drained() {
-            let _ = self.requests.send(Request::Released {
-                partition,
-                checkpoint,
-            });
+        let drained = self.sched.take_drained();
+        if drained.is_empty() {
+            return;
         }
+        let role = self.role.clone();
+        let requests = self.requests.clone();
+        self.tasks.spawn(async move {
+            role.save().await;
+            for (partition, checkpoint) in drained {
+                let _ = requests.send(Request::Released {
+                    partition,
+                    checkpoint,
+                });
+            }
+        });
     }
 
     /// Fencing (see [`crate::coordination::Timing::fenced`]).
@@ -414,7 +425,7 @@ impl<R: Role> Worker<R> {
             task.abort();
         }
         self.finish_runs(&mut events).await;
-        self.role.stop().await;
+        self.role.save().await;
         self.leave().await;
         self.tasks.abort_all();
         self.runs.abort_all();
@@ -474,5 +485,248 @@ fn finished(outcome: &Outcome) -> Finished {
         // stop) is not handled yet.
         Outcome::Retry { .. } | Outcome::Missing => Finished::Retry,
         Outcome::Done => Finished::Handled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The event loop with a scripted role and a paused clock: no CouchDB
+    //! is reached (replays wait for a permit that never comes, and the
+    //! coordinator is played by the test).
+
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::backoff::Strategy;
+    use crate::coordination::Timing;
+    use crate::couch::{ClientOptions, DbUpdateKind, SecretUrl};
+
+    /// Records when each run started and when the role saved; answers runs
+    /// with `outcome`; takes `save_time` to save.
+    struct Scripted {
+        outcome: Outcome,
+        save_time: Duration,
+        runs: Mutex<Vec<TokioInstant>>,
+        saves: Mutex<Vec<TokioInstant>>,
+    }
+
+    impl Role for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+
+        async fn handle(&self, _db: &str) -> Outcome {
+            self.runs.lock().expect("runs").push(TokioInstant::now());
+            self.outcome.clone()
+        }
+
+        async fn save(&self) {
+            tokio::time::sleep(self.save_time).await;
+            self.saves.lock().expect("saves").push(TokioInstant::now());
+        }
+    }
+
+    /// The ends of the worker's channels that the test plays.
+    struct Harness {
+        role: Arc<Scripted>,
+        live: mpsc::Sender<DbUpdate>,
+        assignments: mpsc::UnboundedSender<Assignment>,
+        beats: watch::Sender<Option<TokioInstant>>,
+        requests: mpsc::UnboundedReceiver<Request>,
+        _stop: oneshot::Sender<()>,
+    }
+
+    fn options(retry: Backoff) -> WorkerOptions {
+        WorkerOptions {
+            db_name: "spiegel".into(),
+            namespace: String::new(),
+            worker_id: "w1".into(),
+            concurrency: 2,
+            timing: Timing {
+                lease: Duration::from_secs(30),
+                heartbeat: Duration::from_secs(10),
+                drain: Duration::from_secs(30),
+            },
+            checkpoint_interval: Duration::from_secs(3600),
+            feed_heartbeat: Duration::from_secs(10),
+            start_from_now: true,
+            retry,
+            shutdown_timeout: Duration::from_secs(5),
+            sweep_interval: None,
+            assume_deleted_after: Duration::from_secs(600),
+            health: Arc::default(),
+        }
+    }
+
+    fn linear(delay: u64, limit: u32) -> Backoff {
+        Backoff {
+            strategy: Strategy::Linear,
+            delay: Duration::from_secs(delay),
+            multiplier: 1.0,
+            max_delay: None,
+            limit,
+            jitter: false,
+        }
+    }
+
+    /// Starts a worker of one partition, with a fresh heartbeat.
+    async fn start(outcome: Outcome, save_time: Duration, retry: Backoff) -> Harness {
+        let role = Arc::new(Scripted {
+            outcome,
+            save_time,
+            runs: Mutex::default(),
+            saves: Mutex::default(),
+        });
+        let url = SecretUrl::parse("http://127.0.0.1:9").expect("a URL");
+        let client = CouchClient::new(&url, ClientOptions::default()).expect("a client");
+        let (live_tx, live) = mpsc::channel(16);
+        let (assign_tx, assignments) = mpsc::unbounded_channel();
+        let (beat_tx, beats) = watch::channel(Some(TokioInstant::now()));
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let (catch_up, catch_up_rx) = mpsc::channel(16);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (_, nudges) = mpsc::channel(1);
+        let (stop_tx, stop) = oneshot::channel::<()>();
+        let options = options(retry);
+        let worker = Worker {
+            role: role.clone(),
+            label: crate::metrics::role("scripted"),
+            sched: Scheduler::new(1, options.concurrency, HashSet::new()),
+            options,
+            client,
+            metrics: crate::metrics::Metrics::new().worker,
+            tasks: JoinSet::new(),
+            runs: JoinSet::new(),
+            catch_ups: HashMap::new(),
+            parked: VecDeque::new(),
+            missing: HashMap::new(),
+            // No replay ever starts: it would read CouchDB.
+            replays: Arc::new(Semaphore::new(0)),
+            requests,
+            events,
+            catch_up,
+        };
+        let inbox = Inbox {
+            live,
+            assignments,
+            catch_up: catch_up_rx,
+            events: events_rx,
+            beats,
+            nudges,
+        };
+        tokio::spawn(worker.run(inbox, async {
+            let _ = stop.await;
+        }));
+        assign_tx
+            .send(Assignment::Acquired {
+                partition: 0,
+                checkpoint: None,
+            })
+            .expect("the worker runs");
+        // Live events of a partition not acquired yet are left to its
+        // replay: let the worker take the assignment first.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Harness {
+            role,
+            live: live_tx,
+            assignments: assign_tx,
+            beats: beat_tx,
+            requests: request_rx,
+            _stop: stop_tx,
+        }
+    }
+
+    impl Harness {
+        async fn update(&self, db: &str) {
+            let update = DbUpdate {
+                db_name: db.into(),
+                kind: DbUpdateKind::Updated,
+                seq: json!("1-a").into(),
+            };
+            self.live.send(update).await.expect("the worker runs");
+        }
+
+        fn runs(&self) -> Vec<TokioInstant> {
+            self.role.runs.lock().expect("runs").clone()
+        }
+
+        /// Lets the (paused) clock run for `time`.
+        async fn wait(&self, time: Duration) {
+            tokio::time::sleep(time).await;
+        }
+
+        /// Keeps the heartbeat fresh for `time`.
+        async fn beat_for(&self, time: Duration) {
+            let end = TokioInstant::now() + time;
+            while TokioInstant::now() < end {
+                self.beats.send_replace(Some(TokioInstant::now()));
+                self.wait(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_database_runs_again_after_each_backoff_until_the_limit() {
+        let h = start(
+            Outcome::retry("the API failed"),
+            Duration::ZERO,
+            linear(10, 2),
+        )
+        .await;
+        let t0 = TokioInstant::now();
+        h.update("db1").await;
+        h.beat_for(Duration::from_secs(60)).await;
+        let after: Vec<u64> = h.runs().iter().map(|t| (*t - t0).as_secs()).collect();
+        assert_eq!(
+            after,
+            [0, 10, 20],
+            "a first run and two retries, 10 s apart"
+        );
+        h.update("db1").await;
+        h.beat_for(Duration::from_secs(5)).await;
+        assert_eq!(h.runs().len(), 4, "the next change runs it again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_run_starts_while_the_heartbeat_is_too_old() {
+        let h = start(Outcome::Done, Duration::ZERO, linear(10, 0)).await;
+        // The last heartbeat is 25 s old: within a heartbeat (10 s) of the
+        // lease time (30 s), others may take the partition soon.
+        h.wait(Duration::from_secs(25)).await;
+        h.update("db1").await;
+        h.wait(Duration::from_secs(20)).await;
+        assert!(h.runs().is_empty(), "fenced: no run");
+        h.beats.send_replace(Some(TokioInstant::now()));
+        h.wait(Duration::from_secs(1)).await;
+        assert_eq!(h.runs().len(), 1, "a fresh heartbeat lifts the fence");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_is_handed_back_only_once_the_role_has_saved() {
+        let mut h = start(Outcome::Done, Duration::from_secs(3), linear(10, 0)).await;
+        h.update("db1").await;
+        h.beat_for(Duration::from_secs(1)).await;
+        assert_eq!(h.runs().len(), 1);
+        let asked = TokioInstant::now();
+        h.assignments
+            .send(Assignment::Release { partition: 0 })
+            .expect("the worker runs");
+        let released = loop {
+            match h.requests.recv().await.expect("the worker runs") {
+                Request::Released { partition, .. } => break partition,
+                Request::Checkpoints(_) => continue,
+                Request::Leave { .. } => panic!("the worker left"),
+            }
+        };
+        assert_eq!(released, 0);
+        let saves = h.role.saves.lock().expect("saves").clone();
+        assert_eq!(saves.len(), 1, "saved once, before the release");
+        assert!(
+            TokioInstant::now() >= asked + Duration::from_secs(3),
+            "the release waited for the save"
+        );
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::coordination::change_listener_checkpoint_id;
 use crate::couch::{CouchClient, CouchError, Revised, Saved, Seq};
-use crate::flush::Flush;
+use crate::flush::{Flush, Turn};
 
 /// The document type Spiegel 1.2 reads. Spiegel 2.0.0-alpha.1 wrote
 /// `change-listener`: such documents are found by id all the same and get
@@ -27,6 +27,7 @@ pub struct Checkpoints {
     client: CouchClient,
     db: String,
     inner: Arc<Mutex<HashMap<String, Entry>>>,
+    turn: Arc<Turn>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -47,6 +48,7 @@ impl Checkpoints {
             client,
             db: spiegel_db.into(),
             inner: Arc::default(),
+            turn: Arc::default(),
         }
     }
 
@@ -147,10 +149,14 @@ impl Checkpoints {
 }
 
 impl Flush for Checkpoints {
+    fn turn(&self) -> &Turn {
+        &self.turn
+    }
+
     /// Writes every changed checkpoint in one request. A conflict (another
     /// worker wrote around a failover) is written again on the stored
     /// revision.
-    async fn flush(&self) {
+    async fn write_changes(&self) {
         let pending = self.take_pending();
         if pending.is_empty() {
             return;

@@ -454,7 +454,7 @@ impl Role for ChangeListener {
         tracing::info!(db = %db, "deleted database: its checkpoint is removed");
     }
 
-    async fn stop(&self) {
+    async fn save(&self) {
         self.checkpoints.flush().await;
         self.status.flush().await;
     }
