@@ -71,8 +71,14 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
     let second = replication(&couch, &source, &target, params);
     let report = second.run().await.unwrap();
     assert_eq!(doc_count(&couch, &target).await, 500);
-    assert_eq!(report.docs_read, 500 - present, "{report:?}");
-    assert_eq!(report.missing_found, 500 - present, "{report:?}");
+    // The batch in flight at the cut may still land after `present` was
+    // counted (the server finishes a request its client dropped).
+    let left = 500 - present;
+    assert!(
+        (left - 10..=left).contains(&report.docs_read),
+        "{present} present after the cut: {report:?}"
+    );
+    assert_eq!(report.missing_found, report.docs_read, "{report:?}");
     assert!(
         report.missing_checked <= 500 - present + 2 * 10,
         "changes read again from the checkpoint, not from the start: {report:?}"

@@ -584,3 +584,77 @@ async fn a_stopped_workers_status_is_kept_then_removed_after_ten_lease_times() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
+    let s = Installation::new("killrepl").await;
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.create_db(&dst).await.unwrap();
+    let total = 1000;
+    let docs: Vec<Value> = (0..total)
+        .map(|i| json!({"_id": format!("d{i:04}"), "pad": "x".repeat(2000)}))
+        .collect();
+    for chunk in docs.chunks(250) {
+        s.couch.bulk_docs(&src, chunk, true).await.unwrap();
+    }
+    let count = |db: String| {
+        let couch = s.couch.clone();
+        async move { couch.db_info(&db).await.map(|i| i.doc_count).unwrap_or(0) }
+    };
+    let batch = 10;
+    let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
+                     "target": format!("{}/{}", s.url, dst), "worker_batch_size": batch});
+    s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
+
+    // The first worker is killed (SIGKILL: nothing saved at exit) once a
+    // part of the documents has reached the target.
+    let mut first = s.start(&["--worker-id", "first", "--replication-engine", "native"]);
+    let cut = wait_for("a part replicated", Duration::from_secs(60), || async {
+        let n = count(dst.clone()).await;
+        (n >= 150).then_some(n < total)
+    })
+    .await;
+    signal(&first.child, libc::SIGKILL);
+    wait_exit(&mut first.child, Duration::from_secs(10)).expect("killed");
+    assert!(cut, "the replication ended before the kill");
+    let present = count(dst.clone()).await;
+
+    // The next worker resumes from the last checkpoint: it checks again at
+    // most the batches written after it, not the whole history.
+    let _second = s.start(&["--worker-id", "second", "--replication-engine", "native"]);
+    let detail = wait_for(
+        "the resumed run reported",
+        Duration::from_secs(60),
+        || async {
+            let status = s.status().await;
+            let reports = status["documents"]["r"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            reports
+                .iter()
+                .find(|r| r["worker"] == "second-replicator")
+                .and_then(|r| r["last_success"]["detail"].as_str().map(String::from))
+        },
+    )
+    .await;
+    assert_eq!(count(dst.clone()).await, total, "{detail}");
+    let field = |name: &str| -> u64 {
+        let key = format!("{name}=");
+        detail
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {detail}"))
+    };
+    let left = total - present;
+    assert!(
+        field("missing_checked") <= left + 2 * batch,
+        "{present} present at the kill; {detail}"
+    );
+    assert!(
+        field("docs_read") <= left,
+        "{present} present at the kill; {detail}"
+    );
+}

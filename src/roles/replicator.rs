@@ -163,7 +163,8 @@ impl Replicator {
             Ok(report) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
                 let extra = format!(
-                    " engine=native seq={seq} took_ms={}",
+                    " missing_checked={} engine=native seq={seq} took_ms={}",
+                    report.missing_checked,
                     started.elapsed().as_millis()
                 );
                 let counts = [

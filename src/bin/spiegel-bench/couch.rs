@@ -145,4 +145,36 @@ impl Couch {
         }
         Ok(sum)
     }
+
+    /// The scheduler's state of each `_replicator` document whose id starts
+    /// with `prefix` (`running`, `pending`, ...), from `_scheduler/docs`;
+    /// `None` on a server without the replication scheduler.
+    pub(crate) async fn replicator_states(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<std::collections::HashMap<String, String>>> {
+        let mut states = std::collections::HashMap::new();
+        let page = 1000;
+        for skip in (0..).step_by(page) {
+            let path = format!("_scheduler/docs/_replicator?limit={page}&skip={skip}");
+            let (status, v) = self.send(self.req(Method::GET, &path)).await?;
+            if status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                bail!("GET {path}: {status} {v}");
+            }
+            let docs = v["docs"].as_array().cloned().unwrap_or_default();
+            for d in &docs {
+                if let Some(id) = d["doc_id"].as_str().filter(|id| id.starts_with(prefix)) {
+                    let state = d["state"].as_str().unwrap_or("initializing");
+                    states.insert(id.to_string(), state.to_string());
+                }
+            }
+            if docs.len() < page {
+                break;
+            }
+        }
+        Ok(Some(states))
+    }
 }

@@ -46,6 +46,15 @@ enum Baseline {
     CouchdbReplicator,
 }
 
+/// One role of Spiegel alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Only {
+    /// `spiegel replicator` processes: no delivery is expected.
+    Replicator,
+    /// `spiegel change-listener` processes: no replication is expected.
+    ChangeListener,
+}
+
 /// The many-databases benchmark: Spiegel (or CouchDB's own `_replicator`)
 /// against K databases of which A are written once a second.
 #[derive(Parser, Debug, Clone)]
@@ -76,6 +85,11 @@ pub(crate) struct Args {
     /// Serve the scenario with CouchDB's own replicator instead of Spiegel.
     #[arg(long, value_enum)]
     baseline: Option<Baseline>,
+    /// Run one role of Spiegel only, to measure what it costs the server
+    /// (`--only change-listener` gives the share of the server's CPU that
+    /// the writes and the change-listener's reads take).
+    #[arg(long, value_enum, conflicts_with = "baseline")]
+    only: Option<Only>,
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
@@ -145,6 +159,41 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Waits until CouchDB's replication scheduler has taken up each of the
+/// `dbs` `_replicator` documents of the baseline (`prefix`), and returns
+/// the ids of those it left pending, with the count of each state. On a
+/// server without the scheduler, nothing is pending.
+async fn scheduled(
+    couch: &Couch,
+    prefix: &str,
+    dbs: usize,
+    deadline: Instant,
+) -> Result<(std::collections::HashSet<String>, Value)> {
+    progress("waiting for the replication scheduler to take up every document");
+    loop {
+        let Some(states) = couch.replicator_states(prefix).await? else {
+            return Ok(Default::default());
+        };
+        let settled = states.len() == dbs && states.values().all(|s| s != "initializing");
+        if settled {
+            let mut counts: HashMap<&str, u64> = HashMap::new();
+            for state in states.values() {
+                *counts.entry(state.as_str()).or_default() += 1;
+            }
+            let pending = states
+                .iter()
+                .filter(|(_, s)| *s == "pending")
+                .map(|(id, _)| id.clone())
+                .collect();
+            return Ok((pending, json!(counts)));
+        }
+        if Instant::now() >= deadline {
+            bail!("the replication scheduler did not take up every document in time");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 fn progress(msg: &str) {
     eprintln!("[spiegel-bench] {msg}");
 }
@@ -162,6 +211,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         bail!("--prefix: lowercase letters, digits and _ only, starting with a letter");
     }
     let baseline = args.baseline.is_some();
+    let wants_replication = args.only != Some(Only::ChangeListener);
+    let wants_delivery = !baseline && args.only != Some(Only::Replicator);
     let logs = std::env::temp_dir().join(format!("spiegel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
     let run_start = Instant::now();
@@ -292,14 +343,27 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         workers = start_spiegel(args, &couch, &spiegel_db, &logs).await?;
     }
 
+    let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
+    // The baseline's jobs the scheduler leaves pending (beyond its
+    // `max_jobs`): their databases are not probed, and their writes count
+    // as never replicated.
+    let (pending, job_states) = if baseline {
+        scheduled(&couch, p, args.dbs, deadline).await?
+    } else {
+        Default::default()
+    };
+
     // --- readiness: probe documents in a few databases must come through
-    let probe_dbs: Vec<&String> = (0..4.min(args.dbs))
-        .map(|k| &names[k * args.dbs / 4.min(args.dbs)])
+    let probed: Vec<&String> = names
+        .iter()
+        .filter(|n| !pending.contains(&format!("{n}_to_all")))
+        .collect();
+    let probe_dbs: Vec<&String> = (0..4.min(probed.len()))
+        .map(|k| probed[k * probed.len() / 4.min(probed.len())])
         .collect();
     progress("waiting until probe writes come through (initial pass over every database included)");
     let ready_start = Instant::now();
     let mut probe_ids = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
     let mut ready = false;
     'probe: for round in 0..5000u32 {
         for db in &probe_dbs {
@@ -311,7 +375,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             probe_ids.push(id);
         }
         let through = |st: &State, id: &String| {
-            st.replicated.contains_key(id) && (baseline || st.delivered.contains_key(id))
+            (!wants_replication || st.replicated.contains_key(id))
+                && (!wants_delivery || st.delivered.contains_key(id))
         };
         let limit = Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now()));
         // Ready when any round so far came through whole: on a slow server
@@ -453,9 +518,10 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     let drain_start = Instant::now();
     let all_through = || {
         let st = state.lock().unwrap();
-        st.writes
-            .keys()
-            .all(|id| st.replicated.contains_key(id) && (baseline || st.delivered.contains_key(id)))
+        st.writes.keys().all(|id| {
+            (!wants_replication || st.replicated.contains_key(id))
+                && (!wants_delivery || st.delivered.contains_key(id))
+        })
     };
     let drained = wait_until(Duration::from_secs(args.drain), all_through).await;
     let drain_s = secs(drain_start);
@@ -500,8 +566,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     } = state.lock().unwrap().figures();
     let complete = written > 0
         && write_errors == 0
-        && missing_replicated == 0
-        && (baseline || (missing_delivered == 0 && duplicates == 0 && unexpected == 0));
+        && (!wants_replication || missing_replicated == 0)
+        && (!wants_delivery || (missing_delivered == 0 && duplicates == 0 && unexpected == 0));
 
     let spiegel_writes = writes_after.saturating_sub(writes_before);
     let mb = |kb: u64| round3(kb as f64 / 1024.0);
@@ -512,6 +578,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "burst": args.burst, "docs_per_write": per_write,
             "spiegel_processes": if baseline { 0 } else { spiegel_pids.len() },
             "workers_per_role": args.workers,
+            "only": args.only.map(|o| format!("{o:?}")),
             "concurrency": if baseline { Value::Null } else { json!(args.concurrency) },
             "replication_engine": if baseline { Value::Null } else { json!(args.replication_engine) },
             "server": server_kind,
@@ -528,11 +595,11 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         "writes": written,
         "write_errors": write_errors,
         "first_write_error": first_write_error,
-        "replication": {
+        "replication": if !wants_replication { Value::Null } else { json!({
             "latency": percentiles(repl_lat),
             "missing": missing_replicated,
-        },
-        "delivery": if baseline { Value::Null } else { json!({
+        })},
+        "delivery": if !wants_delivery { Value::Null } else { json!({
             "latency": percentiles(del_lat),
             "missing": missing_delivered,
             "duplicates": duplicates,
@@ -560,6 +627,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "max_established_connections": samples.max_server_conns,
             "max_connections_to_itself": samples.max_server_self_conns,
         })},
+        "baseline_jobs": job_states,
         "complete": complete,
         "logs": logs.display().to_string(),
     });

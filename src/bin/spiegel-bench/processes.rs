@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::couch::Couch;
-use crate::{Args, BENCH_ADMIN};
+use crate::{Args, Only, BENCH_ADMIN};
 
 pub(crate) struct TestServer {
     pub(crate) child: Child,
@@ -120,16 +120,14 @@ pub(crate) async fn start_spiegel(
         "--log-format",
         "json",
     ];
-    let roles: Vec<&str> = match args.workers {
-        None => vec!["run"],
-        Some(w) => {
-            let mut r = Vec::new();
-            for _ in 0..w.max(1) {
-                r.push("replicator");
-                r.push("change-listener");
-            }
-            r
-        }
+    let per_process: &[&str] = match args.only {
+        None => &["replicator", "change-listener"],
+        Some(Only::Replicator) => &["replicator"],
+        Some(Only::ChangeListener) => &["change-listener"],
+    };
+    let roles: Vec<&str> = match (args.workers, args.only) {
+        (None, None) => vec!["run"],
+        (workers, _) => per_process.repeat(workers.unwrap_or(1).max(1)),
     };
     let mut workers = Workers::default();
     for (n, role) in roles.iter().enumerate() {

@@ -35,6 +35,7 @@ pub(crate) fn markdown(r: &Value) -> String {
         format!("{} / {}", p["spiegel_processes"], f(&p["concurrency"])),
     );
     row("Replication engine", f(&p["replication_engine"]));
+    row("Only one role", f(&p["only"]));
     row("CPUs", f(&p["cpus"]));
     let t = &r["timing"];
     row(
@@ -132,6 +133,9 @@ pub(crate) fn markdown(r: &Value) -> String {
                 s["max_established_connections"], s["max_connections_to_itself"]
             ),
         );
+    }
+    if !r["baseline_jobs"].is_null() {
+        row("Baseline jobs by scheduler state", f(&r["baseline_jobs"]));
     }
     row("Complete", f(&r["complete"]));
     format!("| Figure | Value |\n|---|---|\n{out}")
