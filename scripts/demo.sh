@@ -235,7 +235,6 @@ missing() {
 
 summary() {
   show_events
-  say "admin endpoints:  $admin_url/metrics  $admin_url/readyz  $admin_url/healthz"
 }
 
 check_children() {
@@ -356,12 +355,13 @@ cleanup() {
   stop "$receiver_pid" 5
   stop "$couch_pid" 10
   if [ -n "$work" ]; then
-    if [ "$rc" = 0 ] && [ "$short" = 1 ]; then
+    if [ "$rc" = 0 ]; then
       rm -rf "$work"
     else
       say "logs kept in $work"
     fi
   fi
+  [ -z "$work" ] || say "stopped: spiegel, the test CouchDB and the webhook receiver"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -421,7 +421,8 @@ else
     say "building spiegel (cargo build --release; the first build takes a few minutes)"
     profile=(--release)
   fi
-  bin=$(cargo build ${profile[@]+"${profile[@]}"} --quiet --bin spiegel \
+  # cargo's progress goes to stderr; stdout carries the JSON messages.
+  bin=$(cargo build ${profile[@]+"${profile[@]}"} --bin spiegel \
     --message-format=json-render-diagnostics |
     node -e '
       let text = "";

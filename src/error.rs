@@ -24,5 +24,15 @@ pub enum Error {
     Worker(#[from] tokio::task::JoinError),
 }
 
+impl Error {
+    /// Spiegel is not installed in `db_name`: the message names the command
+    /// that fixes it.
+    pub(crate) fn not_installed(db_name: &str) -> Self {
+        Error::NotInstalled(format!(
+            "Spiegel is not installed in database {db_name:?}: run `spiegel install` first"
+        ))
+    }
+}
+
 /// The result of a Spiegel command.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

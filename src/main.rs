@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::error::ErrorKind;
 use spiegel::commands::{install, redeliver, status, update_listener};
 use spiegel::config::{Cli, Command, Config};
-use spiegel::couch::CouchClient;
+use spiegel::couch::{CouchClient, CouchError};
 use spiegel::metrics::Metrics;
 use spiegel::roles::RoleKind;
 use spiegel::{logging, roles};
@@ -39,13 +39,42 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
+    // Displayed with its password masked.
+    let url = config.url.to_string();
+    let worker = matches!(
+        config.command,
+        Command::Replicator | Command::ChangeListener | Command::Run | Command::UpdateListener
+    );
+    let Err(e) = run(config).await else {
+        return ExitCode::SUCCESS;
+    };
+    let mut message = format!("{e:#}");
+    if unreachable(&e) {
+        message.push_str(&format!(
+            " (is CouchDB running at {url}? see --url, env URL)"
+        ));
     }
+    if worker {
+        // A worker's logs go to a collector: one more log line.
+        tracing::error!("{message}");
+    } else {
+        // A person ran the command: plain text, as option errors are.
+        eprintln!("error: {message}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The command failed because CouchDB did not answer.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<CouchError>(),
+            Some(CouchError::Unreachable(_))
+        ) || matches!(
+            cause.downcast_ref::<spiegel::Error>(),
+            Some(spiegel::Error::Couch(CouchError::Unreachable(_)))
+        )
+    })
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -106,10 +135,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let client = client.with_metrics(metrics.couch.clone());
             // The admin server answers until the workers have stopped.
             let mut admin = tokio::task::JoinSet::new();
-            if let Some(addr) = config.admin_addr {
-                let listener = spiegel::admin::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--admin-addr {addr}: {e}"))?;
+            if let Some(listener) = admin_listener(&config).await? {
                 tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: /healthz /readyz /metrics");
                 admin.spawn(spiegel::admin::serve(
                     listener,
@@ -124,6 +150,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The admin server's socket, if one is wanted and can be had. The default
+/// address taken (a second process on the host, as Spiegel 1.2 ran them) is
+/// logged and the process runs without it; an address set explicitly must
+/// be free.
+async fn admin_listener(config: &Config) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = config.admin_addr else {
+        return Ok(None);
+    };
+    match spiegel::admin::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if config.admin_addr_is_default && e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(
+                %addr,
+                "admin HTTP server not started: the default address {addr} is in use (another Spiegel process on this host?); this process runs without /healthz, /readyz and /metrics: give each process its own --admin-addr (ADMIN_ADDR) to have them"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!("--admin-addr {addr}: {e}")),
+    }
 }
 
 /// Resolves on SIGTERM (what Docker and Kubernetes send) or SIGINT (Ctrl-C).

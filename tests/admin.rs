@@ -149,3 +149,52 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         t.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_second_process_on_the_default_admin_port_runs_without_the_admin_server() {
+    // Spiegel 1.2's README runs several processes on one host, with no
+    // admin address: the default port is taken by the first.
+    let _first = std::net::TcpListener::bind("0.0.0.0:9090");
+    let s = Installation::new("busyadmin").await;
+    let mut cmd = spiegel();
+    cmd.env_remove("ADMIN_ADDR").args([
+        "replicator",
+        "--url",
+        &s.url,
+        "--db-name",
+        &s.spiegel_db,
+        "--lease-time",
+        "1.5",
+    ]);
+    let mut worker = Spiegel::start_command(cmd);
+    wait_for("the worker working", Duration::from_secs(30), || async {
+        let logs = worker.logs();
+        (logs.contains("admin HTTP server not started") && logs.contains("acquired partitions"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "the process keeps running"
+    );
+    assert!(worker.stop().expect("stops").success());
+}
+
+#[test]
+fn an_admin_address_set_explicitly_and_busy_stops_the_process() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = spiegel()
+        .args([
+            "replicator",
+            "--url",
+            "http://127.0.0.1:9",
+            "--admin-addr",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--admin-addr") && err.contains(&addr), "{err}");
+}

@@ -785,3 +785,28 @@ async fn after_a_rollback_spiegel_1_2_finds_every_checkpoint_and_resumes_after_i
 fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+#[tokio::test]
+async fn an_unusable_rule_is_reported_when_loaded_before_any_change() {
+    let s = Installation::new("badrule").await;
+    let _worker = s.start(&[]);
+    // A regular expression that does not compile; no database matches or
+    // changes.
+    s.rule(
+        "bad-regex",
+        json!({"db_name": "^(unclosed", "url": "http://127.0.0.1:9/x"}),
+    )
+    .await;
+    let reason = wait_for(
+        "the rule reported unusable",
+        Duration::from_secs(30),
+        || async {
+            let status = s.status().await;
+            status["documents"]["bad-regex"][0]["invalid"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
+    assert!(reason.contains("db_name"), "{reason}");
+}

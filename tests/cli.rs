@@ -343,9 +343,41 @@ fn an_unreachable_server_fails_install_with_a_clear_error() {
     let out = run(&["install", "--url", "http://admin:pw@127.0.0.1:9"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
+    assert!(err.contains("unreachable"), "{err}");
     assert!(
-        err.contains("transient") || err.contains("connect"),
-        "{err}"
+        err.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error: ")),
+        "a one-shot command's error is plain text, even with JSON logs: {err}"
+    );
+    assert!(
+        err.contains("is CouchDB running at http://admin:***@127.0.0.1:9/")
+            && err.contains("--url"),
+        "what was tried, and where to fix it: {err}"
     );
     assert!(!err.contains(":pw@"), "{err}");
+}
+
+#[test]
+fn a_one_shot_command_stops_at_once_on_sigint_or_sigterm() {
+    // A server that accepts connections and never answers: `status` waits.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = spiegel()
+            .args(["status", "--url", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Its request is under way once the server sees the connection.
+        silent.accept().unwrap();
+        signal(&child, sig);
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "signal {sig}: {status:?}"
+        );
+    }
 }

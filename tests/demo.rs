@@ -19,11 +19,13 @@ const DEADLINE: Duration = Duration::from_secs(120);
 #[test]
 fn the_short_demo_replicates_and_delivers_every_document() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().expect("a temporary directory");
     let mut child = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
         .arg("--short")
         .current_dir(&root)
         .env("SPIEGEL_BIN", env!("CARGO_BIN_EXE_spiegel"))
+        .env("TMPDIR", tmp.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -72,4 +74,17 @@ fn the_short_demo_replicates_and_delivers_every_document() {
         stdout.lines().any(|l| l.starts_with("[webhook] ")),
         "{report}"
     );
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("demo: stopped: spiegel, the test CouchDB and the webhook receiver"),
+        "the last line says that everything is stopped: {report}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("the temporary directory")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|name| name.to_string_lossy().starts_with("spiegel-demo."))
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
 }

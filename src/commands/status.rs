@@ -78,8 +78,12 @@ pub struct DocReport {
 }
 
 /// Reads the installation's documents into a [`Report`].
-pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> Result<Report, CouchError> {
-    let settings: Option<Settings> = client.get_doc_opt(db, &settings_doc_id(namespace)).await?;
+pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::Result<Report> {
+    let settings: Option<Settings> = match client.get_doc_opt(db, &settings_doc_id(namespace)).await
+    {
+        Err(CouchError::DbNotFound(_)) => return Err(crate::Error::not_installed(db)),
+        read => read?,
+    };
     let workers: Vec<WorkerDoc> = read_prefix(client, db, &DocIds::all_workers(namespace)).await?;
     let leases: Vec<LeaseDoc> = read_prefix(client, db, &DocIds::all_leases(namespace)).await?;
     let statuses: Vec<StatusDoc> = read_prefix(client, db, &status_doc_prefix(namespace)).await?;

@@ -433,6 +433,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `None`: no admin server.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// `--admin-addr` was not set. Several processes on one host (as
+    /// Spiegel 1.2 ran them) then share the default port: the ones that
+    /// find it taken run without an admin server instead of exiting.
+    pub admin_addr_is_default: bool,
     /// Shared by the workers of the process and the admin server.
     pub health: Arc<crate::admin::Health>,
     /// uninstall: also delete the user's replicator and on_change documents.
@@ -492,6 +496,10 @@ impl Cli {
             })
             .map(|(id, why)| (format!("--{}", id.replace('_', "-")), *why))
             .collect();
+        let admin_addr_is_default = !matches!(
+            matches.value_source("admin_addr"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
         Ok(Config {
             command,
             url,
@@ -521,6 +529,7 @@ impl Cli {
                 .then(|| Duration::from_secs(self.sweep_interval)),
             request_timeout: Duration::from_secs_f64(self.request_timeout),
             admin_addr,
+            admin_addr_is_default,
             health: Arc::default(),
             delete_user_docs: self.delete_user_docs,
             json: self.json,

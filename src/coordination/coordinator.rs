@@ -275,8 +275,15 @@ impl<S: LeaseStore> Coordinator<S> {
         for partition in plan.release {
             self.set(partition, LeaseState::Draining { since: now });
         }
+        let mut acquired = Vec::new();
         for partition in plan.claim {
-            self.claim(partition).await;
+            if self.claim(partition).await {
+                acquired.push(partition);
+            }
+        }
+        if !acquired.is_empty() {
+            let owned = self.states.held().len();
+            tracing::info!(role = %self.role, count = acquired.len(), owned, partitions = ?acquired, "acquired partitions");
         }
         self.update_gauges(live.len().max(1));
         Ok(())
@@ -290,7 +297,8 @@ impl<S: LeaseStore> Coordinator<S> {
             let ours = owner.as_deref() == Some(self.me.as_str());
             let held = self.states.state(partition).held();
             if held && !ours {
-                tracing::warn!(role = %self.role, partition, ?owner, "lease taken by another worker");
+                let owner = owner.as_deref().unwrap_or("none");
+                tracing::warn!(role = %self.role, partition, owner, "lease taken by another worker");
                 self.set(partition, LeaseState::Lost);
             } else if ours && !held {
                 self.set(partition, LeaseState::Owned);
@@ -312,17 +320,20 @@ impl<S: LeaseStore> Coordinator<S> {
         }
     }
 
-    async fn claim(&mut self, partition: u32) {
+    /// Claims a free partition; true if it is ours now.
+    async fn claim(&mut self, partition: u32) -> bool {
         if !self.states.set(partition, LeaseState::Claiming) {
-            return;
+            return false;
         }
         let mut lease = self.leases[partition as usize].clone();
         let previous = lease.owner.replace(self.me.clone());
         match self.store.claim(lease).await {
             Ok(written) => {
-                tracing::info!(role = %self.role, partition, previous_owner = ?previous, "acquired partition");
+                let previous_owner = previous.as_deref().unwrap_or("none");
+                tracing::debug!(role = %self.role, partition, previous_owner, "acquired partition");
                 self.leases[partition as usize] = written;
                 self.set(partition, LeaseState::Owned);
+                true
             }
             Err(e) => {
                 self.states.set(partition, LeaseState::Free);
@@ -334,6 +345,7 @@ impl<S: LeaseStore> Coordinator<S> {
                         tracing::warn!(role = %self.role, partition, error = %e, "cannot claim partition")
                     }
                 }
+                false
             }
         }
     }
@@ -342,10 +354,15 @@ impl<S: LeaseStore> Coordinator<S> {
     async fn free(&mut self, list: Vec<(u32, Option<Seq>)>) {
         let partitions: Vec<u32> = list.iter().map(|(p, _)| *p).collect();
         self.write_leases(list, false).await;
+        let mut released = Vec::new();
         for partition in partitions {
             if self.states.set(partition, LeaseState::Free) {
-                tracing::info!(role = %self.role, partition, "released partition");
+                tracing::debug!(role = %self.role, partition, "released partition");
+                released.push(partition);
             }
+        }
+        if !released.is_empty() {
+            tracing::info!(role = %self.role, count = released.len(), partitions = ?released, "released partitions");
         }
         self.update_gauges(0);
     }
@@ -420,7 +437,8 @@ impl<S: LeaseStore> Coordinator<S> {
             Saved::Written(lease) => self.leases[partition as usize] = lease,
             Saved::Superseded(current) => {
                 let owner = current.as_ref().and_then(|c| c.owner.clone());
-                tracing::warn!(role = %self.role, partition, ?owner, "lease taken by another worker");
+                let owner = owner.as_deref().unwrap_or("none");
+                tracing::warn!(role = %self.role, partition, owner, "lease taken by another worker");
                 if let Some(current) = current {
                     self.leases[partition as usize] = current;
                 }

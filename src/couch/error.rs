@@ -71,7 +71,9 @@ impl CouchError {
         match self {
             CouchError::DbNotFound(_) => "db_not_found",
             CouchError::DocNotFound { .. } => "doc_not_found",
-            CouchError::NotFound(_) => "not_found",
+            // A peer of `POST /_replicate`: a database too, and as routine
+            // (the alert in docs/operations.md leaves it out).
+            CouchError::NotFound(_) => "db_not_found",
             CouchError::Conflict => "conflict",
             CouchError::Unauthorized(_) => "unauthorized",
             CouchError::Forbidden(_) => "forbidden",
@@ -118,8 +120,9 @@ impl CouchError {
         }
         match status.as_u16() {
             400 => CouchError::BadRequest(join(&error, &reason)),
-            401 => CouchError::Unauthorized(join(&error, &reason)),
-            403 => CouchError::Forbidden(join(&error, &reason)),
+            // The variant names the error already: "unauthorized: <reason>".
+            401 => CouchError::Unauthorized(reason_or(&error, reason)),
+            403 => CouchError::Forbidden(reason_or(&error, reason)),
             404 => match (db, doc) {
                 (Some(db), Some(id)) if !is_missing_db(&error, &reason) => {
                     CouchError::DocNotFound {
@@ -150,6 +153,15 @@ impl CouchError {
 /// CouchDB says "Database does not exist." (3.x) or `no_db_file` (older).
 fn is_missing_db(error: &str, reason: &str) -> bool {
     error == "no_db_file" || reason.contains("Database does not exist")
+}
+
+/// CouchDB's reason, or its error when it gave no reason.
+fn reason_or(error: &str, reason: String) -> String {
+    if reason.is_empty() {
+        error.to_string()
+    } else {
+        reason
+    }
 }
 
 fn join(error: &str, reason: &str) -> String {
@@ -218,7 +230,11 @@ mod tests {
             let e = classify(status, body, None, None);
             assert!(matches!(e, CouchError::NotFound(_)), "{status}: {e:?}");
             assert!(!e.is_transient());
-            assert_eq!(e.kind(), "not_found");
+            assert_eq!(
+                e.kind(),
+                "db_not_found",
+                "counted as a routine missing database"
+            );
         }
     }
 
@@ -242,6 +258,17 @@ mod tests {
         ));
         assert!(classify(503, "oops", None, None).is_transient());
         assert!(!classify(418, "{}", None, None).is_transient());
+    }
+
+    #[test]
+    fn a_refused_login_says_unauthorized_once() {
+        let body = r#"{"error":"unauthorized","reason":"Name or password is incorrect."}"#;
+        let msg = classify(401, body, None, None).to_string();
+        assert!(
+            msg.starts_with("unauthorized: Name or password is incorrect."),
+            "{msg}"
+        );
+        assert_eq!(msg.matches("unauthorized").count(), 1, "{msg}");
     }
 
     #[test]

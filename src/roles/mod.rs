@@ -147,7 +147,7 @@ impl Host<'_> {
             nudges,
             tasks: vec![Box::pin(nudging), saver],
         };
-        workers.spawn(self.worker(role, options, extras, stopped));
+        workers.spawn(self.worker(Arc::new(role), options, extras, stopped));
         Ok(())
     }
 
@@ -166,9 +166,12 @@ impl Host<'_> {
             book,
             self.metrics.roles.clone(),
         )?;
-        // on_change documents take effect at their databases' next change.
+        let role = Arc::new(role);
+        // on_change documents take effect at their databases' next change;
+        // an unusable one is reported as soon as it is loaded.
+        let reporting = role.clone().report_unusable_rules();
         let extras = Extras {
-            tasks: vec![Box::pin(flusher), saver],
+            tasks: vec![Box::pin(flusher), saver, Box::pin(reporting)],
             ..Extras::default()
         };
         workers.spawn(self.worker(role, options, extras, stopped));
@@ -178,14 +181,14 @@ impl Host<'_> {
     /// The worker runtime hosting `role` until `stopped` resolves.
     fn worker<R: Role>(
         &self,
-        role: R,
+        role: Arc<R>,
         options: WorkerOptions,
         extras: Extras,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<()>> {
         crate::worker::run(
             self.client.clone(),
-            Arc::new(role),
+            role,
             options,
             self.metrics.worker.clone(),
             extras,

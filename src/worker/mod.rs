@@ -207,9 +207,7 @@ pub(crate) async fn installed_settings(
         .await
     {
         Ok(Some(settings)) => Ok(settings),
-        Ok(None) | Err(CouchError::DbNotFound(_)) => Err(Error::NotInstalled(format!(
-            "Spiegel is not installed in database {db_name:?}: run `spiegel install` first"
-        ))),
+        Ok(None) | Err(CouchError::DbNotFound(_)) => Err(Error::not_installed(db_name)),
         Err(e) => Err(e.into()),
     }
 }

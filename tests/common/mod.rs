@@ -138,8 +138,14 @@ pub struct Spiegel {
 
 impl Spiegel {
     pub fn start(args: &[&str]) -> Spiegel {
-        let mut child = spiegel()
-            .args(args)
+        let mut cmd = spiegel();
+        cmd.args(args);
+        Spiegel::start_command(cmd)
+    }
+
+    /// Starts `cmd` (made with [`spiegel`]), logging JSON at debug level.
+    pub fn start_command(mut cmd: Command) -> Spiegel {
+        let mut child = cmd
             .args(["--log-format", "json", "--log-level", "debug"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

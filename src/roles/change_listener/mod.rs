@@ -184,6 +184,19 @@ impl ChangeListener {
         )
     }
 
+    /// Parses the on_change documents each time they change, so that an
+    /// unusable one is reported (log and status) when it is loaded, not at
+    /// its databases' next change. Runs for as long as the worker owns it.
+    pub async fn report_unusable_rules(self: Arc<Self>) {
+        let mut docs = self.docs.clone();
+        loop {
+            self.rules().await;
+            if docs.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The job is done with (delivered or dead-lettered): a retry skips it.
     fn settle(&self, db: &str, key: &DeliveryKey) {
         let mut progress = self.progress();
