@@ -30,12 +30,13 @@ RUN mkdir src \
  && cargo build --release --locked \
  && rm -rf src
 
-# The crate itself. COPY keeps the files' modification times, which can be
+# The crate itself, the `spiegel` binary only (not the benchmark, which
+# src/bin holds). COPY keeps the files' modification times, which can be
 # older than the placeholders above: touch the crate roots so that cargo
 # does not take the placeholder build for up to date.
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked --bin spiegel \
  && install -D -m 0755 target/release/spiegel /out/spiegel
 
 # ---------------------------------------------------------------------------

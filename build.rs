@@ -5,7 +5,8 @@
 //! `SPIEGEL_TEST_SERVER`: `test-server` (default), `kit` (a real CouchDB
 //! from the kit, single node), `cluster` (a 3-node kit cluster) or
 //! `external` (`SPIEGEL_TEST_COUCHDB_URL`, which alone also selects it).
-//! The binaries Spiegel ships do not depend on it.
+//! The binaries Spiegel ships do not depend on it. It also tells whether
+//! `kubectl` and `docker` are installed, for the deployment tests.
 
 fn main() {
     println!("cargo::rerun-if-env-changed=SPIEGEL_TEST_SERVER");
@@ -24,4 +25,21 @@ fn main() {
         }
     };
     println!("cargo::rustc-cfg=spiegel_test_server=\"{server}\"");
+    // Tools some deployment tests run; without them those tests are
+    // reported as ignored.
+    println!("cargo::rerun-if-env-changed=PATH");
+    for (tool, cfg) in [
+        ("kubectl", "spiegel_has_kubectl"),
+        ("docker", "spiegel_has_docker"),
+    ] {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+        if on_path(tool) {
+            println!("cargo::rustc-cfg={cfg}");
+        }
+    }
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }

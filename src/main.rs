@@ -107,7 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             if config.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", status::render(&report));
+                print!("{}", status::render(&report, config.workers));
             }
         }
         Command::Redeliver => {

@@ -317,8 +317,13 @@ fn kubernetes_units(manifest: &Manifest) -> Vec<Unit> {
     units
 }
 
+/// A Kubernetes object (not a kustomization) under deploy/kubernetes/.
 fn is_kubernetes(manifest: &Manifest) -> bool {
-    manifest.path.starts_with("deploy/kubernetes/")
+    manifest.path.starts_with("deploy/kubernetes/") && !is_kustomization(manifest)
+}
+
+fn is_kustomization(manifest: &Manifest) -> bool {
+    manifest.path.ends_with("/kustomization.yaml")
 }
 
 /// Every Spiegel process of every deployment file.
@@ -769,6 +774,28 @@ fn swarm_stack_reads_the_url_and_the_passwords_file_from_docker_secrets() {
 }
 
 #[test]
+#[cfg_attr(not(spiegel_has_docker), ignore = "the docker client is not installed")]
+fn docker_stack_config_accepts_the_swarm_stack() {
+    // `docker stack config` validates and renders a stack file without a
+    // Docker daemon.
+    let out = std::process::Command::new("docker")
+        .args(["stack", "config", "-c"])
+        .arg(root().join("deploy/swarm-stack.yml"))
+        .env("SPIEGEL_IMAGE", "registry.example.com/spiegel:test")
+        .output()
+        .expect("run docker");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("services:"),
+        "docker stack config: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for service in ["replicator:", "change-listener:"] {
+        assert!(text.contains(service), "{service} in {text}");
+    }
+}
+
+#[test]
 fn swarm_entrypoint_wrapper_execs_the_image_s_binary_with_a_shell_the_image_has() {
     let manifest = manifest("deploy/swarm-stack.yml");
     let binary = entrypoint().remove(0);
@@ -1023,6 +1050,126 @@ fn kubernetes_spiegel_reads_the_url_and_the_passwords_file_from_the_secret() {
 }
 
 #[test]
+fn kustomization_lists_every_manifest_and_names_the_image_once() {
+    let kustomization = manifest("deploy/kubernetes/kustomization.yaml");
+    let k = &kustomization.docs[0];
+    let resources: BTreeSet<String> = list(&k["resources"])
+        .iter()
+        .filter_map(|r| r.as_str().map(String::from))
+        .collect();
+    let top_level: BTreeSet<String> = manifests()
+        .iter()
+        .filter(|m| is_kubernetes(m))
+        .filter_map(|m| m.path.strip_prefix("deploy/kubernetes/").map(String::from))
+        .filter(|name| !name.contains('/'))
+        .collect();
+    assert_eq!(resources, top_level);
+    let image = &list(&k["images"])[0];
+    let name = image["name"].as_str().expect("images[0].name");
+    for unit in kubernetes_units_all() {
+        let used = unit.definition["image"].as_str().unwrap_or_default();
+        assert_eq!(
+            used.split(':').next(),
+            Some(name),
+            "{}: the kustomization's image name must match",
+            unit.place
+        );
+    }
+}
+
+#[test]
+fn passwords_component_mounts_the_secret_key_and_sets_passwords_file() {
+    let component = manifest("deploy/kubernetes/passwords/kustomization.yaml");
+    let c = &component.docs[0];
+    assert_eq!(c["kind"].as_str(), Some("Component"));
+    let patch = &list(&c["patches"])[0];
+    let ops = YamlLoader::load_from_str(patch["patch"].as_str().expect("a patch"))
+        .expect("the patch is YAML")
+        .remove(0);
+    let value_of = |path: &str| {
+        list(&ops)
+            .iter()
+            .find(|op| op["path"].as_str() == Some(path))
+            .map(|op| op["value"].clone())
+            .unwrap_or_else(|| panic!("no op on {path}"))
+    };
+    let env = value_of("/spec/template/spec/containers/0/env/-");
+    let file = env["value"].as_str().expect("PASSWORDS_FILE's value");
+    assert_eq!(env["name"].as_str(), Some("PASSWORDS_FILE"));
+    let mount = value_of("/spec/template/spec/containers/0/volumeMounts");
+    let dir = list(&mount)[0]["mountPath"].as_str().expect("a mount path");
+    let volume = value_of("/spec/template/spec/volumes");
+    let secret = &list(&volume)[0]["secret"];
+    let item = &list(&secret["items"])[0];
+    assert_eq!(
+        format!("{dir}/{}", item["path"].as_str().unwrap_or_default()),
+        file
+    );
+    let secrets = manifest("deploy/kubernetes/secret.yaml");
+    let keys = hash_entries(&secrets.docs[0]["stringData"]);
+    assert!(
+        keys.iter()
+            .any(|(k, _)| Some(k.as_str()) == item["key"].as_str()),
+        "the secret has the key {:?}",
+        item["key"]
+    );
+    let target = patch["target"]["name"].as_str().expect("a target name");
+    for deployment in ["spiegel-replicator", "spiegel-change-listener"] {
+        let pattern = regex::Regex::new(&format!("^(?:{target})$")).expect("a regex");
+        assert!(pattern.is_match(deployment), "{target} misses {deployment}");
+    }
+}
+
+/// `kubectl kustomize` of deploy/kubernetes, with `components` as given.
+fn kustomize(components: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let copy = dir.path().join("kubernetes");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(root().join("deploy/kubernetes"))
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    if !components.is_empty() {
+        let path = copy.join("kustomization.yaml");
+        let mut text = std::fs::read_to_string(&path).expect("kustomization.yaml");
+        text.push_str(&format!("components: {components:?}\n"));
+        std::fs::write(&path, text).expect("write kustomization.yaml");
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&copy)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[cfg_attr(not(spiegel_has_kubectl), ignore = "kubectl is not installed")]
+fn kubectl_kustomize_builds_the_manifests_with_and_without_the_passwords_file() {
+    let plain = kustomize(&[]);
+    assert_eq!(
+        plain
+            .matches("image: registry.example.com/spiegel:")
+            .count(),
+        3
+    );
+    assert!(
+        !plain.contains("PASSWORDS_FILE"),
+        "no passwords file by default"
+    );
+    let with = kustomize(&["passwords"]);
+    assert_eq!(with.matches("name: PASSWORDS_FILE").count(), 2, "{with}");
+    assert_eq!(with.matches("mountPath: /etc/spiegel").count(), 2, "{with}");
+}
+
+#[test]
 fn kubernetes_install_job_runs_install_with_a_backoff_limit() {
     let manifest = manifest("deploy/kubernetes/install-job.yaml");
     let jobs: Vec<&Yaml> = manifest
@@ -1105,6 +1252,18 @@ fn dockerfile_builds_the_release_binary_with_the_locked_dependencies() {
             .filter(|i| i.keyword == "RUN")
             .any(|i| i.arguments.contains("cargo build --release --locked")),
         "no `cargo build --release --locked` in a build stage"
+    );
+    // The last build (the crate itself) builds the spiegel binary only:
+    // the benchmark is not shipped, nor compiled for the image.
+    let last_build = build
+        .iter()
+        .flatten()
+        .rfind(|i| i.keyword == "RUN" && i.arguments.contains("cargo build"))
+        .expect("a cargo build");
+    assert!(
+        last_build.arguments.contains("--bin spiegel"),
+        "{}",
+        last_build.arguments
     );
 }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::coordination::{settings_doc_id, DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::status::{status_doc_prefix, DocStatus, StatusDoc};
+use crate::status::{status_doc_prefix, DocStatus, Event, StatusDoc};
 
 /// What `spiegel status` shows.
 #[derive(Debug, Serialize)]
@@ -30,6 +30,36 @@ pub struct Report {
     pub roles: BTreeMap<String, RoleReport>,
     /// Per replicator or on_change document: what each worker reported.
     pub documents: BTreeMap<String, Vec<DocReport>>,
+    /// Per document: the reports of every worker taken together.
+    pub totals: BTreeMap<String, DocTotal>,
+}
+
+/// One document's outcomes over every worker's report still kept (a
+/// stopped worker's report stays for ten lease times, so a restart does
+/// not hide the runs before it).
+#[derive(Debug, Default, Serialize)]
+pub struct DocTotal {
+    /// The role of the workers that reported.
+    pub role: String,
+    /// How many workers reported on it.
+    pub workers: usize,
+    /// Runs that succeeded, summed.
+    pub succeeded: u64,
+    /// Runs that failed, summed.
+    pub failed: u64,
+    /// The latest success of any worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<Event>,
+    /// The latest error of each failing database, whichever worker met it;
+    /// one followed by a later success of that database is over.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, Event>,
+    /// Why the document cannot be used, from the latest report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
+    /// The note of the latest report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The dead letters, in total and per rule.
@@ -88,13 +118,15 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::R
     let leases: Vec<LeaseDoc> = read_prefix(client, db, &DocIds::all_leases(namespace)).await?;
     let statuses: Vec<StatusDoc> = read_prefix(client, db, &status_doc_prefix(namespace)).await?;
     let letters = dead_letter::list(client, db, namespace).await?;
+    let documents = documents(statuses);
     Ok(Report {
         dead_letters: dead_letter_counts(&letters),
         database: db.into(),
         installed: settings.is_some(),
         partitions: settings.map(|s| s.partitions),
         roles: roles(&leases, &workers),
-        documents: documents(statuses),
+        totals: documents_totals(&documents),
+        documents,
     })
 }
 
@@ -167,6 +199,50 @@ fn documents(statuses: Vec<StatusDoc>) -> BTreeMap<String, Vec<DocReport>> {
     documents
 }
 
+/// Per document, its workers' reports taken together.
+fn documents_totals(documents: &BTreeMap<String, Vec<DocReport>>) -> BTreeMap<String, DocTotal> {
+    documents
+        .iter()
+        .map(|(id, reports)| (id.clone(), total(reports)))
+        .collect()
+}
+
+fn total(reports: &[DocReport]) -> DocTotal {
+    let mut total = DocTotal {
+        workers: reports.len(),
+        ..Default::default()
+    };
+    let mut by_age: Vec<&DocReport> = reports.iter().collect();
+    by_age.sort_by(|a, b| a.reported_at.cmp(&b.reported_at));
+    for r in by_age {
+        total.role.clone_from(&r.role);
+        total.succeeded += r.status.succeeded;
+        total.failed += r.status.failed;
+        total.invalid.clone_from(&r.status.invalid);
+        total.note.clone_from(&r.status.note);
+        if let Some(success) = &r.status.last_success {
+            if total
+                .last_success
+                .as_ref()
+                .is_none_or(|l| l.at < success.at)
+            {
+                total.last_success = Some(success.clone());
+            }
+        }
+        for (db, error) in &r.status.errors {
+            if total.errors.get(db).is_none_or(|e| e.at < error.at) {
+                total.errors.insert(db.clone(), error.clone());
+            }
+        }
+    }
+    if let Some(success) = &total.last_success {
+        total
+            .errors
+            .retain(|db, e| !(db == &success.db && e.at < success.at));
+    }
+    total
+}
+
 fn dead_letter_counts(letters: &[(String, String, DeadLetter)]) -> DeadLetterCounts {
     let mut counts = DeadLetterCounts {
         total: letters.len(),
@@ -178,8 +254,9 @@ fn dead_letter_counts(letters: &[(String, String, DeadLetter)]) -> DeadLetterCou
     counts
 }
 
-/// The report as a readable text for a terminal.
-pub fn render(report: &Report) -> String {
+/// The report as a readable text for a terminal: one entry per document,
+/// or with `per_worker`, one per document and worker.
+pub fn render(report: &Report, per_worker: bool) -> String {
     let mut out = String::new();
     let installed = match report.partitions {
         Some(n) if report.installed => format!("installed, {n} partitions"),
@@ -201,12 +278,54 @@ pub fn render(report: &Report) -> String {
         }
     }
     let _ = writeln!(out, "\ndocuments:");
-    for (id, reports) in &report.documents {
-        for r in reports {
-            render_doc(&mut out, id, r);
+    if per_worker {
+        for (id, reports) in &report.documents {
+            for r in reports {
+                let who = format!("{} on {}", r.role, r.worker);
+                render_doc(&mut out, id, &who, &DocLines::of(&r.status));
+            }
+        }
+    } else {
+        for (id, t) in &report.totals {
+            let who = match t.workers {
+                1 => format!("{}, 1 worker", t.role),
+                n => format!("{}, {n} workers", t.role),
+            };
+            render_doc(&mut out, id, &who, &DocLines::of_total(t));
         }
     }
     out
+}
+
+/// What the table shows of a document.
+struct DocLines<'a> {
+    succeeded: u64,
+    failed: u64,
+    invalid: Option<&'a str>,
+    note: Option<&'a str>,
+    errors: &'a BTreeMap<String, Event>,
+}
+
+impl<'a> DocLines<'a> {
+    fn of(s: &'a DocStatus) -> Self {
+        DocLines {
+            succeeded: s.succeeded,
+            failed: s.failed,
+            invalid: s.invalid.as_deref(),
+            note: s.note.as_deref(),
+            errors: &s.errors,
+        }
+    }
+
+    fn of_total(t: &'a DocTotal) -> Self {
+        DocLines {
+            succeeded: t.succeeded,
+            failed: t.failed,
+            invalid: t.invalid.as_deref(),
+            note: t.note.as_deref(),
+            errors: &t.errors,
+        }
+    }
 }
 
 fn render_role(out: &mut String, name: &str, role: &RoleReport) {
@@ -223,23 +342,103 @@ fn render_role(out: &mut String, name: &str, role: &RoleReport) {
     }
 }
 
-fn render_doc(out: &mut String, id: &str, r: &DocReport) {
-    let unusable = r
-        .status
+fn render_doc(out: &mut String, id: &str, who: &str, d: &DocLines<'_>) {
+    let unusable = d
         .invalid
-        .as_deref()
         .map(|e| format!("; UNUSABLE: {e}"))
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "  {id} ({} on {}): {} succeeded, {} failed{unusable}",
-        r.role, r.worker, r.status.succeeded, r.status.failed
+        "  {id} ({who}): {} succeeded, {} failed{unusable}",
+        d.succeeded, d.failed
     );
-    if let Some(note) = &r.status.note {
+    if let Some(note) = d.note {
         let _ = writeln!(out, "    note: {note}");
     }
-    for (db, e) in &r.status.errors {
+    for (db, e) in d.errors {
         let detail = e.detail.as_deref().unwrap_or("");
         let _ = writeln!(out, "    {db}: {detail} ({})", e.at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(db: &str, at: &str) -> Event {
+        Event {
+            db: db.into(),
+            at: at.into(),
+            detail: Some(format!("{db} at {at}")),
+        }
+    }
+
+    fn report(worker: &str, at: &str, status: DocStatus) -> DocReport {
+        DocReport {
+            status,
+            role: "replicator".into(),
+            worker: worker.into(),
+            reported_at: at.into(),
+        }
+    }
+
+    #[test]
+    fn a_document_is_one_entry_over_its_workers_reports() {
+        let old = report(
+            "w-old",
+            "2026-01-01T00:00:00Z",
+            DocStatus {
+                succeeded: 2,
+                failed: 1,
+                last_success: Some(event("a", "2026-01-01T00:00:00Z")),
+                errors: BTreeMap::from([
+                    ("b".into(), event("b", "2026-01-01T00:00:00Z")),
+                    ("c".into(), event("c", "2026-01-01T00:00:00Z")),
+                ]),
+                ..Default::default()
+            },
+        );
+        let new = report(
+            "w-new",
+            "2026-01-02T00:00:00Z",
+            DocStatus {
+                succeeded: 3,
+                failed: 0,
+                last_success: Some(event("b", "2026-01-02T00:00:00Z")),
+                ..Default::default()
+            },
+        );
+        let t = total(&[new, old]);
+        assert_eq!((t.workers, t.succeeded, t.failed), (2, 5, 1));
+        assert_eq!(t.last_success.expect("a success").db, "b");
+        assert_eq!(
+            t.errors.keys().collect::<Vec<_>>(),
+            ["c"],
+            "b's error is over: b succeeded later"
+        );
+    }
+
+    #[test]
+    fn the_table_shows_one_line_per_document_unless_asked_per_worker() {
+        let documents = BTreeMap::from([(
+            "r".to_string(),
+            vec![
+                report("w1", "2026-01-01T00:00:00Z", DocStatus::default()),
+                report("w2", "2026-01-01T00:00:01Z", DocStatus::default()),
+            ],
+        )]);
+        let report = Report {
+            dead_letters: DeadLetterCounts::default(),
+            database: "spiegel".into(),
+            installed: true,
+            partitions: Some(4),
+            roles: BTreeMap::new(),
+            totals: documents_totals(&documents),
+            documents,
+        };
+        let lines = |text: String| text.lines().filter(|l| l.starts_with("  r (")).count();
+        assert_eq!(lines(render(&report, false)), 1);
+        assert!(render(&report, false).contains("r (replicator, 2 workers): 0 succeeded"));
+        assert_eq!(lines(render(&report, true)), 2);
     }
 }

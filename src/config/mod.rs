@@ -357,6 +357,11 @@ pub struct Cli {
     /// status: print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// status: one table entry per document and worker, instead of one per
+    /// document.
+    #[arg(long, global = true)]
+    pub workers: bool,
 }
 
 /// Options that Spiegel 1.2 had and this design makes meaningless: accepted
@@ -443,6 +448,8 @@ pub struct Config {
     pub delete_user_docs: bool,
     /// status: print JSON.
     pub json: bool,
+    /// status: one table entry per document and worker.
+    pub workers: bool,
     /// redeliver: only this rule's dead letters.
     pub rule: Option<String>,
     /// redeliver: only this database's dead letters.
@@ -533,6 +540,7 @@ impl Cli {
             health: Arc::default(),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
+            workers: self.workers,
             rule: self.rule,
             database: self.database,
             obsolete_set,
