@@ -38,7 +38,7 @@ const REPLICATOR_DOC: &str = "under-test";
 
 /// The `_replicate` parameters the native engine supports; a document with
 /// any other goes to the couchdb engine, with a note in `spiegel status`.
-const NATIVE_PARAMS: [&str; 9] = [
+const NATIVE_PARAMS: [&str; 10] = [
     "create_target",
     "create_target_params",
     "filter",
@@ -48,6 +48,7 @@ const NATIVE_PARAMS: [&str; 9] = [
     "use_checkpoints",
     "since_seq",
     "winning_revs_only",
+    "checkpoint_interval",
 ];
 
 // ---------------------------------------------------------------------------
@@ -1276,16 +1277,16 @@ async fn native_doc_with_a_parameter_the_engine_lacks_still_replicates_like_couc
     for id in ["x", "y", "z"] {
         d.http.put(&d.source, id, json!({"v": 1})).await;
     }
-    d.replicate(json!({"checkpoint_interval": 5000})).await;
+    d.replicate(json!({"connection_timeout": 30000})).await;
     d.assert_same().await;
     if ENGINE == "native" {
         // The document ran on the couchdb engine, with a note in `spiegel
         // status` that names the parameter (the status is saved
         // periodically).
-        let what = "a note about checkpoint_interval in spiegel status";
+        let what = "a note about connection_timeout in spiegel status";
         wait_for(what, DEADLINE, || async {
             let status = d.s.status().await.to_string();
-            status.contains("checkpoint_interval").then_some(())
+            status.contains("connection_timeout").then_some(())
         })
         .await;
     }
@@ -1412,7 +1413,9 @@ async fn native_checkpoints_have_couchdbs_format_on_both_sides_and_runs_resume_f
     for id in ["x", "y", "z"] {
         d.http.put(&d.source, id, json!({"v": 1})).await;
     }
-    d.replicate(json!({"use_checkpoints": true})).await;
+    // Every run records its checkpoint (`checkpoint_interval` 1 ms).
+    d.replicate(json!({"use_checkpoints": true, "checkpoint_interval": 1}))
+        .await;
     let first = checkpoint(&d.http, &d.source, &d.a, None).await;
     assert_couchdb_checkpoint_format(&first);
     // CouchDB's own, which the format is checked against.

@@ -136,3 +136,34 @@ async fn a_20_mb_attachment_replicates_intact() {
     assert_eq!(copied.len(), data.len());
     assert!(copied.as_ref() == data.as_slice(), "the bytes differ");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_batch_run_records_its_checkpoint_at_most_every_checkpoint_interval() {
+    let couch = client_for(&shared_url());
+    let (source, target) = (unique_name("ival_src"), unique_name("ival_dst"));
+    couch.create_db(&source).await.unwrap();
+    let params = json!({"create_target": true});
+    let run = |params: Value| {
+        let replication = replication(&couch, &source, &target, params);
+        async move { replication.run().await.unwrap() }
+    };
+    couch.put_doc(&source, "a", &json!({})).await.unwrap();
+    // The first run finds no checkpoint: it records one.
+    assert_eq!(run(params.clone()).await.missing_checked, 1);
+    // The next one-batch run comes within the default 30 s: its progress
+    // is not recorded, so the run after it checks its change again.
+    couch.put_doc(&source, "b", &json!({})).await.unwrap();
+    assert_eq!(run(params.clone()).await.missing_checked, 1);
+    couch.put_doc(&source, "c", &json!({})).await.unwrap();
+    let report = run(params.clone()).await;
+    assert!(report.missing_checked >= 2, "b again, and c: {report:?}");
+    assert_eq!(report.docs_read, 1, "b is not fetched again: {report:?}");
+    // With a short interval, every run records: the one after it checks
+    // only what came since (not b, c and d).
+    let every = json!({"create_target": true, "checkpoint_interval": 1});
+    run(every.clone()).await;
+    couch.put_doc(&source, "d", &json!({})).await.unwrap();
+    let report = run(every).await;
+    assert!(report.missing_checked < 3, "{report:?}");
+    assert_eq!(doc_count(&couch, &target).await, 4);
+}

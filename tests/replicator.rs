@@ -291,7 +291,7 @@ async fn a_parameter_the_native_engine_lacks_sends_the_document_to_couchdb_with_
     let _worker = s.start(&["--replication-engine", "native"]);
     let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
                      "target": format!("{}/{}", s.url, dst), "create_target": true,
-                     "checkpoint_interval": 5000});
+                     "connection_timeout": 30000});
     s.couch.put_doc(&s.spiegel_db, "tuned", &doc).await.unwrap();
     s.wait_doc(&dst, "a").await;
     let note = wait_for(
@@ -306,7 +306,7 @@ async fn a_parameter_the_native_engine_lacks_sends_the_document_to_couchdb_with_
     )
     .await;
     assert!(
-        note.contains("checkpoint_interval") && note.contains("couchdb"),
+        note.contains("connection_timeout") && note.contains("couchdb"),
         "{note}"
     );
     let detail = s.status().await["documents"]["tuned"][0]["last_success"]["detail"].clone();
@@ -656,5 +656,69 @@ async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
     assert!(
         field("docs_read") <= left,
         "{present} present at the kill; {detail}"
+    );
+}
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_grows_by_a_small_multiple_of_the_largest_document() {
+    let s = Installation::new("bigmem").await;
+    let (src, dst) = (s.db("src"), s.db("dst"));
+    s.couch.create_db(&src).await.unwrap();
+    s.couch.put_doc(&src, "small", &json!({})).await.unwrap();
+    let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src),
+                     "target": format!("{}/{}", s.url, dst), "create_target": true});
+    s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
+    let worker = s.start(&["--replication-engine", "native"]);
+    s.wait_doc(&dst, "small").await;
+    let before = peak_rss(worker.child.id());
+
+    // 20 MB of bytes that do not compress.
+    let size = 20 * 1024 * 1024;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let url = format!(
+        "{}/{}/big/blob",
+        s.url,
+        spiegel::couch::encode_segment(&src)
+    );
+    let put = reqwest::Client::new()
+        .put(&url)
+        .header("Content-Type", "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    s.wait_doc(&dst, "big").await;
+    let grown = peak_rss(worker.child.id()).saturating_sub(before);
+    eprintln!(
+        "peak RSS {} MB before, grew by {} MB replicating a {} MB attachment",
+        before >> 20,
+        grown >> 20,
+        size >> 20
+    );
+    assert!(
+        grown <= 8 * size as u64,
+        "grew by {} MB for a {} MB document",
+        grown >> 20,
+        size >> 20
     );
 }

@@ -95,7 +95,9 @@ pub enum LogFormat {
 const AFTER_HELP: &str = "\
 Every option can also be set by an environment variable in upper snake case \
 (URL, TYPE, LOG_LEVEL, PASSWORDS_FILE, ...); a command-line option wins over \
-its variable. See docs/configuration.md for the full reference.";
+its variable. Spiegel 1.2's way of naming the command, --type (TYPE), works \
+too, and its options that no longer have an effect are accepted with a \
+warning. See docs/configuration.md for the full reference.";
 
 /// Scalable replication and change listening for Apache CouchDB.
 #[derive(Debug, Parser)]
@@ -107,12 +109,15 @@ pub struct Cli {
 
     /// The command, Spiegel 1.2 style: install, uninstall, run, replicator,
     /// change-listener, update-listener, status or redeliver.
+    // Hidden from --help (the commands say it better); documented in
+    // docs/configuration.md.
     #[arg(
         long = "type",
         env = "TYPE",
         value_enum,
         global = true,
-        value_name = "TYPE"
+        value_name = "TYPE",
+        hide = true
     )]
     pub type_: Option<Command>,
 
@@ -234,7 +239,8 @@ pub struct Cli {
         env = "BATCH_TIMEOUT",
         default_value_t = 1000,
         global = true,
-        value_name = "MS"
+        value_name = "MS",
+        hide = true
     )]
     pub batch_timeout: u64,
 
@@ -245,7 +251,8 @@ pub struct Cli {
         env = "RETRY_AFTER",
         default_value_t = 10800,
         global = true,
-        value_name = "SECS"
+        value_name = "SECS",
+        hide = true
     )]
     pub retry_after: u64,
 
@@ -256,7 +263,8 @@ pub struct Cli {
         env = "CHECK_STALLED",
         default_value_t = 600,
         global = true,
-        value_name = "SECS"
+        value_name = "SECS",
+        hide = true
     )]
     pub check_stalled: u64,
 
@@ -338,29 +346,39 @@ pub struct Cli {
     /// Partitions of database names, fixed at install (the most workers of
     /// one role that can share the work).
     #[arg(long, env = "PARTITIONS", default_value_t = 32, global = true,
-          value_parser = clap::value_parser!(u32).range(1..=1024))]
+          value_parser = clap::value_parser!(u32).range(1..=1024), help_heading = "Options of install")]
     pub partitions: u32,
 
     /// uninstall: also delete the spiegel database with the user's
     /// replicator and on_change docs.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Options of uninstall")]
     pub delete_user_docs: bool,
 
     /// redeliver: only the dead letters of this on_change document id.
-    #[arg(long, global = true, value_name = "ID")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ID",
+        help_heading = "Options of redeliver"
+    )]
     pub rule: Option<String>,
 
     /// redeliver: only the dead letters of this database.
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Options of redeliver"
+    )]
     pub database: Option<String>,
 
     /// status: print JSON instead of a table.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Options of status")]
     pub json: bool,
 
     /// status: one table entry per document and worker, instead of one per
     /// document.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Options of status")]
     pub workers: bool,
 }
 

@@ -81,6 +81,22 @@ impl Logs {
         None
     }
 
+    /// Whether the last recorded checkpoint is older than `interval` (or
+    /// there is none, or its time cannot be read).
+    pub fn due(&self, interval: std::time::Duration) -> bool {
+        let recorded = self
+            .source
+            .as_ref()
+            .and_then(|log| log["history"][0]["end_time"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let Some(recorded) = recorded else {
+            return true;
+        };
+        let age = chrono::Utc::now().signed_duration_since(recorded);
+        // A time ahead of ours (another worker's clock) counts as due.
+        age.to_std().map_or(true, |age| age >= interval)
+    }
+
     /// Writes the checkpoint on both sides: this session, up to `seq`.
     pub async fn record(
         &mut self,
@@ -186,6 +202,20 @@ mod tests {
             target: Some(target),
             ..Logs::empty("x")
         }
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_once_the_last_is_older_than_the_interval() {
+        let at = |age: i64| {
+            let t = chrono::Utc::now() - chrono::Duration::seconds(age);
+            let t = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            logs(json!({"history": [{"end_time": t}]}), json!({}))
+        };
+        let interval = std::time::Duration::from_secs(30);
+        assert!(!at(5).due(interval));
+        assert!(at(31).due(interval));
+        assert!(at(-60).due(interval), "a time ahead of ours");
+        assert!(Logs::empty("x").due(interval), "no checkpoint yet");
     }
 
     #[test]

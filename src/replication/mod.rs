@@ -12,7 +12,8 @@
 //! 4. fetch them with their history and the attachments the target does
 //!    not have (`_bulk_get`, or `GET ?open_revs=` where it is missing);
 //! 5. write them as they are (`_bulk_docs`, `new_edits: false`);
-//! 6. record the checkpoint on both sides.
+//! 6. record the checkpoint on both sides (after each batch; a run of one
+//!    batch only once the last checkpoint is `checkpoint_interval` old).
 
 mod checkpoint;
 mod options;
@@ -120,6 +121,7 @@ impl Replication {
         let mut report = Report::default();
         let mut bulk_get = true;
         let mut since = start.clone();
+        let mut recorded = false;
         loop {
             let page = self
                 .source
@@ -137,8 +139,15 @@ impl Replication {
             if count > 0 {
                 self.copy(&page.results, &mut report, &mut bulk_get).await?;
             }
+            let last = count < self.options.batch;
             let moved = since.as_ref() != Some(&page.last_seq);
-            if self.options.use_checkpoints && count > 0 && moved {
+            // A run of one batch (the common case: a change or two) records
+            // its progress only every `checkpoint_interval`: the next run
+            // reads again at most that much, and such a run writes one
+            // document instead of three. Longer runs record every batch.
+            let worth = !last || recorded || logs.due(self.options.checkpoint_interval);
+            if self.options.use_checkpoints && count > 0 && moved && worth {
+                recorded = true;
                 logs.record(
                     &self.source,
                     &self.target,
@@ -150,7 +159,7 @@ impl Replication {
             }
             report.last_seq = Some(page.last_seq.clone());
             since = Some(page.last_seq);
-            if count < self.options.batch {
+            if last {
                 return Ok(report);
             }
         }

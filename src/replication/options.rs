@@ -2,6 +2,8 @@
 //! replicator document. Any other parameter makes the document run on the
 //! `couchdb` engine instead: a parameter is never dropped silently.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value};
 
 use crate::couch::{ChangesFilter, Seq};
@@ -9,6 +11,10 @@ use crate::couch::{ChangesFilter, Seq};
 /// Changes read, and revisions fetched, per batch (CouchDB's replicator
 /// uses 500; smaller batches bound memory with large attachments).
 const BATCH: u64 = 100;
+
+/// How long the progress of runs may go unrecorded (CouchDB's default
+/// `checkpoint_interval`).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How one replication runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +33,9 @@ pub struct Options {
     pub winning_revs_only: bool,
     /// Changes per batch.
     pub batch: u64,
+    /// A run that copies one batch records its checkpoint only if the last
+    /// one is older than this (`checkpoint_interval`, in ms).
+    pub checkpoint_interval: Duration,
 }
 
 /// Why a document cannot run on the native engine.
@@ -45,6 +54,7 @@ impl Options {
             since_seq: None,
             winning_revs_only: false,
             batch: BATCH,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
         };
         for (name, value) in params {
             options.set(name, value)?;
@@ -75,6 +85,9 @@ impl Options {
             ("worker_batch_size", Value::Number(n)) => {
                 self.batch = n.as_u64().filter(|&n| n > 0).ok_or_else(wrong)?
             }
+            ("checkpoint_interval", Value::Number(n)) => {
+                self.checkpoint_interval = Duration::from_millis(n.as_u64().ok_or_else(wrong)?)
+            }
             _ => return Err(Unsupported(format!("the parameter `{name}`"))),
         }
         Ok(())
@@ -103,9 +116,10 @@ mod tests {
     fn the_supported_parameters_are_read() {
         let o = parse(json!({"create_target": true, "filter": "app/by_kind",
             "query_params": {"kind": "a"}, "use_checkpoints": false,
-            "since_seq": "5-abc", "winning_revs_only": true}))
+            "since_seq": "5-abc", "winning_revs_only": true, "checkpoint_interval": 5000}))
         .unwrap();
         assert!(o.create_target && !o.use_checkpoints && o.winning_revs_only);
+        assert_eq!(o.checkpoint_interval, Duration::from_secs(5));
         assert_eq!(o.filter.filter.as_deref(), Some("app/by_kind"));
         assert_eq!(o.since_seq, Some(Seq::from(json!("5-abc"))));
         let o = parse(json!({"doc_ids": ["a", "b/c"]})).unwrap();

@@ -53,6 +53,9 @@ pub(crate) enum Only {
     Replicator,
     /// `spiegel change-listener` processes: no replication is expected.
     ChangeListener,
+    /// No Spiegel process: what the benchmark's writes alone cost the
+    /// server, to subtract from the other runs.
+    Writes,
 }
 
 /// The many-databases benchmark: Spiegel (or CouchDB's own `_replicator`)
@@ -211,8 +214,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         bail!("--prefix: lowercase letters, digits and _ only, starting with a letter");
     }
     let baseline = args.baseline.is_some();
-    let wants_replication = args.only != Some(Only::ChangeListener);
-    let wants_delivery = !baseline && args.only != Some(Only::Replicator);
+    let wants_replication = !matches!(args.only, Some(Only::ChangeListener | Only::Writes));
+    let wants_delivery = !baseline && args.only.is_none_or(|o| o == Only::ChangeListener);
     let logs = std::env::temp_dir().join(format!("spiegel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
     let run_start = Instant::now();

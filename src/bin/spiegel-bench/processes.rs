@@ -124,6 +124,7 @@ pub(crate) async fn start_spiegel(
         None => &["replicator", "change-listener"],
         Some(Only::Replicator) => &["replicator"],
         Some(Only::ChangeListener) => &["change-listener"],
+        Some(Only::Writes) => &[],
     };
     let roles: Vec<&str> = match (args.workers, args.only) {
         (None, None) => vec!["run"],
