@@ -98,16 +98,7 @@ async fn a_20_mb_attachment_replicates_intact() {
     let couch = client_for(&shared_url());
     let (source, target) = (unique_name("big_src"), unique_name("big_dst"));
     couch.create_db(&source).await.unwrap();
-    // Incompressible bytes, so that no layer shrinks them.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let data: Vec<u8> = (0..20 * 1024 * 1024)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = incompressible(20 * 1024 * 1024);
     let url = format!(
         "{}/{}/big/blob",
         shared_url(),

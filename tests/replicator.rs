@@ -683,17 +683,8 @@ async fn memory_grows_by_a_small_multiple_of_the_largest_document() {
     s.wait_doc(&dst, "small").await;
     let before = peak_rss(worker.child.id());
 
-    // 20 MB of bytes that do not compress.
     let size = 20 * 1024 * 1024;
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = incompressible(size);
     let url = format!(
         "{}/{}/big/blob",
         s.url,

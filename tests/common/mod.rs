@@ -358,3 +358,17 @@ pub async fn wait_published(
     )
     .await;
 }
+
+/// `size` bytes that do not compress (xorshift), so that no layer between
+/// the test and CouchDB shrinks them.
+pub fn incompressible(size: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
