@@ -372,7 +372,15 @@ fn a_one_shot_command_stops_at_once_on_sigint_or_sigterm() {
             .spawn()
             .unwrap();
         // Its request is under way once the server sees the connection.
-        silent.accept().unwrap();
+        silent.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while silent.accept().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status never connected"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         signal(&child, sig);
         let status = wait_exit(&mut child, Duration::from_secs(5));
         assert!(

@@ -107,11 +107,12 @@ impl Kit {
         Kit::start(&["cluster-start", &nodes.to_string()], nodes)
     }
 
-    /// Starts the kit, trying again (in a new dir, on new ports) when a
-    /// start fails: on a loaded machine CouchDB sometimes answers 500 to
-    /// the creation of a system database right after it came up.
+    /// Starts the kit, trying again (in a new dir, on new ports, after a
+    /// growing pause) when a start fails: on a loaded machine (several
+    /// tests starting their nodes at once) CouchDB sometimes answers 500
+    /// to the creation of a system database right after it came up.
     fn start(args: &[&str], nodes: u16) -> Kit {
-        const ATTEMPTS: u32 = 3;
+        const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             match Kit::try_start(args, nodes) {
                 Ok(kit) => return kit,
@@ -119,6 +120,7 @@ impl Kit {
                     "the kit did not start (attempt {attempt} of {ATTEMPTS}; its output is above); it printed {printed:?}"
                 ),
             }
+            std::thread::sleep(std::time::Duration::from_secs(u64::from(attempt)));
         }
         panic!("the kit did not start after {ATTEMPTS} attempts");
     }
