@@ -384,6 +384,14 @@ impl<S: LeaseStore> Coordinator<S> {
             self.states.set(partition, LeaseState::Releasing);
             list.push((partition, checkpoint));
         }
+        // Partitions the worker had drained but not handed back yet (its
+        // save before the release was under way): freed with their stored
+        // checkpoint rather than left to expire.
+        let listed: BTreeSet<u32> = list.iter().map(|(p, _)| *p).collect();
+        for partition in held.difference(&listed) {
+            self.states.set(*partition, LeaseState::Releasing);
+            list.push((*partition, None));
+        }
         bounded(limit, "releasing leases", self.free(list)).await;
         bounded(
             limit,
@@ -582,6 +590,35 @@ mod tests {
 
     fn store() -> MemoryStore {
         MemoryStore::new(DocIds::new("", "test"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leaving_frees_a_partition_being_drained_too() {
+        let store = store();
+        let mut a = start(&store, "a");
+        a.until_owning(4).await;
+        let _b = start(&store, "b");
+        // "a" is told to give a partition up, and stops before handing it
+        // back.
+        let draining = loop {
+            if let (Assignment::Release { partition }, _) = a.next().await {
+                break partition;
+            }
+        };
+        let (done, left) = oneshot::channel();
+        let checkpoints = a.owned.iter().map(|p| (*p, None)).collect();
+        a.requests
+            .send(Request::Leave { checkpoints, done })
+            .unwrap();
+        left.await.expect("left");
+        for partition in 0..PARTITIONS {
+            let owner = store.lease(partition).and_then(|l| l.owner);
+            assert_ne!(
+                owner.as_deref(),
+                Some("a"),
+                "partition {partition} (draining: {draining})"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
