@@ -646,8 +646,7 @@ impl Differential {
     async fn assert_no_engine_note(&self) {
         let what = format!("a success of {REPLICATOR_DOC} in spiegel status");
         let reports = wait_for(&what, DEADLINE, || async {
-            let status = self.s.status().await;
-            let reports = status["documents"][REPLICATOR_DOC].as_array()?.clone();
+            let reports = self.s.reports(REPLICATOR_DOC).await;
             let succeeded = |r: &Value| r["succeeded"].as_u64().unwrap_or(0) > 0;
             reports.iter().any(succeeded).then_some(reports)
         })

@@ -479,11 +479,10 @@ async fn two_replicator_workers_share_the_databases() {
         "both workers to do some work",
         Duration::from_secs(20),
         || async {
-            let status = s.status().await;
-            let workers = status["documents"]["fan-in"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let workers = s
+                .reports("fan-in")
+                .await
+                .iter()
                 .filter(|r| r["succeeded"].as_u64().unwrap_or(0) > 0)
                 .count();
             (workers == 2).then_some(())
@@ -573,11 +572,10 @@ async fn a_stopped_workers_status_is_kept_then_removed_after_ten_lease_times() {
         "the stopped worker's status removed",
         Duration::from_secs(60),
         || async {
-            let status = s.status().await;
-            let gone = status["documents"]["r"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let gone = s
+                .reports("r")
+                .await
+                .iter()
                 .all(|r| r["worker"] != "first-replicator");
             gone.then_some(())
         },
@@ -627,12 +625,8 @@ async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
         "the resumed run reported",
         Duration::from_secs(60),
         || async {
-            let status = s.status().await;
-            let reports = status["documents"]["r"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            reports
+            s.reports("r")
+                .await
                 .iter()
                 .find(|r| r["worker"] == "second-replicator")
                 .and_then(|r| r["last_success"]["detail"].as_str().map(String::from))

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::coordination::{settings_doc_id, DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::status::{status_doc_prefix, DocStatus, Event, StatusDoc};
+use crate::status::{status_doc_prefix, DocStatus, StatusDoc};
 
 /// What `spiegel status` shows.
 #[derive(Debug, Serialize)]
@@ -43,23 +43,12 @@ pub struct DocTotal {
     pub role: String,
     /// How many workers reported on it.
     pub workers: usize,
-    /// Runs that succeeded, summed.
-    pub succeeded: u64,
-    /// Runs that failed, summed.
-    pub failed: u64,
-    /// The latest success of any worker.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_success: Option<Event>,
-    /// The latest error of each failing database, whichever worker met it;
-    /// one followed by a later success of that database is over.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub errors: BTreeMap<String, Event>,
-    /// Why the document cannot be used, from the latest report.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub invalid: Option<String>,
-    /// The note of the latest report.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
+    /// Counts summed; the latest success of any worker; the latest error
+    /// of each failing database, whichever worker met it (one followed by
+    /// a later success of that database is over); `invalid` and `note` of
+    /// the latest report.
+    #[serde(flatten)]
+    pub status: DocStatus,
 }
 
 /// The dead letters, in total and per rule.
@@ -215,29 +204,26 @@ fn total(reports: &[DocReport]) -> DocTotal {
     let mut by_age: Vec<&DocReport> = reports.iter().collect();
     by_age.sort_by(|a, b| a.reported_at.cmp(&b.reported_at));
     for r in by_age {
+        let (sum, each) = (&mut total.status, &r.status);
         total.role.clone_from(&r.role);
-        total.succeeded += r.status.succeeded;
-        total.failed += r.status.failed;
-        total.invalid.clone_from(&r.status.invalid);
-        total.note.clone_from(&r.status.note);
-        if let Some(success) = &r.status.last_success {
-            if total
-                .last_success
-                .as_ref()
-                .is_none_or(|l| l.at < success.at)
-            {
-                total.last_success = Some(success.clone());
+        sum.succeeded += each.succeeded;
+        sum.failed += each.failed;
+        sum.invalid.clone_from(&each.invalid);
+        sum.note.clone_from(&each.note);
+        if let Some(success) = &each.last_success {
+            if sum.last_success.as_ref().is_none_or(|l| l.at < success.at) {
+                sum.last_success = Some(success.clone());
             }
         }
-        for (db, error) in &r.status.errors {
-            if total.errors.get(db).is_none_or(|e| e.at < error.at) {
-                total.errors.insert(db.clone(), error.clone());
+        for (db, error) in &each.errors {
+            if sum.errors.get(db).is_none_or(|e| e.at < error.at) {
+                sum.errors.insert(db.clone(), error.clone());
             }
         }
     }
-    if let Some(success) = &total.last_success {
-        total
-            .errors
+    let sum = &mut total.status;
+    if let Some(success) = &sum.last_success {
+        sum.errors
             .retain(|db, e| !(db == &success.db && e.at < success.at));
     }
     total
@@ -282,7 +268,7 @@ pub fn render(report: &Report, per_worker: bool) -> String {
         for (id, reports) in &report.documents {
             for r in reports {
                 let who = format!("{} on {}", r.role, r.worker);
-                render_doc(&mut out, id, &who, &DocLines::of(&r.status));
+                render_doc(&mut out, id, &who, &r.status);
             }
         }
     } else {
@@ -291,41 +277,10 @@ pub fn render(report: &Report, per_worker: bool) -> String {
                 1 => format!("{}, 1 worker", t.role),
                 n => format!("{}, {n} workers", t.role),
             };
-            render_doc(&mut out, id, &who, &DocLines::of_total(t));
+            render_doc(&mut out, id, &who, &t.status);
         }
     }
     out
-}
-
-/// What the table shows of a document.
-struct DocLines<'a> {
-    succeeded: u64,
-    failed: u64,
-    invalid: Option<&'a str>,
-    note: Option<&'a str>,
-    errors: &'a BTreeMap<String, Event>,
-}
-
-impl<'a> DocLines<'a> {
-    fn of(s: &'a DocStatus) -> Self {
-        DocLines {
-            succeeded: s.succeeded,
-            failed: s.failed,
-            invalid: s.invalid.as_deref(),
-            note: s.note.as_deref(),
-            errors: &s.errors,
-        }
-    }
-
-    fn of_total(t: &'a DocTotal) -> Self {
-        DocLines {
-            succeeded: t.succeeded,
-            failed: t.failed,
-            invalid: t.invalid.as_deref(),
-            note: t.note.as_deref(),
-            errors: &t.errors,
-        }
-    }
 }
 
 fn render_role(out: &mut String, name: &str, role: &RoleReport) {
@@ -342,9 +297,10 @@ fn render_role(out: &mut String, name: &str, role: &RoleReport) {
     }
 }
 
-fn render_doc(out: &mut String, id: &str, who: &str, d: &DocLines<'_>) {
+fn render_doc(out: &mut String, id: &str, who: &str, d: &DocStatus) {
     let unusable = d
         .invalid
+        .as_deref()
         .map(|e| format!("; UNUSABLE: {e}"))
         .unwrap_or_default();
     let _ = writeln!(
@@ -352,10 +308,10 @@ fn render_doc(out: &mut String, id: &str, who: &str, d: &DocLines<'_>) {
         "  {id} ({who}): {} succeeded, {} failed{unusable}",
         d.succeeded, d.failed
     );
-    if let Some(note) = d.note {
+    if let Some(note) = &d.note {
         let _ = writeln!(out, "    note: {note}");
     }
-    for (db, e) in d.errors {
+    for (db, e) in &d.errors {
         let detail = e.detail.as_deref().unwrap_or("");
         let _ = writeln!(out, "    {db}: {detail} ({})", e.at);
     }
@@ -364,6 +320,7 @@ fn render_doc(out: &mut String, id: &str, who: &str, d: &DocLines<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::Event;
 
     fn event(db: &str, at: &str) -> Event {
         Event {
@@ -409,10 +366,10 @@ mod tests {
             },
         );
         let t = total(&[new, old]);
-        assert_eq!((t.workers, t.succeeded, t.failed), (2, 5, 1));
-        assert_eq!(t.last_success.expect("a success").db, "b");
+        assert_eq!((t.workers, t.status.succeeded, t.status.failed), (2, 5, 1));
+        assert_eq!(t.status.last_success.expect("a success").db, "b");
         assert_eq!(
-            t.errors.keys().collect::<Vec<_>>(),
+            t.status.errors.keys().collect::<Vec<_>>(),
             ["c"],
             "b's error is over: b succeeded later"
         );

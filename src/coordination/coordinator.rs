@@ -473,13 +473,19 @@ impl<S: LeaseStore> Coordinator<S> {
         };
         let suffix = format!("-{}", self.role);
         let mut seen = HashMap::new();
-        for (worker, id, rev) in statuses {
+        for status in statuses {
+            let worker = status.worker;
             if !worker.ends_with(&suffix) || live.contains(&worker) || worker == self.me {
                 continue;
             }
             let since = self.orphans.get(&worker).copied().unwrap_or(now);
             if now - since >= self.timing.lease * 10 {
-                if self.store.remove_status(&id, &rev).await.is_ok() {
+                if self
+                    .store
+                    .remove_status(&status.id, &status.rev)
+                    .await
+                    .is_ok()
+                {
                     tracing::info!(role = %self.role, worker = %worker, "removed the status of a worker gone for ten lease times");
                 }
                 continue;

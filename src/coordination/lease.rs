@@ -15,6 +15,8 @@ use crate::couch::{impl_revised, prefix_range, Seq};
 pub struct DocIds {
     lease_prefix: String,
     worker_prefix: String,
+    /// Status documents: every role's, one per worker.
+    status_prefix: String,
 }
 
 impl DocIds {
@@ -23,7 +25,13 @@ impl DocIds {
         DocIds {
             lease_prefix: format!("{}{role}_", Self::all_leases(namespace)),
             worker_prefix: format!("{}{role}_", Self::all_workers(namespace)),
+            status_prefix: crate::status::status_doc_prefix(namespace),
         }
+    }
+
+    /// The id prefix of the status documents of every worker of every role.
+    pub fn status_prefix(&self) -> &str {
+        &self.status_prefix
     }
 
     /// The id prefix of every role's leases.

@@ -29,11 +29,8 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// claiming it only one wins; the other gets [`CouchError::Conflict`].
     fn claim(&self, lease: LeaseDoc) -> impl Future<Output = Result<LeaseDoc, CouchError>> + Send;
 
-    /// The status documents of every worker of every role: (worker id,
-    /// document id, revision).
-    fn statuses(
-        &self,
-    ) -> impl Future<Output = Result<Vec<(String, String, String)>, CouchError>> + Send;
+    /// The status documents of every worker of every role.
+    fn statuses(&self) -> impl Future<Output = Result<Vec<StatusRef>, CouchError>> + Send;
 
     /// Deletes a status document.
     fn remove_status(
@@ -58,8 +55,15 @@ pub struct CouchStore {
     /// The spiegel database.
     pub db: String,
     pub ids: DocIds,
-    /// The id prefix of status documents (`<namespace>spiegel_status_`).
-    pub status_prefix: String,
+}
+
+/// A worker's status document, by id and revision (enough to delete it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusRef {
+    /// The worker it reports on.
+    pub worker: String,
+    pub id: String,
+    pub rev: String,
 }
 
 impl LeaseStore for CouchStore {
@@ -83,19 +87,20 @@ impl LeaseStore for CouchStore {
         Ok(())
     }
 
-    async fn statuses(&self) -> Result<Vec<(String, String, String)>, CouchError> {
-        let query = AllDocsQuery::prefix(&self.status_prefix);
+    async fn statuses(&self) -> Result<Vec<StatusRef>, CouchError> {
+        let prefix = self.ids.status_prefix();
         let query = AllDocsQuery {
             include_docs: false,
-            ..query
+            ..AllDocsQuery::prefix(prefix)
         };
         let rows = self.client.all_docs(&self.db, &query).await?.rows;
         Ok(rows
             .into_iter()
             .filter_map(|row| {
                 let id = row.id?;
-                let worker = id.strip_prefix(&self.status_prefix)?.to_string();
-                Some((worker, id, row.value?.rev))
+                let worker = id.strip_prefix(prefix)?.to_string();
+                let rev = row.value?.rev;
+                Some(StatusRef { worker, id, rev })
             })
             .collect())
     }
@@ -284,7 +289,7 @@ pub mod memory {
             Ok(())
         }
 
-        async fn statuses(&self) -> Result<Vec<(String, String, String)>, CouchError> {
+        async fn statuses(&self) -> Result<Vec<StatusRef>, CouchError> {
             Ok(Vec::new())
         }
 

@@ -11,23 +11,21 @@ mod scheduler;
 mod sweep;
 mod watermark;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 
-use self::catch_up::CatchUpEvent;
-use self::runtime::{Inbox, Worker};
+use self::runtime::{Ends, Worker};
 use self::scheduler::Scheduler;
 use crate::admin::Health;
 use crate::backoff::Backoff;
 use crate::config::{Config, Since};
-use crate::coordination::coordinator::{Assignment, Coordinator, Link, Member, Request};
+use crate::coordination::coordinator::{Coordinator, Link, Member};
 use crate::coordination::store::CouchStore;
 use crate::coordination::{settings_doc_id, Settings};
 use crate::coordination::{DocIds, Timing};
@@ -258,49 +256,14 @@ pub async fn run<R: Role>(
         concurrency = options.concurrency,
         "worker started"
     );
-    let (live_tx, live) = mpsc::channel::<DbUpdate>(1024);
-    let (assign_tx, assignments) = mpsc::unbounded_channel();
-    let (beat_tx, beats) = watch::channel(None);
-    let (requests, request_rx) = mpsc::unbounded_channel();
-    let (catch_up, catch_up_rx) = mpsc::channel::<CatchUpEvent>(256);
-    let (events, events_rx) = mpsc::unbounded_channel();
     let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
-    let mut worker = Worker {
-        label: metrics::role(&role_name),
-        sched: Scheduler::new(settings.partitions, options.concurrency, skip),
-        tasks: JoinSet::new(),
-        runs: JoinSet::new(),
-        catch_ups: HashMap::new(),
-        parked: VecDeque::new(),
-        missing: HashMap::new(),
-        replays: Arc::new(Semaphore::new(runtime::REPLAYS)),
-        role,
-        options,
-        client,
-        metrics,
-        requests,
-        events,
-        catch_up,
-    };
-    let services = Services {
-        start,
-        live: live_tx,
-        assignments: assign_tx,
-        beats: beat_tx,
-        requests: request_rx,
-    };
-    services.spawn(&mut worker);
+    let sched = Scheduler::new(settings.partitions, options.concurrency, skip);
+    let (mut worker, inbox, ends) =
+        Worker::new(role, options, client, metrics, sched, extras.nudges);
+    Services { start, ends }.spawn(&mut worker);
     for task in extras.tasks {
         worker.tasks.spawn(task);
     }
-    let inbox = Inbox {
-        live,
-        assignments,
-        catch_up: catch_up_rx,
-        events: events_rx,
-        beats,
-        nudges: extras.nudges,
-    };
     worker.run(inbox, shutdown).await;
     Ok(())
 }
@@ -310,10 +273,8 @@ pub async fn run<R: Role>(
 struct Services {
     /// Where the feed starts.
     start: Seq,
-    live: mpsc::Sender<DbUpdate>,
-    assignments: mpsc::UnboundedSender<Assignment>,
-    beats: watch::Sender<Option<tokio::time::Instant>>,
-    requests: mpsc::UnboundedReceiver<Request>,
+    /// The worker's channel ends they hold.
+    ends: Ends,
 }
 
 impl Services {
@@ -328,7 +289,7 @@ impl Services {
             worker.client.clone(),
             self.start,
             feed_options,
-            self.live,
+            self.ends.live,
             worker.metrics.clone(),
             role.clone(),
         ));
@@ -344,14 +305,13 @@ impl Services {
             client: worker.client.clone(),
             db: options.db_name.clone(),
             ids: DocIds::new(&options.namespace, &role),
-            status_prefix: crate::status::status_doc_prefix(&options.namespace),
         };
         let link = Link {
-            to_worker: self.assignments,
-            beats: self.beats,
+            to_worker: self.ends.assignments,
+            beats: self.ends.beats,
         };
         let coordinator = Coordinator::new(store, member, worker.metrics.clone(), link);
-        worker.tasks.spawn(coordinator.run(self.requests));
+        worker.tasks.spawn(coordinator.run(self.ends.requests));
         if let Some(interval) = worker.options.sweep_interval {
             let sweep = sweep::run(worker.client.clone(), interval, worker.catch_up.clone());
             worker.tasks.spawn(sweep);

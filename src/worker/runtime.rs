@@ -25,7 +25,7 @@ use crate::metrics::{RoleLabel, WorkerMetrics};
 const PARKED_NUDGES: usize = 100_000;
 
 /// Partition replays at once: each holds a connection and reads a feed.
-pub(super) const REPLAYS: usize = 2;
+const REPLAYS: usize = 2;
 
 /// Internal messages of the worker's own tasks.
 pub(super) enum Event {
@@ -51,6 +51,19 @@ pub(super) struct Inbox {
     pub beats: watch::Receiver<Option<TokioInstant>>,
     /// Databases the role asks to handle (a document added or edited).
     pub nudges: mpsc::Receiver<String>,
+}
+
+/// The other ends of the worker's channels: what its services (the feed,
+/// the coordinator) hold.
+pub(super) struct Ends {
+    /// Into [`Inbox::live`].
+    pub live: mpsc::Sender<DbUpdate>,
+    /// Into [`Inbox::assignments`].
+    pub assignments: mpsc::UnboundedSender<Assignment>,
+    /// Into [`Inbox::beats`].
+    pub beats: watch::Sender<Option<TokioInstant>>,
+    /// From [`Worker::requests`].
+    pub requests: mpsc::UnboundedReceiver<Request>,
 }
 
 /// A running worker of one role.
@@ -84,6 +97,56 @@ pub(super) struct Worker<R: Role> {
 }
 
 impl<R: Role> Worker<R> {
+    /// A worker of `role` over `sched`, with its channels: the inbox it
+    /// reads and the ends its services hold. `nudges` come from the role.
+    pub fn new(
+        role: Arc<R>,
+        options: WorkerOptions,
+        client: CouchClient,
+        metrics: WorkerMetrics,
+        sched: Scheduler,
+        nudges: mpsc::Receiver<String>,
+    ) -> (Self, Inbox, Ends) {
+        let (live_tx, live) = mpsc::channel(1024);
+        let (assign_tx, assignments) = mpsc::unbounded_channel();
+        let (beat_tx, beats) = watch::channel(None);
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let (catch_up, catch_up_rx) = mpsc::channel(256);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            label: crate::metrics::role(role.name()),
+            sched,
+            tasks: JoinSet::new(),
+            runs: JoinSet::new(),
+            catch_ups: HashMap::new(),
+            parked: VecDeque::new(),
+            missing: HashMap::new(),
+            replays: Arc::new(Semaphore::new(REPLAYS)),
+            role,
+            options,
+            client,
+            metrics,
+            requests,
+            events,
+            catch_up,
+        };
+        let inbox = Inbox {
+            live,
+            assignments,
+            catch_up: catch_up_rx,
+            events: events_rx,
+            beats,
+            nudges,
+        };
+        let ends = Ends {
+            live: live_tx,
+            assignments: assign_tx,
+            beats: beat_tx,
+            requests: request_rx,
+        };
+        (worker, inbox, ends)
+    }
+
     fn name(&self) -> &str {
         self.role.name()
     }
@@ -582,45 +645,20 @@ mod tests {
         });
         let url = SecretUrl::parse("http://127.0.0.1:9").expect("a URL");
         let client = CouchClient::new(&url, ClientOptions::default()).expect("a client");
-        let (live_tx, live) = mpsc::channel(16);
-        let (assign_tx, assignments) = mpsc::unbounded_channel();
-        let (beat_tx, beats) = watch::channel(Some(TokioInstant::now()));
-        let (requests, request_rx) = mpsc::unbounded_channel();
-        let (catch_up, catch_up_rx) = mpsc::channel(16);
-        let (events, events_rx) = mpsc::unbounded_channel();
         let (_, nudges) = mpsc::channel(1);
         let (stop_tx, stop) = oneshot::channel::<()>();
         let options = options(retry);
-        let worker = Worker {
-            role: role.clone(),
-            label: crate::metrics::role("scripted"),
-            sched: Scheduler::new(1, options.concurrency, HashSet::new()),
-            options,
-            client,
-            metrics: crate::metrics::Metrics::new().worker,
-            tasks: JoinSet::new(),
-            runs: JoinSet::new(),
-            catch_ups: HashMap::new(),
-            parked: VecDeque::new(),
-            missing: HashMap::new(),
-            // No replay ever starts: it would read CouchDB.
-            replays: Arc::new(Semaphore::new(0)),
-            requests,
-            events,
-            catch_up,
-        };
-        let inbox = Inbox {
-            live,
-            assignments,
-            catch_up: catch_up_rx,
-            events: events_rx,
-            beats,
-            nudges,
-        };
+        let sched = Scheduler::new(1, options.concurrency, HashSet::new());
+        let metrics = crate::metrics::Metrics::new().worker;
+        let (mut worker, inbox, ends) =
+            Worker::new(role.clone(), options, client, metrics, sched, nudges);
+        // No replay ever starts: it would read CouchDB.
+        worker.replays = Arc::new(Semaphore::new(0));
+        ends.beats.send_replace(Some(TokioInstant::now()));
         tokio::spawn(worker.run(inbox, async {
             let _ = stop.await;
         }));
-        assign_tx
+        ends.assignments
             .send(Assignment::Acquired {
                 partition: 0,
                 checkpoint: None,
@@ -631,10 +669,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         Harness {
             role,
-            live: live_tx,
-            assignments: assign_tx,
-            beats: beat_tx,
-            requests: request_rx,
+            live: ends.live,
+            assignments: ends.assignments,
+            beats: ends.beats,
+            requests: ends.requests,
             _stop: stop_tx,
         }
     }

@@ -251,6 +251,15 @@ impl Installation {
     pub async fn status(&self) -> serde_json::Value {
         spiegel_status(&self.url, &self.spiegel_db)
     }
+
+    /// Each worker's report on document `doc` in `spiegel status --json`.
+    pub async fn reports(&self, doc: &str) -> Vec<serde_json::Value> {
+        let status = self.status().await;
+        status["documents"][doc]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// `spiegel status --json` on the installation in `spiegel_db` at `url`.
