@@ -6,7 +6,8 @@
 //! from the kit, single node), `cluster` (a 3-node kit cluster) or
 //! `external` (`SPIEGEL_TEST_COUCHDB_URL`, which alone also selects it).
 //! The binaries Spiegel ships do not depend on it. It also tells whether
-//! `kubectl` and `docker` are installed, for the deployment tests.
+//! `kubectl` and `docker` are installed, for the deployment tests, and
+//! Chromium with its WebDriver, for the console's browser tests.
 
 fn main() {
     println!("cargo::rerun-if-env-changed=SPIEGEL_TEST_SERVER");
@@ -28,12 +29,13 @@ fn main() {
     // Tools some deployment tests run; without them those tests are
     // reported as ignored.
     println!("cargo::rerun-if-env-changed=PATH");
-    for (tool, cfg) in [
-        ("kubectl", "spiegel_has_kubectl"),
-        ("docker", "spiegel_has_docker"),
+    for (tools, cfg) in [
+        (&["kubectl"][..], "spiegel_has_kubectl"),
+        (&["docker"][..], "spiegel_has_docker"),
+        (&["chromium", "chromedriver"][..], "spiegel_has_chromium"),
     ] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
-        if on_path(tool) {
+        if tools.iter().all(|tool| on_path(tool)) {
             println!("cargo::rustc-cfg={cfg}");
         }
     }

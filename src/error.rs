@@ -19,6 +19,9 @@ pub enum Error {
     /// The HTTP client for users' APIs could not be built.
     #[error("cannot set up delivery: {0}")]
     Delivery(#[from] DeliveryError),
+    /// The console's embedded page does not compile.
+    #[error("the admin console's page: {0}")]
+    Console(#[from] minijinja::Error),
     /// A worker's task panicked or was cancelled.
     #[error("worker failed: {0}")]
     Worker(#[from] tokio::task::JoinError),

@@ -136,13 +136,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
             // The admin server answers until the workers have stopped.
             let mut admin = tokio::task::JoinSet::new();
             if let Some(listener) = admin_listener(&config).await? {
-                tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: /healthz /readyz /metrics");
-                admin.spawn(spiegel::admin::serve(
-                    listener,
-                    metrics.clone(),
-                    config.health.clone(),
-                    client.clone(),
-                ));
+                let console = match config.console {
+                    true => Some(spiegel::admin::Console::new(&config, client.clone())?),
+                    false => None,
+                };
+                let paths = match (&console, &config.admin_token) {
+                    (None, _) => "/healthz /readyz /metrics",
+                    (Some(_), None) => {
+                        "/healthz /readyz /metrics, the console at / (read-only: no --admin-token)"
+                    }
+                    (Some(_), Some(_)) => "/healthz /readyz /metrics, the console at /",
+                };
+                tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: {paths}");
+                let served = spiegel::admin::Admin {
+                    metrics: metrics.clone(),
+                    health: config.health.clone(),
+                    client: client.clone(),
+                    console,
+                };
+                admin.spawn(spiegel::admin::serve(listener, served));
+            } else if config.console {
+                tracing::warn!("--console has no effect without the admin HTTP server");
             }
             let ran = roles::run(&config, &client, hosted, &metrics, shutdown).await;
             admin.shutdown().await;

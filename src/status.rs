@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::admin::Live;
 use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{impl_revised, AllDocsQuery, CouchClient, CouchError};
 use crate::flush::{Flush, Turn};
@@ -40,6 +41,9 @@ pub struct DocStatus {
 pub struct Event {
     pub db: String,
     pub at: String,
+    /// For an error: when the database's errors in a row began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -74,6 +78,9 @@ pub struct StatusBook {
     inner: Arc<Mutex<Book>>,
     target: Option<Arc<Target>>,
     turn: Arc<Turn>,
+    /// Where each outcome is also told, with the role's name: the
+    /// console's live tail.
+    tail: Option<(String, Arc<Live>)>,
 }
 
 #[derive(Default)]
@@ -103,6 +110,18 @@ impl StatusBook {
         }
     }
 
+    /// Tells each outcome to the process's live tail too.
+    pub fn with_tail(mut self, role: &str, live: Arc<Live>) -> Self {
+        self.tail = Some((role.to_string(), live));
+        self
+    }
+
+    fn tell(&self, doc: &str, db: &str, ok: bool, detail: Option<&String>) {
+        if let Some((role, live)) = &self.tail {
+            live.tail.push(role, doc, db, ok, detail.cloned());
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Book) -> T) -> T {
         // A panic while holding this lock cannot leave the book half-written
         // in a way that matters: it only holds counters and messages.
@@ -111,6 +130,7 @@ impl StatusBook {
     }
 
     pub fn success(&self, doc: &str, db: &str, detail: Option<String>) {
+        self.tell(doc, db, true, detail.as_ref());
         self.with(|b| {
             let s = b.docs.entry(doc.to_string()).or_default();
             s.succeeded += 1;
@@ -118,6 +138,7 @@ impl StatusBook {
             s.last_success = Some(Event {
                 db: db.into(),
                 at: crate::coordination::timestamp(),
+                since: None,
                 detail,
             });
             b.dirty = true;
@@ -125,6 +146,7 @@ impl StatusBook {
     }
 
     pub fn failure(&self, doc: &str, db: &str, error: String) {
+        self.tell(doc, db, false, Some(&error));
         self.with(|b| {
             let s = b.docs.entry(doc.to_string()).or_default();
             s.failed += 1;
@@ -139,11 +161,15 @@ impl StatusBook {
                     s.errors.remove(&oldest);
                 }
             }
+            let at = crate::coordination::timestamp();
+            let since = s.errors.get(db).map(|e| e.since.as_ref().unwrap_or(&e.at));
+            let since = Some(since.unwrap_or(&at).clone());
             s.errors.insert(
                 db.into(),
                 Event {
                     db: db.into(),
-                    at: crate::coordination::timestamp(),
+                    at,
+                    since,
                     detail: Some(error),
                 },
             );

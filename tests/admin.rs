@@ -9,35 +9,6 @@ use serde_json::json;
 
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn get(url: &str) -> Option<(u16, String)> {
-    let answer = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    Some((answer.status().as_u16(), answer.text().await.ok()?))
-}
-
-/// Waits until `url` answers `want`; returns the body. (A failure prints
-/// the worker's logs: `Spiegel` does on drop.)
-async fn wait_status(url: &str, want: u16, deadline: Duration) -> String {
-    wait_for(&format!("{url} to answer {want}"), deadline, || async {
-        get(url)
-            .await
-            .and_then(|(status, body)| (status == want).then_some(body))
-    })
-    .await
-}
-
 #[tokio::test]
 #[cfg_attr(
     spiegel_test_server = "external",
@@ -60,10 +31,10 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
         &format!("127.0.0.1:{port}"),
     ]);
     assert_eq!(
-        wait_status(&format!("{admin}/healthz"), 200, Duration::from_secs(10)).await,
+        wait_http_status(&format!("{admin}/healthz"), 200, Duration::from_secs(10)).await,
         "ok\n"
     );
-    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(10)).await;
+    wait_http_status(&format!("{admin}/readyz"), 200, Duration::from_secs(10)).await;
 
     // Activity: a replication and a change.
     let (src, dst) = ("src", "dst");
@@ -88,7 +59,7 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
     let metrics = {
         let start = Instant::now();
         loop {
-            let (_, text) = get(&format!("{admin}/metrics")).await.unwrap();
+            let (_, text) = http_get(&format!("{admin}/metrics")).await.unwrap();
             if text.contains("spiegel_replications_total{outcome=\"ok\",engine=\"couchdb\"}")
                 || start.elapsed() > Duration::from_secs(10)
             {
@@ -122,22 +93,22 @@ async fn readiness_follows_couchdb_and_metrics_show_activity() {
 
     // CouchDB stops: unready; it returns: ready again.
     server.kill();
-    let body = wait_status(&format!("{admin}/readyz"), 503, Duration::from_secs(15)).await;
+    let body = wait_http_status(&format!("{admin}/readyz"), 503, Duration::from_secs(15)).await;
     assert!(body.contains("CouchDB"), "{body}");
     server.restart();
-    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
+    wait_http_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
 
     // _global_changes deleted: the feeds end and cannot reopen, unready.
     // Created again: ready again (Spiegel's own heartbeat writes are events
     // that show the feeds work, even on an otherwise idle server).
     couch.delete_db("_global_changes").await.unwrap();
     wait_for("unready for the feed", Duration::from_secs(15), || async {
-        let (status, body) = get(&format!("{admin}/readyz")).await?;
+        let (status, body) = http_get(&format!("{admin}/readyz")).await?;
         (status == 503 && body.contains("not following _db_updates")).then_some(())
     })
     .await;
     couch.create_db("_global_changes").await.unwrap();
-    wait_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
+    wait_http_status(&format!("{admin}/readyz"), 200, Duration::from_secs(30)).await;
 
     // SIGTERM: a clean exit, code 0, within the bound.
     let t = Instant::now();

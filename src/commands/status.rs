@@ -32,6 +32,9 @@ pub struct Report {
     pub documents: BTreeMap<String, Vec<DocReport>>,
     /// Per document: the reports of every worker taken together.
     pub totals: BTreeMap<String, DocTotal>,
+    /// The dead letters themselves, for the console.
+    #[serde(skip)]
+    pub letters: Vec<DeadLetter>,
 }
 
 /// One document's outcomes over every worker's report still kept (a
@@ -80,6 +83,12 @@ pub struct WorkerReport {
     /// Heartbeats written (absent when it has no membership document).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeats: Option<u64>,
+    /// Seconds since its last heartbeat, by its own clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_seconds: Option<i64>,
+    /// Its lease time: a worker silent for longer is taken for dead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<f64>,
 }
 
 /// What one worker reported about one document.
@@ -116,6 +125,7 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::R
         roles: roles(&leases, &workers),
         totals: documents_totals(&documents),
         documents,
+        letters: letters.into_iter().map(|(_, _, letter)| letter).collect(),
     })
 }
 
@@ -147,11 +157,7 @@ fn roles(leases: &[LeaseDoc], workers: &[WorkerDoc]) -> BTreeMap<String, RoleRep
     let now = Utc::now();
     for lease in leases {
         let role = roles.entry(lease.role.clone()).or_default();
-        let age = lease
-            .checkpoint_at
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0));
+        let age = lease.checkpoint_at.as_deref().and_then(|t| age(t, now));
         if let Some(age) = age {
             let oldest = role.oldest_checkpoint_age_seconds.unwrap_or(0);
             role.oldest_checkpoint_age_seconds = Some(oldest.max(age));
@@ -168,8 +174,16 @@ fn roles(leases: &[LeaseDoc], workers: &[WorkerDoc]) -> BTreeMap<String, RoleRep
         let role = roles.entry(worker.role.clone()).or_default();
         let entry = role.workers.entry(worker.worker_id.clone()).or_default();
         entry.heartbeats = Some(worker.beats);
+        entry.heartbeat_age_seconds = worker.beat_at.as_deref().and_then(|t| age(t, now));
+        entry.lease_seconds = Some(worker.lease_ms as f64 / 1000.0);
     }
     roles
+}
+
+/// Seconds from an RFC 3339 time to `now`, at least 0.
+pub(crate) fn age(time: &str, now: chrono::DateTime<Utc>) -> Option<i64> {
+    let time = chrono::DateTime::parse_from_rfc3339(time).ok()?;
+    Some((now - time.with_timezone(&Utc)).num_seconds().max(0))
 }
 
 /// Per document id, the state each worker reported.
@@ -286,7 +300,15 @@ pub fn render(report: &Report, per_worker: bool) -> String {
 fn render_role(out: &mut String, name: &str, role: &RoleReport) {
     let _ = writeln!(out, "\n{name}:");
     for (id, w) in &role.workers {
-        let _ = writeln!(out, "  worker {id}: {} partitions", w.partitions.len());
+        let beat = w
+            .heartbeat_age_seconds
+            .map(|age| format!(", last heartbeat {age} s ago"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  worker {id}: {} partitions{beat}",
+            w.partitions.len()
+        );
     }
     if let Some(age) = role.oldest_checkpoint_age_seconds {
         let _ = writeln!(out, "  oldest checkpoint saved {age} s ago");
@@ -326,6 +348,7 @@ mod tests {
         Event {
             db: db.into(),
             at: at.into(),
+            since: None,
             detail: Some(format!("{db} at {at}")),
         }
     }
@@ -392,6 +415,7 @@ mod tests {
             roles: BTreeMap::new(),
             totals: documents_totals(&documents),
             documents,
+            letters: Vec::new(),
         };
         let lines = |text: String| text.lines().filter(|l| l.starts_with("  r (")).count();
         assert_eq!(lines(render(&report, false)), 1);

@@ -324,6 +324,24 @@ pub struct Cli {
     )]
     pub admin_addr: String,
 
+    /// Serve the web console at / on the admin server. It shows database
+    /// names, which are often user ids: see docs/console.md before you
+    /// expose it.
+    #[arg(long, env = "CONSOLE", global = true)]
+    pub console: bool,
+
+    /// The token that allows the console's actions (redeliver, run now,
+    /// pause), sent as `Authorization: Bearer <token>`; without one the
+    /// console is read-only.
+    #[arg(
+        long,
+        env = "ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub admin_token: Option<String>,
+
     /// Seconds an API call of an on_change rule may take before it counts
     /// as failed (a rule's `timeout` overrides it).
     #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = 30.0, global = true, value_name = "SECS",
@@ -460,8 +478,14 @@ pub struct Config {
     /// Spiegel 1.2 ran them) then share the default port: the ones that
     /// find it taken run without an admin server instead of exiting.
     pub admin_addr_is_default: bool,
+    /// Serve the web console on the admin server.
+    pub console: bool,
+    /// Allows the console's actions; `None`: read-only.
+    pub admin_token: Option<crate::admin::AdminToken>,
     /// Shared by the workers of the process and the admin server.
     pub health: Arc<crate::admin::Health>,
+    /// What the console shows from this process's memory.
+    pub live: Arc<crate::admin::Live>,
     /// uninstall: also delete the user's replicator and on_change documents.
     pub delete_user_docs: bool,
     /// status: print JSON.
@@ -555,7 +579,13 @@ impl Cli {
             request_timeout: Duration::from_secs_f64(self.request_timeout),
             admin_addr,
             admin_addr_is_default,
+            console: self.console,
+            admin_token: self
+                .admin_token
+                .filter(|t| !t.is_empty())
+                .map(crate::admin::AdminToken::new),
             health: Arc::default(),
+            live: Arc::default(),
             delete_user_docs: self.delete_user_docs,
             json: self.json,
             workers: self.workers,

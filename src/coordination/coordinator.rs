@@ -99,6 +99,7 @@ impl<S: LeaseStore> Coordinator<S> {
             role: member.role.clone(),
             worker_id: member.worker_id.clone(),
             beats: 0,
+            beat_at: None,
             lease_ms: member.timing.lease.as_millis() as u64,
             conflicts: Vec::new(),
         };

@@ -122,6 +122,10 @@ pub struct WorkerDoc {
     /// Incremented at every heartbeat (informational: liveness is read from
     /// the revision).
     pub beats: u64,
+    /// When the last heartbeat was written (RFC 3339, the writer's clock):
+    /// for operators only; liveness is read from the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat_at: Option<String>,
     /// The lease time the worker runs with, so that operators can see it.
     pub lease_ms: u64,
     #[serde(rename = "_conflicts", default, skip_serializing)]

@@ -24,7 +24,7 @@ pub use self::protocol::{ChangesFilter, RevToFetch, RevsDiff};
 pub use self::types::*;
 pub(crate) use self::update::impl_revised;
 pub use self::update::{Revised, Saved};
-pub use self::url::{redact_credentials, SecretUrl, UrlError};
+pub use self::url::{origins_only, redact_credentials, SecretUrl, UrlError};
 
 /// The result of a CouchDB call.
 pub type Result<T, E = CouchError> = std::result::Result<T, E>;

@@ -130,31 +130,49 @@ impl std::str::FromStr for SecretUrl {
 /// failure names the source it could not open), so text that came from the
 /// server goes through this before it reaches a log or a status.
 pub fn redact_credentials(text: &str) -> String {
+    rewrite_urls(text, |authority, rest| {
+        let masked = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        masked + rest
+    })
+}
+
+/// `text` with every URL in it cut to its origin, without credentials:
+/// an API's path or query can be its secret (a webhook URL often is).
+pub fn origins_only(text: &str) -> String {
+    rewrite_urls(text, |authority, rest| {
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        match rest {
+            "" => host.to_string(),
+            _ => format!("{host}/…"),
+        }
+    })
+}
+
+/// Rewrites every `scheme://` URL of free text with `rewrite(authority,
+/// rest)`, where `rest` is its path, query and fragment. A URL ends at
+/// whitespace, a quote or `<>`, without the punctuation that closes a
+/// sentence or a parenthesis around it.
+fn rewrite_urls(text: &str, rewrite: impl Fn(&str, &str) -> String) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find("://") {
         let (head, tail) = rest.split_at(pos + 3);
         out.push_str(head);
-        // The authority ends at the first '/', '?', '#', whitespace or quote.
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '>') || c.is_whitespace())
+            .find(|c: char| matches!(c, '"' | '\'' | '<' | '>') || c.is_whitespace())
             .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push_str(":***");
-                    }
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
+        let url = tail[..end].trim_end_matches([')', ']', ',', '.', ':', ';']);
+        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+        out.push_str(&rewrite(&url[..authority_end], &url[authority_end..]));
+        rest = &tail[url.len()..];
     }
     out.push_str(rest);
     out
@@ -163,6 +181,21 @@ pub fn redact_credentials(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_texts_are_cut_to_their_origin() {
+        let text = "error sending request for url (https://u:pw@hooks.example.com/services/T0/XYZ?k=1): refused";
+        assert_eq!(
+            origins_only(text),
+            "error sending request for url (https://hooks.example.com/…): refused"
+        );
+        assert_eq!(origins_only("no url here"), "no url here");
+        assert_eq!(
+            origins_only("at https://u:p,w@h:1/x?a=1,2."),
+            "at https://h:1/…."
+        );
+        assert_eq!(origins_only("at http://h:5984"), "at http://h:5984");
+    }
 
     #[test]
     fn display_and_debug_hide_the_password() {

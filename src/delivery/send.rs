@@ -9,7 +9,7 @@ use reqwest::header::LOCATION;
 use reqwest::redirect;
 
 use super::request::Request;
-use crate::couch::redact_credentials;
+use crate::couch::{origins_only, redact_credentials};
 
 /// How much of an error answer's body is kept for logs and dead letters.
 const EXCERPT_BYTES: usize = 1_000;
@@ -142,8 +142,9 @@ fn classify(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
 }
 
 /// The error and its causes on one line ("connection refused" is only in a
-/// cause). The URL in it is the one sent, without user info; redacted again
-/// in case a cause quotes something else.
+/// cause), for logs, statuses and dead letters. Every URL in it is cut to
+/// its origin: an API's path or query can be its secret (a webhook URL
+/// often is), and its user info is one.
 fn describe(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
@@ -152,7 +153,7 @@ fn describe(e: &reqwest::Error) -> String {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    redact_credentials(&message)
+    origins_only(&message)
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ pub async fn run(
         config.db_name.clone(),
         config.namespace.clone(),
     );
+    config.live.follow(docs.clone());
     // The follower serves every worker; it stops after them.
     let mut follower = JoinSet::new();
     follower.spawn(follow);
@@ -159,7 +160,7 @@ impl Host<'_> {
     ) -> Result<()> {
         let options = WorkerOptions::for_role(self.config, change_listener::NAME);
         let (book, saver) = self.status_book(change_listener::NAME, &options.worker_id);
-        let (role, flusher) = change_listener::ChangeListener::start(
+        let (role, flusher, nudges) = change_listener::ChangeListener::start(
             self.config,
             self.client.clone(),
             self.docs.clone(),
@@ -168,11 +169,12 @@ impl Host<'_> {
         )?;
         let role = Arc::new(role);
         // on_change documents take effect at their databases' next change;
-        // an unusable one is reported as soon as it is loaded.
-        let reporting = role.clone().report_unusable_rules();
+        // an unusable one is reported as soon as it is loaded, and a
+        // resumed one lets the databases it held back run at once.
+        let watching = role.clone().watch_rules();
         let extras = Extras {
-            tasks: vec![Box::pin(flusher), saver, Box::pin(reporting)],
-            ..Extras::default()
+            nudges,
+            tasks: vec![Box::pin(flusher), saver, Box::pin(watching)],
         };
         workers.spawn(self.worker(role, options, extras, stopped));
         Ok(())
@@ -206,7 +208,8 @@ impl Host<'_> {
             namespace: config.namespace.clone(),
             role: role.into(),
             worker_id: worker_id.into(),
-        });
+        })
+        .with_tail(role, config.live.clone());
         let interval = config.save_seq_after.min(Duration::from_secs(5));
         (book.clone(), Box::pin(flush::every(book, interval)))
     }

@@ -6,6 +6,7 @@
 //! A role implements [`Role`]: given a database name, do the work.
 
 mod catch_up;
+pub mod control;
 mod runtime;
 mod scheduler;
 mod sweep;
@@ -20,9 +21,10 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use self::control::WorkerHandle;
 use self::runtime::{Ends, Worker};
 use self::scheduler::Scheduler;
-use crate::admin::Health;
+use crate::admin::{Health, Live};
 use crate::backoff::Backoff;
 use crate::config::{Config, Since};
 use crate::coordination::coordinator::{Coordinator, Link, Member};
@@ -66,6 +68,10 @@ pub enum Wait {
     For(Duration),
     /// CouchDB did not answer: as soon as it may again, within a second.
     Reconnect,
+    /// Not a failure: the role holds the database back (an on_change rule
+    /// is paused). Run again after the duration, or sooner when the role
+    /// nudges it.
+    Held(Duration),
 }
 
 impl Outcome {
@@ -158,6 +164,8 @@ pub struct WorkerOptions {
     pub assume_deleted_after: Duration,
     /// Where the worker reports its readiness (the admin server reads it).
     pub health: Arc<Health>,
+    /// Where the worker registers for the admin console's questions.
+    pub live: Arc<Live>,
 }
 
 impl WorkerOptions {
@@ -189,6 +197,7 @@ impl WorkerOptions {
             sweep_interval: config.sweep_interval,
             assume_deleted_after: config.assume_deleted_after,
             health: Arc::clone(&config.health),
+            live: Arc::clone(&config.live),
         }
     }
 }
@@ -260,6 +269,12 @@ pub async fn run<R: Role>(
     let sched = Scheduler::new(settings.partitions, options.concurrency, skip);
     let (mut worker, inbox, ends) =
         Worker::new(role, options, client, metrics, sched, extras.nudges);
+    let handle = WorkerHandle::new(
+        role_name.clone(),
+        worker.options.worker_id.clone(),
+        ends.control.clone(),
+    );
+    worker.options.live.register(handle);
     Services { start, ends }.spawn(&mut worker);
     for task in extras.tasks {
         worker.tasks.spawn(task);

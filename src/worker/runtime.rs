@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::catch_up::{self, CatchUpEvent};
+use super::control::{Control, WaitState, WaitingDb};
 use super::scheduler::{Finished, Scheduler};
 use super::{Outcome, Role, Wait, WorkerOptions, RECONNECT_CAP};
 use crate::backoff::Backoff;
@@ -34,7 +35,9 @@ pub(super) enum Event {
         outcome: Outcome,
         took: Duration,
     },
-    RetryDue(String),
+    /// The wait after the database's `retry`-th failure in a row is over
+    /// (a timer of an earlier failure, cut short by a run now, is stale).
+    RetryDue { db: String, retry: u32 },
 }
 
 /// Where the worker's events come from.
@@ -51,6 +54,8 @@ pub(super) struct Inbox {
     pub beats: watch::Receiver<Option<TokioInstant>>,
     /// Databases the role asks to handle (a document added or edited).
     pub nudges: mpsc::Receiver<String>,
+    /// Questions of the admin console.
+    pub control: mpsc::Receiver<Control>,
 }
 
 /// The other ends of the worker's channels: what its services (the feed,
@@ -64,6 +69,8 @@ pub(super) struct Ends {
     pub beats: watch::Sender<Option<TokioInstant>>,
     /// From [`Worker::requests`].
     pub requests: mpsc::UnboundedReceiver<Request>,
+    /// Into [`Inbox::control`], for the admin console.
+    pub control: mpsc::Sender<Control>,
 }
 
 /// A running worker of one role.
@@ -87,6 +94,9 @@ pub(super) struct Worker<R: Role> {
     pub parked: VecDeque<(String, Instant)>,
     /// Databases whose runs found them missing, since when.
     pub missing: HashMap<String, Instant>,
+    /// Why the last run of each database that is retrying failed, and
+    /// whether it was held back rather than failed.
+    pub failing: HashMap<String, (String, bool)>,
     pub replays: Arc<Semaphore>,
     /// To the coordinator.
     pub requests: mpsc::UnboundedSender<Request>,
@@ -113,6 +123,7 @@ impl<R: Role> Worker<R> {
         let (requests, request_rx) = mpsc::unbounded_channel();
         let (catch_up, catch_up_rx) = mpsc::channel(256);
         let (events, events_rx) = mpsc::unbounded_channel();
+        let (control_tx, control) = mpsc::channel(16);
         let worker = Worker {
             label: crate::metrics::role(role.name()),
             sched,
@@ -121,6 +132,7 @@ impl<R: Role> Worker<R> {
             catch_ups: HashMap::new(),
             parked: VecDeque::new(),
             missing: HashMap::new(),
+            failing: HashMap::new(),
             replays: Arc::new(Semaphore::new(REPLAYS)),
             role,
             options,
@@ -137,12 +149,14 @@ impl<R: Role> Worker<R> {
             events: events_rx,
             beats,
             nudges,
+            control,
         };
         let ends = Ends {
             live: live_tx,
             assignments: assign_tx,
             beats: beat_tx,
             requests: request_rx,
+            control: control_tx,
         };
         (worker, inbox, ends)
     }
@@ -176,6 +190,7 @@ impl<R: Role> Worker<R> {
                     }
                 }
                 Some(db) = inbox.nudges.recv(), if room => self.on_nudge(db),
+                Some(control) = inbox.control.recv() => self.on_control(control),
                 _ = flush.tick() => self.save_checkpoints(),
             }
             self.release_drained();
@@ -231,10 +246,12 @@ impl<R: Role> Worker<R> {
             Assignment::Release { partition } => {
                 self.sched.release(partition);
                 self.stop_replay(partition);
+                self.forget_failures(partition);
             }
             Assignment::Lost { partition } => {
                 self.sched.remove(partition);
                 self.stop_replay(partition);
+                self.forget_failures(partition);
             }
         }
     }
@@ -263,6 +280,14 @@ impl<R: Role> Worker<R> {
         if let Some((_, old)) = self.catch_ups.insert(partition, (epoch, task)) {
             old.abort();
         }
+    }
+
+    /// The failures of a partition that is no longer ours are its next
+    /// owner's to report.
+    fn forget_failures(&mut self, partition: u32) {
+        let sched = &self.sched;
+        self.failing
+            .retain(|db, _| sched.partition_of(db) != partition);
     }
 
     fn stop_replay(&mut self, partition: u32) {
@@ -307,9 +332,11 @@ impl<R: Role> Worker<R> {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Finished { db, outcome, took } => self.on_finished(db, outcome, took),
-            Event::RetryDue(db) => {
-                self.metrics.runs_retried.get_or_create(&self.label).inc();
-                self.sched.retry_due(&db);
+            Event::RetryDue { db, retry } => {
+                if self.sched.retries(&db) == retry {
+                    self.metrics.runs_retried.get_or_create(&self.label).inc();
+                    self.sched.retry_due(&db);
+                }
             }
         }
     }
@@ -323,12 +350,21 @@ impl<R: Role> Worker<R> {
             .get_or_create(&self.label)
             .observe(took.as_secs_f64());
         match &outcome {
+            Outcome::Retry {
+                wait: Wait::Held(_),
+                reason,
+            } => {
+                tracing::debug!(role = %self.name(), db = %db, %reason, "held back");
+                self.failing.insert(db.clone(), (reason.clone(), true));
+            }
             Outcome::Retry { reason, .. } => {
                 self.metrics.runs_failed.get_or_create(&self.label).inc();
                 tracing::warn!(role = %self.name(), db = %db, %reason, "run failed; will retry");
+                self.failing.insert(db.clone(), (reason.clone(), false));
             }
             Outcome::Done | Outcome::Missing => {
                 self.metrics.runs_succeeded.get_or_create(&self.label).inc();
+                self.failing.remove(&db);
             }
         }
         let Some(retry) = self
@@ -339,7 +375,7 @@ impl<R: Role> Worker<R> {
         };
         let wait = match outcome {
             Outcome::Retry {
-                wait: Wait::For(wait),
+                wait: Wait::For(wait) | Wait::Held(wait),
                 ..
             } => wait,
             Outcome::Retry {
@@ -351,7 +387,7 @@ impl<R: Role> Worker<R> {
         let events = self.events.clone();
         self.tasks.spawn(async move {
             tokio::time::sleep(wait).await;
-            let _ = events.send(Event::RetryDue(db));
+            let _ = events.send(Event::RetryDue { db, retry });
         });
     }
 
@@ -399,9 +435,39 @@ impl<R: Role> Worker<R> {
         Outcome::Done
     }
 
+    /// The role asks for a run of `db` (one of its documents changed): it
+    /// runs as soon as it may, even if it was waiting for a retry.
     fn on_nudge(&mut self, db: String) {
-        if !self.sched.on_sweep(&db, Instant::now()) && self.parked.len() < PARKED_NUDGES {
+        if !self.sched.run_now(&db, Instant::now()) && self.parked.len() < PARKED_NUDGES {
             self.parked.push_back((db, Instant::now()));
+        }
+    }
+
+    /// A question of the admin console.
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Waiting { limit, reply } => {
+                let waiting = self.sched.waiting(Instant::now(), limit);
+                let role = self.name().to_string();
+                let list = waiting
+                    .into_iter()
+                    .map(|w| WaitingDb {
+                        role: role.clone(),
+                        reason: self.failing.get(&w.db).map(|(why, _)| why.clone()),
+                        state: match self.failing.get(&w.db) {
+                            Some((_, true)) if w.state == WaitState::Retrying => WaitState::Held,
+                            _ => w.state,
+                        },
+                        waited_seconds: w.waited.as_secs(),
+                        retries: w.retries,
+                        db: w.db,
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Control::RunNow { db, reply } => {
+                let _ = reply.send(self.sched.run_now(&db, Instant::now()));
+            }
         }
     }
 
@@ -507,7 +573,7 @@ impl<R: Role> Worker<R> {
                     self.sched
                         .on_finished(&db, finished(&outcome), Instant::now());
                 }
-                Ok(Some(Event::RetryDue(_))) => {}
+                Ok(Some(Event::RetryDue { .. })) => {}
                 Ok(None) | Err(_) => {
                     tracing::warn!(role = %self.name(), abandoned = self.sched.in_flight(), "shutdown timeout: abandoning runs in flight");
                     return;
@@ -566,6 +632,7 @@ mod tests {
     use crate::backoff::Strategy;
     use crate::coordination::Timing;
     use crate::couch::{ClientOptions, DbUpdateKind, SecretUrl};
+    use crate::worker::control::WorkerHandle;
 
     /// Records when each run started and when the role saved; answers runs
     /// with `outcome`; takes `save_time` to save.
@@ -599,6 +666,8 @@ mod tests {
         assignments: mpsc::UnboundedSender<Assignment>,
         beats: watch::Sender<Option<TokioInstant>>,
         requests: mpsc::UnboundedReceiver<Request>,
+        /// The admin console's handle.
+        console: WorkerHandle,
         _stop: oneshot::Sender<()>,
     }
 
@@ -621,6 +690,7 @@ mod tests {
             sweep_interval: None,
             assume_deleted_after: Duration::from_secs(600),
             health: Arc::default(),
+            live: Arc::default(),
         }
     }
 
@@ -673,6 +743,7 @@ mod tests {
             assignments: ends.assignments,
             beats: ends.beats,
             requests: ends.requests,
+            console: WorkerHandle::new("scripted".into(), "w1".into(), ends.control),
             _stop: stop_tx,
         }
     }
@@ -726,6 +797,31 @@ mod tests {
         h.update("db1").await;
         h.beat_for(Duration::from_secs(5)).await;
         assert_eq!(h.runs().len(), 4, "the next change runs it again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_now_cuts_a_retry_wait_short_and_the_earlier_timer_is_ignored() {
+        let h = start(
+            Outcome::retry("the API failed"),
+            Duration::ZERO,
+            linear(10, 0),
+        )
+        .await;
+        let t0 = TokioInstant::now();
+        h.update("db1").await;
+        h.beat_for(Duration::from_secs(3)).await;
+        let waiting = h.console.waiting(10).await;
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].state, WaitState::Retrying);
+        assert_eq!(waiting[0].reason.as_deref(), Some("the API failed"));
+        assert!(h.console.run_now("db1").await, "its partition is ours");
+        h.beat_for(Duration::from_secs(30)).await;
+        let after: Vec<u64> = h.runs().iter().map(|t| (*t - t0).as_secs()).collect();
+        assert_eq!(
+            after,
+            [0, 3, 13, 23],
+            "run at once, then 10 s after each failure: the first failure's timer (due at 10 s) is stale"
+        );
     }
 
     #[tokio::test(start_paused = true)]

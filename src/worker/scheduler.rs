@@ -57,6 +57,9 @@ struct DbState {
     retries: u32,
     /// When the oldest pending event arrived.
     pending_since: Option<Instant>,
+    /// When the oldest event not yet handled arrived, across retries: how
+    /// long the database has been waiting, for operators.
+    waiting_since: Option<Instant>,
 }
 
 impl DbState {
@@ -95,6 +98,31 @@ pub enum Finished {
     Handled,
     /// Try again later; the covered events stay pending.
     Retry,
+}
+
+/// Where a database that waits stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitState {
+    /// Ready, waiting for a free run slot.
+    Queued,
+    /// A run is in flight.
+    Running,
+    /// Its last run failed; it runs again after its backoff.
+    Retrying,
+    /// Held back by its role (a paused on_change rule), not failing.
+    Held,
+}
+
+/// A database with changes not yet handled, for operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    pub db: String,
+    pub state: WaitState,
+    /// Since the oldest change not yet handled arrived.
+    pub waited: Duration,
+    /// Runs that failed in a row.
+    pub retries: u32,
 }
 
 /// A run the driver should start.
@@ -358,6 +386,7 @@ impl Scheduler {
         let retry = match outcome {
             Finished::Handled => {
                 state.retries = 0;
+                state.waiting_since = state.pending_since;
                 None
             }
             Finished::Retry => {
@@ -409,6 +438,45 @@ impl Scheduler {
                 self.dbs.remove(db);
             }
         }
+    }
+
+    /// Runs `db` as soon as a slot is free, cutting a backoff short.
+    /// False when its partition is not ours.
+    pub fn run_now(&mut self, db: &str, now: Instant) -> bool {
+        if self.dbs.get(db).is_some_and(|s| s.backing_off) {
+            self.retry_due(db);
+            return true;
+        }
+        self.on_sweep(db, now)
+    }
+
+    /// The `limit` databases that have waited longest for their changes to
+    /// be handled.
+    pub fn waiting(&self, now: Instant, limit: usize) -> Vec<Waiting> {
+        let mut waiting: Vec<Waiting> = self
+            .dbs
+            .iter()
+            .filter_map(|(db, s)| {
+                let state = if s.in_flight {
+                    WaitState::Running
+                } else if s.backing_off {
+                    WaitState::Retrying
+                } else if !s.pending.is_empty() {
+                    WaitState::Queued
+                } else {
+                    return None;
+                };
+                Some(Waiting {
+                    db: db.clone(),
+                    state,
+                    waited: now.saturating_duration_since(s.waiting_since?),
+                    retries: s.retries,
+                })
+            })
+            .collect();
+        waiting.sort_by(|a, b| b.waited.cmp(&a.waited).then_with(|| a.db.cmp(&b.db)));
+        waiting.truncate(limit);
+        waiting
     }
 
     fn complete(&mut self, event: EventRef) {
@@ -487,6 +555,7 @@ fn add_event(
     if state.pending.is_empty() {
         state.pending_since = Some(now);
     }
+    state.waiting_since.get_or_insert(now);
     state.pending.push(event);
     if enqueue_if_ready(state) {
         ready.push_back(db.to_string());
@@ -555,6 +624,49 @@ mod tests {
 
     fn dbs(starts: Vec<Start>) -> Vec<String> {
         starts.into_iter().map(|s| s.db).collect()
+    }
+
+    #[test]
+    fn waiting_databases_are_listed_longest_first_and_run_now_cuts_a_backoff() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(10);
+        let mut s = live_scheduler(1);
+        s.on_live_event(&update("failing", 1, DbUpdateKind::Updated), t0);
+        assert_eq!(dbs(s.take_startable(t0)), ["failing"]);
+        assert_eq!(s.on_finished("failing", Finished::Retry, t0), Some(1));
+        s.on_live_event(&update("queued", 2, DbUpdateKind::Updated), later);
+        s.on_live_event(&update("running", 3, DbUpdateKind::Updated), later);
+        let now = later + Duration::from_secs(5);
+        let waiting: Vec<(String, WaitState, u64)> = s
+            .waiting(now, 10)
+            .into_iter()
+            .map(|w| (w.db, w.state, w.waited.as_secs()))
+            .collect();
+        assert_eq!(
+            waiting,
+            [
+                ("failing".into(), WaitState::Retrying, 15),
+                ("queued".into(), WaitState::Queued, 5),
+                ("running".into(), WaitState::Queued, 5),
+            ]
+        );
+        assert_eq!(dbs(s.take_startable(now)), ["queued"], "one slot");
+        assert!(s.run_now("failing", now), "its partition is ours");
+        assert_eq!(
+            s.waiting(now, 1)[0].state,
+            WaitState::Queued,
+            "no longer backing off"
+        );
+        s.on_finished("queued", Finished::Handled, now);
+        assert_eq!(dbs(s.take_startable(now)), ["running", "failing"][..1]);
+        s.on_finished("running", Finished::Handled, now);
+        assert_eq!(dbs(s.take_startable(now)), ["failing"]);
+        s.on_finished("failing", Finished::Handled, now);
+        assert!(s.waiting(now, 10).is_empty(), "nothing waits once handled");
+        assert!(
+            !live_scheduler(1).run_now("spiegel", now),
+            "skipped databases never run"
+        );
     }
 
     #[test]

@@ -25,6 +25,36 @@ pub fn shared_url() -> String {
 }
 
 /// Spiegel's logs in a test's output, when `SPIEGEL_TEST_LOG` is set.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let answer = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    Some((answer.status().as_u16(), answer.text().await.ok()?))
+}
+
+/// Waits until `url` answers `want`; returns the body. (A failure prints
+/// the worker's logs: `Spiegel` does on drop.)
+pub async fn wait_http_status(url: &str, want: u16, deadline: Duration) -> String {
+    wait_for(&format!("{url} to answer {want}"), deadline, || async {
+        http_get(url)
+            .await
+            .and_then(|(status, body)| (status == want).then_some(body))
+    })
+    .await
+}
+
+/// A TCP port free on loopback at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn init_logs() {
     if std::env::var_os("SPIEGEL_TEST_LOG").is_some() {
         spiegel::logging::init(

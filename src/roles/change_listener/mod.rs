@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 pub use self::checkpoints::Checkpoints;
 use crate::backoff::Backoff;
@@ -43,6 +44,10 @@ pub const NAME: &str = "change-listener";
 /// Requests of `block: false` rules sent at once, per run.
 const PARALLEL_REQUESTS: usize = 8;
 
+/// A database held back by a paused rule runs again after this, in case
+/// the nudge at its resumption was missed (a restart in between).
+const PAUSED_RECHECK: Duration = Duration::from_secs(60);
+
 pub struct ChangeListener {
     client: CouchClient,
     spiegel_db: String,
@@ -57,6 +62,11 @@ pub struct ChangeListener {
     metrics: RoleMetrics,
     rules: RuleCache<OnChangeRule>,
     progress: Mutex<HashMap<String, Progress>>,
+    /// Per paused rule, the databases it holds back: they run again as
+    /// soon as it is resumed.
+    held: Mutex<HashMap<String, HashSet<String>>>,
+    /// Databases to run now, to the worker.
+    nudges: mpsc::Sender<String>,
 }
 
 /// One rule's delivery of one change. A change is its document id and
@@ -118,28 +128,33 @@ fn doc_of(change: &Change) -> Cow<'_, Value> {
 
 enum Sent {
     Ok,
-    /// Failed; retry after the wait.
-    Retry(Duration, String),
+    /// Failed, or held back by a paused rule; run again after the wait.
+    Retry(Wait, String),
     /// Failed for the last time: dead-lettered, moving on.
     Dead,
 }
 
 impl ChangeListener {
-    /// The role as `config` sets it up, and the task that saves its
-    /// checkpoints (for the worker to run).
+    /// The role as `config` sets it up, the task that saves its checkpoints
+    /// (for the worker to run), and the databases it asks to run now.
     pub fn start(
         config: &Config,
         client: CouchClient,
         docs: DocsWatch,
         status: StatusBook,
         metrics: RoleMetrics,
-    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static)> {
+    ) -> Result<(
+        Self,
+        impl Future<Output = ()> + Send + 'static,
+        mpsc::Receiver<String>,
+    )> {
         let checkpoints = Checkpoints::new(client.clone(), &config.db_name);
         // Per-database checkpoints are saved in batches: at most the lease
         // time of changes is delivered again after a crash.
         let flush_every = config.save_seq_after.min(config.lease_time);
         let flushing = flush::every(checkpoints.clone(), flush_every);
         let sender = Sender::new(config.request_timeout, config.concurrency)?;
+        let (nudges, nudged) = mpsc::channel(256);
         let role = ChangeListener {
             client,
             spiegel_db: config.db_name.clone(),
@@ -154,8 +169,10 @@ impl ChangeListener {
             metrics,
             rules: RuleCache::new("on_change"),
             progress: Mutex::default(),
+            held: Mutex::default(),
+            nudges,
         };
-        Ok((role, flushing))
+        Ok((role, flushing, nudged))
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
@@ -173,7 +190,12 @@ impl ChangeListener {
             &docs,
             |id, doc| OnChangeRule::compile(id, doc, &context),
             |id, parsed| match parsed {
-                Parsed::Usable(_) => self.status.invalid(id, None),
+                Parsed::Usable(rule) => {
+                    self.status.invalid(id, None);
+                    let paused = "paused: its changes wait until it is resumed";
+                    self.status
+                        .note(id, rule.paused.then(|| paused.to_string()));
+                }
                 Parsed::Unusable(e) => {
                     tracing::error!(doc = %id, error = %e, "unusable on_change document: skipped");
                     self.status.invalid(id, Some(e.to_string()));
@@ -186,15 +208,48 @@ impl ChangeListener {
 
     /// Parses the on_change documents each time they change, so that an
     /// unusable one is reported (log and status) when it is loaded, not at
-    /// its databases' next change. Runs for as long as the worker owns it.
-    pub async fn report_unusable_rules(self: Arc<Self>) {
+    /// its databases' next change, and the databases a rule held back run
+    /// as soon as it is resumed. Runs for as long as the worker owns it.
+    pub async fn watch_rules(self: Arc<Self>) {
         let mut docs = self.docs.clone();
         loop {
-            self.rules().await;
+            let rules = self.rules().await;
+            for db in self.resumed(&rules) {
+                if self.nudges.send(db).await.is_err() {
+                    return;
+                }
+            }
             if docs.changed().await.is_err() {
                 return;
             }
         }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        // Bookkeeping only; a poisoned lock is safe to reuse.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The databases held back by rules that are no longer paused.
+    fn resumed(&self, rules: &[OnChangeRule]) -> Vec<String> {
+        let paused: HashSet<&str> = rules
+            .iter()
+            .filter(|r| r.paused)
+            .map(|r| r.id.as_str())
+            .collect();
+        let mut held = self.held();
+        let resumed: Vec<String> = held
+            .keys()
+            .filter(|rule| !paused.contains(rule.as_str()))
+            .cloned()
+            .collect();
+        resumed
+            .iter()
+            .filter_map(|rule| held.remove(rule))
+            .flatten()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect()
     }
 
     /// The job is done with (delivered or dead-lettered): a retry skips it.
@@ -205,8 +260,20 @@ impl ChangeListener {
         p.delivered.insert(key.clone());
     }
 
-    /// Sends one request once, recording the outcome.
+    /// Sends one request once, recording the outcome. A paused rule's
+    /// request is not sent: it holds the database back.
     async fn send(&self, job: &Job<'_>, db: &str) -> Sent {
+        if job.rule.paused {
+            let rule = &job.rule.id;
+            self.held()
+                .entry(rule.clone())
+                .or_default()
+                .insert(db.into());
+            return Sent::Retry(
+                Wait::Held(PAUSED_RECHECK),
+                format!("on_change {rule} is paused"),
+            );
+        }
         let result = self.sender.send(&job.request).await;
         let class = match &result {
             Ok(d) => format!("{}xx", d.status / 100),
@@ -248,7 +315,7 @@ impl ChangeListener {
         let retries = count - 1;
         if !job.rule.backoff.exhausted(retries) {
             self.metrics.webhook_retries.inc();
-            return Sent::Retry(job.rule.backoff.wait(count), text);
+            return Sent::Retry(Wait::For(job.rule.backoff.wait(count)), text);
         }
         let letter = DeadLetter {
             kind: DeadLetter::KIND.into(),
@@ -273,7 +340,7 @@ impl ChangeListener {
         {
             // Without its dead letter the request must not be dropped.
             return Sent::Retry(
-                job.rule.backoff.wait(count),
+                Wait::For(job.rule.backoff.wait(count)),
                 format!("cannot store the dead letter: {e}"),
             );
         }
@@ -343,11 +410,11 @@ impl ChangeListener {
         db: &str,
         rules: &[&OnChangeRule],
         changes: &[Change],
-    ) -> Result<(), (Option<Seq>, Duration, String)> {
+    ) -> Result<(), (Option<Seq>, Wait, String)> {
         let jobs = self.jobs(db, rules, changes);
         let (parallel, ordered): (Vec<&Job>, Vec<&Job>) = jobs.iter().partition(|j| !j.rule.block);
 
-        let mut failure: Option<(Duration, String)> = None;
+        let mut failure: Option<(Wait, String)> = None;
         let mut waiting = parallel.iter();
         let mut in_flight = futures::stream::FuturesUnordered::new();
         for job in waiting.by_ref().take(PARALLEL_REQUESTS) {
@@ -434,10 +501,7 @@ impl Role for ChangeListener {
                     if let Some(seq) = upto {
                         self.checkpoints.set(db, seq);
                     }
-                    return Outcome::Retry {
-                        wait: Wait::For(wait),
-                        reason,
-                    };
+                    return Outcome::Retry { wait, reason };
                 }
             }
             if !full {

@@ -145,6 +145,9 @@ pub struct OnChangeRule {
     /// This rule's retry options: its `backoff` member by member over the
     /// global ones, without jitter.
     pub backoff: Backoff,
+    /// `"paused": true`: its requests wait, and with them the databases'
+    /// checkpoints, until the document is resumed.
+    pub paused: bool,
 }
 
 /// A rule's own retry options (`"backoff": {...}`); a member left out keeps
@@ -179,6 +182,7 @@ impl OnChangeRule {
         let sign = present(doc, "sign").map(SignSpec::parse).transpose()?;
         let block = flag(doc, "block", true)?;
         let debounce = flag(doc, "debounce", false)?;
+        let paused = flag(doc, "paused", false)?;
         let backoff = present(doc, "backoff")
             .map(BackoffOverride::parse)
             .transpose()?;
@@ -194,6 +198,7 @@ impl OnChangeRule {
             request: request.resolve(sign.as_ref(), context.passwords)?,
             block,
             debounce,
+            paused,
             backoff: match backoff {
                 Some(o) => o.apply(base),
                 None => base,

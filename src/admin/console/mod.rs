@@ -1,0 +1,325 @@
+//! The web console (`--console`): one server-rendered page of the whole
+//! deployment, read from the spiegel database like `spiegel status`, with
+//! this process's memory added ([`Live`]): the databases its workers hold
+//! waiting, and a live tail of its runs. Its actions (redeliver dead
+//! letters, run a database now, pause or resume an on_change rule) need the
+//! admin token; without one the console is read-only.
+//!
+//! The page, its style and its script are embedded in the binary. The
+//! script only refreshes the page's parts and sends the actions, with the
+//! token as a bearer header: a browser never sends that header to another
+//! origin by itself, so another site cannot act through a visitor.
+
+mod view;
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use self::view::{Parts, View, WAITING_SHOWN};
+use super::live::Live;
+use crate::commands::{redeliver, status};
+use crate::config::Config;
+use crate::couch::{CouchClient, CouchError, Saved};
+use crate::delivery::Sender;
+
+const PAGE: &str = include_str!("page.html");
+const STATE: &str = include_str!("state.html");
+const STYLE: &str = include_str!("console.css");
+const SCRIPT: &str = include_str!("console.js");
+
+/// Same-origin content only: no inline script, nothing from elsewhere.
+const CONTENT_POLICY: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
+
+/// The console's state, shared by its handlers.
+#[derive(Clone)]
+pub struct Console {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    client: CouchClient,
+    live: Arc<Live>,
+    /// Sends the dead letters redelivered from the console.
+    sender: Sender,
+    templates: minijinja::Environment<'static>,
+}
+
+impl Console {
+    /// The console of a process run with `config`.
+    pub fn new(config: &Config, client: CouchClient) -> crate::Result<Self> {
+        let mut templates = minijinja::Environment::new();
+        templates.add_template("page.html", PAGE)?;
+        templates.add_template("state.html", STATE)?;
+        Ok(Console {
+            inner: Arc::new(Inner {
+                sender: Sender::new(config.request_timeout, config.concurrency)?,
+                live: config.live.clone(),
+                config: config.clone(),
+                client,
+                templates,
+            }),
+        })
+    }
+
+    pub(super) fn routes(self) -> Router {
+        Router::new()
+            .route("/", get(page))
+            .route("/console/state", get(state_part))
+            .route("/console/tail", get(tail))
+            .route("/console/console.css", get(style))
+            .route("/console/console.js", get(script))
+            .route("/console/redeliver", post(redeliver))
+            .route("/console/run-now", post(run_now))
+            .route("/console/pause", post(pause))
+            .with_state(self)
+    }
+
+    /// The page's value: the spiegel database's documents and this
+    /// process's workers' waiting databases.
+    async fn view(&self) -> crate::Result<View> {
+        let (inner, config) = (&self.inner, &self.inner.config);
+        let report = status::report(&inner.client, &config.db_name, &config.namespace).await?;
+        let workers = inner.live.workers();
+        let mut waiting = Vec::new();
+        for worker in &workers {
+            waiting.extend(worker.waiting(WAITING_SHOWN).await);
+        }
+        let docs = inner.live.docs();
+        Ok(View::build(Parts {
+            report,
+            docs: docs.as_deref(),
+            waiting,
+            here: workers.into_iter().map(|w| w.worker_id).collect(),
+            default_engine: config.replication_engine,
+            actions: config.admin_token.is_some(),
+        }))
+    }
+
+    /// The template `name` (the page, or its parts that refresh).
+    async fn render(&self, name: &str) -> Response {
+        let view = match self.view().await {
+            Ok(view) => view,
+            Err(e) => return unavailable(&e),
+        };
+        let rendered = self
+            .inner
+            .templates
+            .get_template(name)
+            .and_then(|template| template.render(&view));
+        match rendered {
+            Ok(html) => (secure_headers(), Html(html)).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot render the console page");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot render the page\n",
+                )
+                    .into_response()
+            }
+        }
+    }
+
+    /// Whether an action may proceed: a token is set and the request has it.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ActionError> {
+        match &self.inner.config.admin_token {
+            None => Err(ActionError::ReadOnly),
+            Some(token) if token.allows(headers) => Ok(()),
+            Some(_) => Err(ActionError::Unauthorized),
+        }
+    }
+}
+
+fn secure_headers() -> [(header::HeaderName, &'static str); 3] {
+    [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+    ]
+}
+
+/// The page when CouchDB cannot be read.
+fn unavailable(error: &crate::Error) -> Response {
+    tracing::warn!(error = %error, "the console cannot read the spiegel database");
+    let text = format!("Spiegel's console cannot read the spiegel database: {error}\n");
+    (StatusCode::SERVICE_UNAVAILABLE, secure_headers(), text).into_response()
+}
+
+async fn page(State(console): State<Console>) -> Response {
+    console.render("page.html").await
+}
+
+async fn state_part(State(console): State<Console>) -> Response {
+    console.render("state.html").await
+}
+
+#[derive(Deserialize)]
+struct TailQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn tail(State(console): State<Console>, Query(q): Query<TailQuery>) -> impl IntoResponse {
+    let entries = console.inner.live.tail.since(q.after);
+    ([(header::CACHE_CONTROL, "no-store")], Json(entries))
+}
+
+async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+}
+
+/// Why an action was not done.
+#[derive(Debug, thiserror::Error)]
+enum ActionError {
+    #[error(
+        "the console is read-only: start Spiegel with --admin-token (ADMIN_TOKEN) to allow actions"
+    )]
+    ReadOnly,
+    #[error("this action needs the admin token (Authorization: Bearer <token>)")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotHere(String),
+    #[error("CouchDB: {0}")]
+    Couch(#[from] CouchError),
+}
+
+impl IntoResponse for ActionError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ActionError::ReadOnly => StatusCode::FORBIDDEN,
+            ActionError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ActionError::NotFound(_) => StatusCode::NOT_FOUND,
+            ActionError::NotHere(_) => StatusCode::CONFLICT,
+            ActionError::Couch(_) => StatusCode::BAD_GATEWAY,
+        };
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+struct RedeliverBody {
+    /// Only this rule's dead letters; all when absent.
+    rule: Option<String>,
+}
+
+/// Sends dead letters again, as `spiegel redeliver` does.
+async fn redeliver(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Json(body): Json<RedeliverBody>,
+) -> Result<Json<Value>, ActionError> {
+    console.authorize(&headers)?;
+    let inner = &console.inner;
+    let mut config = inner.config.clone();
+    config.rule = body.rule.filter(|r| !r.is_empty());
+    config.database = None;
+    let done = redeliver::redeliver(&inner.client, &config, &inner.sender).await?;
+    tracing::info!(rule = ?config.rule, delivered = done.delivered, failed = done.failed, "console: dead letters redelivered");
+    Ok(Json(json!({
+        "delivered": done.delivered,
+        "failed": done.failed,
+        "orphaned": done.orphaned,
+    })))
+}
+
+#[derive(Deserialize)]
+struct RunNowBody {
+    db: String,
+    /// Only this role's worker; every worker of the process when absent.
+    role: Option<String>,
+}
+
+/// Runs a database now in the workers of this process that hold its
+/// partition, cutting a retry's wait short.
+async fn run_now(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Json(body): Json<RunNowBody>,
+) -> Result<Json<Value>, ActionError> {
+    console.authorize(&headers)?;
+    let mut roles = Vec::new();
+    let workers = console.inner.live.workers().into_iter();
+    let chosen = workers.filter(|w| body.role.as_ref().is_none_or(|r| *r == w.role));
+    for worker in chosen {
+        if worker.run_now(&body.db).await {
+            roles.push(worker.role);
+        }
+    }
+    if roles.is_empty() {
+        return Err(ActionError::NotHere(format!(
+            "no worker of this process holds the partition of {:?}: use the console of the process that does (see the workers' partitions), or it runs at its next change",
+            body.db
+        )));
+    }
+    tracing::info!(db = %body.db, ?roles, "console: run now");
+    Ok(Json(json!({ "db": body.db, "roles": roles })))
+}
+
+#[derive(Deserialize)]
+struct PauseBody {
+    rule: String,
+    paused: bool,
+}
+
+/// Pauses or resumes an on_change rule: `"paused": true` in its document,
+/// which every change-listener follows.
+async fn pause(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Json(body): Json<PauseBody>,
+) -> Result<Json<Value>, ActionError> {
+    console.authorize(&headers)?;
+    let inner = &console.inner;
+    let db = &inner.config.db_name;
+    let not_found = || ActionError::NotFound(format!("no on_change document {:?}", body.rule));
+    let doc: Value = inner
+        .client
+        .get_doc_opt(db, &body.rule)
+        .await?
+        .filter(is_on_change)
+        .ok_or_else(not_found)?;
+    let set = |mut doc: Value| {
+        if let Some(fields) = doc.as_object_mut() {
+            match body.paused {
+                true => fields.insert("paused".into(), Value::Bool(true)),
+                false => fields.remove("paused"),
+            };
+        }
+        doc
+    };
+    // Another writer's edit in between is kept: the flag is set on it.
+    let rebase =
+        |_: Value, stored: Option<&Value>| stored.filter(|d| is_on_change(d)).cloned().map(set);
+    match inner
+        .client
+        .save_all(db, vec![set(doc)], rebase)
+        .await?
+        .pop()
+    {
+        Some(Saved::Written(_)) => {}
+        Some(Saved::Refused(e)) => return Err(e.into()),
+        Some(Saved::Superseded(_)) | None => return Err(not_found()),
+    }
+    tracing::info!(rule = %body.rule, paused = body.paused, "console: on_change rule paused or resumed");
+    Ok(Json(json!({ "rule": body.rule, "paused": body.paused })))
+}
+
+fn is_on_change(doc: &Value) -> bool {
+    doc.get("type").and_then(Value::as_str) == Some("on_change")
+}
