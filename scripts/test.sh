@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs Spiegel's whole test suite. On a fresh machine it installs the test
-# CouchDB's npm packages (pinned by testing/couchdb/package-lock.json), then
-# builds and runs every test, which start the servers they need themselves.
+# Runs Spiegel's whole test suite. On a fresh machine it installs the npm
+# packages of the test CouchDB and of the webhook signature check (pinned by
+# their package-lock.json), then builds and runs every test, which start
+# the servers they need themselves.
 #
 # The server the tests run against (SPIEGEL_TEST_SERVER):
 #   test-server  PouchDB Server with CouchDB 3's _db_updates (the default)
@@ -16,12 +17,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lock=testing/couchdb/package-lock.json
-stamp=testing/couchdb/node_modules/.spiegel-installed
-if [ ! -f "$stamp" ] || [ "$lock" -nt "$stamp" ]; then
-  npm ci --prefix testing/couchdb --no-audit --no-fund --loglevel=error
-  touch "$stamp"
-fi
+# The npm packages of the test CouchDB and of the webhook signature check,
+# each pinned by its package-lock.json.
+for dir in testing/couchdb testing/webhooks; do
+  stamp=$dir/node_modules/.spiegel-installed
+  if [ ! -f "$stamp" ] || [ "$dir/package-lock.json" -nt "$stamp" ]; then
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+    touch "$stamp"
+  fi
+done
 
 server=${SPIEGEL_TEST_SERVER:-}
 if [ -z "$server" ]; then

@@ -17,6 +17,20 @@ impl Installation {
         self.start_worker("change-listener", &args)
     }
 
+    /// A change-listener with only the given options, and `env`.
+    fn listener(&self, args: &[&str], env: &[(&str, &str)]) -> Spiegel {
+        let mut cmd = spiegel();
+        cmd.args([
+            "change-listener",
+            "--url",
+            &self.url,
+            "--db-name",
+            &self.spiegel_db,
+        ]);
+        cmd.args(args).envs(env.iter().copied());
+        Spiegel::start_command(cmd)
+    }
+
     async fn rule(&self, id: &str, rule: Value) {
         let mut doc = rule;
         doc["type"] = json!("on_change");
@@ -170,10 +184,7 @@ async fn every_matching_change_of_50_databases_arrives_in_changes_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_select_changes_and_a_bad_rule_does_not_stop_the_others() {
-    let s = Installation::new("match").await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db("shop");
-    s.couch.create_db(&db).await.unwrap();
+    let (s, receiver, base, db) = with_receiver("match", "shop").await;
     let on_db = format!("^{}$", db);
     s.rule("regex", json!({"db_name": on_db, "if": {"type": "^order$", "paid": "true"}, "url": format!("{base}/regex")})).await;
     s.rule("if-null", json!({"db_name": on_db, "if": {"type": "^order$", "cancelled": null}, "url": format!("{base}/null")})).await;
@@ -404,10 +415,7 @@ async fn a_failing_api_is_retried_with_backoff_while_other_databases_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered() {
-    let s = Installation::new("dead").await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db("d");
-    s.couch.create_db(&db).await.unwrap();
+    let (s, receiver, base, db) = with_receiver("dead", "d").await;
     *receiver.failing.lock().unwrap() = Some(503);
     s.rule(
         "hook",
@@ -487,10 +495,7 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debounce_sends_identical_pending_requests_once() {
-    let s = Installation::new("debounce").await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db("d");
-    s.couch.create_db(&db).await.unwrap();
+    let (s, receiver, base, db) = with_receiver("debounce", "d").await;
     // Ten changes are pending when the worker starts: one batch.
     for i in 0..10 {
         s.couch
@@ -525,10 +530,7 @@ async fn debounce_sends_identical_pending_requests_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_documents_do_not_stop_the_worker() {
-    let s = Installation::new("odd").await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db("d");
-    s.couch.create_db(&db).await.unwrap();
+    let (s, receiver, base, db) = with_receiver("odd", "d").await;
     s.rule("bad-params", json!({"db_name": format!("^{}$", db), "url": format!("{base}/bad"), "params": "not an object"})).await;
     s.rule(
         "all",
@@ -644,10 +646,7 @@ async fn a_killed_worker_loses_no_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_again() {
-    let s = Installation::new("recreate").await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db("d");
-    s.couch.create_db(&db).await.unwrap();
+    let (s, receiver, base, db) = with_receiver("recreate", "d").await;
     s.rule(
         "hook",
         json!({"db_name": format!("^{}$", db), "url": format!("{base}/hook"), "method": "POST",
@@ -809,4 +808,143 @@ async fn an_unusable_rule_is_reported_when_loaded_before_any_change() {
     )
     .await;
     assert!(reason.contains("db_name"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_duplicate_after_a_kill_carries_the_key_of_the_first_delivery() {
+    let (s, receiver, base, db) = with_receiver("idem", "d").await;
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"), "method": "POST",
+               "params": {"id": "$change.id", "key": "$delivery_id"}}),
+    )
+    .await;
+    // Checkpoints are saved every lease time (30 s): a worker killed
+    // within seconds of its deliveries has saved none of them. It comes
+    // back under its own id (a pod of a StatefulSet), so it takes its
+    // partitions back without waiting for their leases to expire.
+    let args = [
+        "--lease-time",
+        "30",
+        "--save-seq-after",
+        "60",
+        "--worker-id",
+        "w",
+    ];
+    let mut first = s.listener(&args, &[]);
+    let ids: Vec<String> = (0..10).map(|n| format!("doc{n}")).collect();
+    for id in &ids {
+        s.couch.put_doc(&db, id, &json!({})).await.unwrap();
+    }
+    receiver
+        .wait("every change", |got| got.len() >= ids.len())
+        .await;
+    signal(&first.child, libc::SIGKILL);
+    let _ = wait_exit(&mut first.child, Duration::from_secs(10));
+    let _again = s.listener(&args, &[]);
+    // Its next change makes it read the database from its last saved
+    // checkpoint: before every change delivered.
+    s.couch.put_doc(&db, "later", &json!({})).await.unwrap();
+    receiver
+        .wait("the changes delivered again after the restart", |got| {
+            got.len() > 2 * ids.len()
+        })
+        .await;
+
+    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    for request in receiver.received() {
+        let key = request.headers["idempotency-key"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            request.json()["key"],
+            key.as_str(),
+            "$delivery_id is the key"
+        );
+        let id = request.json()["id"].as_str().unwrap().to_string();
+        keys.entry(id).or_default().push(key);
+    }
+    assert_eq!(keys.len(), ids.len() + 1);
+    for (id, sent) in keys.iter().filter(|(id, _)| *id != "later") {
+        assert!(sent.len() >= 2, "{id} was delivered again");
+        assert!(sent.iter().all(|k| k == &sent[0]), "{id}: {sent:?}");
+    }
+    let distinct: std::collections::HashSet<&String> = keys.values().map(|k| &k[0]).collect();
+    assert_eq!(distinct.len(), ids.len() + 1, "one key per change");
+}
+
+#[tokio::test]
+async fn standard_webhooks_signatures_verify_with_the_reference_library() {
+    // The specification's example secret format: whsec_ and base64.
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (s, receiver, base, db) = with_receiver("stdhooks", "d").await;
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"), "method": "POST",
+               "params": {"doc": "$change"},
+               "sign": {"scheme": "standard-webhooks", "secret_env": "HOOK_SECRET"}}),
+    )
+    .await;
+    let _worker = s.listener(&["--lease-time", "1.5"], &[("HOOK_SECRET", SECRET)]);
+    for n in 0..3 {
+        s.couch
+            .put_doc(&db, &format!("doc{n}"), &json!({"n": n, "text": "é \" \\"}))
+            .await
+            .unwrap();
+    }
+    receiver.wait("three requests", |got| got.len() >= 3).await;
+
+    let requests: Vec<Value> = receiver
+        .received()
+        .iter()
+        .map(|r| {
+            let header = |name: &str| r.headers[name].to_str().unwrap().to_string();
+            json!({
+                "headers": {
+                    "webhook-id": header("webhook-id"),
+                    "webhook-timestamp": header("webhook-timestamp"),
+                    "webhook-signature": header("webhook-signature"),
+                },
+                "body": String::from_utf8(r.body.to_vec()).unwrap(),
+            })
+        })
+        .collect();
+    let verify = |requests: &[Value]| {
+        let mut child = std::process::Command::new("node")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/testing/webhooks/verify.js"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node");
+        let input = json!({"secret": SECRET, "requests": requests}).to_string();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = verify(&requests);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().filter(|l| *l == "ok").count(), 3, "{out}");
+
+    // The check is not vacuous: a changed body fails it.
+    let mut tampered = requests.clone();
+    let body = tampered[0]["body"]
+        .as_str()
+        .unwrap()
+        .replace("\"n\":", "\"n\": ");
+    tampered[0]["body"] = json!(body);
+    let (ok, out) = verify(&tampered);
+    assert!(!ok && out.contains("failed"), "{out}");
 }

@@ -55,15 +55,6 @@ impl Console {
     }
 }
 
-/// An installation, an API receiver (and its base URL), and a database.
-async fn setup(label: &str, db: &str) -> (Installation, Receiver, String, String) {
-    let s = Installation::new(label).await;
-    let (receiver, base) = Receiver::start().await;
-    let db = s.db(db);
-    s.couch.create_db(&db).await.unwrap();
-    (s, receiver, base, db)
-}
-
 impl Installation {
     async fn on_change(&self, id: &str, db: &str, url: String, extra: Value) {
         let mut doc = json!({"type": "on_change", "db_name": format!("^{db}$"), "url": url,
@@ -123,7 +114,7 @@ async fn the_console_is_served_only_when_asked_and_actions_need_a_token() {
 
 #[tokio::test]
 async fn a_paused_rule_holds_its_changes_until_it_is_resumed() {
-    let (s, receiver, base, db) = setup("con-pause", "held").await;
+    let (s, receiver, base, db) = with_receiver("con-pause", "held").await;
     s.on_change("hook", &db, format!("{base}/hook"), json!({}))
         .await;
     let console = Console::start(&s, "change-listener", &["--admin-token", TOKEN]).await;
@@ -267,7 +258,7 @@ impl Drop for Browser {
     ignore = "needs chromium and chromedriver on PATH (Debian: chromium, chromium-driver)"
 )]
 async fn the_page_shows_the_deployment_and_a_delivery_in_its_live_tail() {
-    let (s, receiver, base, db) = setup("con-page", "live").await;
+    let (s, receiver, base, db) = with_receiver("con-page", "live").await;
     let secret_url = format!(
         "{}/hook?api_key=very-secret",
         base.replace("://", "://user:pw@")
@@ -337,7 +328,7 @@ async fn the_page_shows_the_deployment_and_a_delivery_in_its_live_tail() {
     ignore = "needs chromium and chromedriver on PATH (Debian: chromium, chromium-driver)"
 )]
 async fn a_dead_letter_is_redelivered_from_the_page_with_the_token_only() {
-    let (s, receiver, base, db) = setup("con-dead", "dead").await;
+    let (s, receiver, base, db) = with_receiver("con-dead", "dead").await;
     *receiver.failing.lock().unwrap() = Some(503);
     let backoff = json!({"backoff": {"limit": 1, "delay": 0.2}});
     s.on_change("hook", &db, format!("{base}/hook"), backoff)

@@ -62,9 +62,11 @@ impl Tail {
         ring.entries.push_back(entry);
     }
 
-    /// The entries after `after`, oldest first.
+    /// The entries after `after`, oldest first; all of them when `after`
+    /// is one this process never gave (a reader from before a restart).
     pub fn since(&self, after: u64) -> Vec<TailEntry> {
         let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let after = if after > ring.next_id { 0 } else { after };
         ring.entries
             .iter()
             .filter(|e| e.id > after)
@@ -88,5 +90,10 @@ mod tests {
         assert_eq!(all[0].db, "db5", "the oldest went first");
         let last = all[all.len() - 2].id;
         assert_eq!(tail.since(last).len(), 1);
+        assert_eq!(
+            tail.since(u64::MAX).len(),
+            KEEP,
+            "a reader from before a restart"
+        );
     }
 }

@@ -109,6 +109,7 @@ async fn send_again(
     sender: &Sender,
 ) -> Result<(), String> {
     let change = ChangeContext {
+        rule: &letter.rule,
         db_name: &letter.db_name,
         doc: &letter.change,
         id: &letter.doc_id,

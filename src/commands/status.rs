@@ -105,8 +105,28 @@ pub struct DocReport {
     pub reported_at: String,
 }
 
+/// Which dead letters a report reads in full.
+#[derive(Clone, Copy, Debug)]
+pub enum Letters {
+    /// Every one.
+    All,
+    /// The oldest `n`; the others are only counted.
+    Oldest(u64),
+}
+
 /// Reads the installation's documents into a [`Report`].
 pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::Result<Report> {
+    report_with(client, db, namespace, Letters::All).await
+}
+
+/// [`report`], reading the dead letters as `letters` says.
+pub async fn report_with(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    letters: Letters,
+) -> crate::Result<Report> {
+    let shown = letters;
     let settings: Option<Settings> = match client.get_doc_opt(db, &settings_doc_id(namespace)).await
     {
         Err(CouchError::DbNotFound(_)) => return Err(crate::Error::not_installed(db)),
@@ -115,10 +135,26 @@ pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::R
     let workers: Vec<WorkerDoc> = read_prefix(client, db, &DocIds::all_workers(namespace)).await?;
     let leases: Vec<LeaseDoc> = read_prefix(client, db, &DocIds::all_leases(namespace)).await?;
     let statuses: Vec<StatusDoc> = read_prefix(client, db, &status_doc_prefix(namespace)).await?;
-    let letters = dead_letter::list(client, db, namespace).await?;
+    let (letters, total) = match shown {
+        Letters::All => {
+            let all = dead_letter::list(client, db, namespace).await?;
+            let total = all.len();
+            (all, total)
+        }
+        Letters::Oldest(n) => {
+            let some = dead_letter::list_some(client, db, namespace, Some(n)).await?;
+            let total = match some.len() as u64 {
+                len if len < n => some.len(),
+                _ => dead_letter::count(client, db, namespace).await?,
+            };
+            (some, total)
+        }
+    };
     let documents = documents(statuses);
+    let mut dead_letters = dead_letter_counts(&letters);
+    dead_letters.total = total;
     Ok(Report {
-        dead_letters: dead_letter_counts(&letters),
+        dead_letters,
         database: db.into(),
         installed: settings.is_some(),
         partitions: settings.map(|s| s.partitions),

@@ -508,10 +508,68 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(args)?;
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let matches = match Cli::command().try_get_matches_from(&args) {
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+                return Err(Cli::focused_help(&args).unwrap_or(e))
+            }
+            parsed => parsed?,
+        };
         // The matches were produced by this very Cli's command, so they fit.
         let cli = Cli::from_arg_matches(&matches)?;
         Ok((cli, matches))
+    }
+
+    /// The help of the command named in `args`, without the options of
+    /// the other commands; `None` when no command is named.
+    fn focused_help(args: &[std::ffi::OsString]) -> Option<clap::Error> {
+        let mut cli = Cli::command_with_focused_help();
+        let name = args
+            .iter()
+            .skip(1)
+            .filter_map(|a| a.to_str())
+            .find(|a| cli.find_subcommand(a).is_some())?
+            .to_string();
+        let long = args.iter().any(|a| a == "--help");
+        let sub = cli.find_subcommand_mut(&name)?;
+        let help = match long {
+            true => sub.render_long_help(),
+            false => sub.render_help(),
+        };
+        let text = help.ansi().to_string();
+        Some(clap::Error::raw(clap::error::ErrorKind::DisplayHelp, text))
+    }
+
+    /// The command line, with each command's help showing only its own
+    /// options: those of another command ("Options of install", ...) stay
+    /// accepted everywhere, as Spiegel 1.2 accepted every option with every
+    /// type, but are hidden from the others' help. For rendering help only.
+    fn command_with_focused_help() -> clap::Command {
+        let mut command = Cli::command();
+        // Global options are copied into each command by the build.
+        command.build();
+        let names: Vec<String> = command
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        for name in names {
+            let own = format!("Options of {name}");
+            command = command.mut_subcommand(&name, |mut sub| {
+                let others: Vec<String> = sub
+                    .get_arguments()
+                    .filter(|a| {
+                        a.get_help_heading()
+                            .is_some_and(|h| h.starts_with("Options of ") && h != own)
+                    })
+                    .map(|a| a.get_id().to_string())
+                    .collect();
+                for id in others {
+                    sub = sub.mut_arg(id, |a| a.hide(true));
+                }
+                sub
+            });
+        }
+        command
     }
 
     /// Checks what clap cannot and loads the passwords file.
@@ -683,5 +741,27 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn help_of(command: &str) -> String {
+        let mut cli = Cli::command_with_focused_help();
+        let sub = cli.find_subcommand_mut(command).expect("a command");
+        sub.render_long_help().to_string()
+    }
+
+    #[test]
+    fn each_command_shows_its_own_options_and_accepts_the_others() {
+        let run = help_of("run");
+        for hidden in ["--json", "--rule", "--partitions", "--delete-user-docs"] {
+            assert!(!run.contains(hidden), "run --help shows {hidden}");
+        }
+        assert!(run.contains("--concurrency"));
+        let status = help_of("status");
+        assert!(status.contains("--json") && !status.contains("--rule"));
+        assert!(help_of("install").contains("--partitions"));
+        let args = [
+            "spiegel", "run", "--url", "http://h", "--json", "--rule", "r",
+        ];
+        assert!(Cli::try_parse_with_sources(args).is_ok(), "still accepted");
     }
 }

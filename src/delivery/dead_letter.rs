@@ -74,7 +74,21 @@ pub async fn list(
     db: &str,
     namespace: &str,
 ) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
-    let query = AllDocsQuery::prefix(&id_prefix(namespace));
+    list_some(client, db, namespace, None).await
+}
+
+/// The first `limit` dead letters (the oldest: ids start with their time),
+/// or all, with their ids and revisions.
+pub async fn list_some(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    limit: Option<u64>,
+) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
+    let query = AllDocsQuery {
+        limit,
+        ..AllDocsQuery::prefix(&id_prefix(namespace))
+    };
     let mut letters = Vec::new();
     for row in client.all_docs(db, &query).await?.rows {
         let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {
@@ -86,4 +100,13 @@ pub async fn list(
         }
     }
     Ok(letters)
+}
+
+/// How many dead letters there are, from their ids alone.
+pub async fn count(client: &CouchClient, db: &str, namespace: &str) -> Result<usize, CouchError> {
+    let query = AllDocsQuery {
+        include_docs: false,
+        ..AllDocsQuery::prefix(&id_prefix(namespace))
+    };
+    Ok(client.all_docs(db, &query).await?.rows.len())
 }

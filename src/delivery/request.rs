@@ -18,9 +18,25 @@
 //! Basic auth from the URL's user info unless the rule sets `Authorization`
 //! (credentials never travel in the request URL), and the signature.
 //!
+//! # Idempotency key
+//!
+//! Every request carries `Idempotency-Key: <32 hex digits>`, unless the rule
+//! sets that header itself: the same for every attempt, redelivery and
+//! failover of the rule's request for one revision of one document of one
+//! database ([`ChangeContext::delivery_id`], also the `$delivery_id`
+//! placeholder). Delivery is at least once; a receiver that remembers the
+//! keys it has handled sees each change once.
+//!
 //! # Signature
 //!
-//! With signing on, the request carries the header named by the rule, whose
+//! With `"scheme": "standard-webhooks"`, the request is signed as the
+//! Standard Webhooks specification says: `webhook-id` (the idempotency key),
+//! `webhook-timestamp` (Unix seconds when the request was built) and
+//! `webhook-signature: v1,<base64 HMAC-SHA256>` of `<id>.<timestamp>.<body>`,
+//! keyed with the bytes of the `whsec_` secret; any of the specification's
+//! libraries verifies it.
+//!
+//! Otherwise (`"hmac-sha256"`, the default), the request carries the header named by the rule, whose
 //! value is `sha256=` followed by the lowercase hex HMAC-SHA256, keyed with
 //! the secret, of the payload: the exact body bytes for POST and PUT, and for
 //! GET and DELETE the exact query string as sent (after the `?`, without it;
@@ -55,6 +71,9 @@ use sha2::Sha256;
 use url::Url;
 
 use crate::couch::{SecretUrl, UrlError};
+
+/// The header of the idempotency key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 use crate::rules::on_change::{ChangeContext, Method, Signing, Template};
 
 impl From<Method> for reqwest::Method {
@@ -125,13 +144,21 @@ impl Request {
         let url = SecretUrl::parse(full.as_str())?;
 
         let mut headers = headers(&t.headers, body.is_some())?;
+        let id = change.delivery_id();
+        if !headers.contains_key(IDEMPOTENCY_KEY) {
+            headers.insert(IDEMPOTENCY_KEY, header_value(&id)?);
+        }
         let signature_header = match &t.sign {
-            Some(signing) => {
+            Some(Signing::Hmac { secret, header }) => {
                 let payload = match &body {
                     Some(body) => body.as_ref(),
                     None => url.expose().query().unwrap_or("").as_bytes(),
                 };
-                Some(add_signature(&mut headers, signing, payload)?)
+                Some(add_signature(&mut headers, header, secret, payload)?)
+            }
+            Some(Signing::StandardWebhooks { key }) => {
+                let body = body.as_deref().unwrap_or_default();
+                Some(add_standard_signature(&mut headers, key, &id, body)?)
             }
             None => None,
         };
@@ -243,6 +270,9 @@ impl Request {
     }
 
     fn is_sensitive(&self, name: &HeaderName) -> bool {
+        if name == IDEMPOTENCY_KEY {
+            return false;
+        }
         let name = name.as_str();
         self.signature_header
             .as_ref()
@@ -276,22 +306,59 @@ fn headers(rule_headers: &[(String, String)], has_body: bool) -> Result<HeaderMa
 /// Signs `payload` into the rule's signature header; returns its name.
 fn add_signature(
     headers: &mut HeaderMap,
-    signing: &Signing,
+    header_name: &str,
+    secret: &str,
     payload: &[u8],
 ) -> Result<HeaderName, RequestError> {
-    let (name, value) = header(&signing.header, &sign(&signing.secret, payload))?;
+    let signature = format!(
+        "sha256={}",
+        hex::encode(hmac(secret.as_bytes(), &[payload]))
+    );
+    let (name, value) = header(header_name, &signature)?;
     headers.insert(name.clone(), value);
     Ok(name)
 }
 
-/// `sha256=<lowercase hex HMAC-SHA256(secret, payload)>`.
-fn sign(secret: &str, payload: &[u8]) -> String {
+/// Signs the Standard Webhooks way: `webhook-id`, `webhook-timestamp` (now)
+/// and `webhook-signature`; returns the name of the last.
+fn add_standard_signature(
+    headers: &mut HeaderMap,
+    key: &[u8],
+    id: &str,
+    body: &[u8],
+) -> Result<HeaderName, RequestError> {
+    use base64::Engine;
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let signed = format!("{id}.{timestamp}.");
+    let mac = hmac(key, &[signed.as_bytes(), body]);
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac)
+    );
+    let name = HeaderName::from_static("webhook-signature");
+    headers.insert(HeaderName::from_static("webhook-id"), header_value(id)?);
+    headers.insert(
+        HeaderName::from_static("webhook-timestamp"),
+        header_value(&timestamp)?,
+    );
+    headers.insert(name.clone(), header_value(&signature)?);
+    Ok(name)
+}
+
+/// HMAC-SHA256 of the concatenated `parts`.
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     // HMAC takes keys of any length; this branch cannot be taken.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
-        return String::new();
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return Vec::new();
     };
-    mac.update(payload);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn header_value(value: &str) -> Result<HeaderValue, RequestError> {
+    HeaderValue::from_str(value).map_err(|_| RequestError::HeaderValue(value.to_string()))
 }
 
 fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), RequestError> {
@@ -347,6 +414,7 @@ mod tests {
     /// The test change (`d/1` at `2-abc`) of `db`.
     fn context<'a>(db: &'a str, doc: &'a Value, seq: &'a Value) -> ChangeContext<'a> {
         ChangeContext {
+            rule: "rule",
             db_name: db,
             doc,
             id: "d/1",
@@ -575,7 +643,7 @@ mod tests {
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
-        let signing = Signing {
+        let signing = Signing::Hmac {
             secret: "topsecret".into(),
             header: "X-Spiegel-Signature".into(),
         };
@@ -628,6 +696,78 @@ mod tests {
         assert_ne!(get, id("http://h/x", Method::Delete, &p1, "db"));
     }
 
+    #[test]
+    fn every_request_carries_an_idempotency_key_stable_for_its_rule_and_revision() {
+        let (doc, seq) = (doc(), json!("3-x"));
+        let change = context("db", &doc, &seq);
+        let t = Template {
+            params: Some(json!({"key": "$delivery_id"})),
+            ..template("http://h/hook", Method::Post)
+        };
+        let req = Request::build(&t, &change).unwrap();
+        let id = change.delivery_id();
+        assert_eq!(id.len(), 32);
+        assert_eq!(req.headers()["idempotency-key"], id.as_str());
+        let body: Value = serde_json::from_slice(req.body().unwrap()).unwrap();
+        assert_eq!(body["key"], id.as_str(), "and as $delivery_id");
+        assert_eq!(req.redacted()["headers"]["idempotency-key"], id.as_str());
+        let other_seq = json!("9-y");
+        assert_eq!(
+            context("db", &doc, &other_seq).delivery_id(),
+            id,
+            "the seq does not count"
+        );
+        let others = [
+            ChangeContext {
+                rev: "3-def",
+                ..change
+            },
+            ChangeContext {
+                rule: "other",
+                ..change
+            },
+            ChangeContext {
+                db_name: "db2",
+                ..change
+            },
+            ChangeContext {
+                id: "d/2",
+                ..change
+            },
+        ];
+        for other in others {
+            assert_ne!(other.delivery_id(), id, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn standard_webhooks_signs_the_id_the_timestamp_and_the_body() {
+        use base64::Engine;
+        let (doc, seq) = (doc(), json!("3-x"));
+        let change = context("db", &doc, &seq);
+        let t = Template {
+            params: Some(json!({"id": "$change.id"})),
+            sign: Some(Signing::StandardWebhooks {
+                key: b"a key".to_vec(),
+            }),
+            ..template("http://h/hook", Method::Post)
+        };
+        let req = Request::build(&t, &change).unwrap();
+        let h = req.headers();
+        let id = change.delivery_id();
+        assert_eq!(h["webhook-id"], id.as_str());
+        let timestamp = h["webhook-timestamp"].to_str().unwrap();
+        let age = chrono::Utc::now().timestamp() - timestamp.parse::<i64>().unwrap();
+        assert!((0..5).contains(&age), "{age}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"a key").unwrap();
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(req.body().unwrap());
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        assert_eq!(h["webhook-signature"], format!("v1,{expected}").as_str());
+        assert_eq!(req.redacted()["headers"]["webhook-signature"], "***");
+    }
+
     fn expected_signature(secret: &[u8], payload: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
         mac.update(payload);
@@ -644,7 +784,7 @@ mod tests {
         let doc = doc();
         let seq = json!("3-xyz");
         let change = context("a/b", &doc, &seq);
-        let signing = Signing {
+        let signing = Signing::Hmac {
             secret: "Jefe".into(),
             header: "X-Signature".into(),
         };
@@ -727,7 +867,7 @@ mod tests {
         let req = Request::build(&t, &change).unwrap();
         assert_eq!(req.headers()[USER_AGENT], "mine");
         assert_eq!(req.headers()[CONTENT_TYPE], "application/vnd.x+json");
-        assert_eq!(req.headers().len(), 2);
+        assert_eq!(req.headers().len(), 3, "and the idempotency key");
     }
 
     #[test]

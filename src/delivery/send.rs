@@ -250,6 +250,7 @@ mod tests {
         let doc = json!({"_id": "d1", "_rev": "1-a"});
         let seq = json!("5-abc");
         let change = ChangeContext {
+            rule: "rule",
             db_name: "a/b",
             doc: &doc,
             id: "d1",
@@ -257,7 +258,7 @@ mod tests {
             seq: &seq,
         };
         let params = json!({"db": "$db_name", "change": "$change", "seq": "$seq"});
-        let signing = Signing {
+        let signing = Signing::Hmac {
             secret: SECRET.into(),
             header: "X-Spiegel-Signature".into(),
         };

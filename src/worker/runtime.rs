@@ -35,9 +35,9 @@ pub(super) enum Event {
         outcome: Outcome,
         took: Duration,
     },
-    /// The wait after the database's `retry`-th failure in a row is over
-    /// (a timer of an earlier failure, cut short by a run now, is stale).
-    RetryDue { db: String, retry: u32 },
+    /// The database's retry timer `timer` fired (one replaced by a later
+    /// timer or cut short by a run now is stale).
+    RetryDue { db: String, timer: u64 },
 }
 
 /// Where the worker's events come from.
@@ -332,11 +332,11 @@ impl<R: Role> Worker<R> {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Finished { db, outcome, took } => self.on_finished(db, outcome, took),
-            Event::RetryDue { db, retry } => {
-                if self.sched.retries(&db) == retry {
+            Event::RetryDue { db, timer } => {
+                if self.sched.timer(&db) == timer {
                     self.metrics.runs_retried.get_or_create(&self.label).inc();
-                    self.sched.retry_due(&db);
                 }
+                self.sched.retry_due(&db, timer);
             }
         }
     }
@@ -353,24 +353,29 @@ impl<R: Role> Worker<R> {
             Outcome::Retry {
                 wait: Wait::Held(_),
                 reason,
-            } => {
-                tracing::debug!(role = %self.name(), db = %db, %reason, "held back");
-                self.failing.insert(db.clone(), (reason.clone(), true));
-            }
+            } => tracing::debug!(role = %self.name(), db = %db, %reason, "held back"),
             Outcome::Retry { reason, .. } => {
                 self.metrics.runs_failed.get_or_create(&self.label).inc();
                 tracing::warn!(role = %self.name(), db = %db, %reason, "run failed; will retry");
-                self.failing.insert(db.clone(), (reason.clone(), false));
             }
             Outcome::Done | Outcome::Missing => {
                 self.metrics.runs_succeeded.get_or_create(&self.label).inc();
+            }
+        }
+        let retry = self
+            .sched
+            .on_finished(&db, finished(&outcome), Instant::now());
+        // Why it waits, while it waits here.
+        match (&outcome, retry) {
+            (Outcome::Retry { wait, reason }, Some(_)) => {
+                let held = matches!(wait, Wait::Held(_));
+                self.failing.insert(db.clone(), (reason.clone(), held));
+            }
+            _ => {
                 self.failing.remove(&db);
             }
         }
-        let Some(retry) = self
-            .sched
-            .on_finished(&db, finished(&outcome), Instant::now())
-        else {
+        let Some(retry) = retry else {
             return;
         };
         let wait = match outcome {
@@ -385,9 +390,10 @@ impl<R: Role> Worker<R> {
             _ => self.options.retry.wait(retry),
         };
         let events = self.events.clone();
+        let timer = self.sched.timer(&db);
         self.tasks.spawn(async move {
             tokio::time::sleep(wait).await;
-            let _ = events.send(Event::RetryDue { db, retry });
+            let _ = events.send(Event::RetryDue { db, timer });
         });
     }
 
@@ -612,6 +618,10 @@ fn finished(outcome: &Outcome) -> Finished {
         // A database taken for deleted comes back from `track_missing` as
         // `Done`; one still within `--assume-deleted-after` (or met at a
         // stop) is not handled yet.
+        Outcome::Retry {
+            wait: Wait::Held(_),
+            ..
+        } => Finished::Held,
         Outcome::Retry { .. } | Outcome::Missing => Finished::Retry,
         Outcome::Done => Finished::Handled,
     }

@@ -54,6 +54,9 @@ struct DbState {
     queued: bool,
     /// Waiting for a retry timer.
     backing_off: bool,
+    /// The id of the retry timer it waits for: a timer that another one
+    /// (or a run now) replaced is stale.
+    timer: u64,
     retries: u32,
     /// When the oldest pending event arrived.
     pending_since: Option<Instant>,
@@ -98,6 +101,9 @@ pub enum Finished {
     Handled,
     /// Try again later; the covered events stay pending.
     Retry,
+    /// Held back by the role (a paused rule): like `Retry`, without
+    /// counting a failure.
+    Held,
 }
 
 /// Where a database that waits stands.
@@ -145,6 +151,7 @@ pub struct Scheduler {
     in_flight: usize,
     next_id: u64,
     next_epoch: u64,
+    next_timer: u64,
     stopping: bool,
 }
 
@@ -163,6 +170,7 @@ impl Scheduler {
             in_flight: 0,
             next_id: 0,
             next_epoch: 0,
+            next_timer: 0,
             stopping: false,
         }
     }
@@ -364,13 +372,21 @@ impl Scheduler {
         starts
     }
 
-    /// A run finished. On [`Finished::Retry`] returns the retry number (1
-    /// for the first) after which [`Self::retry_due`] must be called.
     /// Runs of `db` that failed in a row (0 once one succeeds).
     pub fn retries(&self, db: &str) -> u32 {
         self.dbs.get(db).map_or(0, |s| s.retries)
     }
 
+    /// The id of the retry timer `db` waits for, to give
+    /// [`Self::retry_due`] when it fires.
+    pub fn timer(&self, db: &str) -> u64 {
+        self.dbs.get(db).map_or(0, |s| s.timer)
+    }
+
+    /// A run finished. On [`Finished::Retry`] and [`Finished::Held`]
+    /// returns the retry number (1 for the first failure; unchanged when
+    /// held), after which [`Self::retry_due`] must be called with
+    /// [`Self::timer`].
     pub fn on_finished(&mut self, db: &str, outcome: Finished, now: Instant) -> Option<u32> {
         let partition = self.partition_of(db);
         let state = self.dbs.get_mut(db)?;
@@ -389,7 +405,7 @@ impl Scheduler {
                 state.waiting_since = state.pending_since;
                 None
             }
-            Finished::Retry => {
+            Finished::Retry | Finished::Held => {
                 // The covered events are not handled: they go back in front.
                 let owned: Vec<EventRef> = covered
                     .iter()
@@ -407,8 +423,12 @@ impl Scheduler {
                     pending.append(&mut state.pending);
                     state.pending = pending;
                     state.pending_since.get_or_insert(now);
-                    state.retries += 1;
+                    if outcome == Finished::Retry {
+                        state.retries += 1;
+                    }
                     state.backing_off = true;
+                    self.next_timer += 1;
+                    state.timer = self.next_timer;
                     Some(state.retries)
                 }
             }
@@ -428,8 +448,19 @@ impl Scheduler {
         retry
     }
 
-    /// The retry wait of a database is over.
-    pub fn retry_due(&mut self, db: &str) {
+    /// The retry timer `timer` of a database fired: its wait is over,
+    /// unless the timer is stale.
+    pub fn retry_due(&mut self, db: &str, timer: u64) {
+        if self
+            .dbs
+            .get(db)
+            .is_some_and(|s| s.backing_off && s.timer == timer)
+        {
+            self.end_backoff(db);
+        }
+    }
+
+    fn end_backoff(&mut self, db: &str) {
         if let Some(state) = self.dbs.get_mut(db) {
             state.backing_off = false;
             if enqueue_if_ready(state) {
@@ -443,8 +474,13 @@ impl Scheduler {
     /// Runs `db` as soon as a slot is free, cutting a backoff short.
     /// False when its partition is not ours.
     pub fn run_now(&mut self, db: &str, now: Instant) -> bool {
-        if self.dbs.get(db).is_some_and(|s| s.backing_off) {
-            self.retry_due(db);
+        let partition = self.partition_of(db);
+        let ours = self
+            .partitions
+            .get(&partition)
+            .is_some_and(|p| !p.releasing);
+        if ours && self.dbs.get(db).is_some_and(|s| s.backing_off) {
+            self.end_backoff(db);
             return true;
         }
         self.on_sweep(db, now)
@@ -704,10 +740,10 @@ mod tests {
             s.take_dirty_checkpoints().is_empty(),
             "a's event holds the checkpoint"
         );
-        s.retry_due("a");
+        s.retry_due("a", s.timer("a"));
         assert_eq!(dbs(s.take_startable(now)), ["a"]);
         assert_eq!(s.on_finished("a", Finished::Retry, now), Some(2));
-        s.retry_due("a");
+        s.retry_due("a", s.timer("a"));
         s.take_startable(now);
         s.on_finished("a", Finished::Handled, now);
         assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(3))]);

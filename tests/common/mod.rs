@@ -292,6 +292,16 @@ impl Installation {
     }
 }
 
+/// A fresh installation, an API receiver (and its base URL), and a
+/// database `name` of the installation, created.
+pub async fn with_receiver(label: &str, name: &str) -> (Installation, Receiver, String, String) {
+    let s = Installation::new(label).await;
+    let (receiver, base) = Receiver::start().await;
+    let db = s.db(name);
+    s.couch.create_db(&db).await.unwrap();
+    (s, receiver, base, db)
+}
+
 /// `spiegel status --json` on the installation in `spiegel_db` at `url`.
 pub fn spiegel_status(url: &str, spiegel_db: &str) -> serde_json::Value {
     let out = spiegel()

@@ -38,8 +38,13 @@ async function refreshTail() {
     const answer = await fetch("/console/tail?after=" + lastTail, { cache: "no-store" });
     if (!answer.ok) return;
     const body = document.getElementById("tail");
-    for (const entry of await answer.json()) {
-      lastTail = Math.max(lastTail, entry.id);
+    const entries = await answer.json();
+    if (entries.length && entries[0].id <= lastTail) {
+      // The process restarted: its ids began again.
+      body.replaceChildren();
+    }
+    for (const entry of entries) {
+      lastTail = entry.id;
       const row = body.insertRow(0);
       row.dataset.db = entry.db;
       row.className = entry.ok ? "" : "failed";

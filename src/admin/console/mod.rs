@@ -19,11 +19,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::view::{Parts, View, WAITING_SHOWN};
 use super::live::Live;
+use crate::commands::status::Letters;
 use crate::commands::{redeliver, status};
 use crate::config::Config;
 use crate::couch::{CouchClient, CouchError, Saved};
@@ -33,6 +36,10 @@ const PAGE: &str = include_str!("page.html");
 const STATE: &str = include_str!("state.html");
 const STYLE: &str = include_str!("console.css");
 const SCRIPT: &str = include_str!("console.js");
+
+/// Dead letters read in full at each refresh, the oldest: enough to group
+/// them, bounded for a deployment whose API has been down for long.
+const LETTERS_READ: u64 = 1000;
 
 /// Same-origin content only: no inline script, nothing from elsewhere.
 const CONTENT_POLICY: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
@@ -86,7 +93,9 @@ impl Console {
     /// process's workers' waiting databases.
     async fn view(&self) -> crate::Result<View> {
         let (inner, config) = (&self.inner, &self.inner.config);
-        let report = status::report(&inner.client, &config.db_name, &config.namespace).await?;
+        let (db, namespace) = (&config.db_name, &config.namespace);
+        let letters = Letters::Oldest(LETTERS_READ);
+        let report = status::report_with(&inner.client, db, namespace, letters).await?;
         let workers = inner.live.workers();
         let mut waiting = Vec::new();
         for worker in &workers {
@@ -127,13 +136,19 @@ impl Console {
         }
     }
 
-    /// Whether an action may proceed: a token is set and the request has it.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ActionError> {
+    /// An action's request, once it is known to be allowed: a token is set
+    /// and the request has it. Only then is its body read.
+    fn authorize<T: DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<T, ActionError> {
         match &self.inner.config.admin_token {
-            None => Err(ActionError::ReadOnly),
-            Some(token) if token.allows(headers) => Ok(()),
-            Some(_) => Err(ActionError::Unauthorized),
+            None => return Err(ActionError::ReadOnly),
+            Some(token) if !token.allows(headers) => return Err(ActionError::Unauthorized),
+            Some(_) => {}
         }
+        serde_json::from_slice(body).map_err(|e| ActionError::BadRequest(e.to_string()))
     }
 }
 
@@ -148,6 +163,7 @@ fn secure_headers() -> [(header::HeaderName, &'static str); 3] {
 /// The page when CouchDB cannot be read.
 fn unavailable(error: &crate::Error) -> Response {
     tracing::warn!(error = %error, "the console cannot read the spiegel database");
+    let error = crate::couch::origins_only(&error.to_string());
     let text = format!("Spiegel's console cannot read the spiegel database: {error}\n");
     (StatusCode::SERVICE_UNAVAILABLE, secure_headers(), text).into_response()
 }
@@ -191,6 +207,8 @@ enum ActionError {
     ReadOnly,
     #[error("this action needs the admin token (Authorization: Bearer <token>)")]
     Unauthorized,
+    #[error("the request's body: {0}")]
+    BadRequest(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -204,11 +222,18 @@ impl IntoResponse for ActionError {
         let status = match &self {
             ActionError::ReadOnly => StatusCode::FORBIDDEN,
             ActionError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ActionError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ActionError::NotFound(_) => StatusCode::NOT_FOUND,
             ActionError::NotHere(_) => StatusCode::CONFLICT,
             ActionError::Couch(_) => StatusCode::BAD_GATEWAY,
         };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let body = Json(json!({ "error": self.to_string() }));
+        match self {
+            ActionError::Unauthorized => {
+                (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+            }
+            _ => (status, body).into_response(),
+        }
     }
 }
 
@@ -222,9 +247,9 @@ struct RedeliverBody {
 async fn redeliver(
     State(console): State<Console>,
     headers: HeaderMap,
-    Json(body): Json<RedeliverBody>,
+    body: Bytes,
 ) -> Result<Json<Value>, ActionError> {
-    console.authorize(&headers)?;
+    let body: RedeliverBody = console.authorize(&headers, &body)?;
     let inner = &console.inner;
     let mut config = inner.config.clone();
     config.rule = body.rule.filter(|r| !r.is_empty());
@@ -250,9 +275,9 @@ struct RunNowBody {
 async fn run_now(
     State(console): State<Console>,
     headers: HeaderMap,
-    Json(body): Json<RunNowBody>,
+    body: Bytes,
 ) -> Result<Json<Value>, ActionError> {
-    console.authorize(&headers)?;
+    let body: RunNowBody = console.authorize(&headers, &body)?;
     let mut roles = Vec::new();
     let workers = console.inner.live.workers().into_iter();
     let chosen = workers.filter(|w| body.role.as_ref().is_none_or(|r| *r == w.role));
@@ -282,9 +307,9 @@ struct PauseBody {
 async fn pause(
     State(console): State<Console>,
     headers: HeaderMap,
-    Json(body): Json<PauseBody>,
+    body: Bytes,
 ) -> Result<Json<Value>, ActionError> {
-    console.authorize(&headers)?;
+    let body: PauseBody = console.authorize(&headers, &body)?;
     let inner = &console.inner;
     let db = &inner.config.db_name;
     let not_found = || ActionError::NotFound(format!("no on_change document {:?}", body.rule));

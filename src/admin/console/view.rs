@@ -36,6 +36,8 @@ pub struct View {
     pub waiting: Vec<WaitView>,
     pub dead_letters: Vec<LetterGroup>,
     pub dead_total: usize,
+    /// The dead letters grouped: the oldest, when there are many.
+    pub dead_grouped: usize,
     /// Whether actions are possible (a token is set).
     pub actions: bool,
 }
@@ -150,7 +152,8 @@ impl View {
             documents,
             waiting,
             dead_letters: letter_groups(&report.letters, now),
-            dead_total: report.letters.len(),
+            dead_total: report.dead_letters.total,
+            dead_grouped: report.letters.len(),
             actions: parts.actions,
         }
     }

@@ -213,8 +213,9 @@ impl ChangeListener {
     pub async fn watch_rules(self: Arc<Self>) {
         let mut docs = self.docs.clone();
         loop {
-            let rules = self.rules().await;
-            for db in self.resumed(&rules) {
+            self.rules().await;
+            let loaded = follower::loaded(&mut self.docs.clone()).await;
+            for db in self.resumed(&loaded) {
                 if self.nudges.send(db).await.is_err() {
                     return;
                 }
@@ -230,12 +231,14 @@ impl ChangeListener {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The databases held back by rules that are no longer paused.
-    fn resumed(&self, rules: &[OnChangeRule]) -> Vec<String> {
-        let paused: HashSet<&str> = rules
+    /// The databases held back by rules that are no longer paused. A
+    /// document that still says `"paused": true` keeps holding them, even
+    /// while an edit has made it unusable.
+    fn resumed(&self, docs: &follower::UserDocs) -> Vec<String> {
+        let paused: HashSet<&str> = docs
             .iter()
-            .filter(|r| r.paused)
-            .map(|r| r.id.as_str())
+            .filter(|(_, doc)| doc.get("paused") == Some(&Value::Bool(true)))
+            .map(|(id, _)| id.as_str())
             .collect();
         let mut held = self.held();
         let resumed: Vec<String> = held
@@ -369,6 +372,7 @@ impl ChangeListener {
             let doc = doc_of(change);
             for rule in rules.iter().filter(|r| r.matches(&doc)) {
                 let context = ChangeContext {
+                    rule: &rule.id,
                     db_name: db,
                     doc: &doc,
                     id: &change.id,
@@ -422,7 +426,7 @@ impl ChangeListener {
         }
         while let Some(sent) = in_flight.next().await {
             if let Sent::Retry(wait, reason) = sent {
-                failure.get_or_insert((wait, reason));
+                failure = Some(first_failure(failure, (wait, reason)));
             }
             if let Some(job) = waiting.next() {
                 in_flight.push(self.send(job, db));
@@ -437,6 +441,7 @@ impl ChangeListener {
             while let Some(job) = jobs_by_change.next_if(|j| std::ptr::eq(j.change, change)) {
                 if let Sent::Retry(wait, reason) = self.send(job, db).await {
                     let progress = if parallel_failed { None } else { upto };
+                    let (wait, reason) = first_failure(failure, (wait, reason));
                     return Err((progress, wait, reason));
                 }
             }
@@ -446,6 +451,17 @@ impl ChangeListener {
             None => Ok(()),
             Some((wait, reason)) => Err((None, wait, reason)),
         }
+    }
+}
+
+/// What a run that met several failures reports: a real failure before a
+/// paused rule's hold, so that it is retried on its own backoff, logged and
+/// counted; otherwise the first.
+fn first_failure(kept: Option<(Wait, String)>, new: (Wait, String)) -> (Wait, String) {
+    match kept {
+        Some(kept) if matches!(kept.0, Wait::Held(_)) && !matches!(new.0, Wait::Held(_)) => new,
+        Some(kept) => kept,
+        None => new,
     }
 }
 

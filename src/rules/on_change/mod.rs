@@ -345,7 +345,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    use super::template::{SecretSource, DEFAULT_SIGN_HEADER};
+    use super::template::{SecretSource, SignScheme, DEFAULT_SIGN_HEADER};
 
     /// A minimal valid document with `extra` members merged in.
     fn doc(extra: Value) -> Value {
@@ -641,7 +641,8 @@ mod tests {
     fn sign_takes_a_secret_from_env_or_passwords_file() {
         let sign = sign_spec(json!({"sign": {"secret_env": "HOOK_SECRET"}}));
         assert_eq!(sign.secret, SecretSource::Env("HOOK_SECRET".to_string()));
-        assert_eq!(sign.header, DEFAULT_SIGN_HEADER);
+        let header = DEFAULT_SIGN_HEADER.to_string();
+        assert_eq!(sign.scheme, SignScheme::Hmac { header });
 
         let sign = sign_spec(json!({"sign": {
             "secret_host": "api.example.com",
@@ -655,7 +656,11 @@ mod tests {
                 user: "hook".to_string()
             }
         );
-        assert_eq!(sign.header, "X-Hub-Signature-256");
+        let header = "X-Hub-Signature-256".to_string();
+        assert_eq!(sign.scheme, SignScheme::Hmac { header });
+
+        let sign = sign_spec(json!({"sign": {"secret_env": "S", "scheme": "standard-webhooks"}}));
+        assert_eq!(sign.scheme, SignScheme::StandardWebhooks);
     }
 
     #[test]
@@ -668,6 +673,8 @@ mod tests {
             json!({"secret_host": "h"}),
             json!({"secret_env": "A", "header": "Bad Header"}),
             json!({"secret": "inline"}),
+            json!({"secret_env": "A", "scheme": "rsa"}),
+            json!({"secret_env": "A", "scheme": "standard-webhooks", "header": "X-Sig"}),
         ] {
             assert!(
                 matches!(error(json!({ "sign": bad })), OnChangeDocError::BadSign(_)),
@@ -719,8 +726,11 @@ mod tests {
         let sign = json!({"sign": {"secret_host": "api.example.com", "secret_user": "hook"}});
         let rule = compile_with("rule", &doc(sign.clone()), &passwords).unwrap();
         let signing = rule.request.sign.clone().unwrap();
-        assert_eq!(signing.secret, "s3cret");
-        assert_eq!(signing.header, DEFAULT_SIGN_HEADER);
+        let expected = Signing::Hmac {
+            secret: "s3cret".into(),
+            header: DEFAULT_SIGN_HEADER.into(),
+        };
+        assert!(signing == expected, "{signing:?}");
         assert!(!format!("{:?}", rule.request).contains("s3cret"));
 
         let err = compile("rule", &doc(sign)).unwrap_err();

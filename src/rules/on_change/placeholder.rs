@@ -2,11 +2,12 @@
 //! there are, how they are found in a string, and what replaces them for a
 //! change.
 //!
-//! Five placeholders are known: `$db_name` (the database name), `$change`
-//! (the whole document, or the deletion stub), `$change.id`, `$change.rev`
-//! and `$seq` (the `_changes` seq, opaque, as CouchDB sent it). Each may also
-//! be written `${db_name}`, `${change}`, `${change.id}`, `${change.rev}`,
-//! `${seq}`.
+//! Six placeholders are known: `$db_name` (the database name), `$change`
+//! (the whole document, or the deletion stub), `$change.id`, `$change.rev`,
+//! `$seq` (the `_changes` seq, opaque, as CouchDB sent it) and
+//! `$delivery_id` (the request's idempotency key, see
+//! [`ChangeContext::delivery_id`]). Each may also be written `${db_name}`,
+//! `${change}`, `${change.id}`, `${change.rev}`, `${seq}`, `${delivery_id}`.
 //!
 //! - In `params`, at any depth (nested objects and arrays; keys are never
 //!   templated), a string that is exactly one placeholder is replaced by the
@@ -23,12 +24,15 @@
 //!   `(` and `)` are encoded too).
 
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::couch::encode_segment;
 
 /// The change a request is built for.
 #[derive(Clone, Copy, Debug)]
 pub struct ChangeContext<'a> {
+    /// The on_change document's id.
+    pub rule: &'a str,
     pub db_name: &'a str,
     /// The whole document, or the deletion stub.
     pub doc: &'a Value,
@@ -36,6 +40,21 @@ pub struct ChangeContext<'a> {
     pub rev: &'a str,
     /// The opaque `_changes` seq, passed on as is.
     pub seq: &'a Value,
+}
+
+impl ChangeContext<'_> {
+    /// The idempotency key of the rule's request for this change: 32 hex
+    /// digits of a SHA-256 of the rule, the database, the document id and
+    /// the revision. The same for every attempt, redelivery and failover,
+    /// different for any other rule, database or revision.
+    pub fn delivery_id(&self) -> String {
+        let mut hash = Sha256::new();
+        for part in [self.rule, self.db_name, self.id, self.rev] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        hex::encode(&hash.finalize()[..16])
+    }
 }
 
 /// One of the known placeholders.
@@ -46,11 +65,13 @@ enum Placeholder {
     ChangeId,
     ChangeRev,
     Seq,
+    DeliveryId,
 }
 
 /// Names without the `$`, longest first so that a bare `$change.id` is not
 /// read as `$change` followed by `.id`.
-const NAMES: [(&str, Placeholder); 5] = [
+const NAMES: [(&str, Placeholder); 6] = [
+    ("delivery_id", Placeholder::DeliveryId),
     ("change.rev", Placeholder::ChangeRev),
     ("change.id", Placeholder::ChangeId),
     ("db_name", Placeholder::DbName),
@@ -71,6 +92,7 @@ impl Placeholder {
             Placeholder::ChangeId => Value::from(c.id),
             Placeholder::ChangeRev => Value::from(c.rev),
             Placeholder::Seq => c.seq.clone(),
+            Placeholder::DeliveryId => Value::from(c.delivery_id()),
         }
     }
 
@@ -85,6 +107,7 @@ impl Placeholder {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             },
+            Placeholder::DeliveryId => c.delivery_id(),
         }
     }
 }

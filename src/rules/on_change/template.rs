@@ -34,7 +34,16 @@ const MAX_TIMEOUT_SECS: f64 = 3600.0;
 /// stands for (part of) the host name.
 const URL_SAMPLE: &str = "sample";
 
-const SIGN_MEMBERS: [&str; 4] = ["secret_env", "secret_host", "secret_user", "header"];
+const SIGN_MEMBERS: [&str; 5] = [
+    "secret_env",
+    "secret_host",
+    "secret_user",
+    "header",
+    "scheme",
+];
+
+/// The prefix of a Standard Webhooks secret: `whsec_` and the key in base64.
+const STANDARD_SECRET_PREFIX: &str = "whsec_";
 
 /// The request of a rule: validated, its secrets resolved, its placeholders
 /// left in place since they depend on each change.
@@ -71,19 +80,31 @@ pub enum Method {
     Delete,
 }
 
-/// How to sign requests: the secret (resolved from wherever the rule points)
-/// and the name of the header that carries the signature.
+/// How to sign requests, the secret resolved from wherever the rule points.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Signing {
-    pub secret: String,
-    pub header: String,
+pub enum Signing {
+    /// Spiegel's own: `sha256=<hex HMAC-SHA256>` of the payload, in `header`.
+    Hmac { secret: String, header: String },
+    /// The Standard Webhooks specification's: `webhook-id`,
+    /// `webhook-timestamp` and `webhook-signature`, keyed with the bytes of
+    /// a `whsec_` secret.
+    StandardWebhooks { key: Vec<u8> },
 }
 
-/// The `sign` member as written: where the secret is, and the header.
+/// The `sign` member as written: where the secret is, and the scheme.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignSpec {
     pub secret: SecretSource,
-    pub header: String,
+    pub scheme: SignScheme,
+}
+
+/// `"scheme"` of `sign`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignScheme {
+    /// `"hmac-sha256"` (the default), with the header that carries it.
+    Hmac { header: String },
+    /// `"standard-webhooks"`.
+    StandardWebhooks,
 }
 
 /// Where a signing secret comes from. Never the document itself: the spiegel
@@ -150,6 +171,12 @@ impl Template {
     /// Completes a parsed template with what the document only names: the
     /// signing secret, and the password of the URL's user.
     pub(super) fn resolve(self, sign: Option<&SignSpec>, passwords: &Passwords) -> Result<Self> {
+        let standard = sign.is_some_and(|s| s.scheme == SignScheme::StandardWebhooks);
+        if standard && !self.method.has_body() {
+            return Err(OnChangeDocError::BadSign(
+                "the standard-webhooks scheme signs a body: use the POST or PUT method".into(),
+            ));
+        }
         Ok(Template {
             sign: sign.map(|s| s.resolve(passwords)).transpose()?,
             password: UrlPassword::lookup(&self.url, passwords),
@@ -238,10 +265,17 @@ impl fmt::Display for Method {
 impl fmt::Debug for Signing {
     // The secret must never reach a log line through `{:?}`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Signing")
-            .field("secret", &"***")
-            .field("header", &self.header)
-            .finish()
+        match self {
+            Signing::Hmac { header, .. } => f
+                .debug_struct("Hmac")
+                .field("secret", &"***")
+                .field("header", header)
+                .finish(),
+            Signing::StandardWebhooks { .. } => f
+                .debug_struct("StandardWebhooks")
+                .field("key", &"***")
+                .finish(),
+        }
     }
 }
 
@@ -280,12 +314,30 @@ impl SignSpec {
                 ))
             }
         };
-        let header = match string_member(members, "header", bad)? {
-            None => DEFAULT_SIGN_HEADER.to_string(),
-            Some(name) if is_header_name(name) => name.to_string(),
-            Some(name) => return Err(bad(format!("{name:?} is not a valid header name"))),
+        let header = string_member(members, "header", bad)?;
+        let scheme = match (string_member(members, "scheme", bad)?, header) {
+            (None | Some("hmac-sha256"), None) => SignScheme::Hmac {
+                header: DEFAULT_SIGN_HEADER.to_string(),
+            },
+            (None | Some("hmac-sha256"), Some(name)) if is_header_name(name) => SignScheme::Hmac {
+                header: name.to_string(),
+            },
+            (None | Some("hmac-sha256"), Some(name)) => {
+                return Err(bad(format!("{name:?} is not a valid header name")))
+            }
+            (Some("standard-webhooks"), None) => SignScheme::StandardWebhooks,
+            (Some("standard-webhooks"), Some(_)) => {
+                return Err(bad(
+                    "the standard-webhooks scheme has its own headers: remove `header`".into(),
+                ))
+            }
+            (Some(other), _) => {
+                return Err(bad(format!(
+                    "scheme {other:?} is unknown: use \"hmac-sha256\" or \"standard-webhooks\""
+                )))
+            }
         };
-        Ok(SignSpec { secret, header })
+        Ok(SignSpec { secret, scheme })
     }
 
     /// The secret, from the environment of the Spiegel process or from the
@@ -304,11 +356,30 @@ impl SignSpec {
                     ))
                 })?,
         };
-        Ok(Signing {
-            secret,
-            header: self.header.clone(),
-        })
+        match &self.scheme {
+            SignScheme::Hmac { header } => Ok(Signing::Hmac {
+                secret,
+                header: header.clone(),
+            }),
+            SignScheme::StandardWebhooks => Ok(Signing::StandardWebhooks {
+                key: standard_key(&secret).ok_or_else(|| {
+                    missing(format!(
+                        "the secret is not a Standard Webhooks secret ({STANDARD_SECRET_PREFIX} and base64)"
+                    ))
+                })?,
+            }),
+        }
     }
+}
+
+/// The key of a `whsec_<base64>` secret.
+fn standard_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let encoded = secret.trim().strip_prefix(STANDARD_SECRET_PREFIX)?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    (!key.is_empty()).then_some(key)
 }
 
 impl UrlPassword {
@@ -450,6 +521,7 @@ mod tests {
         };
         let (doc, seq) = (json!({"_id": "d"}), json!(1));
         let change = ChangeContext {
+            rule: "rule",
             db_name: db,
             doc: &doc,
             id: "d",
