@@ -91,6 +91,14 @@ pub(crate) struct RoleMetrics {
     pub(crate) webhook_requests: Family<ClassLabel, Counter>,
     pub(crate) webhook_retries: Counter,
     pub(crate) dead_letters: Counter,
+    /// Each API endpoint's circuit: 0 closed, 1 open, 2 half-open.
+    pub(crate) endpoint_circuit: Family<EndpointLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct EndpointLabel {
+    /// Scheme, host and port.
+    pub(crate) endpoint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -273,6 +281,7 @@ impl RoleMetrics {
             webhook_requests: Family::default(),
             webhook_retries: Counter::default(),
             dead_letters: Counter::default(),
+            endpoint_circuit: Family::default(),
         };
         registry.register(
             "replications",
@@ -308,6 +317,11 @@ impl RoleMetrics {
             "dead_letters",
             "on_change requests stored as dead letters after their last retry",
             roles.dead_letters.clone(),
+        );
+        registry.register(
+            "endpoint_circuit",
+            "Each on_change API endpoint's circuit: 0 closed, 1 open, 2 half-open",
+            roles.endpoint_circuit.clone(),
         );
         roles
     }

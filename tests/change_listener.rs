@@ -948,3 +948,94 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() {
     let (ok, out) = verify(&tampered);
     assert!(!ok && out.contains("failed"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
+    let (s, healthy, good_base, _) = with_receiver("circuit", "unused").await;
+    let (broken, bad_base) = Receiver::start().await;
+    broken
+        .hanging
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (good, bad): (Vec<String>, Vec<String>) = (
+        (0..4).map(|i| s.db(&format!("good{i}"))).collect(),
+        (0..4).map(|i| s.db(&format!("bad{i}"))).collect(),
+    );
+    for db in good.iter().chain(&bad) {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let rule = |db_name: String, base: &str| {
+        json!({"db_name": db_name, "url": format!("{base}/hook"), "method": "POST",
+               "params": {"db": "$db_name", "id": "$change.id"},
+               "backoff": {"limit": 2, "delay": 0.2}})
+    };
+    s.rule("bad", rule(format!("^{}_bad", s.prefix), &bad_base))
+        .await;
+    s.rule("good", rule(format!("^{}_good", s.prefix), &good_base))
+        .await;
+    // Four slots: the hanging endpoint may hold two of them at most.
+    let args = [
+        "--lease-time",
+        "1.5",
+        "--concurrency",
+        "4",
+        "--request-timeout",
+        "3",
+        "--circuit-failures",
+        "2",
+        "--circuit-cooldown",
+        "3",
+    ];
+    let worker = s.listener(&args, &[]);
+    // The healthy endpoint is in use: the broken one must share with it.
+    s.couch.put_doc(&good[0], "warm", &json!({})).await.unwrap();
+    healthy
+        .wait("a first delivery", |got| !got.is_empty())
+        .await;
+    for db in &bad {
+        s.couch.put_doc(db, "first", &json!({})).await.unwrap();
+    }
+    let written = std::time::Instant::now();
+    for db in &good {
+        s.couch.put_doc(db, "first", &json!({})).await.unwrap();
+    }
+    healthy
+        .wait("the healthy endpoint's deliveries", |got| {
+            got.len() > good.len()
+        })
+        .await;
+    let took = written.elapsed();
+    // Without the share, four requests would hang three seconds each, and
+    // the healthy ones would wait behind them.
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    wait_for("the circuit to open", Duration::from_secs(20), || async {
+        worker
+            .logs()
+            .contains("circuit open: the endpoint keeps failing")
+            .then_some(())
+    })
+    .await;
+
+    // The endpoint comes back: a probe closes the circuit, every held
+    // change arrives, and the waits were not attempts: no dead letter.
+    broken
+        .hanging
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    broken
+        .wait("every change of the endpoint that came back", |got| {
+            let ids: std::collections::HashSet<String> = got
+                .iter()
+                .map(|r| r.json()["db"].as_str().unwrap_or("").to_string())
+                .collect();
+            bad.iter().all(|db| ids.contains(db))
+        })
+        .await;
+    assert!(worker
+        .logs()
+        .contains("circuit closed: the probe succeeded"));
+    let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "").await;
+    assert_eq!(
+        letters.unwrap().len(),
+        0,
+        "waiting on a circuit is not an attempt"
+    );
+}

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::delivery::circuit::{CircuitState, Endpoints};
 use crate::rules::follower::{DocsWatch, UserDocs};
 use crate::worker::control::WorkerHandle;
 
@@ -15,6 +16,7 @@ use super::tail::Tail;
 pub struct Live {
     workers: Mutex<Vec<WorkerHandle>>,
     docs: Mutex<Option<DocsWatch>>,
+    endpoints: Mutex<Option<Arc<Endpoints>>>,
     /// The latest runs' outcomes, newest last.
     pub tail: Tail,
 }
@@ -41,6 +43,17 @@ impl Live {
     /// The documents the process's workers follow.
     pub(crate) fn follow(&self, docs: DocsWatch) {
         *self.docs.lock().unwrap_or_else(|e| e.into_inner()) = Some(docs);
+    }
+
+    /// The API endpoints the process's change-listener delivers to.
+    pub(crate) fn deliver_to(&self, endpoints: Arc<Endpoints>) {
+        *self.endpoints.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoints);
+    }
+
+    /// Each API endpoint's circuit, in this process.
+    pub(crate) fn circuits(&self) -> Vec<(String, CircuitState)> {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        endpoints.as_ref().map(|e| e.states()).unwrap_or_default()
     }
 
     /// The replicator and on_change documents as last loaded; `None`

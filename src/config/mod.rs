@@ -348,6 +348,19 @@ pub struct Cli {
           value_parser = timing_secs)]
     pub request_timeout: f64,
 
+    /// Failed attempts in a row (no answer, a timeout, a 5xx or a 429)
+    /// that open an API endpoint's circuit: its requests then wait, without
+    /// holding a delivery slot, until a probe succeeds.
+    #[arg(long, env = "CIRCUIT_FAILURES", default_value_t = 5, global = true, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub circuit_failures: u32,
+
+    /// Seconds an open circuit lets no request through before it tries a
+    /// probe.
+    #[arg(long, env = "CIRCUIT_COOLDOWN", default_value_t = 30.0, global = true, value_name = "SECS",
+          value_parser = timing_secs)]
+    pub circuit_cooldown: f64,
+
     /// Seconds between sweeps for database changes that `_db_updates` missed
     /// (it is best effort); 0 turns the sweep off. Costs one `_dbs_info`
     /// request per 100 databases and a run per database changed since the
@@ -472,6 +485,10 @@ pub struct Config {
     pub sweep_interval: Option<Duration>,
     /// Deadline of one on_change request.
     pub request_timeout: Duration,
+    /// Failed attempts in a row that open an endpoint's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit lets nothing through.
+    pub circuit_cooldown: Duration,
     /// `None`: no admin server.
     pub admin_addr: Option<std::net::SocketAddr>,
     /// `--admin-addr` was not set. Several processes on one host (as
@@ -635,6 +652,8 @@ impl Cli {
             sweep_interval: (self.sweep_interval > 0)
                 .then(|| Duration::from_secs(self.sweep_interval)),
             request_timeout: Duration::from_secs_f64(self.request_timeout),
+            circuit_failures: self.circuit_failures,
+            circuit_cooldown: Duration::from_secs_f64(self.circuit_cooldown),
             admin_addr,
             admin_addr_is_default,
             console: self.console,

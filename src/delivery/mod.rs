@@ -8,6 +8,7 @@
 //!
 //! [`Template`]: crate::rules::on_change::Template
 
+pub(crate) mod circuit;
 pub mod dead_letter;
 pub(crate) mod request;
 pub(crate) mod send;

@@ -182,6 +182,11 @@ impl Request {
         &self.url
     }
 
+    /// The endpoint: scheme, host and port.
+    pub fn origin(&self) -> String {
+        self.url.expose().origin().ascii_serialization()
+    }
+
     /// What goes on the wire: no user info, query included.
     pub fn target(&self) -> Url {
         self.url.without_credentials()

@@ -35,6 +35,8 @@ pub struct Receiver {
     pub log: Arc<Mutex<Vec<Received>>>,
     pub plan: Arc<Mutex<HashMap<String, VecDeque<u16>>>>,
     pub failing: Arc<Mutex<Option<u16>>>,
+    /// While set, requests get no answer (the client gives up first).
+    pub hanging: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn record(
@@ -44,6 +46,9 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    while r.hanging.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let path = uri.path().to_string();
     r.log.lock().unwrap().push(Received {
         method: method.to_string(),

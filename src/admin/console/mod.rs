@@ -108,6 +108,7 @@ impl Console {
             waiting,
             here: workers.into_iter().map(|w| w.worker_id).collect(),
             default_engine: config.replication_engine,
+            circuits: inner.live.circuits(),
             actions: config.admin_token.is_some(),
         }))
     }

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::commands::status::{age, DocTotal, Report, RoleReport};
 use crate::couch::origins_only;
+use crate::delivery::circuit::CircuitState;
 use crate::delivery::dead_letter::DeadLetter;
 use crate::replication::Engine;
 use crate::rules::follower::UserDocs;
@@ -38,6 +39,8 @@ pub struct View {
     pub dead_total: usize,
     /// The dead letters grouped: the oldest, when there are many.
     pub dead_grouped: usize,
+    /// This process's API endpoints whose circuit is not closed.
+    pub circuits: Vec<(String, String)>,
     /// Whether actions are possible (a token is set).
     pub actions: bool,
 }
@@ -129,6 +132,8 @@ pub struct Parts<'a> {
     /// The worker ids of this process.
     pub here: Vec<String>,
     pub default_engine: Engine,
+    /// This process's API endpoints and their circuits.
+    pub circuits: Vec<(String, CircuitState)>,
     pub actions: bool,
 }
 
@@ -154,6 +159,12 @@ impl View {
             dead_letters: letter_groups(&report.letters, now),
             dead_total: report.dead_letters.total,
             dead_grouped: report.letters.len(),
+            circuits: parts
+                .circuits
+                .into_iter()
+                .filter(|(_, state)| *state != CircuitState::Closed)
+                .map(|(origin, state)| (origin, circuit_name(state).to_string()))
+                .collect(),
             actions: parts.actions,
         }
     }
@@ -316,6 +327,14 @@ fn waiting(
     views.sort_by(|a, b| b.seconds.cmp(&a.seconds).then_with(|| a.db.cmp(&b.db)));
     views.truncate(WAITING_SHOWN);
     views
+}
+
+fn circuit_name(state: CircuitState) -> &'static str {
+    match state {
+        CircuitState::Closed => "closed",
+        CircuitState::Open => "open",
+        CircuitState::HalfOpen => "half-open",
+    }
 }
 
 fn state_name(state: WaitState) -> &'static str {

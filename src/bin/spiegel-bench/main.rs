@@ -10,6 +10,7 @@
 //! database). See docs/benchmarks.md.
 
 mod couch;
+mod hanging;
 mod measure;
 
 /// Partitions of the benchmark's installation (`spiegel install`'s default).
@@ -85,6 +86,11 @@ pub(crate) struct Args {
     /// spread over the second.
     #[arg(long)]
     burst: Option<usize>,
+    /// Run the load twice: then again with `--active` more databases
+    /// written, whose on_change rule calls an API that never answers; the
+    /// healthy API's delivery latency is reported for each half.
+    #[arg(long, conflicts_with = "baseline")]
+    hanging_endpoint: bool,
     /// Serve the scenario with CouchDB's own replicator instead of Spiegel.
     #[arg(long, value_enum)]
     baseline: Option<Baseline>,
@@ -246,6 +252,11 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
 
     let p = &args.prefix;
     let names: Vec<String> = (0..args.dbs).map(|i| format!("{p}_u_{i:06}")).collect();
+    let phases: u64 = if args.hanging_endpoint { 2 } else { 1 };
+    let broken: Vec<String> = match args.hanging_endpoint {
+        true => (0..args.active).map(|j| hanging::db(p, j)).collect(),
+        false => Vec::new(),
+    };
     let aggregate = format!("{p}_all");
     let spiegel_db = format!("{p}_spiegel");
 
@@ -253,7 +264,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     let setup_start = Instant::now();
     progress(&format!("creating {} databases", args.dbs));
     couch.create_db(&aggregate).await?;
-    let results: Vec<Result<()>> = futures::stream::iter(names.iter())
+    let results: Vec<Result<()>> = futures::stream::iter(names.iter().chain(&broken))
         .map(|n| couch.create_db(n))
         .buffer_unordered(args.setup_concurrency.max(1))
         .collect()
@@ -342,6 +353,10 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
                 }),
             )
             .await?;
+        if args.hanging_endpoint {
+            let port = hanging::start().await?;
+            couch.put_doc(&spiegel_db, &hanging::rule(p, port)).await?;
+        }
         progress("starting Spiegel");
         workers = start_spiegel(args, &couch, &spiegel_db, &logs).await?;
     }
@@ -484,10 +499,16 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             Duration::from_millis((j as u64 * 1000) / args.active as u64)
         };
         let seconds = args.seconds;
+        let broken = args.hanging_endpoint.then(|| hanging::db(p, j));
         writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(load_start + offset, Duration::from_secs(1));
-            for s in 0..seconds {
+            for s in 0..seconds * phases {
                 tick.tick().await;
+                if let Some(broken) = broken.as_ref().filter(|_| s >= seconds) {
+                    // Never delivered (its API hangs): not counted.
+                    let doc = json!({"_id": format!("h{j:05}_{s:05}"), "n": s});
+                    let _ = couch.bulk(broken, &[doc]).await;
+                }
                 let t = now_ms(&state);
                 let docs: Vec<Value> = (0..per_write)
                     .map(|k| json!({"_id": format!("w{j:05}_{s:05}_{k}"), "t_ms": t, "db": db, "n": s}))
@@ -595,6 +616,11 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "drain_s": drain_s,
             "total_s": secs(run_start),
         },
+        "hanging_endpoint": if args.hanging_endpoint {
+            hanging::by_phase(&state.lock().unwrap(), args.seconds)
+        } else {
+            Value::Null
+        },
         "writes": written,
         "write_errors": write_errors,
         "first_write_error": first_write_error,
@@ -659,7 +685,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             couch.delete_db(&spiegel_db).await;
         }
         couch.delete_db(&aggregate).await;
-        futures::stream::iter(names.iter())
+        futures::stream::iter(names.iter().chain(&broken))
             .map(|n| couch.delete_db(n))
             .buffer_unordered(args.setup_concurrency.max(1))
             .collect::<Vec<()>>()

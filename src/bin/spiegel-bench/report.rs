@@ -57,6 +57,14 @@ pub(crate) fn markdown(r: &Value) -> String {
     if !r["delivery"].is_null() {
         let d = &r["delivery"];
         row("Delivery p50 / p95 / p99 / max", lat(&d["latency"]));
+        let h = &r["hanging_endpoint"];
+        if !h.is_null() {
+            let without = lat(&h["healthy_without_broken"]);
+            row("Healthy API, no broken one: p50 / p95 / p99 / max", without);
+            let with = lat(&h["healthy_with_broken"]);
+            row("Healthy API, one hanging: p50 / p95 / p99 / max", with);
+            row("Healthy API p99, with / without", f(&h["p99_ratio"]));
+        }
         row(
             "Deliveries missing / duplicate / unexpected",
             format!(

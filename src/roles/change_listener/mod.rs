@@ -28,11 +28,12 @@ pub use self::checkpoints::Checkpoints;
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
+use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{DeliveryError, Request, Sender};
 use crate::error::Result;
 use crate::flush::{self, Flush};
-use crate::metrics::{ClassLabel, RoleMetrics};
+use crate::metrics::{ClassLabel, EndpointLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
@@ -67,6 +68,8 @@ pub struct ChangeListener {
     held: Mutex<HashMap<String, HashSet<String>>>,
     /// Databases to run now, to the worker.
     nudges: mpsc::Sender<String>,
+    /// Each API endpoint's circuit, and each rule's pace.
+    endpoints: Arc<Endpoints>,
 }
 
 /// One rule's delivery of one change. A change is its document id and
@@ -155,6 +158,13 @@ impl ChangeListener {
         let flushing = flush::every(checkpoints.clone(), flush_every);
         let sender = Sender::new(config.request_timeout, config.concurrency)?;
         let (nudges, nudged) = mpsc::channel(256);
+        let endpoints = Arc::new(Endpoints::new(CircuitSettings {
+            failures: config.circuit_failures,
+            cooldown: config.circuit_cooldown,
+            // A broken endpoint leaves at least half the slots to others.
+            share: config.concurrency / 2,
+        }));
+        config.live.deliver_to(endpoints.clone());
         let role = ChangeListener {
             client,
             spiegel_db: config.db_name.clone(),
@@ -171,6 +181,7 @@ impl ChangeListener {
             progress: Mutex::default(),
             held: Mutex::default(),
             nudges,
+            endpoints,
         };
         Ok((role, flushing, nudged))
     }
@@ -277,7 +288,26 @@ impl ChangeListener {
                 format!("on_change {rule} is paused"),
             );
         }
+        if let Some(per_second) = job.rule.rate_limit {
+            self.endpoints.pace(&job.rule.id, per_second).await;
+        }
+        let origin = job.request.origin();
+        let pass = match self.endpoints.admit(&origin) {
+            Admit::Go(pass) => pass,
+            Admit::Wait(wait, why) => {
+                self.show_circuit(&origin);
+                return Sent::Retry(Wait::Held(wait), why);
+            }
+        };
         let result = self.sender.send(&job.request).await;
+        match &result {
+            Err(DeliveryError::Network(_) | DeliveryError::Timeout(_)) => pass.failed(),
+            Err(DeliveryError::Status { status, .. }) if *status >= 500 || *status == 429 => {
+                pass.failed()
+            }
+            _ => pass.succeeded(),
+        }
+        self.show_circuit(&origin);
         let class = match &result {
             Ok(d) => format!("{}xx", d.status / 100),
             Err(DeliveryError::Status { status, .. }) => format!("{}xx", status / 100),
@@ -297,6 +327,22 @@ impl ChangeListener {
             }
             Err(error) => self.failed(job, db, &error).await,
         }
+    }
+
+    /// Sets the endpoint's circuit gauge.
+    fn show_circuit(&self, origin: &str) {
+        let value = match self.endpoints.state(origin) {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        };
+        let label = EndpointLabel {
+            endpoint: origin.to_string(),
+        };
+        self.metrics
+            .endpoint_circuit
+            .get_or_create(&label)
+            .set(value);
     }
 
     /// A failed attempt: retried after the rule's backoff, or, after its

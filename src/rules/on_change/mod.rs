@@ -110,6 +110,8 @@ pub enum OnChangeDocError {
     UnknownOperator(String),
     #[error("bad `backoff`: {0}")]
     BadBackoff(String),
+    #[error("bad `rate_limit`: must be a number of requests per second above 0 and at most 10000")]
+    BadRateLimit,
     /// The document is valid, but the secret its `sign` names is not there.
     #[error("the signing secret is not available: {0}")]
     Secret(String),
@@ -142,6 +144,8 @@ pub struct OnChangeRule {
     /// Whether an identical request (same URL and params) that is already
     /// pending absorbs this one.
     pub debounce: bool,
+    /// `rate_limit`: at most this many requests per second, per worker.
+    pub rate_limit: Option<f64>,
     /// This rule's retry options: its `backoff` member by member over the
     /// global ones, without jitter.
     pub backoff: Backoff,
@@ -182,6 +186,13 @@ impl OnChangeRule {
         let sign = present(doc, "sign").map(SignSpec::parse).transpose()?;
         let block = flag(doc, "block", true)?;
         let debounce = flag(doc, "debounce", false)?;
+        let rate_limit = match present(doc, "rate_limit") {
+            None => None,
+            Some(v) => match v.as_f64() {
+                Some(r) if r > 0.0 && r <= 10_000.0 => Some(r),
+                _ => return Err(OnChangeDocError::BadRateLimit),
+            },
+        };
         let paused = flag(doc, "paused", false)?;
         let backoff = present(doc, "backoff")
             .map(BackoffOverride::parse)
@@ -198,6 +209,7 @@ impl OnChangeRule {
             request: request.resolve(sign.as_ref(), context.passwords)?,
             block,
             debounce,
+            rate_limit,
             paused,
             backoff: match backoff {
                 Some(o) => o.apply(base),
