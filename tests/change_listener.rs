@@ -973,7 +973,10 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
     s.rule("good", rule(format!("^{}_good", s.prefix), &good_base))
         .await;
     // Four slots: the hanging endpoint may hold two of them at most.
+    let admin = format!("127.0.0.1:{}", free_port());
     let args = [
+        "--admin-addr",
+        &admin,
         "--lease-time",
         "1.5",
         "--concurrency",
@@ -1014,6 +1017,17 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             .then_some(())
     })
     .await;
+    let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\"}} 1");
+    let metrics = format!("http://{admin}/metrics");
+    wait_for(
+        "the open circuit in the metrics",
+        Duration::from_secs(10),
+        || async {
+            let (_, text) = http_get(&metrics).await?;
+            text.contains(&gauge).then_some(())
+        },
+    )
+    .await;
 
     // The endpoint comes back: a probe closes the circuit, every held
     // change arrives, and the waits were not attempts: no dead letter.
@@ -1038,4 +1052,25 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
         0,
         "waiting on a circuit is not an attempt"
     );
+}
+
+#[tokio::test]
+async fn a_rate_limited_rule_spaces_its_requests() {
+    let (s, receiver, base, db) = with_receiver("rate", "d").await;
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"), "method": "POST",
+               "params": {"id": "$change.id"}, "rate_limit": 5}),
+    )
+    .await;
+    let docs: Vec<Value> = (0..8).map(|n| json!({"_id": format!("doc{n}")})).collect();
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    let _worker = s.start(&[]);
+    receiver
+        .wait("every change", |got| got.len() >= docs.len())
+        .await;
+    let times: Vec<std::time::Instant> = receiver.received().iter().map(|r| r.at).collect();
+    let spread = times[times.len() - 1] - times[0];
+    // Eight requests at five a second: seven gaps of 200 ms.
+    assert!(spread >= Duration::from_millis(1350), "{spread:?}");
 }

@@ -4,6 +4,9 @@
 //! The healthy API's delivery latency is reported per phase: what the
 //! broken endpoint costs the healthy one, measured side by side.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use anyhow::Result;
 use serde_json::{json, Value};
 
@@ -15,18 +18,22 @@ pub(crate) fn db(prefix: &str, j: usize) -> String {
     format!("{prefix}_h_{j:05}")
 }
 
-/// An API that accepts every connection, reads, and never answers. The
-/// connections stay open until the process ends.
-pub(crate) async fn start() -> Result<u16> {
+/// An API that accepts every connection and never answers; the count of
+/// connections it accepted. The connections stay open until the process
+/// ends.
+pub(crate) async fn start() -> Result<(u16, Arc<AtomicU64>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
             held.push(socket);
         }
     });
-    Ok(port)
+    Ok((port, accepted))
 }
 
 /// The on_change document that sends the second phase's databases to the
@@ -41,7 +48,7 @@ pub(crate) fn rule(prefix: &str, port: u16) -> Value {
 
 /// The healthy API's delivery latencies in each phase: the first
 /// `seconds` of writes, then the rest. Write ids are `w<writer>_<second>_<k>`.
-pub(crate) fn by_phase(state: &State, seconds: u64) -> Value {
+pub(crate) fn by_phase(state: &State, seconds: u64, accepted: &AtomicU64) -> Value {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for (id, t) in &state.writes {
         let Some((_, delivered)) = state.delivered.get(id) else {
@@ -62,5 +69,6 @@ pub(crate) fn by_phase(state: &State, seconds: u64) -> Value {
         (Some(a), Some(b)) if a > 0.0 => Some((b / a * 100.0).round() / 100.0),
         _ => None,
     };
-    json!({"healthy_without_broken": without, "healthy_with_broken": with, "p99_ratio": ratio})
+    json!({"healthy_without_broken": without, "healthy_with_broken": with, "p99_ratio": ratio,
+           "connections_to_the_hanging_api": accepted.load(Ordering::Relaxed)})
 }

@@ -289,6 +289,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     ));
 
     let mut workers = Workers::default();
+    let mut hanging_accepted = Arc::default();
     let config_start = Instant::now();
     if baseline {
         progress(&format!(
@@ -354,8 +355,9 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             )
             .await?;
         if args.hanging_endpoint {
-            let port = hanging::start().await?;
+            let (port, accepted) = hanging::start().await?;
             couch.put_doc(&spiegel_db, &hanging::rule(p, port)).await?;
+            hanging_accepted = accepted;
         }
         progress("starting Spiegel");
         workers = start_spiegel(args, &couch, &spiegel_db, &logs).await?;
@@ -484,8 +486,14 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     };
     let per_write = args.burst.unwrap_or(1).max(1);
     progress(&format!(
-        "load: {} databases x {} s x {} document(s)",
-        args.active, args.seconds, per_write
+        "load: {} databases x {} s x {} document(s){}",
+        args.active,
+        args.seconds,
+        per_write,
+        match args.hanging_endpoint {
+            true => ", then again with as many databases whose API hangs",
+            false => "",
+        }
     ));
     let load_start = tokio::time::Instant::now();
     let mut writers = Vec::new();
@@ -617,7 +625,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "total_s": secs(run_start),
         },
         "hanging_endpoint": if args.hanging_endpoint {
-            hanging::by_phase(&state.lock().unwrap(), args.seconds)
+            hanging::by_phase(&state.lock().unwrap(), args.seconds, &hanging_accepted)
         } else {
             Value::Null
         },

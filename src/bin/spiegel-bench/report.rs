@@ -64,6 +64,8 @@ pub(crate) fn markdown(r: &Value) -> String {
             let with = lat(&h["healthy_with_broken"]);
             row("Healthy API, one hanging: p50 / p95 / p99 / max", with);
             row("Healthy API p99, with / without", f(&h["p99_ratio"]));
+            let accepted = f(&h["connections_to_the_hanging_api"]);
+            row("Connections the hanging API accepted", accepted);
         }
         row(
             "Deliveries missing / duplicate / unexpected",
