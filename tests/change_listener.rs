@@ -17,6 +17,22 @@ impl Installation {
         self.start_worker("change-listener", &args)
     }
 
+    /// `spiegel redeliver --rule <rule>` on this installation.
+    fn redeliver(&self, rule: &str) -> std::process::Output {
+        let args = [
+            "redeliver",
+            "--url",
+            &self.url,
+            "--db-name",
+            &self.spiegel_db,
+        ];
+        spiegel()
+            .args(args)
+            .args(["--rule", rule])
+            .output()
+            .unwrap()
+    }
+
     /// A change-listener with only the given options, and `env`.
     fn listener(&self, args: &[&str], env: &[(&str, &str)]) -> Spiegel {
         let mut cmd = spiegel();
@@ -454,18 +470,7 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
     let status = s.status().await;
     assert_eq!(status["dead_letters"]["total"], 1);
 
-    let out = spiegel()
-        .args([
-            "redeliver",
-            "--url",
-            &s.url,
-            "--db-name",
-            &s.spiegel_db,
-            "--rule",
-            "hook",
-        ])
-        .output()
-        .unwrap();
+    let out = s.redeliver("hook");
     assert!(
         out.status.success(),
         "{}",
@@ -1073,4 +1078,123 @@ async fn a_rate_limited_rule_spaces_its_requests() {
     let spread = times[times.len() - 1] - times[0];
     // Eight requests at five a second: seven gaps of 200 ms.
     assert!(spread >= Duration::from_millis(1350), "{spread:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_rule_sends_ordered_arrays_waits_for_more_and_dead_letters_a_batch_whole() {
+    let (s, receiver, base, db) = with_receiver("batch", "full").await;
+    let (slow, dead) = (s.db("slow"), s.db("dead"));
+    for db in [&slow, &dead] {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let rule = |db: &str, path: &str, batch: Value, backoff: Value| {
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/{path}"), "method": "POST",
+               "params": {"id": "$change.id", "seq": "$seq", "key": "$delivery_id"},
+               "batch": batch, "backoff": backoff})
+    };
+    let none = json!(null);
+    s.rule(
+        "full",
+        rule(&db, "full", json!({"max_changes": 3}), none.clone()),
+    )
+    .await;
+    let waits = json!({"max_changes": 100, "max_wait_ms": 1500});
+    s.rule("slow", rule(&slow, "slow", waits, none)).await;
+    let once = json!({"limit": 1, "delay": 0.2});
+    s.rule(
+        "dead",
+        rule(&dead, "dead", json!({"max_changes": 10}), once),
+    )
+    .await;
+    receiver
+        .plan
+        .lock()
+        .unwrap()
+        .insert("/dead".into(), VecDeque::from([503, 503]));
+    let docs: Vec<Value> = (0..7).map(|n| json!({"_id": format!("doc{n}")})).collect();
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    s.couch.bulk_docs(&dead, &docs[..2], true).await.unwrap();
+    let _worker = s.start(&[]);
+    let items = |r: &Received| r.json().as_array().cloned().unwrap_or_default();
+    let ids = |r: &Received| -> Vec<String> {
+        items(r)
+            .iter()
+            .map(|i| i["id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+
+    // Full batches of three, in _changes order.
+    receiver
+        .wait("every change in batches", |_| {
+            receiver
+                .on("/full")
+                .iter()
+                .map(|r| items(r).len())
+                .sum::<usize>()
+                >= 7
+        })
+        .await;
+    let full = receiver.on("/full");
+    let sizes: Vec<usize> = full.iter().map(|r| items(r).len()).collect();
+    assert_eq!(sizes, [3, 3, 1], "one read of seven changes");
+    let delivered: Vec<(String, Value)> = full
+        .iter()
+        .flat_map(items)
+        .map(|i| (i["id"].as_str().unwrap_or("").to_string(), i["seq"].clone()))
+        .collect();
+    assert_eq!(delivered.len(), 7);
+    assert_in_changes_order(&s.couch, &db, &delivered).await;
+    assert_eq!(
+        items(&full[0])[0]["key"].as_str().unwrap().len(),
+        32,
+        "each change keeps its own key"
+    );
+
+    // A batch waits for more changes, up to max_wait_ms.
+    for n in 0..3 {
+        s.couch
+            .put_doc(&slow, &format!("s{n}"), &json!({}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    receiver
+        .wait("the waiting batch", |_| !receiver.on("/slow").is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let slow_requests = receiver.on("/slow");
+    assert_eq!(slow_requests.len(), 1, "one request for the three changes");
+    let mut got = ids(&slow_requests[0]);
+    got.sort();
+    assert_eq!(got, ["s0", "s1", "s2"]);
+
+    // A batch that keeps failing is one dead letter, redelivered whole.
+    let letter = wait_for(
+        "the batch's dead letter",
+        Duration::from_secs(20),
+        || async {
+            let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+                .await
+                .ok()?;
+            letters
+                .into_iter()
+                .find(|(_, _, l)| l.rule == "dead")
+                .map(|(_, _, l)| l)
+        },
+    )
+    .await;
+    assert_eq!(letter.batch.as_ref().map(Vec::len), Some(2));
+    assert!(s.redeliver("dead").status.success());
+    let dead_requests = receiver.on("/dead");
+    assert_eq!(dead_requests.len(), 3, "two attempts, then the redelivery");
+    let last = &dead_requests[2];
+    assert_eq!(
+        ids(last),
+        ids(&dead_requests[0]),
+        "the same changes, in order"
+    );
+    assert_eq!(
+        last.headers["idempotency-key"],
+        dead_requests[0].headers["idempotency-key"]
+    );
 }

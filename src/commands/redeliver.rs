@@ -101,22 +101,41 @@ async fn rules_of(
     Ok(rules)
 }
 
-/// One attempt at the letter's request, built afresh from the rule; the
-/// error in words safe to store.
+/// One attempt at the letter's request (of one change, or of a batch),
+/// built afresh from the rule; the error in words safe to store.
 async fn send_again(
     rule: &OnChangeRule,
     letter: &DeadLetter,
     sender: &Sender,
 ) -> Result<(), String> {
-    let change = ChangeContext {
-        rule: &letter.rule,
-        db_name: &letter.db_name,
-        doc: &letter.change,
-        id: &letter.doc_id,
-        rev: &letter.rev,
-        seq: &letter.seq,
+    let built = match &letter.batch {
+        None => Request::build(
+            &rule.request,
+            &ChangeContext {
+                rule: &letter.rule,
+                db_name: &letter.db_name,
+                doc: &letter.change,
+                id: &letter.doc_id,
+                rev: &letter.rev,
+                seq: &letter.seq,
+            },
+        ),
+        Some(members) => {
+            let contexts: Vec<ChangeContext> = members
+                .iter()
+                .map(|m| ChangeContext {
+                    rule: &letter.rule,
+                    db_name: &letter.db_name,
+                    doc: &m.change,
+                    id: &m.doc_id,
+                    rev: &m.rev,
+                    seq: &m.seq,
+                })
+                .collect();
+            Request::build_batch(&rule.request, &contexts)
+        }
     };
-    let request = Request::build(&rule.request, &change).map_err(|e| e.to_string())?;
+    let request = built.map_err(|e| e.to_string())?;
     sender
         .send(&request)
         .await

@@ -26,8 +26,12 @@ pub struct DeadLetter {
     /// The document revision the request was for.
     pub rev: String,
     /// The changed document (or its deletion stub), to build the request
-    /// again on redelivery.
+    /// again on redelivery. A batch's first.
     pub change: Value,
+    /// A batch request's changes, in order; `None` for a request of one
+    /// change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Vec<BatchMember>>,
     /// The request as sent, without credentials or secrets.
     pub request: Value,
     /// The HTTP status of the last attempt, if the API answered.
@@ -40,6 +44,19 @@ pub struct DeadLetter {
     pub first_attempt_at: String,
     /// When the last attempt was made (RFC 3339).
     pub last_attempt_at: String,
+}
+
+/// One change of a batch dead letter.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BatchMember {
+    /// The changed document's id.
+    pub doc_id: String,
+    /// Its revision.
+    pub rev: String,
+    /// The change's `_changes` seq.
+    pub seq: Value,
+    /// The changed document, or its deletion stub.
+    pub change: Value,
 }
 
 impl DeadLetter {

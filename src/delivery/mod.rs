@@ -14,5 +14,6 @@ pub(crate) mod request;
 pub(crate) mod send;
 
 pub(crate) use request::Request;
+pub(crate) use request::RequestError;
 pub(crate) use send::DeliveryError;
 pub use send::Sender;

@@ -99,6 +99,19 @@ pub enum RequestError {
     HeaderName(String),
     #[error("invalid value for header {0:?}")]
     HeaderValue(String),
+    #[error("a batch needs at least one change")]
+    EmptyBatch,
+}
+
+/// The idempotency key of a batch: 32 hex digits of a SHA-256 of its
+/// changes' keys, in order.
+fn batch_id(changes: &[ChangeContext]) -> String {
+    use sha2::Digest;
+    let mut hash = Sha256::new();
+    for change in changes {
+        hash.update(change.delivery_id().as_bytes());
+    }
+    hex::encode(&hash.finalize()[..16])
 }
 
 /// A request ready to send: templated, with credentials and signature.
@@ -140,11 +153,39 @@ impl Request {
             full.set_query((!query.is_empty()).then_some(query.as_str()));
             None
         };
+        Self::finish(t, full, body, change.delivery_id())
+    }
+
+    /// The rule's request for a batch of changes of one database, in
+    /// change order: a JSON array body of each change's params (`{}` for a
+    /// change without), the URL of the first change, and an idempotency
+    /// key of its own, the same whenever the same changes are sent
+    /// together. The rule's method has a body (checked when it is read).
+    pub fn build_batch(t: &Template, changes: &[ChangeContext]) -> Result<Request, RequestError> {
+        let first = changes.first().ok_or(RequestError::EmptyBatch)?;
+        let mut items = Vec::with_capacity(changes.len());
+        for change in changes {
+            let params = t
+                .params_for(change)
+                .map_err(RequestError::ParamsNotObject)?;
+            items.push(Value::Object(params.unwrap_or_default()));
+        }
+        let mut full = t.url_for(first)?.expose().clone();
+        full.set_fragment(None);
+        let body = Bytes::from(Value::Array(items).to_string());
+        Self::finish(t, full, Some(body), batch_id(changes))
+    }
+
+    /// Headers, the idempotency key `id` and the signature.
+    fn finish(
+        t: &Template,
+        full: Url,
+        body: Option<Bytes>,
+        id: String,
+    ) -> Result<Request, RequestError> {
         // Re-parsed so that the stored URL is exactly the one sent.
         let url = SecretUrl::parse(full.as_str())?;
-
         let mut headers = headers(&t.headers, body.is_some())?;
-        let id = change.delivery_id();
         if !headers.contains_key(IDEMPOTENCY_KEY) {
             headers.insert(IDEMPOTENCY_KEY, header_value(&id)?);
         }

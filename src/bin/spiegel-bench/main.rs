@@ -91,6 +91,13 @@ pub(crate) struct Args {
     /// healthy API's delivery latency is reported for each half.
     #[arg(long, conflicts_with = "baseline")]
     hanging_endpoint: bool,
+    /// Milliseconds the API takes to answer each request.
+    #[arg(long, default_value_t = 0)]
+    api_latency_ms: u64,
+    /// The on_change rule sends batches of up to N changes (its
+    /// `batch.max_changes`) instead of one request per change.
+    #[arg(long, conflicts_with = "baseline")]
+    batch: Option<usize>,
     /// Serve the scenario with CouchDB's own replicator instead of Spiegel.
     #[arg(long, value_enum)]
     baseline: Option<Baseline>,
@@ -281,6 +288,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         first_write_error: None,
         replicated: HashMap::new(),
         delivered: HashMap::new(),
+        requests: 0,
     }));
     let feed = tokio::spawn(follow_aggregate(
         couch.clone(),
@@ -333,7 +341,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         if !status.success() {
             bail!("spiegel install failed: {status}");
         }
-        let receiver_port = start_receiver(state.clone()).await?;
+        let latency = Duration::from_millis(args.api_latency_ms);
+        let receiver_port = start_receiver(state.clone(), latency).await?;
         couch
             .put_doc(
                 &spiegel_db,
@@ -351,6 +360,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
                     "_id": "bench_hook", "type": "on_change", "db_name": format!("^{p}_u_"),
                     "url": format!("http://127.0.0.1:{receiver_port}/hook"), "method": "POST",
                     "params": {"db": "$db_name", "id": "$change.id", "doc": "$change"},
+                    "batch": args.batch.map(|n| json!({"max_changes": n})),
                 }),
             )
             .await?;
@@ -607,7 +617,8 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         "mode": if baseline { "couchdb-replicator" } else { "spiegel" },
         "params": {
             "dbs": args.dbs, "active": args.active, "seconds": args.seconds,
-            "burst": args.burst, "docs_per_write": per_write,
+            "burst": args.burst, "docs_per_write": per_write, "batch": args.batch,
+            "api_latency_ms": args.api_latency_ms,
             "spiegel_processes": if baseline { 0 } else { spiegel_pids.len() },
             "workers_per_role": args.workers,
             "only": args.only.map(|o| format!("{o:?}")),
@@ -641,6 +652,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             "missing": missing_delivered,
             "duplicates": duplicates,
             "unexpected": unexpected,
+            "throughput": state.lock().unwrap().throughput(),
         })},
         "spiegel": if baseline { Value::Null } else { json!({
             "processes": spiegel_pids.len(),

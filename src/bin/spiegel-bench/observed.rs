@@ -21,6 +21,29 @@ pub(crate) struct State {
     pub(crate) replicated: HashMap<String, f64>,
     /// Document id -> (deliveries, first delivery time).
     pub(crate) delivered: HashMap<String, (u32, f64)>,
+    /// Requests the API received.
+    pub(crate) requests: u64,
+}
+
+impl State {
+    /// Changes delivered per second, from the first write to the last
+    /// first delivery, and the API's requests.
+    pub(crate) fn throughput(&self) -> Value {
+        let first_write = self.writes.values().copied().fold(f64::INFINITY, f64::min);
+        let last = self
+            .writes
+            .keys()
+            .filter_map(|id| self.delivered.get(id).map(|(_, t)| *t))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let delivered = self
+            .writes
+            .keys()
+            .filter(|id| self.delivered.contains_key(*id))
+            .count();
+        let seconds = (last - first_write) / 1000.0;
+        let per_second = (seconds > 0.0).then(|| (delivered as f64 / seconds).round());
+        serde_json::json!({"changes_per_second": per_second, "requests": self.requests})
+    }
 }
 
 /// What the run came to, per written document.
@@ -143,21 +166,31 @@ pub(crate) fn seq_text(v: &Value) -> String {
 }
 
 /// The receiver of the on_change rule's POSTs.
-pub(crate) async fn start_receiver(state: Shared) -> Result<u16> {
+pub(crate) async fn start_receiver(state: Shared, latency: Duration) -> Result<u16> {
     use axum::{extract, routing::post, Router};
     pub(crate) async fn hook(
-        extract::State(state): extract::State<Shared>,
+        extract::State((state, latency)): extract::State<(Shared, Duration)>,
         body: axum::Json<Value>,
     ) -> StatusCode {
-        if let Some(id) = body.0["id"].as_str() {
-            let t = now_ms(&state);
-            let mut st = state.lock().unwrap();
+        // An API that takes its time, as real ones do.
+        tokio::time::sleep(latency).await;
+        // One change, or a batch: an array of them.
+        let items = match &body.0 {
+            Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        let t = now_ms(&state);
+        let mut st = state.lock().unwrap();
+        for id in items.iter().filter_map(|i| i["id"].as_str()) {
             let e = st.delivered.entry(id.to_string()).or_insert((0, t));
             e.0 += 1;
         }
+        st.requests += 1;
         StatusCode::OK
     }
-    let app = Router::new().route("/hook", post(hook)).with_state(state);
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state((state, latency));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {

@@ -57,6 +57,11 @@ pub(crate) fn markdown(r: &Value) -> String {
     if !r["delivery"].is_null() {
         let d = &r["delivery"];
         row("Delivery p50 / p95 / p99 / max", lat(&d["latency"]));
+        let t = &d["throughput"];
+        row(
+            "Delivered changes per second / API requests",
+            format!("{} / {}", f(&t["changes_per_second"]), f(&t["requests"])),
+        );
         let h = &r["hanging_endpoint"];
         if !h.is_null() {
             let without = lat(&h["healthy_without_broken"]);

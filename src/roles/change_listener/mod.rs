@@ -13,30 +13,32 @@
 //! delivery moves on.
 
 mod checkpoints;
+mod jobs;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 pub use self::checkpoints::Checkpoints;
+use self::jobs::{Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
-use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::delivery::{DeliveryError, Request, Sender};
+use crate::delivery::dead_letter::{self, BatchMember, DeadLetter};
+use crate::delivery::{DeliveryError, Request, RequestError, Sender};
 use crate::error::Result;
 use crate::flush::{self, Flush};
 use crate::metrics::{ClassLabel, EndpointLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
-use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
+use crate::rules::on_change::{Context, OnChangeRule};
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
@@ -70,6 +72,9 @@ pub struct ChangeListener {
     nudges: mpsc::Sender<String>,
     /// Each API endpoint's circuit, and each rule's pace.
     endpoints: Arc<Endpoints>,
+    /// Per database and batch rule: the first member of the incomplete
+    /// batch that waits for more changes, and when it was first seen.
+    batch_seen: Mutex<HashMap<(String, String), (DeliveryKey, Instant)>>,
 }
 
 /// One rule's delivery of one change. A change is its document id and
@@ -106,14 +111,6 @@ struct Progress {
 struct Attempts {
     count: u32,
     first_at: String,
-}
-
-/// A request to make for a change.
-struct Job<'a> {
-    key: DeliveryKey,
-    rule: &'a OnChangeRule,
-    change: &'a Change,
-    request: Request,
 }
 
 /// The change's revision, `""` when `_changes` gave none.
@@ -182,6 +179,7 @@ impl ChangeListener {
             held: Mutex::default(),
             nudges,
             endpoints,
+            batch_seen: Mutex::default(),
         };
         Ok((role, flushing, nudged))
     }
@@ -267,11 +265,65 @@ impl ChangeListener {
     }
 
     /// The job is done with (delivered or dead-lettered): a retry skips it.
-    fn settle(&self, db: &str, key: &DeliveryKey) {
+    fn settle(&self, db: &str, job: &Job<'_>) {
         let mut progress = self.progress();
         let p = progress.entry(db.to_string()).or_default();
-        p.attempts.remove(key);
-        p.delivered.insert(key.clone());
+        p.attempts.remove(&job.key);
+        p.delivered.insert(job.key.clone());
+        p.delivered
+            .extend(job.members.iter().map(|(key, _)| key.clone()));
+        drop(progress);
+        if !job.members.is_empty() {
+            self.batch_seen()
+                .remove(&(db.to_string(), job.rule.id.clone()));
+        }
+    }
+
+    fn batch_seen(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (DeliveryKey, Instant)>> {
+        // Bookkeeping only; a poisoned lock is safe to reuse.
+        self.batch_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the incomplete batch of `rule` in `db` whose first member
+    /// is `first` has been waiting (since this worker first saw it).
+    fn batch_waited(&self, db: &str, rule: &OnChangeRule, first: &DeliveryKey) -> Duration {
+        let now = Instant::now();
+        let mut seen = self.batch_seen();
+        let entry = seen
+            .entry((db.to_string(), rule.id.clone()))
+            .or_insert_with(|| (first.clone(), now));
+        if entry.0 != *first {
+            *entry = (first.clone(), now);
+        }
+        now - entry.1
+    }
+
+    /// The jobs of a page of changes, in the order delivery reaches them.
+    fn jobs<'a>(
+        &self,
+        db: &str,
+        rules: &[&'a OnChangeRule],
+        changes: &'a [Change],
+    ) -> Vec<Job<'a>> {
+        let delivered = self
+            .progress()
+            .get(db)
+            .map(|p| p.delivered.clone())
+            .unwrap_or_default();
+        let page = Page {
+            db,
+            rules,
+            changes,
+            delivered: &delivered,
+        };
+        let failed = |rule: &OnChangeRule, e: &RequestError| {
+            tracing::error!(rule = %rule.id, db, error = %e, "cannot build the request: skipped");
+            self.status
+                .failure(&rule.id, db, format!("cannot build the request: {e}"));
+        };
+        page.jobs(failed, |rule, first| self.batch_waited(db, rule, first))
     }
 
     /// Sends one request once, recording the outcome. A paused rule's
@@ -288,10 +340,20 @@ impl ChangeListener {
                 format!("on_change {rule} is paused"),
             );
         }
+        let request = match &job.work {
+            Work::Send(request) => request,
+            Work::Hold(wait) => {
+                let reason = format!(
+                    "a batch of on_change {} waits for more changes",
+                    job.rule.id
+                );
+                return Sent::Retry(Wait::Held(*wait), reason);
+            }
+        };
         if let Some(per_second) = job.rule.rate_limit {
             self.endpoints.pace(&job.rule.id, per_second).await;
         }
-        let origin = job.request.origin();
+        let origin = request.origin();
         let pass = match self.endpoints.admit(&origin) {
             Admit::Go(pass) => pass,
             Admit::Wait(wait, why) => {
@@ -299,7 +361,7 @@ impl ChangeListener {
                 return Sent::Retry(Wait::Held(wait), why);
             }
         };
-        let result = self.sender.send(&job.request).await;
+        let result = self.sender.send(request).await;
         match &result {
             Err(DeliveryError::Network(_) | DeliveryError::Timeout(_)) => pass.failed(),
             Err(DeliveryError::Status { status, .. }) if *status >= 500 || *status == 429 => {
@@ -322,10 +384,10 @@ impl ChangeListener {
             Ok(delivered) => {
                 self.status
                     .success(&job.rule.id, db, Some(format!("HTTP {}", delivered.status)));
-                self.settle(db, &job.key);
+                self.settle(db, job);
                 Sent::Ok
             }
-            Err(error) => self.failed(job, db, &error).await,
+            Err(error) => self.failed(job, request, db, &error).await,
         }
     }
 
@@ -347,7 +409,13 @@ impl ChangeListener {
 
     /// A failed attempt: retried after the rule's backoff, or, after its
     /// last retry, stored as a dead letter.
-    async fn failed(&self, job: &Job<'_>, db: &str, error: &DeliveryError) -> Sent {
+    async fn failed(
+        &self,
+        job: &Job<'_>,
+        request: &Request,
+        db: &str,
+        error: &DeliveryError,
+    ) -> Sent {
         let text = error.to_string();
         self.status.failure(&job.rule.id, db, text.clone());
         let now = crate::coordination::timestamp();
@@ -366,15 +434,28 @@ impl ChangeListener {
             self.metrics.webhook_retries.inc();
             return Sent::Retry(Wait::For(job.rule.backoff.wait(count)), text);
         }
+        let first = job.members.first().map_or(job.change, |(_, c)| *c);
+        let batch: Option<Vec<BatchMember>> = (!job.members.is_empty()).then(|| {
+            job.members
+                .iter()
+                .map(|(_, c)| BatchMember {
+                    doc_id: c.id.clone(),
+                    rev: rev_of(c).to_string(),
+                    seq: c.seq.as_json().clone(),
+                    change: doc_of(c).into_owned(),
+                })
+                .collect()
+        });
         let letter = DeadLetter {
             kind: DeadLetter::KIND.into(),
             rule: job.rule.id.clone(),
             db_name: db.into(),
             seq: job.change.seq.as_json().clone(),
-            doc_id: job.change.id.clone(),
-            rev: rev_of(job.change).to_string(),
-            change: doc_of(job.change).into_owned(),
-            request: job.request.redacted(),
+            doc_id: first.id.clone(),
+            rev: rev_of(first).to_string(),
+            change: doc_of(first).into_owned(),
+            batch,
+            request: request.redacted(),
             last_status: match error {
                 DeliveryError::Status { status, .. } => Some(*status),
                 _ => None,
@@ -395,61 +476,8 @@ impl ChangeListener {
         }
         tracing::error!(rule = %job.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
         self.metrics.dead_letters.inc();
-        self.settle(db, &job.key);
+        self.settle(db, job);
         Sent::Dead
-    }
-
-    /// The requests of one batch, in change order, debounced.
-    fn jobs<'a>(
-        &self,
-        db: &str,
-        rules: &[&'a OnChangeRule],
-        changes: &'a [Change],
-    ) -> Vec<Job<'a>> {
-        let delivered = self
-            .progress()
-            .get(db)
-            .map(|p| p.delivered.clone())
-            .unwrap_or_default();
-        let mut jobs: Vec<Job<'a>> = Vec::new();
-        let mut debounced = HashSet::new();
-        for change in changes {
-            let rev = rev_of(change);
-            let doc = doc_of(change);
-            for rule in rules.iter().filter(|r| r.matches(&doc)) {
-                let context = ChangeContext {
-                    rule: &rule.id,
-                    db_name: db,
-                    doc: &doc,
-                    id: &change.id,
-                    rev,
-                    seq: change.seq.as_json(),
-                };
-                let request = match Request::build(&rule.request, &context) {
-                    Ok(request) => request,
-                    Err(e) => {
-                        tracing::error!(rule = %rule.id, db, error = %e, "cannot build the request: skipped");
-                        self.status
-                            .failure(&rule.id, db, format!("cannot build the request: {e}"));
-                        continue;
-                    }
-                };
-                if rule.debounce && !debounced.insert(request.identity()) {
-                    continue;
-                }
-                let key = DeliveryKey::of(&rule.id, change);
-                if delivered.contains(&key) {
-                    continue;
-                }
-                jobs.push(Job {
-                    key,
-                    rule,
-                    change,
-                    request,
-                });
-            }
-        }
-        jobs
     }
 
     /// Delivers a batch. Ok(()) when everything is delivered; otherwise the
@@ -480,18 +508,18 @@ impl ChangeListener {
         }
         let parallel_failed = failure.is_some();
 
-        // Blocking requests, strictly in change order.
-        let mut upto: Option<Seq> = None;
+        // Blocking requests, strictly in change order. A job that fails
+        // leaves the checkpoint before the first change it covers.
         let mut jobs_by_change = ordered.iter().peekable();
-        for change in changes {
-            while let Some(job) = jobs_by_change.next_if(|j| std::ptr::eq(j.change, change)) {
+        for i in 0..changes.len() {
+            while let Some(job) = jobs_by_change.next_if(|j| j.at == i) {
                 if let Sent::Retry(wait, reason) = self.send(job, db).await {
-                    let progress = if parallel_failed { None } else { upto };
+                    let before = job.first.checked_sub(1).map(|k| changes[k].seq.clone());
+                    let progress = if parallel_failed { None } else { before };
                     let (wait, reason) = first_failure(failure, (wait, reason));
                     return Err((progress, wait, reason));
                 }
             }
-            upto = Some(change.seq.clone());
         }
         match failure {
             None => Ok(()),

@@ -112,6 +112,8 @@ pub enum OnChangeDocError {
     BadBackoff(String),
     #[error("bad `rate_limit`: must be a number of requests per second above 0 and at most 10000")]
     BadRateLimit,
+    #[error("bad `batch`: {0}")]
+    BadBatch(String),
     /// The document is valid, but the secret its `sign` names is not there.
     #[error("the signing secret is not available: {0}")]
     Secret(String),
@@ -146,6 +148,8 @@ pub struct OnChangeRule {
     pub debounce: bool,
     /// `rate_limit`: at most this many requests per second, per worker.
     pub rate_limit: Option<f64>,
+    /// `batch`: one request carries up to this many changes of a database.
+    pub batch: Option<Batch>,
     /// This rule's retry options: its `backoff` member by member over the
     /// global ones, without jitter.
     pub backoff: Backoff,
@@ -186,6 +190,12 @@ impl OnChangeRule {
         let sign = present(doc, "sign").map(SignSpec::parse).transpose()?;
         let block = flag(doc, "block", true)?;
         let debounce = flag(doc, "debounce", false)?;
+        let batch = present(doc, "batch").map(Batch::parse).transpose()?;
+        if batch.is_some() && !request.method.has_body() {
+            return Err(OnChangeDocError::BadBatch(
+                "a batch is sent as a JSON array body: use the POST or PUT method".into(),
+            ));
+        }
         let rate_limit = match present(doc, "rate_limit") {
             None => None,
             Some(v) => match v.as_f64() {
@@ -210,6 +220,7 @@ impl OnChangeRule {
             block,
             debounce,
             rate_limit,
+            batch,
             paused,
             backoff: match backoff {
                 Some(o) => o.apply(base),
@@ -279,6 +290,50 @@ fn string_member<'a>(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
         Some(_) => Err(error(format!("`{name}` must be a non-empty string"))),
+    }
+}
+
+/// A rule's `batch`: one request carries an ordered array of up to
+/// `max_changes` changes of a database, sent when it is full, or
+/// `max_wait` after its first change was seen, or at once when that is 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batch {
+    pub max_changes: usize,
+    pub max_wait: Duration,
+}
+
+impl Batch {
+    /// Changes one request carries, at most.
+    const MAX_CHANGES: u64 = 1000;
+    /// How long a batch may wait for more changes, at most, in ms.
+    const MAX_WAIT_MS: u64 = 60_000;
+
+    fn parse(batch: &Value) -> Result<Self> {
+        let bad = OnChangeDocError::BadBatch;
+        let members = option_members(
+            batch,
+            &["max_changes", "max_wait_ms"],
+            bad,
+            "must be an object with `max_changes` and an optional `max_wait_ms`",
+        )?;
+        let whole = |name: &str, max: u64| match members.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(bad(format!(
+                    "`{name}` must be a whole number from 0 to {max}"
+                ))),
+            },
+        };
+        let max_changes = match whole("max_changes", Self::MAX_CHANGES)? {
+            Some(n) if n > 0 => n as usize,
+            _ => return Err(bad("`max_changes` is required, from 1 to 1000".into())),
+        };
+        let max_wait_ms = whole("max_wait_ms", Self::MAX_WAIT_MS)?.unwrap_or(0);
+        Ok(Batch {
+            max_changes,
+            max_wait: Duration::from_millis(max_wait_ms),
+        })
     }
 }
 
@@ -693,6 +748,33 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn batch_needs_a_size_in_range_and_a_body() {
+        let post = |batch: Value| json!({"method": "POST", "batch": batch});
+        let ok = rule(post(json!({"max_changes": 50, "max_wait_ms": 250})));
+        let expected = Batch {
+            max_changes: 50,
+            max_wait: Duration::from_millis(250),
+        };
+        assert_eq!(ok.batch, Some(expected));
+        for bad in [
+            json!({}),
+            json!({"max_changes": 0}),
+            json!({"max_changes": 1001}),
+            json!({"max_changes": 2.5}),
+            json!({"max_changes": 10, "max_wait_ms": -1}),
+            json!({"max_changes": 10, "size": 3}),
+            json!(10),
+        ] {
+            assert!(
+                matches!(error(post(bad.clone())), OnChangeDocError::BadBatch(_)),
+                "{bad}"
+            );
+        }
+        let get = json!({"method": "GET", "batch": {"max_changes": 10}});
+        assert!(matches!(error(get), OnChangeDocError::BadBatch(_)));
     }
 
     #[test]
