@@ -61,6 +61,10 @@ pub struct StatusDoc {
     pub worker_id: String,
     pub updated_at: String,
     pub docs: BTreeMap<String, DocStatus>,
+    /// The worker's API endpoints whose circuit is not closed, with its
+    /// state (`open`, `half-open`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub circuits: BTreeMap<String, String>,
 }
 
 impl StatusDoc {
@@ -86,6 +90,7 @@ pub struct StatusBook {
 #[derive(Default)]
 struct Book {
     docs: BTreeMap<String, DocStatus>,
+    circuits: BTreeMap<String, String>,
     dirty: bool,
     /// The revision of the status document, once saved.
     rev: Option<String>,
@@ -203,6 +208,19 @@ impl StatusBook {
         });
     }
 
+    /// Records an API endpoint's circuit state; `None` when it is closed.
+    pub fn circuit(&self, endpoint: &str, state: Option<&str>) {
+        self.with(|b| {
+            let changed = match state {
+                Some(state) => {
+                    b.circuits.insert(endpoint.into(), state.into()).as_deref() != Some(state)
+                }
+                None => b.circuits.remove(endpoint).is_some(),
+            };
+            b.dirty |= changed;
+        });
+    }
+
     /// Forgets documents that no longer exist.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.with(|b| {
@@ -217,8 +235,10 @@ impl StatusBook {
         self.with(|b| b.docs.clone())
     }
 
-    fn take_if_dirty(&self) -> Option<BTreeMap<String, DocStatus>> {
-        self.with(|b| std::mem::take(&mut b.dirty).then(|| b.docs.clone()))
+    /// What to save, if anything changed: the documents' statuses and the
+    /// circuits.
+    fn take_if_dirty(&self) -> Option<(BTreeMap<String, DocStatus>, BTreeMap<String, String>)> {
+        self.with(|b| std::mem::take(&mut b.dirty).then(|| (b.docs.clone(), b.circuits.clone())))
     }
 }
 
@@ -232,7 +252,7 @@ impl Flush for StatusBook {
         let Some(target) = &self.target else {
             return;
         };
-        let Some(docs) = self.take_if_dirty() else {
+        let Some((docs, circuits)) = self.take_if_dirty() else {
             return;
         };
         let doc = StatusDoc {
@@ -247,6 +267,7 @@ impl Flush for StatusBook {
             worker_id: target.worker_id.clone(),
             updated_at: crate::coordination::timestamp(),
             docs,
+            circuits,
         };
         match target.client.save(&target.db, doc).await {
             Ok(saved) => self.with(|b| b.rev = saved.rev),

@@ -992,6 +992,8 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
         "2",
         "--circuit-cooldown",
         "3",
+        "--save-seq-after",
+        "1",
     ];
     let worker = s.listener(&args, &[]);
     // The healthy endpoint is in use: the broken one must share with it.
@@ -1030,6 +1032,19 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
         || async {
             let (_, text) = http_get(&metrics).await?;
             text.contains(&gauge).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the circuit in spiegel status",
+        Duration::from_secs(20),
+        || async {
+            let status = s.status().await;
+            let circuits = status["circuits"].as_array()?.clone();
+            circuits
+                .iter()
+                .any(|c| c["endpoint"] == bad_base.as_str())
+                .then_some(())
         },
     )
     .await;

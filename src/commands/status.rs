@@ -35,6 +35,19 @@ pub struct Report {
     /// The dead letters themselves, for the console.
     #[serde(skip)]
     pub letters: Vec<DeadLetter>,
+    /// API endpoints whose circuit is not closed, per worker that sees it.
+    pub circuits: Vec<CircuitReport>,
+}
+
+/// An API endpoint whose circuit a change-listener worker has open.
+#[derive(Debug, Serialize)]
+pub struct CircuitReport {
+    /// Scheme, host and port.
+    pub endpoint: String,
+    /// `open` (its changes wait) or `half-open` (a probe is under way).
+    pub state: String,
+    /// The worker that reported it.
+    pub worker: String,
 }
 
 /// One document's outcomes over every worker's report still kept (a
@@ -150,6 +163,16 @@ pub async fn report_with(
             (some, total)
         }
     };
+    let circuits = statuses
+        .iter()
+        .flat_map(|s| {
+            s.circuits.iter().map(|(endpoint, state)| CircuitReport {
+                endpoint: endpoint.clone(),
+                state: state.clone(),
+                worker: s.worker_id.clone(),
+            })
+        })
+        .collect();
     let documents = documents(statuses);
     let mut dead_letters = dead_letter_counts(&letters);
     dead_letters.total = total;
@@ -162,6 +185,7 @@ pub async fn report_with(
         totals: documents_totals(&documents),
         documents,
         letters: letters.into_iter().map(|(_, _, letter)| letter).collect(),
+        circuits,
     })
 }
 
@@ -313,6 +337,15 @@ pub fn render(report: &Report, per_worker: bool) -> String {
             let _ = writeln!(out, "  {rule}: {n}");
         }
     }
+    if !report.circuits.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nAPI endpoints whose circuit is not closed (their changes wait):"
+        );
+        for c in &report.circuits {
+            let _ = writeln!(out, "  {}: {} (worker {})", c.endpoint, c.state, c.worker);
+        }
+    }
     let _ = writeln!(out, "\ndocuments:");
     if per_worker {
         for (id, reports) in &report.documents {
@@ -452,6 +485,7 @@ mod tests {
             totals: documents_totals(&documents),
             documents,
             letters: Vec::new(),
+            circuits: Vec::new(),
         };
         let lines = |text: String| text.lines().filter(|l| l.starts_with("  r (")).count();
         assert_eq!(lines(render(&report, false)), 1);

@@ -391,13 +391,14 @@ impl ChangeListener {
         }
     }
 
-    /// Sets the endpoint's circuit gauge.
+    /// Shows the endpoint's circuit in its gauge and in the status.
     fn show_circuit(&self, origin: &str) {
-        let value = match self.endpoints.state(origin) {
-            CircuitState::Closed => 0,
-            CircuitState::Open => 1,
-            CircuitState::HalfOpen => 2,
+        let (value, state) = match self.endpoints.state(origin) {
+            CircuitState::Closed => (0, None),
+            CircuitState::Open => (1, Some("open")),
+            CircuitState::HalfOpen => (2, Some("half-open")),
         };
+        self.status.circuit(origin, state);
         let label = EndpointLabel {
             endpoint: origin.to_string(),
         };
