@@ -108,29 +108,23 @@ async fn send_again(
     letter: &DeadLetter,
     sender: &Sender,
 ) -> Result<(), String> {
+    let context = |doc, id, rev, seq| ChangeContext {
+        rule: &letter.rule,
+        db_name: &letter.db_name,
+        doc,
+        id,
+        rev,
+        seq,
+    };
     let built = match &letter.batch {
         None => Request::build(
             &rule.request,
-            &ChangeContext {
-                rule: &letter.rule,
-                db_name: &letter.db_name,
-                doc: &letter.change,
-                id: &letter.doc_id,
-                rev: &letter.rev,
-                seq: &letter.seq,
-            },
+            &context(&letter.change, &letter.doc_id, &letter.rev, &letter.seq),
         ),
         Some(members) => {
             let contexts: Vec<ChangeContext> = members
                 .iter()
-                .map(|m| ChangeContext {
-                    rule: &letter.rule,
-                    db_name: &letter.db_name,
-                    doc: &m.change,
-                    id: &m.doc_id,
-                    rev: &m.rev,
-                    seq: &m.seq,
-                })
+                .map(|m| context(&m.change, &m.doc_id, &m.rev, &m.seq))
                 .collect();
             Request::build_batch(&rule.request, &contexts)
         }

@@ -117,15 +117,20 @@ impl Endpoints {
         }
     }
 
-    /// Runs `f` on the endpoint, telling it whether another endpoint is
-    /// active.
+    /// Runs `f` on the endpoint, telling it whether it must share: it has
+    /// its share in flight and another endpoint is active (only then are
+    /// the others looked at).
     fn with<T>(&self, origin: &str, f: impl FnOnce(&mut Endpoint, bool) -> T) -> T {
         // Counters only; a poisoned lock is safe to reuse.
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let others = endpoints
-            .iter()
-            .any(|(o, e)| o != origin && now.duration_since(e.last_used) < ACTIVE);
+        let full = endpoints
+            .get(origin)
+            .is_some_and(|e| e.in_flight >= self.settings.share);
+        let others = full
+            && endpoints
+                .iter()
+                .any(|(o, e)| o != origin && now.duration_since(e.last_used) < ACTIVE);
         let endpoint = endpoints.entry(origin.to_string()).or_insert(Endpoint {
             state: State::Closed { failures: 0 },
             in_flight: 0,
@@ -149,7 +154,7 @@ impl Endpoints {
                         format!("circuit half-open for {origin}: a probe is under way"),
                     ))
                 }
-                State::Closed { .. } if shared && e.in_flight >= settings.share => {
+                State::Closed { .. } if shared => {
                     let why = format!("{} requests in flight to {origin} already", e.in_flight);
                     return Err((BUSY_WAIT, why));
                 }
