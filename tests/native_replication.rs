@@ -660,6 +660,17 @@ impl Differential {
     /// After more changes to the source: Spiegel replicates them by itself
     /// (on the source's update event); `POST /_replicate` again for B; waits
     /// until A matches B.
+    /// Stops the Spiegel worker and starts another.
+    fn restart_worker(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+        let worker = self
+            .s
+            .start_worker("replicator", &["--backoff-delay", "0.2"]);
+        self.worker = Some(worker);
+    }
+
     async fn replicate_again(&self) {
         self.couchdb_replicates().await;
         self.converge().await;
@@ -1321,10 +1332,10 @@ const HISTORY_FIELDS: [&str; 11] = [
 ];
 
 /// The replication checkpoint of `target` (its one `_local` document with
-/// a `history`), once there is one whose session is not `not_session` and
-/// the source holds the same document (same id, same session and
+/// a `history`), once there is one other than `not` (another session or
+/// seq) and the source holds the same document (same id, same session and
 /// `source_last_seq`), as CouchDB writes them: on both sides.
-async fn checkpoint(http: &Http, source: &str, target: &str, not_session: Option<&Value>) -> Value {
+async fn checkpoint(http: &Http, source: &str, target: &str, not: Option<&Value>) -> Value {
     let what = format!("the same checkpoint in {target} and its source");
     wait_for(&what, DEADLINE, || async {
         let docs = http.local_docs(target).await;
@@ -1334,7 +1345,11 @@ async fn checkpoint(http: &Http, source: &str, target: &str, not_session: Option
             "one replication, one checkpoint: {docs:?}"
         );
         let found = (*checkpoints.first()?).clone();
-        if Some(&found["session_id"]) == not_session {
+        let seen = |c: &Value| {
+            c["session_id"] == found["session_id"]
+                && c["source_last_seq"] == found["source_last_seq"]
+        };
+        if not.is_some_and(seen) {
             return None;
         }
         let id = found["_id"].as_str().expect("_id");
@@ -1421,18 +1436,35 @@ async fn native_checkpoints_have_couchdbs_format_on_both_sides_and_runs_resume_f
     let couchdbs = checkpoint(&d.http, &d.source, &d.b, None).await;
     assert_couchdb_checkpoint_format(&couchdbs);
 
-    // A later run adds its session on top and starts where the last one
-    // was recorded.
+    // A later run of the same process goes on in its session, as one
+    // continuous CouchDB job does: the checkpoint moves, and its history
+    // entry is replaced.
     d.http.put(&d.source, "w", json!({"v": 1})).await;
     d.replicate_again().await;
-    let second = checkpoint(&d.http, &d.source, &d.a, Some(&first["session_id"])).await;
+    let second = checkpoint(&d.http, &d.source, &d.a, Some(&first)).await;
     assert_couchdb_checkpoint_format(&second);
-    let history = second["history"].as_array().expect("history");
+    assert_eq!(second["session_id"], first["session_id"], "{second:#}");
+    assert_eq!(
+        second["history"].as_array().map(Vec::len),
+        Some(1),
+        "{second:#}"
+    );
+    assert_eq!(second["history"][0]["docs_written"], json!(4), "{second:#}");
+
+    // Another process starts a session on top, where the last one was
+    // recorded.
+    d.restart_worker();
+    d.http.put(&d.source, "v", json!({"v": 1})).await;
+    d.replicate_again().await;
+    let third = checkpoint(&d.http, &d.source, &d.a, Some(&second)).await;
+    assert_couchdb_checkpoint_format(&third);
+    assert_ne!(third["session_id"], first["session_id"], "{third:#}");
+    let history = third["history"].as_array().expect("history");
     assert!(
         history
             .iter()
             .any(|e| e["session_id"] == first["session_id"]),
-        "the first session stays in the history: {second:#}"
+        "the first session stays in the history: {third:#}"
     );
 }
 

@@ -2,6 +2,8 @@
 //! id>` document on both sides with a session history, so that the next
 //! run starts where both sides last agreed.
 
+use std::time::Instant;
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -28,66 +30,155 @@ pub fn replication_id(source: &Peer, target: &Peer, options: &Options) -> String
     format!("spiegel-{}", hex::encode(&digest[..16]))
 }
 
+/// What this process keeps of a replication between its runs, as a
+/// continuous CouchDB job keeps it while it runs: its session, the
+/// checkpoint it last recorded on both sides, and where its last run ended.
+/// A run that finds the target's checkpoint as this session left it starts
+/// from there without reading the source's checkpoint, and reads no change
+/// twice.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    session: String,
+    start_time: String,
+    /// Where the session started (None: from the beginning).
+    session_start: Option<Seq>,
+    /// The session's counts so far, which its checkpoints add up.
+    counts: Report,
+    /// The seq of the checkpoint this session last wrote on both sides.
+    recorded: Seq,
+    recorded_at: Instant,
+    /// Where the last run ended: `recorded` or beyond.
+    reached: Seq,
+}
+
+impl Progress {
+    #[cfg(test)]
+    pub(super) fn for_tests() -> Progress {
+        let mut logs = Logs::empty("x");
+        logs.recorded = Some((Seq::from(json!("1-a")), Instant::now()));
+        let report = Report {
+            last_seq: Some(Seq::from(json!("2-b"))),
+            ..Report::default()
+        };
+        // A session that recorded always gives its progress.
+        logs.progress(&report).expect("recorded")
+    }
+
+    /// Whether the target's checkpoint is still the one this session
+    /// recorded. Anything else (another worker's run, a target created
+    /// again, a restored backup) sends the run to read both sides.
+    fn holds_for(&self, target_log: Option<&Value>) -> bool {
+        target_log.is_some_and(|log| {
+            log["session_id"].as_str() == Some(self.session.as_str())
+                && log["source_last_seq"] == *self.recorded.as_json()
+        })
+    }
+}
+
+/// The source's checkpoint, which a run that resumes its own progress reads
+/// only when it records.
+enum SourceLog {
+    Read(Option<Value>),
+    Unread,
+}
+
 /// The checkpoint documents of both sides, as read at the start of a run.
 pub struct Logs {
     id: String,
-    source: Option<Value>,
+    source: SourceLog,
     target: Option<Value>,
     session: String,
     start_time: String,
+    /// Where the session started (None: from the beginning).
+    session_start: Option<Seq>,
+    /// The session's counts before this run.
+    counts: Report,
+    /// Where the run starts (None: from the beginning).
+    start: Option<Seq>,
+    /// This session's last checkpoint, and when it was written.
+    recorded: Option<(Seq, Instant)>,
 }
 
 impl Logs {
-    /// Reads both checkpoints. A missing database is reported as such.
-    pub async fn read(source: &Peer, target: &Peer, id: &str) -> Result<Logs, ReplicationError> {
+    /// Reads the checkpoints: the target's only when `known` still holds
+    /// for it. A missing database is reported as such.
+    pub async fn read(
+        source: &Peer,
+        target: &Peer,
+        id: &str,
+        known: Option<Progress>,
+    ) -> Result<Logs, ReplicationError> {
         let local = format!("_local/{id}");
+        if let Some(known) = known {
+            let target_log = read_log(target, &local, ReplicationError::TargetMissing).await?;
+            if known.holds_for(target_log.as_ref()) {
+                return Ok(Logs::resumed(id, known, target_log));
+            }
+        }
         let source_log = read_log(source, &local, ReplicationError::SourceMissing).await?;
         let target_log = read_log(target, &local, ReplicationError::TargetMissing).await?;
+        let start = start_seq(source_log.as_ref(), target_log.as_ref());
         Ok(Logs {
-            source: source_log,
+            source: SourceLog::Read(source_log),
             target: target_log,
+            session_start: start.clone(),
+            start,
             ..Logs::empty(id)
         })
     }
 
-    /// No checkpoint on either side: a first run.
+    /// No checkpoint on either side: a first run, in a new session.
     pub fn empty(id: &str) -> Logs {
         Logs {
             id: format!("_local/{id}"),
-            source: None,
+            source: SourceLog::Read(None),
             target: None,
             session: hex::encode(rand::random::<[u8; 16]>()),
             start_time: crate::coordination::timestamp(),
+            session_start: None,
+            counts: Report::default(),
+            start: None,
+            recorded: None,
         }
     }
 
-    /// Where both sides last agreed: the newest session the two histories
-    /// share (None: from the start).
+    /// This process's session, going on where its last run ended.
+    fn resumed(id: &str, known: Progress, target_log: Option<Value>) -> Logs {
+        Logs {
+            id: format!("_local/{id}"),
+            source: SourceLog::Unread,
+            target: target_log,
+            session: known.session,
+            start_time: known.start_time,
+            session_start: known.session_start,
+            counts: known.counts,
+            start: Some(known.reached),
+            recorded: Some((known.recorded, known.recorded_at)),
+        }
+    }
+
+    /// Where the run starts (None: from the beginning).
     pub fn start_seq(&self) -> Option<Seq> {
-        let (source, target) = (self.source.as_ref()?, self.target.as_ref()?);
-        if source["session_id"] == target["session_id"] && !source["session_id"].is_null() {
-            return seq_of(&source["source_last_seq"]);
-        }
-        let history = |log: &Value| log["history"].as_array().cloned().unwrap_or_default();
-        let (source_history, target_history) = (history(source), history(target));
-        for entry in &source_history {
-            let shared = target_history
-                .iter()
-                .any(|t| t["session_id"] == entry["session_id"]);
-            if shared {
-                return seq_of(&entry["recorded_seq"]);
-            }
-        }
-        None
+        self.start.clone()
+    }
+
+    /// Starts a new session at `seq` (`since_seq`) instead.
+    pub fn start_from(&mut self, seq: Seq) {
+        self.session_start = Some(seq.clone());
+        self.start = Some(seq);
     }
 
     /// Whether the last recorded checkpoint is older than `interval` (or
     /// there is none, or its time cannot be read).
     pub fn due(&self, interval: std::time::Duration) -> bool {
-        let recorded = self
-            .source
-            .as_ref()
-            .and_then(|log| log["history"][0]["end_time"].as_str())
+        if let Some((_, at)) = &self.recorded {
+            return at.elapsed() >= interval;
+        }
+        let SourceLog::Read(Some(log)) = &self.source else {
+            return true;
+        };
+        let recorded = log["history"][0]["end_time"]
+            .as_str()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
         let Some(recorded) = recorded else {
             return true;
@@ -97,15 +188,31 @@ impl Logs {
         age.to_std().map_or(true, |age| age >= interval)
     }
 
+    /// What to keep for the next run, after this one did `report`: nothing
+    /// until this session recorded a checkpoint.
+    pub fn progress(self, report: &Report) -> Option<Progress> {
+        let (recorded, recorded_at) = self.recorded?;
+        Some(Progress {
+            counts: self.counts.plus(report),
+            reached: report.last_seq.clone()?,
+            session: self.session,
+            start_time: self.start_time,
+            session_start: self.session_start,
+            recorded,
+            recorded_at,
+        })
+    }
+
     /// Writes the checkpoint on both sides: this session, up to `seq`.
     pub async fn record(
         &mut self,
         source: &Peer,
         target: &Peer,
-        start: Option<&Seq>,
         seq: &Seq,
         report: &Report,
     ) -> Result<(), ReplicationError> {
+        let start = self.session_start.as_ref();
+        let counts = self.counts.plus(report);
         let entry = json!({
             "session_id": self.session,
             "start_time": self.start_time,
@@ -113,29 +220,26 @@ impl Logs {
             "start_last_seq": start.map_or(json!(0), |s| s.as_json().clone()),
             "end_last_seq": seq.as_json(),
             "recorded_seq": seq.as_json(),
-            "missing_checked": report.missing_checked,
-            "missing_found": report.missing_found,
-            "docs_read": report.docs_read,
-            "docs_written": report.docs_written,
-            "doc_write_failures": report.doc_write_failures,
+            "missing_checked": counts.missing_checked,
+            "missing_found": counts.missing_found,
+            "docs_read": counts.docs_read,
+            "docs_written": counts.docs_written,
+            "doc_write_failures": counts.doc_write_failures,
         });
-        let source_doc = self.next(self.source.as_ref(), &entry, seq);
+        let source_log = match std::mem::replace(&mut self.source, SourceLog::Unread) {
+            SourceLog::Read(log) => log,
+            SourceLog::Unread => {
+                read_log(source, &self.id, ReplicationError::SourceMissing).await?
+            }
+        };
+        let source_doc = self.next(source_log.as_ref(), &entry, seq);
         let target_doc = self.next(self.target.as_ref(), &entry, seq);
         let step = "writing the checkpoint";
-        self.source = Some(
-            source
-                .client
-                .save(&source.db, source_doc)
-                .await
-                .map_err(ReplicationError::couch(step))?,
-        );
-        self.target = Some(
-            target
-                .client
-                .save(&target.db, target_doc)
-                .await
-                .map_err(ReplicationError::couch(step))?,
-        );
+        let saved = source.client.save(&source.db, source_doc).await;
+        self.source = SourceLog::Read(Some(saved.map_err(ReplicationError::couch(step))?));
+        let saved = target.client.save(&target.db, target_doc).await;
+        self.target = Some(saved.map_err(ReplicationError::couch(step))?);
+        self.recorded = Some((seq.clone(), Instant::now()));
         Ok(())
     }
 
@@ -176,6 +280,26 @@ async fn read_log(
     log.map_err(|e| missing(e, when_missing, "reading a checkpoint"))
 }
 
+/// Where both sides last agreed: the newest session the two histories
+/// share (None: from the start).
+fn start_seq(source: Option<&Value>, target: Option<&Value>) -> Option<Seq> {
+    let (source, target) = (source?, target?);
+    if source["session_id"] == target["session_id"] && !source["session_id"].is_null() {
+        return seq_of(&source["source_last_seq"]);
+    }
+    let history = |log: &Value| log["history"].as_array().cloned().unwrap_or_default();
+    let (source_history, target_history) = (history(source), history(target));
+    for entry in &source_history {
+        let shared = target_history
+            .iter()
+            .any(|t| t["session_id"] == entry["session_id"]);
+        if shared {
+            return seq_of(&entry["recorded_seq"]);
+        }
+    }
+    None
+}
+
 fn seq_of(value: &Value) -> Option<Seq> {
     (!value.is_null()).then(|| Seq::from(value.clone()))
 }
@@ -198,7 +322,8 @@ mod tests {
 
     fn logs(source: Value, target: Value) -> Logs {
         Logs {
-            source: Some(source),
+            start: start_seq(Some(&source), Some(&target)),
+            source: SourceLog::Read(Some(source)),
             target: Some(target),
             ..Logs::empty("x")
         }
@@ -216,6 +341,32 @@ mod tests {
         assert!(at(31).due(interval));
         assert!(at(-60).due(interval), "a time ahead of ours");
         assert!(Logs::empty("x").due(interval), "no checkpoint yet");
+    }
+
+    #[test]
+    fn a_session_resumes_where_it_ended_while_the_target_holds_its_checkpoint() {
+        let mut first = logs(json!({}), json!({}));
+        first.recorded = Some((Seq::from(json!("4-a")), Instant::now()));
+        let session = first.session.clone();
+        let ran = Report {
+            docs_read: 2,
+            last_seq: Some(Seq::from(json!("7-b"))),
+            ..Report::default()
+        };
+        let known = first.progress(&ran).expect("recorded");
+        let ours = json!({"session_id": session, "source_last_seq": "4-a"});
+        assert!(known.holds_for(Some(&ours)));
+        let resumed = Logs::resumed("x", known.clone(), Some(ours));
+        assert_eq!(resumed.start_seq(), Some(Seq::from(json!("7-b"))));
+        assert_eq!(resumed.session, session, "the same session goes on");
+        assert_eq!(resumed.counts.plus(&ran).docs_read, 4, "and counts on");
+        assert!(!resumed.due(std::time::Duration::from_secs(30)));
+        let moved = json!({"session_id": session, "source_last_seq": "9-c"});
+        let other = json!({"session_id": "another", "source_last_seq": "4-a"});
+        for log in [Some(&moved), Some(&other), None] {
+            assert!(!known.holds_for(log), "{log:?}");
+        }
+        assert!(Logs::empty("x").progress(&ran).is_none());
     }
 
     #[test]
@@ -246,5 +397,6 @@ mod tests {
         );
         assert_eq!(none.start_seq(), None);
         assert_eq!(Logs::empty("x").start_seq(), None);
+        assert_eq!(start_seq(None, Some(&json!({"session_id": "a"}))), None);
     }
 }

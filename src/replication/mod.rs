@@ -5,7 +5,9 @@
 //!
 //! One run, batch by batch until the source has no more changes:
 //! 1. read the checkpoints `_local/<replication id>` of both sides, and
-//!    start from the newest session they share ([`checkpoint`]);
+//!    start from the newest session they share ([`checkpoint`]); or, when
+//!    the target's checkpoint is the one this process's last run left,
+//!    start where that run ended ([`Progress`]);
 //! 2. read a page of the source's `_changes` (every leaf revision, with the
 //!    document's filter, selector or ids);
 //! 3. ask the target which revisions it lacks (`_revs_diff`);
@@ -18,15 +20,18 @@
 mod checkpoint;
 mod options;
 mod peer;
+mod sessions;
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+pub use self::checkpoint::Progress;
 use self::checkpoint::{missing, replication_id, Logs};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
-use crate::couch::{BulkResult, Change, CouchError, RevToFetch, Seq};
+pub use self::sessions::Sessions;
+use crate::couch::{BulkResult, Change, ChangesPage, CouchError, RevToFetch, Seq};
 
 /// Which engine replicates a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -65,6 +70,20 @@ pub struct Report {
     pub doc_write_failures: u64,
     /// The source seq the run reached.
     pub last_seq: Option<Seq>,
+}
+
+impl Report {
+    /// Both runs' counts together (the seq of `other`).
+    fn plus(&self, other: &Report) -> Report {
+        Report {
+            missing_checked: self.missing_checked + other.missing_checked,
+            missing_found: self.missing_found + other.missing_found,
+            docs_read: self.docs_read + other.docs_read,
+            docs_written: self.docs_written + other.docs_written,
+            doc_write_failures: self.doc_write_failures + other.doc_write_failures,
+            last_seq: other.last_seq.clone(),
+        }
+    }
 }
 
 /// Why a run failed.
@@ -111,30 +130,29 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// Replicates every change of the source since the last checkpoint.
-    pub async fn run(&self) -> Result<Report, ReplicationError> {
-        let mut logs = self.logs().await?;
-        let start = match &self.options.since_seq {
-            Some(seq) => Some(seq.clone()),
-            None => logs.start_seq(),
-        };
+    /// The replication id, which names the checkpoints.
+    pub fn id(&self) -> String {
+        replication_id(&self.source, &self.target, &self.options)
+    }
+
+    /// Replicates every change of the source since the last checkpoint, or
+    /// since `known` (what the last run of this process left) while the
+    /// target's checkpoint shows nobody else wrote since. Returns what to
+    /// keep for the next run.
+    pub async fn run(
+        &self,
+        known: Option<Progress>,
+    ) -> Result<(Report, Option<Progress>), ReplicationError> {
+        let mut logs = self.logs(known).await?;
+        if let Some(seq) = &self.options.since_seq {
+            logs.start_from(seq.clone());
+        }
         let mut report = Report::default();
         let mut bulk_get = true;
-        let mut since = start.clone();
+        let mut since = logs.start_seq();
         let mut recorded = false;
         loop {
-            let page = self
-                .source
-                .client
-                .changes_page(
-                    &self.source.db,
-                    since.as_ref(),
-                    self.options.batch,
-                    &self.options.filter,
-                    self.options.winning_revs_only,
-                )
-                .await
-                .map_err(ReplicationError::couch("reading the source's changes"))?;
+            let page = self.changes(since.as_ref()).await?;
             let count = page.results.len() as u64;
             if count > 0 {
                 self.copy(&page.results, &mut report, &mut bulk_get).await?;
@@ -143,32 +161,47 @@ impl Replication {
             let moved = since.as_ref() != Some(&page.last_seq);
             // A run of one batch (the common case: a change or two) records
             // its progress only every `checkpoint_interval`: the next run
-            // reads again at most that much, and such a run writes one
-            // document instead of three. Longer runs record every batch.
+            // goes on from the progress kept in memory, and such a run
+            // writes one document instead of three. Longer runs record
+            // every batch.
             let worth = !last || recorded || logs.due(self.options.checkpoint_interval);
             if self.options.use_checkpoints && count > 0 && moved && worth {
                 recorded = true;
-                logs.record(
-                    &self.source,
-                    &self.target,
-                    start.as_ref(),
-                    &page.last_seq,
-                    &report,
-                )
-                .await?;
+                logs.record(&self.source, &self.target, &page.last_seq, &report)
+                    .await?;
             }
             report.last_seq = Some(page.last_seq.clone());
             since = Some(page.last_seq);
             if last {
-                return Ok(report);
+                let progress = logs.progress(&report);
+                return Ok((report, progress));
             }
         }
     }
 
+    /// A page of the source's changes since `since`.
+    async fn changes(&self, since: Option<&Seq>) -> Result<ChangesPage, ReplicationError> {
+        let options = &self.options;
+        let page = self
+            .source
+            .client
+            .changes_page(
+                &self.source.db,
+                since,
+                options.batch,
+                &options.filter,
+                options.winning_revs_only,
+            )
+            .await;
+        let step = "reading the source's changes";
+        page.map_err(|e| missing(e, ReplicationError::SourceMissing, step))
+    }
+
     /// The checkpoints (none without `use_checkpoints`), creating the
-    /// target first if the document asks for it.
-    async fn logs(&self) -> Result<Logs, ReplicationError> {
-        let id = replication_id(&self.source, &self.target, &self.options);
+    /// target first if the document asks for it. `known` does not count
+    /// with `since_seq`, which sets where every run starts.
+    async fn logs(&self, known: Option<Progress>) -> Result<Logs, ReplicationError> {
+        let id = self.id();
         if self.options.create_target {
             self.create_target().await?;
         }
@@ -176,7 +209,8 @@ impl Replication {
             self.check_exists().await?;
             return Ok(Logs::empty(&id));
         }
-        Logs::read(&self.source, &self.target, &id).await
+        let known = known.filter(|_| self.options.since_seq.is_none());
+        Logs::read(&self.source, &self.target, &id, known).await
     }
 
     async fn create_target(&self) -> Result<(), ReplicationError> {

@@ -1,6 +1,6 @@
 //! The replicator role: when a database changes, run every replicator
-//! document that applies to it, each as one `POST /_replicate` (one-shot) on
-//! the `--url` server.
+//! document that applies to it, each once on its engine: the native one
+//! (`crate::replication`), or one `POST /_replicate` on the `--url` server.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use crate::config::{Config, Passwords};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
-use crate::replication::{Engine, Peer, Replication, ReplicationError};
+use crate::replication::{Engine, Peer, Replication, ReplicationError, Sessions};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
@@ -35,6 +35,8 @@ pub struct Replicator {
     status: StatusBook,
     metrics: RoleMetrics,
     rules: RuleCache<ReplicatorRule>,
+    /// The native engine's progress between runs.
+    sessions: Sessions,
 }
 
 /// One replication's result.
@@ -66,6 +68,7 @@ impl Replicator {
             status,
             metrics,
             rules: RuleCache::new("replicator"),
+            sessions: Sessions::default(),
         }
     }
 
@@ -159,8 +162,13 @@ impl Replicator {
             options: options.clone(),
         };
         let started = std::time::Instant::now();
-        match replication.run().await {
-            Ok(report) => {
+        let id = replication.id();
+        let known = self.sessions.take(db, &id);
+        match replication.run(known).await {
+            Ok((report, progress)) => {
+                if let Some(progress) = progress {
+                    self.sessions.keep(db, id, progress);
+                }
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
                 let extra = format!(
                     " missing_checked={} engine=native seq={seq} took_ms={}",
@@ -283,7 +291,12 @@ impl Role for Replicator {
         }
     }
 
+    async fn deleted(&self, db: &str) {
+        self.sessions.forget(db);
+    }
+
     async fn forget(&self, db: &str) {
+        self.sessions.forget(db);
         let error = format!(
             "the source database does not exist; taken for deleted after {:?}: replication resumes when it is created again",
             self.assume_deleted_after
