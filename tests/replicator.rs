@@ -411,7 +411,11 @@ async fn a_missing_source_is_retried_then_dropped_and_replicated_again_when_crea
     let s = Installation::new("gone").await;
     let (src, dst) = (s.db("src"), s.db("dst"));
     s.couch.create_db(&dst).await.unwrap();
-    let worker = s.start(&["--assume-deleted-after", "2"]);
+    // Its retries come from the document's nudge alone (a missing source
+    // has no update events): a longer lease keeps a heartbeat slowed by a
+    // loaded machine from dropping the partitions, and the retries with
+    // them.
+    let worker = s.start(&["--assume-deleted-after", "2", "--lease-time", "10"]);
     let doc = json!({"type": "replicator", "source": format!("{}/{}", s.url, src), "target": format!("{}/{}", s.url, dst)});
     s.couch.put_doc(&s.spiegel_db, "r", &doc).await.unwrap();
     // Retried while missing, then taken for deleted.

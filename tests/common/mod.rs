@@ -260,7 +260,8 @@ impl Installation {
     }
 
     /// Starts a worker of `role` on this installation with short test
-    /// timings (lease 1.5 s, saves every second), plus `extra` options.
+    /// timings (lease 1.5 s unless `extra` sets one, saves every second),
+    /// plus `extra` options.
     pub fn start_worker(&self, role: &str, extra: &[&str]) -> Spiegel {
         let mut args = vec![
             role,
@@ -268,11 +269,12 @@ impl Installation {
             &self.url,
             "--db-name",
             &self.spiegel_db,
-            "--lease-time",
-            "1.5",
             "--save-seq-after",
             "1",
         ];
+        if !extra.contains(&"--lease-time") {
+            args.extend(["--lease-time", "1.5"]);
+        }
         args.extend_from_slice(extra);
         Spiegel::start(&args)
     }
