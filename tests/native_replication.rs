@@ -657,9 +657,6 @@ impl Differential {
         );
     }
 
-    /// After more changes to the source: Spiegel replicates them by itself
-    /// (on the source's update event); `POST /_replicate` again for B; waits
-    /// until A matches B.
     /// Stops the Spiegel worker and starts another.
     fn restart_worker(&mut self) {
         if let Some(mut worker) = self.worker.take() {
@@ -671,6 +668,9 @@ impl Differential {
         self.worker = Some(worker);
     }
 
+    /// After more changes to the source: Spiegel replicates them by itself
+    /// (on the source's update event); `POST /_replicate` again for B; waits
+    /// until A matches B.
     async fn replicate_again(&self) {
         self.couchdb_replicates().await;
         self.converge().await;

@@ -109,14 +109,19 @@ impl Logs {
         known: Option<Progress>,
     ) -> Result<Logs, ReplicationError> {
         let local = format!("_local/{id}");
+        let mut target_log = None;
         if let Some(known) = known {
-            let target_log = read_log(target, &local, ReplicationError::TargetMissing).await?;
-            if known.holds_for(target_log.as_ref()) {
-                return Ok(Logs::resumed(id, known, target_log));
+            let log = read_log(target, &local, ReplicationError::TargetMissing).await?;
+            if known.holds_for(log.as_ref()) {
+                return Ok(Logs::resumed(id, known, log));
             }
+            target_log = Some(log);
         }
         let source_log = read_log(source, &local, ReplicationError::SourceMissing).await?;
-        let target_log = read_log(target, &local, ReplicationError::TargetMissing).await?;
+        let target_log = match target_log {
+            Some(log) => log,
+            None => read_log(target, &local, ReplicationError::TargetMissing).await?,
+        };
         let start = start_seq(source_log.as_ref(), target_log.as_ref());
         Ok(Logs {
             source: SourceLog::Read(source_log),

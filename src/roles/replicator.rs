@@ -164,11 +164,11 @@ impl Replicator {
         let started = std::time::Instant::now();
         let id = replication.id();
         let known = self.sessions.take(db, &id);
-        match replication.run(known).await {
-            Ok((report, progress)) => {
-                if let Some(progress) = progress {
-                    self.sessions.keep(db, id, progress);
-                }
+        let ran = replication.run(known).await;
+        let progress = ran.as_ref().ok().and_then(|(_, p)| p.clone());
+        self.sessions.finish(db, id, progress);
+        match ran {
+            Ok((report, _)) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
                 let extra = format!(
                     " missing_checked={} engine=native seq={seq} took_ms={}",
@@ -293,6 +293,12 @@ impl Role for Replicator {
 
     async fn deleted(&self, db: &str) {
         self.sessions.forget(db);
+    }
+
+    async fn partition_gone(&self, partition: u32, partitions: u32) {
+        use crate::coordination::partition_of;
+        self.sessions
+            .forget_where(|db| partition_of(db, partitions) == partition);
     }
 
     async fn forget(&self, db: &str) {

@@ -126,6 +126,15 @@ pub trait Role: Send + Sync + 'static {
         async {}
     }
 
+    /// A partition is no longer this worker's (handed over or lost): what
+    /// the role keeps about its databases may go stale while another
+    /// worker handles them (a database deleted and created again there).
+    /// `partitions` is their number (see `coordination::partition_of`).
+    fn partition_gone(&self, partition: u32, partitions: u32) -> impl Future<Output = ()> + Send {
+        let _ = (partition, partitions);
+        async {}
+    }
+
     /// Saves what the role keeps in memory about its databases. Called
     /// before a partition is handed to another worker, which reads it, and
     /// when the worker stops, once its runs are over (or abandoned).

@@ -245,15 +245,22 @@ impl<R: Role> Worker<R> {
             } => self.acquire(partition, checkpoint),
             Assignment::Release { partition } => {
                 self.sched.release(partition);
-                self.stop_replay(partition);
-                self.forget_failures(partition);
+                self.partition_gone(partition);
             }
             Assignment::Lost { partition } => {
                 self.sched.remove(partition);
-                self.stop_replay(partition);
-                self.forget_failures(partition);
+                self.partition_gone(partition);
             }
         }
+    }
+
+    fn partition_gone(&mut self, partition: u32) {
+        self.stop_replay(partition);
+        self.forget_failures(partition);
+        let role = self.role.clone();
+        let partitions = self.sched.partitions();
+        self.tasks
+            .spawn(async move { role.partition_gone(partition, partitions).await });
     }
 
     /// A partition is ours: replay what it missed since its checkpoint.
