@@ -38,17 +38,36 @@ pub fn replication_id(source: &Peer, target: &Peer, options: &Options) -> String
 /// twice.
 #[derive(Clone, Debug)]
 pub struct Progress {
-    session: String,
-    start_time: String,
-    /// Where the session started (None: from the beginning).
-    session_start: Option<Seq>,
-    /// The session's counts so far, which its checkpoints add up.
-    counts: Report,
+    session: Session,
     /// The seq of the checkpoint this session last wrote on both sides.
     recorded: Seq,
     recorded_at: Instant,
     /// Where the last run ended: `recorded` or beyond.
     reached: Seq,
+}
+
+/// A session: one process's replication, over one or more runs, whose
+/// checkpoints replace each other's history entry.
+#[derive(Clone, Debug)]
+struct Session {
+    id: String,
+    start_time: String,
+    /// Where the session started (None: from the beginning).
+    start: Option<Seq>,
+    /// The session's counts before the current run, which its checkpoints
+    /// add up.
+    counts: Report,
+}
+
+impl Session {
+    fn new(start: Option<Seq>) -> Session {
+        Session {
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            start_time: crate::coordination::timestamp(),
+            start,
+            counts: Report::default(),
+        }
+    }
 }
 
 impl Progress {
@@ -69,7 +88,7 @@ impl Progress {
     /// again, a restored backup) sends the run to read both sides.
     fn holds_for(&self, target_log: Option<&Value>) -> bool {
         target_log.is_some_and(|log| {
-            log["session_id"].as_str() == Some(self.session.as_str())
+            log["session_id"].as_str() == Some(self.session.id.as_str())
                 && log["source_last_seq"] == *self.recorded.as_json()
         })
     }
@@ -87,12 +106,7 @@ pub struct Logs {
     id: String,
     source: SourceLog,
     target: Option<Value>,
-    session: String,
-    start_time: String,
-    /// Where the session started (None: from the beginning).
-    session_start: Option<Seq>,
-    /// The session's counts before this run.
-    counts: Report,
+    session: Session,
     /// Where the run starts (None: from the beginning).
     start: Option<Seq>,
     /// This session's last checkpoint, and when it was written.
@@ -126,7 +140,7 @@ impl Logs {
         Ok(Logs {
             source: SourceLog::Read(source_log),
             target: target_log,
-            session_start: start.clone(),
+            session: Session::new(start.clone()),
             start,
             ..Logs::empty(id)
         })
@@ -138,10 +152,7 @@ impl Logs {
             id: format!("_local/{id}"),
             source: SourceLog::Read(None),
             target: None,
-            session: hex::encode(rand::random::<[u8; 16]>()),
-            start_time: crate::coordination::timestamp(),
-            session_start: None,
-            counts: Report::default(),
+            session: Session::new(None),
             start: None,
             recorded: None,
         }
@@ -154,9 +165,6 @@ impl Logs {
             source: SourceLog::Unread,
             target: target_log,
             session: known.session,
-            start_time: known.start_time,
-            session_start: known.session_start,
-            counts: known.counts,
             start: Some(known.reached),
             recorded: Some((known.recorded, known.recorded_at)),
         }
@@ -169,7 +177,7 @@ impl Logs {
 
     /// Starts a new session at `seq` (`since_seq`) instead.
     pub fn start_from(&mut self, seq: Seq) {
-        self.session_start = Some(seq.clone());
+        self.session = Session::new(Some(seq.clone()));
         self.start = Some(seq);
     }
 
@@ -197,12 +205,13 @@ impl Logs {
     /// until this session recorded a checkpoint.
     pub fn progress(self, report: &Report) -> Option<Progress> {
         let (recorded, recorded_at) = self.recorded?;
+        let counts = self.session.counts.plus(report);
         Some(Progress {
-            counts: self.counts.plus(report),
             reached: report.last_seq.clone()?,
-            session: self.session,
-            start_time: self.start_time,
-            session_start: self.session_start,
+            session: Session {
+                counts,
+                ..self.session
+            },
             recorded,
             recorded_at,
         })
@@ -216,11 +225,12 @@ impl Logs {
         seq: &Seq,
         report: &Report,
     ) -> Result<(), ReplicationError> {
-        let start = self.session_start.as_ref();
-        let counts = self.counts.plus(report);
+        let session = &self.session;
+        let start = session.start.as_ref();
+        let counts = session.counts.plus(report);
         let entry = json!({
-            "session_id": self.session,
-            "start_time": self.start_time,
+            "session_id": session.id,
+            "start_time": session.start_time,
             "end_time": crate::coordination::timestamp(),
             "start_last_seq": start.map_or(json!(0), |s| s.as_json().clone()),
             "end_last_seq": seq.as_json(),
@@ -262,7 +272,7 @@ impl Logs {
             .collect();
         let mut doc = json!({
             "_id": self.id,
-            "session_id": self.session,
+            "session_id": self.session.id,
             "source_last_seq": seq.as_json(),
             "replication_id_version": "spiegel-native-1",
             "history": history,
@@ -352,7 +362,7 @@ mod tests {
     fn a_session_resumes_where_it_ended_while_the_target_holds_its_checkpoint() {
         let mut first = logs(json!({}), json!({}));
         first.recorded = Some((Seq::from(json!("4-a")), Instant::now()));
-        let session = first.session.clone();
+        let session = first.session.id.clone();
         let ran = Report {
             docs_read: 2,
             last_seq: Some(Seq::from(json!("7-b"))),
@@ -363,8 +373,9 @@ mod tests {
         assert!(known.holds_for(Some(&ours)));
         let resumed = Logs::resumed("x", known.clone(), Some(ours));
         assert_eq!(resumed.start_seq(), Some(Seq::from(json!("7-b"))));
-        assert_eq!(resumed.session, session, "the same session goes on");
-        assert_eq!(resumed.counts.plus(&ran).docs_read, 4, "and counts on");
+        assert_eq!(resumed.session.id, session, "the same session goes on");
+        let counts = resumed.session.counts.plus(&ran);
+        assert_eq!(counts.docs_read, 4, "and counts on");
         assert!(!resumed.due(std::time::Duration::from_secs(30)));
         let moved = json!({"session_id": session, "source_last_seq": "9-c"});
         let other = json!({"session_id": "another", "source_last_seq": "4-a"});

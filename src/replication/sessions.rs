@@ -67,11 +67,7 @@ impl Sessions {
     /// Drops the progress of every replication from `db`: it was deleted,
     /// and one created again under its name starts over.
     pub fn forget(&self, db: &str) {
-        let mut inner = self.lock();
-        inner.kept.retain(|(source, _), _| source != db);
-        if let Some(forgotten) = inner.running.get_mut(db) {
-            *forgotten = true;
-        }
+        self.forget_where(|source| source == db);
     }
 
     /// Drops the progress of the databases `gone` names (a partition

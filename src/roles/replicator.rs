@@ -165,10 +165,13 @@ impl Replicator {
         let id = replication.id();
         let known = self.sessions.take(db, &id);
         let ran = replication.run(known).await;
-        let progress = ran.as_ref().ok().and_then(|(_, p)| p.clone());
+        let (ran, progress) = match ran {
+            Ok((report, progress)) => (Ok(report), progress),
+            Err(e) => (Err(e), None),
+        };
         self.sessions.finish(db, id, progress);
         match ran {
-            Ok((report, _)) => {
+            Ok(report) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
                 let extra = format!(
                     " missing_checked={} engine=native seq={seq} took_ms={}",
