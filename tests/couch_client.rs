@@ -143,16 +143,17 @@ async fn database_names_with_special_characters_round_trip() {
     let names = couch.all_dbs(Some(&db), Some(5)).await.unwrap();
     assert_eq!(names.first(), Some(&db), "{names:?}");
 
-    let page = couch
-        .changes(
-            &db,
-            &ChangesQuery {
-                include_docs: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // On a cluster, `_changes` may be answered by a copy that has not
+    // received the write yet: wait for it.
+    let query = ChangesQuery {
+        include_docs: true,
+        ..Default::default()
+    };
+    let page = wait_for("the write in _changes", Duration::from_secs(10), || async {
+        let page = couch.changes(&db, &query).await.unwrap();
+        (!page.results.is_empty()).then_some(page)
+    })
+    .await;
     assert_eq!(page.results.len(), 1);
     assert_eq!(page.results[0].id, "id/with+chars");
     couch.delete_db(&db).await.unwrap();
