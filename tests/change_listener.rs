@@ -1063,9 +1063,15 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             bad.iter().all(|db| ids.contains(db))
         })
         .await;
-    assert!(worker
-        .logs()
-        .contains("circuit closed: the probe succeeded"));
+    // The receiver records a request before answering it: the probe's
+    // answer reaches the worker a moment after.
+    wait_for("the circuit to close", Duration::from_secs(10), || async {
+        worker
+            .logs()
+            .contains("circuit closed: the probe succeeded")
+            .then_some(())
+    })
+    .await;
     let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "").await;
     assert_eq!(
         letters.unwrap().len(),
