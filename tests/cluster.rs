@@ -1,7 +1,7 @@
-//! The change-listener against a real 3-node Apache CouchDB 3.5 cluster
-//! (n=3, q=2): workers on different nodes, nodes killed under load
-//! (`_db_updates` replays, seqs going backwards, fail-over to another node)
-//! and a node restarted with its data. Only built to run with
+//! The change-listener and the native replicator against a real 3-node
+//! Apache CouchDB 3.5 cluster (n=3, q=2): workers on different nodes, nodes
+//! killed under load (`_db_updates` replays, seqs going backwards, fail-over
+//! to another node) and a node restarted with its data. Only built to run with
 //! `SPIEGEL_TEST_SERVER=cluster`; ignored (skipped) on other servers.
 //!
 //! Tests that kill nodes start their own cluster (`Kit::cluster(3)`) and
@@ -28,8 +28,13 @@ const ROLE: &str = "change-listener";
 
 /// A change-listener worker on `url` with short test timings.
 fn worker(url: &str, spiegel_db: &str, worker_id: &str) -> Spiegel {
+    worker_of(ROLE, url, spiegel_db, worker_id)
+}
+
+/// A worker of `role` on `url` with short test timings.
+fn worker_of(role: &str, url: &str, spiegel_db: &str, worker_id: &str) -> Spiegel {
     Spiegel::start(&[
-        ROLE,
+        role,
         "--url",
         url,
         "--db-name",
@@ -690,6 +695,137 @@ async fn a_restarted_node_rejoins_and_spiegel_keeps_delivering() {
     for (dups, at) in dups.iter().zip([killed, restarted, killed2]) {
         assert!(*dups <= acked_before(&writes, at), "{dups} duplicates");
     }
+    drop(w);
+    drop(proxy);
+    tokio::task::block_in_place(|| drop(kit));
+}
+
+/// The ids of `writes` that `db` lacks, read by id through `couch` (a
+/// quorum read).
+async fn missing_in(couch: &CouchClient, db: &str, writes: &[Write]) -> Vec<String> {
+    let query = AllDocsQuery {
+        keys: Some(writes.iter().map(|w| w.id.clone()).collect()),
+        ..Default::default()
+    };
+    let Ok(found) = couch.all_docs(db, &query).await else {
+        return vec!["(the target could not be read)".into()];
+    };
+    found
+        .rows
+        .into_iter()
+        .filter(|row| row.value.as_ref().is_none_or(|v| v.deleted))
+        .map(|row| row.key.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spiegel_test_server = "cluster"),
+    ignore = "needs the kit's 3-node cluster (SPIEGEL_TEST_SERVER=cluster)"
+)]
+async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_conflict() {
+    let _turn = OWN_CLUSTER.lock().await;
+    let kit = tokio::task::block_in_place(|| Kit::cluster(3));
+    let urls = kit.urls.clone();
+    // The writes and the checks go through node 2, which stays up; Spiegel
+    // reaches node 1 through a proxy that fails over to node 2.
+    let node2 = client_for(&urls[1]);
+    let prefix = unique_name("native_kill");
+    let spiegel_db = format!("{prefix}_spiegel");
+    spiegel::install::install(&node2, &spiegel_db, "", 4)
+        .await
+        .expect("install");
+    let dbs = create_dbs(&node2, &prefix, 10).await;
+    let target = format!("{prefix}_all");
+    node2.create_db(&target).await.expect("the target");
+    let proxy = Proxy::start(&[&urls[0], &urls[1]]).await;
+    let spiegel_url = proxy.url(&urls[0]);
+    // One templated document fans every source into the target (the
+    // engine is the default, native).
+    let doc = json!({"type": "replicator", "db_name": format!("^{prefix}_d"),
+                     "source": format!("{spiegel_url}/${{db_name}}"),
+                     "target": format!("{spiegel_url}/{target}")});
+    node2
+        .put_doc(&spiegel_db, "fan-in", &doc)
+        .await
+        .expect("the replicator document");
+    let w = worker_of("replicator", &spiegel_url, &spiegel_db, "w");
+
+    // The load: one new document per source every 200 ms for 12 s, with
+    // ids unique across sources; node 3 dies at round 15, node 1 (Spiegel's
+    // node) at round 35.
+    let mut writes = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0..60 {
+        tick.tick().await;
+        if round == 15 {
+            tokio::task::block_in_place(|| kit.kill_node(3));
+        }
+        if round == 35 {
+            tokio::task::block_in_place(|| kit.kill_node(1));
+        }
+        let done = futures::future::join_all(dbs.iter().enumerate().map(|(i, db)| {
+            let id = format!("{i}-r{round:02}");
+            let couch = &node2;
+            async move {
+                put_new(couch, db, &id).await.map(|acked| Write {
+                    db: db.clone(),
+                    id,
+                    acked,
+                })
+            }
+        }))
+        .await;
+        writes.extend(done.into_iter().flatten());
+    }
+    assert_eq!(
+        writes.len(),
+        60 * dbs.len(),
+        "every write acknowledged by node 2"
+    );
+    let last_write = Instant::now();
+
+    // Spiegel's logs are printed if this fails (the worker does on drop).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = missing_in(&node2, &target, &writes).await;
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} writes never reached the target: {missing:?}",
+            missing.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "{} writes replicated through two node deaths; the last one {:?} after it was written",
+        writes.len(),
+        last_write.elapsed()
+    );
+    // The engine writes the source's revisions as they are: a document
+    // copied again after a rewind is the same revision, never a conflict.
+    let query = AllDocsQuery {
+        include_docs: true,
+        conflicts: true,
+        ..Default::default()
+    };
+    let rows = node2
+        .all_docs(&target, &query)
+        .await
+        .expect("the target")
+        .rows;
+    let conflicted: Vec<&Value> = rows
+        .iter()
+        .filter_map(|r| r.doc.as_ref())
+        .filter(|doc| doc.get("_conflicts").is_some())
+        .collect();
+    assert!(
+        conflicted.is_empty(),
+        "conflicts in the target: {conflicted:?}"
+    );
     drop(w);
     drop(proxy);
     tokio::task::block_in_place(|| drop(kit));
