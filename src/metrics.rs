@@ -38,6 +38,7 @@ pub struct WorkerMetrics {
     pub(crate) owned_partitions: Gauges,
     pub(crate) live_workers: Gauges,
     pub(crate) checkpoint_writes: Counters,
+    pub(crate) sweeps: Counters,
     pub(crate) sweep_found: Counters,
     pub(crate) last_event: Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
@@ -169,6 +170,7 @@ impl WorkerMetrics {
             owned_partitions: Gauges::default(),
             live_workers: Gauges::default(),
             checkpoint_writes: Counters::default(),
+            sweeps: Counters::default(),
             sweep_found: Counters::default(),
             last_event: Family::default(),
         }
@@ -230,6 +232,11 @@ impl WorkerMetrics {
             "checkpoint_writes",
             "Lease documents written to save checkpoints",
             worker.checkpoint_writes.clone(),
+        );
+        registry.register(
+            "sweeps",
+            "Sweeps completed, the first (which only records what it sees) included; a change whose event was dropped is found by a sweep that starts after it",
+            worker.sweeps.clone(),
         );
         registry.register(
             "sweep_found",

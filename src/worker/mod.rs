@@ -337,7 +337,13 @@ impl Services {
         let coordinator = Coordinator::new(store, member, worker.metrics.clone(), link);
         worker.tasks.spawn(coordinator.run(self.ends.requests));
         if let Some(interval) = worker.options.sweep_interval {
-            let sweep = sweep::run(worker.client.clone(), interval, worker.catch_up.clone());
+            let done = worker.metrics.sweeps.get_or_create(&worker.label).clone();
+            let sweep = sweep::run(
+                worker.client.clone(),
+                interval,
+                worker.catch_up.clone(),
+                done,
+            );
             worker.tasks.spawn(sweep);
         }
     }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use super::catch_up::CatchUpEvent;
@@ -19,10 +20,15 @@ use crate::couch::CouchClient;
 
 const PAGE: u64 = 100;
 
-/// Sweeps every `interval` until the worker stops. A sweep that fails part
-/// way records nothing, so the next one compares with the last complete one
-/// (and may hand a database over twice).
-pub async fn run(client: CouchClient, interval: Duration, tx: mpsc::Sender<CatchUpEvent>) {
+/// Sweeps every `interval` until the worker stops, counting complete sweeps
+/// in `done`. A sweep that fails part way records nothing, so the next one
+/// compares with the last complete one (and may hand a database over twice).
+pub async fn run(
+    client: CouchClient,
+    interval: Duration,
+    tx: mpsc::Sender<CatchUpEvent>,
+    done: Counter,
+) {
     // update_seq values are opaque: only their equality is used, through a hash.
     let mut seen: HashMap<String, u64> = HashMap::new();
     // The baseline is taken at once: what changed before it is covered by
@@ -32,6 +38,7 @@ pub async fn run(client: CouchClient, interval: Duration, tx: mpsc::Sender<Catch
         match sweep(&client, &mut seen, baseline, &tx).await {
             Ok(Some(found)) => {
                 tracing::debug!(found, "sweep done");
+                done.inc();
                 baseline = false;
             }
             // Interrupted: nothing recorded; a failed baseline is taken again.
