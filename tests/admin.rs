@@ -138,12 +138,9 @@ async fn a_second_process_on_the_default_admin_port_runs_without_the_admin_serve
         "1.5",
     ]);
     let mut worker = Spiegel::start_command(cmd);
-    wait_for("the worker working", Duration::from_secs(30), || async {
-        let logs = worker.logs();
-        (logs.contains("admin HTTP server not started") && logs.contains("acquired partitions"))
-            .then_some(())
-    })
-    .await;
+    for line in ["admin HTTP server not started", "acquired partitions"] {
+        worker.wait_log(line, Duration::from_secs(30)).await;
+    }
     assert!(
         worker.child.try_wait().unwrap().is_none(),
         "the process keeps running"

@@ -1017,13 +1017,12 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
     // Without the share, four requests would hang three seconds each, and
     // the healthy ones would wait behind them.
     assert!(took < Duration::from_millis(2500), "took {took:?}");
-    wait_for("the circuit to open", Duration::from_secs(20), || async {
-        worker
-            .logs()
-            .contains("circuit open: the endpoint keeps failing")
-            .then_some(())
-    })
-    .await;
+    worker
+        .wait_log(
+            "circuit open: the endpoint keeps failing",
+            Duration::from_secs(20),
+        )
+        .await;
     let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\"}} 1");
     let metrics = format!("http://{admin}/metrics");
     wait_for(
@@ -1065,13 +1064,12 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
         .await;
     // The receiver records a request before answering it: the probe's
     // answer reaches the worker a moment after.
-    wait_for("the circuit to close", Duration::from_secs(10), || async {
-        worker
-            .logs()
-            .contains("circuit closed: the probe succeeded")
-            .then_some(())
-    })
-    .await;
+    worker
+        .wait_log(
+            "circuit closed: the probe succeeded",
+            Duration::from_secs(10),
+        )
+        .await;
     let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "").await;
     assert_eq!(
         letters.unwrap().len(),

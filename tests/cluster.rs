@@ -700,24 +700,6 @@ async fn a_restarted_node_rejoins_and_spiegel_keeps_delivering() {
     tokio::task::block_in_place(|| drop(kit));
 }
 
-/// The ids of `writes` that `db` lacks, read by id through `couch` (a
-/// quorum read).
-async fn missing_in(couch: &CouchClient, db: &str, writes: &[Write]) -> Vec<String> {
-    let query = AllDocsQuery {
-        keys: Some(writes.iter().map(|w| w.id.clone()).collect()),
-        ..Default::default()
-    };
-    let Ok(found) = couch.all_docs(db, &query).await else {
-        return vec!["(the target could not be read)".into()];
-    };
-    found
-        .rows
-        .into_iter()
-        .filter(|row| row.value.as_ref().is_none_or(|v| v.deleted))
-        .map(|row| row.key.as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(spiegel_test_server = "cluster"),
@@ -785,11 +767,12 @@ async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_confl
         "every write acknowledged by node 2"
     );
     let last_write = Instant::now();
+    let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
 
     // Spiegel's logs are printed if this fails (the worker does on drop).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let missing = missing_in(&node2, &target, &writes).await;
+        let missing = missing_ids(&node2, &target, &ids).await;
         if missing.is_empty() {
             break;
         }

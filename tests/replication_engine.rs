@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use spiegel::couch::{AllDocsQuery, AllDocsRow, ChangesQuery, CouchClient, SecretUrl, Seq};
+use spiegel::couch::{ChangesQuery, CouchClient, SecretUrl, Seq};
 use spiegel::replication::{Options, Peer, Progress, Replication};
 
 use common::*;
@@ -26,19 +26,9 @@ fn replication(couch: &CouchClient, source: &str, target: &str, params: Value) -
     }
 }
 
-/// How many of `ids` `db` holds. Read by id, since on a cluster a read by
-/// id waits for a quorum of copies, where the database's `doc_count` comes
-/// from whichever copy of each shard answers first, and may lag.
+/// How many of `ids` `db` holds (see [`missing_ids`]).
 async fn present<S: AsRef<str>>(couch: &CouchClient, db: &str, ids: &[S]) -> u64 {
-    let query = AllDocsQuery {
-        keys: Some(ids.iter().map(|id| id.as_ref().to_string()).collect()),
-        ..Default::default()
-    };
-    let Ok(found) = couch.all_docs(db, &query).await else {
-        return 0;
-    };
-    let live = |row: &&AllDocsRow| row.value.as_ref().is_some_and(|v| !v.deleted);
-    found.rows.iter().filter(live).count() as u64
+    (ids.len() - missing_ids(couch, db, ids).await.len()) as u64
 }
 
 /// Writes `id` to `db` and waits until `_changes` after `since` shows it: on

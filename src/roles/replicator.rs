@@ -164,8 +164,7 @@ impl Replicator {
         let started = std::time::Instant::now();
         let id = replication.id();
         let known = self.sessions.take(db, &id);
-        let ran = replication.run(known).await;
-        let (ran, progress) = match ran {
+        let (ran, progress) = match replication.run(known).await {
             Ok((report, progress)) => (Ok(report), progress),
             Err(e) => (Err(e), None),
         };

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use spiegel::couch::{ClientOptions, CouchClient, SecretUrl};
+use spiegel::couch::{AllDocsQuery, ClientOptions, CouchClient, SecretUrl};
 
 /// The server the tests of this binary share (node 1 of a cluster).
 pub fn shared_url() -> String {
@@ -98,6 +98,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The ids of `ids` that `db` lacks (or holds deleted). Read by id: on a
+/// cluster a read by id waits for a quorum of copies, where `doc_count` or a
+/// range of `_all_docs` comes from whichever copy of each shard answers
+/// first, and may lag. A database that cannot be read lacks them all.
+pub async fn missing_ids<S: AsRef<str>>(couch: &CouchClient, db: &str, ids: &[S]) -> Vec<String> {
+    let all = || ids.iter().map(|id| id.as_ref().to_string()).collect();
+    let query = AllDocsQuery {
+        keys: Some(all()),
+        ..Default::default()
+    };
+    let Ok(found) = couch.all_docs(db, &query).await else {
+        return all();
+    };
+    found
+        .rows
+        .into_iter()
+        .filter(|row| row.value.as_ref().is_none_or(|v| v.deleted))
+        .map(|row| row.key.as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// The spiegel binary built for these tests.
@@ -197,6 +218,14 @@ impl Spiegel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .join("\n")
+    }
+
+    /// Waits until the logs contain `text`, or panics after `deadline`.
+    pub async fn wait_log(&self, text: &str, deadline: Duration) {
+        wait_for(&format!("{text:?} in the logs"), deadline, || async {
+            self.logs().contains(text).then_some(())
+        })
+        .await
     }
 
     /// SIGTERM, then waits for the exit.
