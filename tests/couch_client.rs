@@ -218,28 +218,33 @@ async fn changes_pages_resume_from_an_opaque_seq() {
             .await
             .unwrap();
     }
-    let first = couch
-        .changes(
-            &db,
-            &ChangesQuery {
-                limit: Some(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(first.results.len(), 2);
-    let rest = couch
-        .changes(
-            &db,
-            &ChangesQuery {
+    // On a cluster a page may come from a copy that has not received every
+    // write yet: read both pages again until they hold all five.
+    let (first, rest) = wait_for(
+        "two pages holding all five",
+        Duration::from_secs(10),
+        || async {
+            let first = couch
+                .changes(
+                    &db,
+                    &ChangesQuery {
+                        limit: Some(2),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let query = ChangesQuery {
                 since: Some(first.last_seq.clone()),
                 include_docs: true,
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            };
+            let rest = couch.changes(&db, &query).await.unwrap();
+            (first.results.len() + rest.results.len() >= 5).then_some((first, rest))
+        },
+    )
+    .await;
+    assert_eq!(first.results.len(), 2);
     let mut ids: Vec<String> = first
         .results
         .iter()
