@@ -26,6 +26,9 @@ static OWN_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The role every test runs.
 const ROLE: &str = "change-listener";
 
+/// The id prefix of Spiegel's internal documents.
+const INTERNAL: &str = "spiegel_";
+
 /// A change-listener worker on `url` with short test timings.
 fn worker(url: &str, spiegel_db: &str, worker_id: &str) -> Spiegel {
     worker_of(ROLE, url, spiegel_db, worker_id)
@@ -92,18 +95,26 @@ async fn put_new(couch: &CouchClient, db: &str, id: &str) -> Option<Instant> {
     None
 }
 
-/// Writes one new document to each of `dbs` through `couch`, concurrently.
+/// Writes one new document `id` to each of `dbs` through `couch`,
+/// concurrently.
 async fn write_round(couch: &CouchClient, dbs: &[String], id: &str) -> Vec<Write> {
-    let acks = futures::future::join_all(dbs.iter().map(|db| put_new(couch, db, id))).await;
-    dbs.iter()
-        .zip(acks)
-        .filter_map(|(db, acked)| {
-            acked.map(|acked| Write {
-                db: db.clone(),
-                id: id.to_string(),
-                acked,
-            })
-        })
+    put_all(couch, dbs.iter().map(|db| (db.clone(), id.to_string()))).await
+}
+
+/// Writes one new document per `(db, id)` through `couch`, concurrently;
+/// returns those acknowledged.
+async fn put_all(
+    couch: &CouchClient,
+    writes: impl Iterator<Item = (String, String)>,
+) -> Vec<Write> {
+    let acked = writes.map(|(db, id)| async move {
+        let acked = put_new(couch, &db, &id).await?;
+        Some(Write { db, id, acked })
+    });
+    futures::future::join_all(acked)
+        .await
+        .into_iter()
+        .flatten()
         .collect()
 }
 
@@ -124,26 +135,35 @@ fn deliveries(receiver: &Receiver) -> HashMap<(String, String), Vec<Instant>> {
 /// Waits until every write was delivered, or panics after `deadline`
 /// listing what is missing.
 async fn wait_all_delivered(receiver: &Receiver, writes: &[Write], deadline: Duration) {
-    let start = Instant::now();
-    loop {
+    wait_none_missing("writes not delivered", writes.len(), deadline, || async {
         let got = deliveries(receiver);
-        let missing: Vec<&Write> = writes
+        writes
             .iter()
             .filter(|w| !got.contains_key(&(w.db.clone(), w.id.clone())))
-            .collect();
-        if missing.is_empty() {
+            .map(|w| format!("{}/{}", w.db, w.id))
+            .collect()
+    })
+    .await
+}
+
+/// Polls `missing` until it returns nothing, or panics after `deadline`
+/// saying how many of the `of` awaited are still `what`, with a sample.
+async fn wait_none_missing<F, Fut>(what: &str, of: usize, deadline: Duration, mut missing: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let start = Instant::now();
+    loop {
+        let left = missing().await;
+        if left.is_empty() {
             return;
         }
         if start.elapsed() > deadline {
-            let shown: Vec<String> = missing
-                .iter()
-                .take(20)
-                .map(|w| format!("{}/{}", w.db, w.id))
-                .collect();
+            let shown = &left[..left.len().min(20)];
             panic!(
-                "{} of {} writes not delivered after {deadline:?}, e.g. {shown:?}",
-                missing.len(),
-                writes.len()
+                "{} of {of} {what} after {deadline:?}, e.g. {shown:?}",
+                left.len()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -223,15 +243,17 @@ async fn resumed_after(
     .await
 }
 
-/// Spiegel's internal documents (`spiegel_*`) that have unresolved
-/// conflicting revisions, read through `couch`: `(id, _conflicts)`.
+/// The documents of `db` whose ids start with `prefix` that have
+/// unresolved conflicting revisions, read through `couch`:
+/// `(id, _conflicts)`.
 async fn conflicted(
     couch: &CouchClient,
-    spiegel_db: &str,
+    db: &str,
+    prefix: &str,
 ) -> Result<Vec<(String, Value)>, CouchError> {
-    let mut query = AllDocsQuery::prefix("spiegel_");
+    let mut query = AllDocsQuery::prefix(prefix);
     query.conflicts = true;
-    let rows = couch.all_docs(spiegel_db, &query).await?.rows;
+    let rows = couch.all_docs(db, &query).await?.rows;
     Ok(rows
         .into_iter()
         .filter_map(|r| r.doc)
@@ -326,14 +348,21 @@ impl DbUpdatesObserver {
 /// A fresh spiegel database with `partitions` partitions on `couch`, a
 /// rule for the databases `<prefix>_d*`, and a receiver for it.
 async fn set_up(couch: &CouchClient, label: &str, partitions: u32) -> (String, String, Receiver) {
+    let (prefix, spiegel_db) = fresh_installation(couch, label, partitions).await;
+    let (receiver, base) = Receiver::start().await;
+    put_rule(couch, &spiegel_db, &format!("{prefix}_d"), &base).await;
+    (prefix, spiegel_db, receiver)
+}
+
+/// A fresh spiegel database with `partitions` partitions on `couch`:
+/// `(prefix, spiegel_db)`.
+async fn fresh_installation(couch: &CouchClient, label: &str, partitions: u32) -> (String, String) {
     let prefix = unique_name(label);
     let spiegel_db = format!("{prefix}_spiegel");
     spiegel::install::install(couch, &spiegel_db, "", partitions)
         .await
         .expect("install");
-    let (receiver, base) = Receiver::start().await;
-    put_rule(couch, &spiegel_db, &format!("{prefix}_d"), &base).await;
-    (prefix, spiegel_db, receiver)
+    (prefix, spiegel_db)
 }
 
 async fn create_dbs(couch: &CouchClient, prefix: &str, n: usize) -> Vec<String> {
@@ -371,7 +400,7 @@ async fn workers_on_two_nodes_share_partitions_deliver_everything_and_leave_no_c
         let db = spiegel_db.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(docs) = conflicted(&couch, &db).await {
+                if let Ok(docs) = conflicted(&couch, &db, INTERNAL).await {
                     let mut seen = seen.lock().unwrap();
                     for (id, revs) in docs {
                         for rev in revs.as_array().into_iter().flatten() {
@@ -463,7 +492,7 @@ async fn workers_on_two_nodes_share_partitions_deliver_everything_and_leave_no_c
         loop {
             left.clear();
             for couch in [&node1, &node2, &node3] {
-                let docs = conflicted(couch, &spiegel_db)
+                let docs = conflicted(couch, &spiegel_db, INTERNAL)
                     .await
                     .expect("read the spiegel database");
                 left.extend(
@@ -488,7 +517,7 @@ async fn workers_on_two_nodes_share_partitions_deliver_everything_and_leave_no_c
         settled,
         "unresolved conflicts 10 s after the last write: {left:?}"
     );
-    let others = conflicted(&node1, &spiegel_db)
+    let others = conflicted(&node1, &spiegel_db, INTERNAL)
         .await
         .expect("read the spiegel database");
     if !others.is_empty() {
@@ -712,11 +741,7 @@ async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_confl
     // The writes and the checks go through node 2, which stays up; Spiegel
     // reaches node 1 through a proxy that fails over to node 2.
     let node2 = client_for(&urls[1]);
-    let prefix = unique_name("native_kill");
-    let spiegel_db = format!("{prefix}_spiegel");
-    spiegel::install::install(&node2, &spiegel_db, "", 4)
-        .await
-        .expect("install");
+    let (prefix, spiegel_db) = fresh_installation(&node2, "native_kill", 4).await;
     let dbs = create_dbs(&node2, &prefix, 10).await;
     let target = format!("{prefix}_all");
     node2.create_db(&target).await.expect("the target");
@@ -747,19 +772,11 @@ async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_confl
         if round == 35 {
             tokio::task::block_in_place(|| kit.kill_node(1));
         }
-        let done = futures::future::join_all(dbs.iter().enumerate().map(|(i, db)| {
-            let id = format!("{i}-r{round:02}");
-            let couch = &node2;
-            async move {
-                put_new(couch, db, &id).await.map(|acked| Write {
-                    db: db.clone(),
-                    id,
-                    acked,
-                })
-            }
-        }))
-        .await;
-        writes.extend(done.into_iter().flatten());
+        let batch = dbs
+            .iter()
+            .enumerate()
+            .map(|(i, db)| (db.clone(), format!("{i}-r{round:02}")));
+        writes.extend(put_all(&node2, batch).await);
     }
     assert_eq!(
         writes.len(),
@@ -770,19 +787,13 @@ async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_confl
     let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
 
     // Spiegel's logs are printed if this fails (the worker does on drop).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let missing = missing_ids(&node2, &target, &ids).await;
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} writes never reached the target: {missing:?}",
-            missing.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_none_missing(
+        "writes not in the target",
+        ids.len(),
+        Duration::from_secs(60),
+        || missing_ids(&node2, &target, &ids),
+    )
+    .await;
     eprintln!(
         "{} writes replicated through two node deaths; the last one {:?} after it was written",
         writes.len(),
@@ -790,24 +801,10 @@ async fn native_replication_through_node_deaths_loses_nothing_and_makes_no_confl
     );
     // The engine writes the source's revisions as they are: a document
     // copied again after a rewind is the same revision, never a conflict.
-    let query = AllDocsQuery {
-        include_docs: true,
-        conflicts: true,
-        ..Default::default()
-    };
-    let rows = node2
-        .all_docs(&target, &query)
-        .await
-        .expect("the target")
-        .rows;
-    let conflicted: Vec<&Value> = rows
-        .iter()
-        .filter_map(|r| r.doc.as_ref())
-        .filter(|doc| doc.get("_conflicts").is_some())
-        .collect();
+    let conflicts = conflicted(&node2, &target, "").await.expect("the target");
     assert!(
-        conflicted.is_empty(),
-        "conflicts in the target: {conflicted:?}"
+        conflicts.is_empty(),
+        "conflicts in the target: {conflicts:?}"
     );
     drop(w);
     drop(proxy);

@@ -74,15 +74,14 @@ async fn documents_are_created_read_updated_and_deleted_with_revisions() {
         .unwrap()
         .is_none());
 
-    let info = couch.db_info(&db).await.unwrap();
-    assert_eq!(info.db_name, db);
     // On a cluster doc_count comes from one copy of each shard, which may
     // not have received the deletion yet.
-    wait_for("doc_count 0", Duration::from_secs(30), || async {
+    let info = wait_for("doc_count 0", Duration::from_secs(30), || async {
         let info = couch.db_info(&db).await.unwrap();
-        (info.doc_count == 0).then_some(())
+        (info.doc_count == 0).then_some(info)
     })
     .await;
+    assert_eq!(info.db_name, db);
 
     couch.delete_db(&db).await.unwrap();
     let missing = couch.db_info(&db).await;

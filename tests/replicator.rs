@@ -623,8 +623,10 @@ async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
     s.couch.create_db(&src).await.unwrap();
     s.couch.create_db(&dst).await.unwrap();
     let total = 1000;
-    let docs: Vec<Value> = (0..total)
-        .map(|i| json!({"_id": format!("d{i:04}"), "pad": "x".repeat(2000)}))
+    let ids: Vec<String> = (0..total).map(|i| format!("d{i:04}")).collect();
+    let docs: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"_id": id, "pad": "x".repeat(2000)}))
         .collect();
     for chunk in docs.chunks(250) {
         s.couch.bulk_docs(&src, chunk, true).await.unwrap();
@@ -666,7 +668,6 @@ async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
         },
     )
     .await;
-    let ids: Vec<String> = (0..total).map(|i| format!("d{i:04}")).collect();
     let missing = missing_ids(&s.couch, &dst, &ids).await;
     assert!(missing.is_empty(), "{} missing; {detail}", missing.len());
     let field = |name: &str| -> u64 {

@@ -997,10 +997,7 @@ async fn the_sweep_finds_a_change_whose_update_event_was_lost() {
     // The first sweep only records what it sees: a write before it ends
     // would be taken in as it is.
     wait_for("the first sweep", Duration::from_secs(60), || async {
-        let done = "spiegel_sweeps_total{role=\"test-role\"} ";
-        let text = a.metrics.encode();
-        let count = text.lines().find_map(|l| l.strip_prefix(done))?;
-        (count.trim().parse::<u64>().ok()? >= 1).then_some(())
+        (counter(&a, "spiegel_sweeps_total{role=\"test-role\"}") >= 1).then_some(())
     })
     .await;
 
