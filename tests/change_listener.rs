@@ -498,6 +498,144 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
     .await;
 }
 
+/// Documents whose text a parsed and re-encoded tree would change: numbers
+/// needing 17 digits, extremes, `-0.0`, exponents, integers beyond 64 bits,
+/// keys out of alphabetical order at every level, an empty key, escapes.
+const ODD_DOCS: [(&str, &str); 2] = [
+    (
+        "odd1",
+        r#"{"zeta":0.9469046488777645,"alpha":0.30000000000000004,"":"empty key","tiny":5e-324,"huge":1.7976931348623157e308,"negzero":-0.0,"exp":1E5,"one":1.0,"big":18446744073709551616,"neg":-9223372036854775809,"long":123456789012345678901234567890,"nested":{"y":[{"b":1,"a":[2.5,-0.0]}],"x":{"d":"\u0001","c":"\ud83d\ude00"}},"esc":"\u2028 é \u00e9 \"q\" \\ \/"}"#,
+    ),
+    (
+        "odd2",
+        r#"{"m":-18446744073709551617,"b":{"z":{},"a":[]},"a":"\ud834\udd1e","k":0.1}"#,
+    ),
+];
+
+/// Each JSON object of a request body (the body, or each item of a batch)
+/// with its `doc` member's text, as received.
+fn sent_docs(body: &[u8]) -> Vec<String> {
+    type Params = HashMap<String, Box<serde_json::value::RawValue>>;
+    let items: Vec<Params> = match serde_json::from_slice::<Params>(body) {
+        Ok(one) => vec![one],
+        Err(_) => serde_json::from_slice(body).expect("a JSON object or array"),
+    };
+    items.iter().map(|i| i["doc"].get().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_is_delivered_dead_lettered_and_redelivered_as_couchdb_serves_the_document() {
+    let (s, receiver, base, src) = with_receiver("bytes", "src").await;
+    // The failing rules on databases of their own: batches of a database
+    // where another rule fails are a matter of their own.
+    let dbs = [src, s.db("dead"), s.db("deadbatch")];
+    for db in &dbs[1..] {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let rule = |db: &str, path: &str, method: &str, extra: Value| {
+        let mut rule = json!({"db_name": format!("^{db}$"), "url": format!("{base}/{path}"),
+                              "method": method, "params": {"doc": "$change"},
+                              "backoff": {"limit": 1, "delay": 0.2}});
+        rule.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        rule
+    };
+    let batch = json!({"batch": {"max_changes": 2}});
+    let [src, dead, deadbatch] = &dbs;
+    s.rule("one", rule(src, "one", "POST", json!({}))).await;
+    s.rule("query", rule(src, "query", "GET", json!({}))).await;
+    s.rule("batch", rule(src, "batch", "POST", batch.clone()))
+        .await;
+    s.rule("dead", rule(dead, "dead", "POST", json!({}))).await;
+    s.rule("deadbatch", rule(deadbatch, "deadbatch", "POST", batch))
+        .await;
+    receiver.plan.lock().unwrap().extend([
+        ("/dead".to_string(), VecDeque::from([503; 4])),
+        ("/deadbatch".to_string(), VecDeque::from([503; 2])),
+    ]);
+    // Written as raw text; what the server answers for GET is the reference.
+    let http = reqwest::Client::new();
+    let mut served: Vec<String> = Vec::new();
+    for (db, (id, text)) in dbs.iter().flat_map(|db| ODD_DOCS.map(|doc| (db, doc))) {
+        let url = format!("{}/{}/{id}", s.url, spiegel::couch::encode_segment(db));
+        let put = http
+            .put(&url)
+            .header("Content-Type", "application/json")
+            .body(text)
+            .send()
+            .await
+            .unwrap();
+        assert!(put.status().is_success(), "{}", put.status());
+        let got = http.get(&url).send().await.unwrap().text().await.unwrap();
+        served.push(got.trim_end().to_string());
+    }
+    // By id and revision: each database holds its own revisions.
+    let id_of = |doc: &str| {
+        let doc: Value = serde_json::from_str(doc).unwrap();
+        format!("{} {}", doc["_id"], doc["_rev"])
+    };
+    let expected: HashMap<String, String> =
+        served.iter().map(|doc| (id_of(doc), doc.clone())).collect();
+    let _worker = s.start(&[]);
+
+    let letters = wait_for("three dead letters", Duration::from_secs(30), || async {
+        let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+            .await
+            .ok()?;
+        (letters.len() == 3).then_some(letters)
+    })
+    .await;
+    for (_, _, letter) in &letters {
+        let members = letter.batch.iter().flatten().map(|m| &m.change);
+        for stored in std::iter::once(&letter.change).chain(members) {
+            assert_eq!(stored.get(), expected[&id_of(stored.get())], "stored");
+        }
+    }
+    for rule in ["dead", "deadbatch"] {
+        let out = s.redeliver(rule);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    receiver
+        .wait("every request", |got| {
+            let on = |path: &str| got.iter().filter(|r| r.path == path).count();
+            on("/one") == 2
+                && on("/query") == 2
+                && on("/batch") == 1
+                && on("/dead") == 6
+                && on("/deadbatch") == 3
+        })
+        .await;
+
+    for r in receiver.received() {
+        let docs = match r.method.as_str() {
+            "GET" => url::form_urlencoded::parse(r.query.as_bytes())
+                .filter(|(k, _)| k == "doc")
+                .map(|(_, v)| v.into_owned())
+                .collect(),
+            _ => sent_docs(&r.body),
+        };
+        assert_eq!(
+            docs.len(),
+            if r.path.contains("batch") { 2 } else { 1 },
+            "{}",
+            r.path
+        );
+        for doc in docs {
+            assert!(
+                doc.as_bytes() == expected[&id_of(&doc)].as_bytes(),
+                "{} sent\n{doc}\ninstead of\n{}",
+                r.path,
+                expected[&id_of(&doc)]
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debounce_sends_identical_pending_requests_once() {
     let (s, receiver, base, db) = with_receiver("debounce", "d").await;

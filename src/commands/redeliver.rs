@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::Config;
@@ -59,14 +60,26 @@ pub async fn redeliver(
                 letter.attempts += 1;
                 letter.last_error = error;
                 letter.last_attempt_at = crate::coordination::timestamp();
-                let mut doc = serde_json::to_value(&letter).unwrap_or(Value::Null);
-                doc["_rev"] = Value::from(rev);
+                let doc = Revised {
+                    rev: &rev,
+                    letter: &letter,
+                };
                 client.put_doc(spiegel_db, &id, &doc).await?;
                 report.failed += 1;
             }
         }
     }
     Ok(report)
+}
+
+/// A dead letter written over its revision `rev`. Serialized as it is, so
+/// that the documents it holds keep their text.
+#[derive(Serialize)]
+struct Revised<'a> {
+    #[serde(rename = "_rev")]
+    rev: &'a str,
+    #[serde(flatten)]
+    letter: &'a DeadLetter,
 }
 
 /// The usable on_change rules that the letters name, by id: only those
@@ -135,4 +148,35 @@ async fn send_again(
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_letter_written_again_keeps_its_documents_text() {
+        let doc = r#"{"_id":"a","z":1.0,"b":18446744073709551616}"#;
+        let letter: DeadLetter = serde_json::from_value(serde_json::json!({
+            "type": DeadLetter::KIND, "rule": "r", "db_name": "db", "seq": 1,
+            "doc_id": "a", "rev": "1-x", "change": {}, "request": {},
+            "last_status": null, "last_error": "e", "attempts": 1,
+            "first_attempt_at": "t", "last_attempt_at": "t",
+        }))
+        .unwrap();
+        let letter = DeadLetter {
+            change: serde_json::value::RawValue::from_string(doc.into()).unwrap(),
+            ..letter
+        };
+        let written = serde_json::to_string(&Revised {
+            rev: "2-y",
+            letter: &letter,
+        })
+        .unwrap();
+        assert!(written.starts_with(r#"{"_rev":"2-y","type":"#), "{written}");
+        assert!(
+            written.contains(&format!(r#""change":{doc},"#)),
+            "{written}"
+        );
+    }
 }

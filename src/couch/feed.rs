@@ -193,7 +193,8 @@ fn parse_line<T: FeedItem>(line: &[u8]) -> Line<T> {
             return Line::LastSeq(Seq::from(last.clone()));
         }
     }
-    match serde_json::from_value(value) {
+    // Read again from the text, so that a document keeps its own.
+    match serde_json::from_slice(text) {
         Ok(item) => Line::Item(item),
         Err(e) => Line::Bad(format!("unexpected feed line: {e}")),
     }

@@ -412,6 +412,24 @@ impl CouchClient {
 
     /// `_all_docs`; with `keys`, a POST so that many ids fit.
     pub async fn all_docs(&self, db: &str, query: &AllDocsQuery) -> Result<AllDocs> {
+        self.all_docs_as(db, query).await
+    }
+
+    /// [`Self::all_docs`] with each body as CouchDB sent it, to be stored
+    /// or sent again byte for byte.
+    pub async fn all_docs_raw(
+        &self,
+        db: &str,
+        query: &AllDocsQuery,
+    ) -> Result<AllDocs<Box<serde_json::value::RawValue>>> {
+        self.all_docs_as(db, query).await
+    }
+
+    async fn all_docs_as<D: DeserializeOwned>(
+        &self,
+        db: &str,
+        query: &AllDocsQuery,
+    ) -> Result<AllDocs<D>> {
         let path = format!("{}/_all_docs", encode_segment(db));
         let mut req = match &query.keys {
             Some(keys) => self

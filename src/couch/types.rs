@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// An update sequence from `_changes` or `_db_updates`.
@@ -174,15 +175,17 @@ impl AllDocsQuery {
 
 /// The answer of `_all_docs`.
 #[derive(Clone, Debug, Deserialize)]
-pub struct AllDocs {
+pub struct AllDocs<D = Value> {
     /// One row per id, in id order.
-    pub rows: Vec<AllDocsRow>,
+    pub rows: Vec<AllDocsRow<D>>,
 }
 
 /// A row of `_all_docs`. With `keys`, a missing id comes back as a row with
 /// `error: "not_found"`, a deleted one with `value.deleted` and no doc.
+/// `D` is how the body is read: a [`Value`] to look into, or a
+/// `Box<RawValue>` to keep its text.
 #[derive(Clone, Debug, Deserialize)]
-pub struct AllDocsRow {
+pub struct AllDocsRow<D = Value> {
     /// The document's id (absent for a key not found).
     #[serde(default)]
     pub id: Option<String>,
@@ -191,9 +194,9 @@ pub struct AllDocsRow {
     /// The current revision.
     #[serde(default)]
     pub value: Option<AllDocsValue>,
-    /// The body, with `include_docs`.
-    #[serde(default)]
-    pub doc: Option<Value>,
+    /// The body, with `include_docs` (a missing `Option` member reads as
+    /// `None`).
+    pub doc: Option<D>,
     /// Why there is no document (`not_found`).
     #[serde(default)]
     pub error: Option<String>,
@@ -235,7 +238,57 @@ pub struct Change {
     pub deleted: bool,
     /// The body, with `include_docs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub doc: Option<Value>,
+    pub doc: Option<Doc>,
+}
+
+/// A document as CouchDB sent it: its exact text, which is what Spiegel
+/// passes on (key order, number text and escapes kept), and that text
+/// parsed, which is what rules look into. Reading one fails where parsing
+/// its text fails, so a change is never handled without its value.
+#[derive(Clone, Debug)]
+pub struct Doc {
+    raw: Box<RawValue>,
+    value: Value,
+}
+
+impl Doc {
+    /// The document's JSON text, as received.
+    pub fn raw(&self) -> &RawValue {
+        &self.raw
+    }
+
+    /// The document parsed. Numbers are `f64` beyond the 64-bit integers.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// A document of Spiegel's own making (a deletion stub): its text is
+    /// the value's compact JSON.
+    pub fn from_value(value: Value) -> Doc {
+        // A `Value` always serializes: its keys are strings.
+        let raw = serde_json::value::to_raw_value(&value).expect("a Value serializes");
+        Doc { raw, value }
+    }
+}
+
+impl PartialEq for Doc {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw.get() == other.raw.get()
+    }
+}
+
+impl<'de> Deserialize<'de> for Doc {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        let value = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+        Ok(Doc { raw, value })
+    }
+}
+
+impl Serialize for Doc {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(serializer)
+    }
 }
 
 /// A revision of a change.
@@ -305,6 +358,18 @@ mod tests {
         let single: Seq = serde_json::from_value(json!(12)).unwrap();
         assert_eq!(single.as_param(), "12");
         assert_eq!(serde_json::to_value(&cluster).unwrap(), json!("12-g1AAAA"));
+    }
+
+    #[test]
+    fn a_change_keeps_its_document_text_and_parses_it_for_rules() {
+        let doc = r#"{"_id":"a","z":1.0,"b":18446744073709551616,"s":"\u00e9"}"#;
+        let line = format!(r#"{{"seq":1,"id":"a","changes":[{{"rev":"1-x"}}],"doc":{doc}}}"#);
+        let change: Change = serde_json::from_str(&line).unwrap();
+        let read = change.doc.as_ref().unwrap();
+        assert_eq!(read.raw().get(), doc);
+        assert_eq!(read.value()["s"], "é");
+        let written = serde_json::to_string(&change).unwrap();
+        assert!(written.ends_with(&format!(r#""doc":{doc}}}"#)), "{written}");
     }
 
     #[test]

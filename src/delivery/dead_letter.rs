@@ -4,13 +4,19 @@
 //! sends them again and removes the ones that succeed.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 
 /// An on_change request that still failed after its last retry, kept in the spiegel database until it is redelivered.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+///
+/// The changed documents are kept as the JSON text CouchDB sent (CouchDB
+/// stores it as written), so a redelivery sends the same bytes. Read a
+/// letter from its text (`serde_json::from_str`), not from a `Value`,
+/// which would reorder them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// Always [`DeadLetter::KIND`].
     #[serde(rename = "type")]
@@ -25,9 +31,9 @@ pub struct DeadLetter {
     pub doc_id: String,
     /// The document revision the request was for.
     pub rev: String,
-    /// The changed document (or its deletion stub), to build the request
-    /// again on redelivery. A batch's first.
-    pub change: Value,
+    /// The changed document (or its deletion stub) as CouchDB sent it, to
+    /// build the request again on redelivery. A batch's first.
+    pub change: Box<RawValue>,
     /// A batch request's changes, in order; `None` for a request of one
     /// change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,7 +53,7 @@ pub struct DeadLetter {
 }
 
 /// One change of a batch dead letter.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BatchMember {
     /// The changed document's id.
     pub doc_id: String,
@@ -55,8 +61,8 @@ pub struct BatchMember {
     pub rev: String,
     /// The change's `_changes` seq.
     pub seq: Value,
-    /// The changed document, or its deletion stub.
-    pub change: Value,
+    /// The changed document, or its deletion stub, as CouchDB sent it.
+    pub change: Box<RawValue>,
 }
 
 impl DeadLetter {
@@ -107,11 +113,11 @@ pub async fn list_some(
         ..AllDocsQuery::prefix(&id_prefix(namespace))
     };
     let mut letters = Vec::new();
-    for row in client.all_docs(db, &query).await?.rows {
+    for row in client.all_docs_raw(db, &query).await?.rows {
         let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {
             continue;
         };
-        match serde_json::from_value::<DeadLetter>(doc) {
+        match serde_json::from_str::<DeadLetter>(doc.get()) {
             Ok(letter) => letters.push((id, value.rev, letter)),
             Err(e) => tracing::warn!(id = %id, error = %e, "skipping a malformed dead letter"),
         }

@@ -139,17 +139,14 @@ impl Request {
     /// password of the URL's user), query or body, headers, and signature.
     pub fn build(t: &Template, change: &ChangeContext) -> Result<Request, RequestError> {
         let url = t.url_for(change)?;
-        let params = t
-            .params_for(change)
-            .map_err(RequestError::ParamsNotObject)?;
-
         let mut full = url.expose().clone();
         full.set_fragment(None);
         let body = if t.method.has_body() {
-            let params = Value::Object(params.unwrap_or_default());
-            Some(Bytes::from(params.to_string()))
+            let body = t.body_for(change).map_err(RequestError::ParamsNotObject)?;
+            Some(Bytes::from(body))
         } else {
-            let query = query_string(full.query(), params.as_ref());
+            let params = t.query_for(change).map_err(RequestError::ParamsNotObject)?;
+            let query = query_string(full.query(), &params);
             full.set_query((!query.is_empty()).then_some(query.as_str()));
             None
         };
@@ -163,17 +160,18 @@ impl Request {
     /// together. The rule's method has a body (checked when it is read).
     pub fn build_batch(t: &Template, changes: &[ChangeContext]) -> Result<Request, RequestError> {
         let first = changes.first().ok_or(RequestError::EmptyBatch)?;
-        let mut items = Vec::with_capacity(changes.len());
-        for change in changes {
-            let params = t
-                .params_for(change)
-                .map_err(RequestError::ParamsNotObject)?;
-            items.push(Value::Object(params.unwrap_or_default()));
+        let mut body = String::from("[");
+        for (i, change) in changes.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let params = t.body_for(change).map_err(RequestError::ParamsNotObject)?;
+            body.push_str(&params);
         }
+        body.push(']');
         let mut full = t.url_for(first)?.expose().clone();
         full.set_fragment(None);
-        let body = Bytes::from(Value::Array(items).to_string());
-        Self::finish(t, full, Some(body), batch_id(changes))
+        Self::finish(t, full, Some(Bytes::from(body)), batch_id(changes))
     }
 
     /// Headers, the idempotency key `id` and the signature.
@@ -417,13 +415,10 @@ fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), RequestE
 
 /// The URL's own query followed by the params, form-encoded. Built here
 /// rather than by the HTTP client so that the signed bytes are the sent ones.
-fn query_string(existing: Option<&str>, params: Option<&Map<String, Value>>) -> String {
+fn query_string(existing: Option<&str>, params: &[(&str, String)]) -> String {
     let mut query = url::form_urlencoded::Serializer::new(existing.unwrap_or("").to_string());
-    for (name, value) in params.into_iter().flatten() {
-        match value {
-            Value::String(s) => query.append_pair(name, s),
-            other => query.append_pair(name, &other.to_string()),
-        };
+    for (name, text) in params {
+        query.append_pair(name, text);
     }
     query.finish()
 }
@@ -432,12 +427,22 @@ fn query_string(existing: Option<&str>, params: Option<&Map<String, Value>>) -> 
 mod tests {
     use super::*;
     use serde_json::json;
+    use serde_json::value::RawValue;
 
     use crate::config::Passwords;
     use crate::rules::on_change::template::UrlPassword;
 
-    fn doc() -> Value {
-        json!({"_id": "d/1", "_rev": "2-abc", "n": 5})
+    /// The test document, as CouchDB would send it: keys in its own order,
+    /// numbers that a parsed `Value` would write differently.
+    const DOC: &str = r#"{"_rev":"2-abc","_id":"d/1","n":5,"x":1.0,"big":18446744073709551616}"#;
+
+    fn doc() -> Box<RawValue> {
+        RawValue::from_string(DOC.to_string()).unwrap()
+    }
+
+    /// The test document parsed, to compare with a parsed body.
+    fn doc_value() -> Value {
+        serde_json::from_str(DOC).unwrap()
     }
 
     /// A rule's request to `url` without params, headers or signature.
@@ -458,7 +463,7 @@ mod tests {
     }
 
     /// The test change (`d/1` at `2-abc`) of `db`.
-    fn context<'a>(db: &'a str, doc: &'a Value, seq: &'a Value) -> ChangeContext<'a> {
+    fn context<'a>(db: &'a str, doc: &'a RawValue, seq: &'a Value) -> ChangeContext<'a> {
         ChangeContext {
             rule: "rule",
             db_name: db,
@@ -511,11 +516,36 @@ mod tests {
         let req = build_with("http://h/x", Method::Post, Some(&params), &seq, "db").unwrap();
         assert_eq!(
             body_json(&req),
-            json!({"db": "db", "doc": doc(), "id": "d/1", "rev": "2-abc", "seq": 42})
+            json!({"db": "db", "doc": doc_value(), "id": "d/1", "rev": "2-abc", "seq": 42})
         );
         let string_seq = json!("7-g1AAAA");
         let req = build_with("http://h/x", Method::Post, Some(&params), &string_seq, "db").unwrap();
         assert_eq!(body_json(&req)["seq"], json!("7-g1AAAA"));
+    }
+
+    #[test]
+    fn the_document_is_sent_as_its_own_text_in_bodies_batches_and_queries() {
+        let params = json!({"doc": "$change", "in": ["${change}"], "t": "doc ${change}."});
+        let seq = json!(7);
+        let req = build_with("http://h/x", Method::Post, Some(&params), &seq, "db").unwrap();
+        let text = Value::from(format!("doc {DOC}.")).to_string();
+        let expected = format!(r#"{{"doc":{DOC},"in":[{DOC}],"t":{text}}}"#);
+        assert_eq!(req.body().unwrap().as_ref(), expected.as_bytes());
+
+        let doc = doc();
+        let change = context("db", &doc, &seq);
+        let t = Template {
+            params: Some(json!({"doc": "$change"})),
+            ..template("http://h/x", Method::Post)
+        };
+        let req = Request::build_batch(&t, &[change, change]).unwrap();
+        let expected = format!(r#"[{{"doc":{DOC}}},{{"doc":{DOC}}}]"#);
+        assert_eq!(req.body().unwrap().as_ref(), expected.as_bytes());
+
+        let req = build_with("http://h/x", Method::Get, Some(&params), &seq, "db").unwrap();
+        let target = req.target();
+        let doc_pair = target.query_pairs().find(|(k, _)| k == "doc");
+        assert_eq!(doc_pair.unwrap().1, DOC);
     }
 
     #[test]

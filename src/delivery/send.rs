@@ -247,7 +247,7 @@ mod tests {
     fn build(addr: SocketAddr, method: Method, timeout: Option<Duration>) -> Request {
         let passwords =
             Passwords::parse(r#"{"127.0.0.1": {"bob": "s3cret"}}"#, "passwords.json").unwrap();
-        let doc = json!({"_id": "d1", "_rev": "1-a"});
+        let doc = serde_json::value::to_raw_value(&json!({"_id": "d1", "_rev": "1-a"})).unwrap();
         let seq = json!("5-abc");
         let change = ChangeContext {
             rule: "rule",

@@ -8,10 +8,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::{doc_of, rev_of, DeliveryKey};
-use crate::couch::Change;
+use crate::couch::{Change, Doc};
 use crate::delivery::{Request, RequestError};
 use crate::rules::on_change::{Batch, ChangeContext, OnChangeRule};
 
@@ -59,7 +57,7 @@ impl<'a> Page<'_, 'a> {
         failed: impl Fn(&OnChangeRule, &RequestError),
         waited: impl Fn(&OnChangeRule, &DeliveryKey) -> Duration,
     ) -> Vec<Job<'a>> {
-        let docs: Vec<Cow<'a, Value>> = self.changes.iter().map(doc_of).collect();
+        let docs: Vec<Cow<'a, Doc>> = self.changes.iter().map(doc_of).collect();
         let mut jobs = self.singles(&docs, &failed);
         for rule in self.rules.iter().filter(|r| r.batch.is_some()) {
             jobs.extend(self.batches(rule, &docs, &failed, &waited));
@@ -68,17 +66,12 @@ impl<'a> Page<'_, 'a> {
         jobs
     }
 
-    fn context<'c>(
-        &'c self,
-        rule: &'c OnChangeRule,
-        i: usize,
-        doc: &'c Value,
-    ) -> ChangeContext<'c> {
+    fn context<'c>(&'c self, rule: &'c OnChangeRule, i: usize, doc: &'c Doc) -> ChangeContext<'c> {
         let change = &self.changes[i];
         ChangeContext {
             rule: &rule.id,
             db_name: self.db,
-            doc,
+            doc: doc.raw(),
             id: &change.id,
             rev: rev_of(change),
             seq: change.seq.as_json(),
@@ -88,14 +81,14 @@ impl<'a> Page<'_, 'a> {
     /// One job per change and matching rule without `batch`, debounced.
     fn singles(
         &self,
-        docs: &[Cow<'a, Value>],
+        docs: &[Cow<'a, Doc>],
         failed: &impl Fn(&OnChangeRule, &RequestError),
     ) -> Vec<Job<'a>> {
         let mut jobs = Vec::new();
         let mut debounced = HashSet::new();
         for (i, change) in self.changes.iter().enumerate() {
             let single = self.rules.iter().filter(|r| r.batch.is_none());
-            for rule in single.filter(|r| r.matches(&docs[i])) {
+            for rule in single.filter(|r| r.matches(docs[i].value())) {
                 let request = match Request::build(&rule.request, &self.context(rule, i, &docs[i]))
                 {
                     Ok(request) => request,
@@ -131,7 +124,7 @@ impl<'a> Page<'_, 'a> {
     fn batches(
         &self,
         rule: &'a OnChangeRule,
-        docs: &[Cow<'a, Value>],
+        docs: &[Cow<'a, Doc>],
         failed: &impl Fn(&OnChangeRule, &RequestError),
         waited: &impl Fn(&OnChangeRule, &DeliveryKey) -> Duration,
     ) -> Vec<Job<'a>> {
@@ -143,7 +136,7 @@ impl<'a> Page<'_, 'a> {
             return Vec::new();
         };
         let pending: Vec<usize> = (0..self.changes.len())
-            .filter(|&i| rule.matches(&docs[i]))
+            .filter(|&i| rule.matches(docs[i].value()))
             .filter(|&i| {
                 !self
                     .delivered

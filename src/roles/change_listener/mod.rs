@@ -29,7 +29,7 @@ pub use self::checkpoints::Checkpoints;
 use self::jobs::{Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
-use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
+use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Doc, Seq};
 use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
 use crate::delivery::dead_letter::{self, BatchMember, DeadLetter};
 use crate::delivery::{DeliveryError, Request, RequestError, Sender};
@@ -119,10 +119,12 @@ fn rev_of(change: &Change) -> &str {
 }
 
 /// The changed document, or its deletion stub.
-fn doc_of(change: &Change) -> Cow<'_, Value> {
+fn doc_of(change: &Change) -> Cow<'_, Doc> {
     match &change.doc {
         Some(doc) if !change.deleted => Cow::Borrowed(doc),
-        _ => Cow::Owned(json!({ "_id": change.id, "_rev": rev_of(change), "_deleted": true })),
+        _ => Cow::Owned(Doc::from_value(
+            json!({ "_id": change.id, "_rev": rev_of(change), "_deleted": true }),
+        )),
     }
 }
 
@@ -443,7 +445,7 @@ impl ChangeListener {
                     doc_id: c.id.clone(),
                     rev: rev_of(c).to_string(),
                     seq: c.seq.as_json().clone(),
-                    change: doc_of(c).into_owned(),
+                    change: doc_of(c).raw().to_owned(),
                 })
                 .collect()
         });
@@ -454,7 +456,7 @@ impl ChangeListener {
             seq: job.change.seq.as_json().clone(),
             doc_id: first.id.clone(),
             rev: rev_of(first).to_string(),
-            change: doc_of(first).into_owned(),
+            change: doc_of(first).raw().to_owned(),
             batch,
             request: request.redacted(),
             last_status: match error {

@@ -5,7 +5,8 @@
 //! - `null` holds when the attribute is missing or null.
 //! - A regular expression is tested, unanchored, against the attribute's
 //!   value turned into text: a string as it is; a number as JavaScript
-//!   writes it (`1`, `1.5`, `-3`; a stored `1.0` reads `1`); a boolean as
+//!   writes it (`1`, `1.5`, `-3`; a stored `1.0` reads `1`; an integer
+//!   beyond 64 bits as its nearest double, as JavaScript would); a boolean as
 //!   `true` or `false`; an object or an array as compact JSON
 //!   (`{"a":1}`, `["x","y"]`). A missing attribute is tested as the text
 //!   `undefined` and a null one as the text `null`, exactly as Spiegel 1.2
@@ -190,6 +191,8 @@ mod tests {
         assert!(with_if(json!({"n": "^1\\.5$"})).matches(&json!({"n": 1.5})));
         assert!(with_if(json!({"n": "^-3$"})).matches(&json!({"n": -3})));
         assert!(with_if(json!({"n": "^0$"})).matches(&json!({"n": -0.0})));
+        let big: Value = serde_json::from_str(r#"{"n": 18446744073709551617}"#).unwrap();
+        assert!(with_if(json!({"n": "^18446744073709552000$"})).matches(&big));
         assert!(with_if(json!({"done": "^true$"})).matches(&json!({"done": true})));
         assert!(!with_if(json!({"done": "^true$"})).matches(&json!({"done": false})));
         assert!(with_if(json!({"a": "^\\{\"b\":1\\}$"})).matches(&json!({"a": {"b": 1}})));

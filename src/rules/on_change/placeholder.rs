@@ -12,10 +12,12 @@
 //! - In `params`, at any depth (nested objects and arrays; keys are never
 //!   templated), a string that is exactly one placeholder is replaced by the
 //!   value itself with its JSON type: `$change` becomes the document object,
-//!   `$seq` the seq as received (number or string), the others strings. As in
+//!   its own text as CouchDB sent it (spliced in, never parsed and written
+//!   again), `$seq` the seq as received (number or string), the others
+//!   strings. As in
 //!   Spiegel 1.2, unbalanced braces are tolerated in this whole-value case
 //!   (`${db_name`, `$db_name}`, `{$db_name}`). A placeholder inside a longer
-//!   string is replaced by text: `$change` as compact JSON, `$seq` as is when
+//!   string is replaced by text: `$change` as its own text, `$seq` as is when
 //!   it is a string and as compact JSON otherwise. A bare placeholder ends
 //!   where a name would end: `$db_names` and `$change.foo` are left alone; use
 //!   the `${...}` form when text follows directly.
@@ -23,6 +25,7 @@
 //!   percent-encoded as one path segment (`a/b` becomes `a%2Fb`, `+`, `$`,
 //!   `(` and `)` are encoded too).
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -34,8 +37,8 @@ pub struct ChangeContext<'a> {
     /// The on_change document's id.
     pub rule: &'a str,
     pub db_name: &'a str,
-    /// The whole document, or the deletion stub.
-    pub doc: &'a Value,
+    /// The whole document, or the deletion stub, as CouchDB sent it.
+    pub doc: &'a RawValue,
     pub id: &'a str,
     pub rev: &'a str,
     /// The opaque `_changes` seq, passed on as is.
@@ -84,15 +87,13 @@ impl Placeholder {
         NAMES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
     }
 
-    /// The value that replaces a whole string.
-    fn value(self, c: &ChangeContext) -> Value {
+    /// Writes the JSON that replaces a whole string: the document's own
+    /// text for `$change`, the seq as received, a JSON string otherwise.
+    fn write_json(self, out: &mut String, c: &ChangeContext) {
         match self {
-            Placeholder::DbName => Value::from(c.db_name),
-            Placeholder::Change => c.doc.clone(),
-            Placeholder::ChangeId => Value::from(c.id),
-            Placeholder::ChangeRev => Value::from(c.rev),
-            Placeholder::Seq => c.seq.clone(),
-            Placeholder::DeliveryId => Value::from(c.delivery_id()),
+            Placeholder::Change => out.push_str(c.doc.get()),
+            Placeholder::Seq => out.push_str(&c.seq.to_string()),
+            text => write_string(out, &text.text(c)),
         }
     }
 
@@ -100,7 +101,7 @@ impl Placeholder {
     fn text(self, c: &ChangeContext) -> String {
         match self {
             Placeholder::DbName => c.db_name.to_string(),
-            Placeholder::Change => c.doc.to_string(),
+            Placeholder::Change => c.doc.get().to_string(),
             Placeholder::ChangeId => c.id.to_string(),
             Placeholder::ChangeRev => c.rev.to_string(),
             Placeholder::Seq => match c.seq {
@@ -190,24 +191,63 @@ fn ends_name(tail: &str) -> bool {
     }
 }
 
-/// Params for a change: placeholders filled in at any depth, keys left as
-/// they are.
-pub(super) fn fill_object(map: &Map<String, Value>, c: &ChangeContext) -> Map<String, Value> {
-    map.iter()
-        .map(|(key, value)| (key.clone(), fill_value(value, c)))
-        .collect()
+/// Writes params for a change as JSON text: placeholders filled in at any
+/// depth, keys left as they are. The document's text is spliced in as it
+/// is, never parsed and written again.
+pub(super) fn write_object(out: &mut String, map: &Map<String, Value>, c: &ChangeContext) {
+    out.push('{');
+    for (i, (key, value)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, key);
+        out.push(':');
+        write_value(out, value, c);
+    }
+    out.push('}');
 }
 
-fn fill_value(value: &Value, c: &ChangeContext) -> Value {
+fn write_value(out: &mut String, value: &Value, c: &ChangeContext) {
     match value {
         Value::String(s) => match whole_placeholder(s) {
-            Some(placeholder) => placeholder.value(c),
-            None => Value::String(substitute(s, |p| p.text(c))),
+            Some(placeholder) => placeholder.write_json(out, c),
+            None => write_string(out, &substitute(s, |p| p.text(c))),
         },
-        Value::Array(items) => Value::Array(items.iter().map(|v| fill_value(v, c)).collect()),
-        Value::Object(map) => Value::Object(fill_object(map, c)),
-        other => other.clone(),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item, c);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_object(out, map, c),
+        other => out.push_str(&other.to_string()),
     }
+}
+
+/// The text of a param in a query string: a string filled in as text (a
+/// whole `$change` is the document's own JSON text), anything else as
+/// compact JSON.
+pub(super) fn query_text(value: &Value, c: &ChangeContext) -> String {
+    match value {
+        Value::String(s) => match whole_placeholder(s) {
+            Some(placeholder) => placeholder.text(c),
+            None => substitute(s, |p| p.text(c)),
+        },
+        other => {
+            let mut out = String::new();
+            write_value(&mut out, other, c);
+            out
+        }
+    }
+}
+
+/// Writes `s` as a JSON string.
+fn write_string(out: &mut String, s: &str) {
+    out.push_str(&Value::from(s).to_string());
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! - `{"field": value}`: the field equals the value (`{"type": "invoice"}`).
 //!   Equality is deep for arrays and objects, and numbers are equal by
-//!   value (`1` equals `1.0`). An array value means equality with that
+//!   value (`1` equals `1.0`); beyond 64-bit integers, by their nearest
+//!   double (the document is read into a `Value`, which keeps no more). An array value means equality with that
 //!   array, not membership.
 //! - A field whose value is an object of field names (not operators) holds
 //!   conditions on the nested fields: `{"address": {"city": "Paris"}}` is
@@ -369,6 +370,10 @@ mod tests {
         assert!(with_selector(json!({"n": {"$lte": -1}})).matches(&json!({"n": -1})));
         assert!(with_selector(json!({"big": {"$gt": 9007199254740992_u64}}))
             .matches(&json!({"big": 9007199254740993_u64})));
+        // Beyond 64 bits, numbers compare as their nearest doubles (documented).
+        let beyond: Value = serde_json::from_str(r#"{"big": 18446744073709551617}"#).unwrap();
+        let selector: Value = serde_json::from_str(r#"{"big": 18446744073709551616}"#).unwrap();
+        assert!(with_selector(selector).matches(&beyond));
         assert!(with_selector(json!({"name": {"$gt": "b"}})).matches(&json!({"name": "bob"})));
         assert!(!with_selector(json!({"name": {"$lt": "B"}})).matches(&json!({"name": "a"})));
     }

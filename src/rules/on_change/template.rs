@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::placeholder::{fill_object, fill_url, replace_all, ChangeContext};
+use super::placeholder::{fill_url, query_text, replace_all, write_object, ChangeContext};
 use super::{option_members, present, string_member, OnChangeDocError, Result};
 use crate::config::Passwords;
 use crate::couch::{redact_credentials, SecretUrl, UrlError};
@@ -193,16 +193,39 @@ impl Template {
             .apply(SecretUrl::parse(&fill_url(&self.url, change))?))
     }
 
-    /// The params for one change, placeholders filled in at any depth;
-    /// `null` counts as absent. Err: the JSON type of params that are not
-    /// an object.
-    pub fn params_for(
+    /// The params for one change as a JSON body, placeholders filled in
+    /// at any depth (`$change` is the document's own text); `{}` when
+    /// absent or `null`. Err: the JSON type of params that are not an
+    /// object.
+    pub fn body_for(&self, change: &ChangeContext) -> std::result::Result<String, &'static str> {
+        let mut body = String::new();
+        match self.params_object()? {
+            None => body.push_str("{}"),
+            Some(map) => write_object(&mut body, map, change),
+        }
+        Ok(body)
+    }
+
+    /// The params for one change as query pairs of names and texts (see
+    /// [`query_text`]); none when absent or `null`. Err: as
+    /// [`Template::body_for`].
+    pub fn query_for(
         &self,
         change: &ChangeContext,
-    ) -> std::result::Result<Option<Map<String, Value>>, &'static str> {
+    ) -> std::result::Result<Vec<(&str, String)>, &'static str> {
+        Ok(self
+            .params_object()?
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| (name.as_str(), query_text(value, change)))
+            .collect())
+    }
+
+    /// The params object; `null` counts as absent.
+    fn params_object(&self) -> std::result::Result<Option<&Map<String, Value>>, &'static str> {
         match &self.params {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(fill_object(map, change))),
+            Some(Value::Object(map)) => Ok(Some(map)),
             Some(other) => Err(json_type(other)),
         }
     }
@@ -519,7 +542,10 @@ mod tests {
             password: UrlPassword::lookup(url, &passwords()),
             ..Template::default()
         };
-        let (doc, seq) = (json!({"_id": "d"}), json!(1));
+        let (doc, seq) = (
+            serde_json::value::to_raw_value(&json!({"_id": "d"})).unwrap(),
+            json!(1),
+        );
         let change = ChangeContext {
             rule: "rule",
             db_name: db,
