@@ -583,7 +583,7 @@ async fn change_is_delivered_dead_lettered_and_redelivered_as_couchdb_serves_the
         let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
             .await
             .ok()?;
-        (letters.len() == 3).then_some(letters)
+        (letters.len() >= 3).then_some(letters)
     })
     .await;
     for (_, _, letter) in &letters {
@@ -600,16 +600,32 @@ async fn change_is_delivered_dead_lettered_and_redelivered_as_couchdb_serves_the
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // `_all_docs` reads one copy of each shard, so on a cluster a deletion
+    // shows in the listing a moment after the write returns.
+    wait_for(
+        "the dead letters redelivered",
+        Duration::from_secs(10),
+        || async {
+            spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+                .await
+                .ok()?
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    // At least once: a change may come twice, each time as it is stored.
     receiver
         .wait("every request", |got| {
             let on = |path: &str| got.iter().filter(|r| r.path == path).count();
-            on("/one") == 2
-                && on("/query") == 2
-                && on("/batch") == 1
-                && on("/dead") == 6
-                && on("/deadbatch") == 3
+            on("/one") >= 2 && on("/query") >= 2 && on("/batch") >= 1
         })
         .await;
+    let on = |path: &str| receiver.on(path).len();
+    assert!(
+        on("/dead") >= 6 && on("/deadbatch") >= 3,
+        "failures and redeliveries"
+    );
 
     for r in receiver.received() {
         let docs = match r.method.as_str() {
