@@ -349,6 +349,10 @@ async fn an_edited_filter_function_starts_a_new_native_replication() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "PouchDB Server's _replicate leaves the filter's code out of its replication id"
+)]
 async fn an_edited_filter_function_starts_a_new_couchdb_replication() {
     edited_filter_starts_over("couchdb").await;
 }
