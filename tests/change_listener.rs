@@ -1217,3 +1217,60 @@ async fn a_batch_rule_sends_ordered_arrays_waits_for_more_and_dead_letters_a_bat
         dead_requests[0].headers["idempotency-key"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_delivered_whole_when_another_blocking_rule_fails_inside_it() {
+    let (s, receiver, base, db) = with_receiver("batch-fail", "d").await;
+    let on_db = format!("^{db}$");
+    s.rule(
+        "each",
+        json!({"db_name": on_db, "url": format!("{base}/each/$change.id"), "method": "POST",
+               "params": {"id": "$change.id"}}),
+    )
+    .await;
+    s.rule(
+        "batch",
+        json!({"db_name": on_db, "url": format!("{base}/batch"), "method": "POST",
+               "params": {"id": "$change.id"}, "batch": {"max_changes": 10}}),
+    )
+    .await;
+    // The middle change fails once for the single rule.
+    receiver
+        .plan
+        .lock()
+        .unwrap()
+        .insert("/each/doc5".into(), VecDeque::from([503]));
+    let ids: Vec<String> = (0..10).map(|n| format!("doc{n}")).collect();
+    let docs: Vec<Value> = ids.iter().map(|id| json!({"_id": id})).collect();
+    // Written before the worker starts: its first read holds all ten, one batch.
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    let _worker = s.start(&[]);
+
+    let batched = || -> Vec<String> {
+        let mut got: Vec<String> = receiver
+            .on("/batch")
+            .iter()
+            .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
+            .map(|i| i["id"].as_str().unwrap_or("").to_string())
+            .collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    receiver
+        .wait("the batch's last change", |_| {
+            batched().contains(&"doc9".to_string())
+        })
+        .await;
+    receiver
+        .wait("every change of the single rule", |got| {
+            ids.iter()
+                .all(|id| got.iter().any(|r| r.path == format!("/each/{id}")))
+        })
+        .await;
+    assert_eq!(
+        batched(),
+        ids,
+        "every change of the batch, those before the failed one included"
+    );
+}

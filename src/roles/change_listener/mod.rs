@@ -509,17 +509,20 @@ impl ChangeListener {
         }
         let parallel_failed = failure.is_some();
 
-        // Blocking requests, strictly in change order. A job that fails
-        // leaves the checkpoint before the first change it covers.
-        let mut jobs_by_change = ordered.iter().peekable();
-        for i in 0..changes.len() {
-            while let Some(job) = jobs_by_change.next_if(|j| j.at == i) {
-                if let Sent::Retry(wait, reason) = self.send(job, db).await {
-                    let before = job.first.checked_sub(1).map(|k| changes[k].seq.clone());
-                    let progress = if parallel_failed { None } else { before };
-                    let (wait, reason) = first_failure(failure, (wait, reason));
-                    return Err((progress, wait, reason));
-                }
+        // Blocking requests, strictly in change order (the jobs are sorted
+        // by `at`). A job that fails leaves the checkpoint before the first
+        // change of every job not done yet: a batch reached later may cover
+        // changes before the one that failed.
+        for (n, job) in ordered.iter().enumerate() {
+            if let Sent::Retry(wait, reason) = self.send(job, db).await {
+                let first = ordered[n..]
+                    .iter()
+                    .map(|j| j.first)
+                    .fold(job.first, usize::min);
+                let before = first.checked_sub(1).map(|k| changes[k].seq.clone());
+                let progress = if parallel_failed { None } else { before };
+                let (wait, reason) = first_failure(failure, (wait, reason));
+                return Err((progress, wait, reason));
             }
         }
         match failure {
