@@ -690,7 +690,13 @@ async fn debounce_sends_identical_pending_requests_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_documents_do_not_stop_the_worker() {
     let (s, receiver, base, db) = with_receiver("odd", "d").await;
-    s.rule("bad-params", json!({"db_name": format!("^{}$", db), "url": format!("{base}/bad"), "params": "not an object"})).await;
+    // On a database of its own: an unusable rule holds the databases it names.
+    let elsewhere = format!("^{}$", s.db("elsewhere"));
+    s.rule(
+        "bad-params",
+        json!({"db_name": elsewhere, "url": format!("{base}/bad"), "params": "not an object"}),
+    )
+    .await;
     s.rule(
         "all",
         json!({"db_name": format!("^{}$", db), "url": format!("{base}/all"), "method": "POST",
@@ -1370,4 +1376,111 @@ async fn a_batch_rule_sends_ordered_arrays_waits_for_more_and_dead_letters_a_bat
         last.headers["idempotency-key"],
         dead_requests[0].headers["idempotency-key"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_delivered_whole_when_another_blocking_rule_fails_inside_it() {
+    let (s, receiver, base, db) = with_receiver("batch-fail", "d").await;
+    let on_db = format!("^{db}$");
+    s.rule(
+        "each",
+        json!({"db_name": on_db, "url": format!("{base}/each/$change.id"), "method": "POST",
+               "params": {"id": "$change.id"}}),
+    )
+    .await;
+    s.rule(
+        "batch",
+        json!({"db_name": on_db, "url": format!("{base}/batch"), "method": "POST",
+               "params": {"id": "$change.id"}, "batch": {"max_changes": 10}}),
+    )
+    .await;
+    // The middle change fails once for the single rule.
+    receiver
+        .plan
+        .lock()
+        .unwrap()
+        .insert("/each/doc5".into(), VecDeque::from([503]));
+    let ids: Vec<String> = (0..10).map(|n| format!("doc{n}")).collect();
+    let docs: Vec<Value> = ids.iter().map(|id| json!({"_id": id})).collect();
+    // Written before the worker starts: its first read holds all ten, one batch.
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    let _worker = s.start(&[]);
+
+    let batched = || -> Vec<String> {
+        let mut got: Vec<String> = receiver
+            .on("/batch")
+            .iter()
+            .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
+            .map(|i| i["id"].as_str().unwrap_or("").to_string())
+            .collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    receiver
+        .wait("the batch's last change", |_| {
+            batched().contains(&"doc9".to_string())
+        })
+        .await;
+    receiver
+        .wait("every change of the single rule", |got| {
+            ids.iter()
+                .all(|id| got.iter().any(|r| r.path == format!("/each/{id}")))
+        })
+        .await;
+    assert_eq!(
+        batched(),
+        ids,
+        "every change of the batch, those before the failed one included"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_be_built_becomes_a_dead_letter_and_the_next_changes_go_on() {
+    let (s, receiver, base, db) = with_receiver("unbuildable", "d").await;
+    // The host is the document's id: "bad host" is no host name, while the
+    // URL parser reads "127.1" as 127.0.0.1.
+    let port = base.rsplit(':').next().unwrap();
+    s.rule(
+        "by-host",
+        json!({"db_name": format!("^{db}$"), "url": format!("http://${{change.id}}:{port}/hook"),
+               "method": "POST", "params": {"id": "$change.id"}}),
+    )
+    .await;
+    // The default --backoff-limit 0 (retry forever): still a dead letter,
+    // since building the request again gives the same.
+    let _worker = s.start(&[]);
+    for id in ["127.0.0.1", "bad host", "127.1"] {
+        s.couch.put_doc(&db, id, &json!({})).await.unwrap();
+    }
+    receiver
+        .wait("the changes around the bad one", |got| {
+            ["127.0.0.1", "127.1"]
+                .iter()
+                .all(|id| got.iter().any(|r| r.json()["id"] == *id))
+        })
+        .await;
+    let letter = wait_for("the dead letter", Duration::from_secs(20), || async {
+        let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+            .await
+            .ok()?;
+        letters.into_iter().next().map(|(_, _, letter)| letter)
+    })
+    .await;
+    assert_eq!(
+        (
+            letter.rule.as_str(),
+            letter.db_name.as_str(),
+            letter.doc_id.as_str()
+        ),
+        ("by-host", db.as_str(), "bad host")
+    );
+    assert!(
+        letter.last_error.contains("cannot build the request") && letter.last_error.contains("url"),
+        "{}",
+        letter.last_error
+    );
+    assert_eq!(letter.request, Value::Null, "no request was built");
+    assert_eq!((letter.attempts, letter.last_status), (0, None));
+    assert_eq!(receiver.received().len(), 2, "nothing sent for the bad one");
 }

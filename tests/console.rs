@@ -68,6 +68,16 @@ impl Installation {
             .unwrap();
     }
 
+    /// Edits the `url` of on_change document `id`.
+    async fn set_url(&self, id: &str, url: &str) {
+        let mut doc: Value = self.couch.get_doc(&self.spiegel_db, id).await.unwrap();
+        doc["url"] = json!(url);
+        self.couch
+            .put_doc(&self.spiegel_db, id, &doc)
+            .await
+            .unwrap();
+    }
+
     async fn dead_letters(&self) -> usize {
         spiegel::delivery::dead_letter::list(&self.couch, &self.spiegel_db, "")
             .await
@@ -166,6 +176,77 @@ async fn a_paused_rule_holds_its_changes_until_it_is_resumed() {
     .await;
     let doc: Value = s.couch.get_doc(&s.spiegel_db, "hook").await.unwrap();
     assert!(doc.get("paused").is_none());
+}
+
+#[tokio::test]
+async fn a_rule_made_unusable_by_an_edit_holds_its_changes_until_it_is_fixed() {
+    let (s, receiver, base, db) = with_receiver("con-unusable", "held").await;
+    s.on_change("hook", &db, format!("{base}/hook"), json!({}))
+        .await;
+    let console = Console::start(&s, "change-listener", &[]).await;
+    s.couch.put_doc(&db, "before", &json!({})).await.unwrap();
+    receiver
+        .wait("the first change", |got| got.len() == 1)
+        .await;
+
+    s.set_url("hook", "ftp://example.com/hook").await;
+    wait_for(
+        "the rule reported unusable and holding",
+        Duration::from_secs(20),
+        || async {
+            let reports = s.reports("hook").await;
+            reports
+                .iter()
+                .any(|r| {
+                    r["invalid"].as_str().is_some_and(|i| i.contains("url"))
+                        && r["note"].as_str().is_some_and(|n| n.contains("unusable"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    s.couch.put_doc(&db, "during", &json!({})).await.unwrap();
+    wait_for(
+        "the database held back",
+        Duration::from_secs(20),
+        || async {
+            console
+                .state()
+                .await
+                .contains("hook is unusable")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "nothing is sent while unusable"
+    );
+    // Whatever checkpoint is saved, `_changes` after it still holds "during".
+    let checkpoint: Option<Value> = s
+        .couch
+        .get_doc(&s.spiegel_db, &format!("spiegel_cl_{db}"))
+        .await
+        .ok();
+    let query = spiegel::couch::ChangesQuery {
+        since: checkpoint.map(|c| spiegel::couch::Seq::from(c["last_seq"].clone())),
+        ..Default::default()
+    };
+    let after = s.couch.changes(&db, &query).await.unwrap().results;
+    assert!(
+        after.iter().any(|c| c.id == "during"),
+        "the checkpoint moved past the held change"
+    );
+
+    s.set_url("hook", &format!("{base}/hook")).await;
+    // Well within the 60 s re-check: the fix itself runs the database.
+    wait_for("the held change", Duration::from_secs(15), || async {
+        let got = receiver.received();
+        got.iter().any(|r| r.json()["id"] == "during").then_some(())
+    })
+    .await;
 }
 
 /// chromedriver and a headless Chromium of its own, both gone on drop.

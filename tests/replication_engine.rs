@@ -7,9 +7,18 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use spiegel::couch::{ChangesQuery, CouchClient, SecretUrl, Seq};
-use spiegel::replication::{Options, Peer, Progress, Replication};
+use spiegel::replication::{Options, Peer, Progress, Replication, ReplicationError, Report};
 
 use common::*;
+
+/// One run of `replication` under its id, from `known` progress.
+async fn run_once(
+    replication: &Replication,
+    known: Option<Progress>,
+) -> Result<(Report, Option<Progress>), ReplicationError> {
+    let id = replication.id().await?;
+    replication.run(&id, known).await
+}
 
 /// A replication from `source` to `target` of the shared server, with the
 /// `_replicate` parameters `params`.
@@ -61,7 +70,7 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
     // The first run is cut short (its future dropped, as a killed process
     // stops) once a few batches have reached the target.
     let first = replication(&couch, &source, &target, params.clone());
-    let run = tokio::spawn(async move { first.run(None).await.map(|_| ()) });
+    let run = tokio::spawn(async move { run_once(&first, None).await.map(|_| ()) });
     let cut = wait_for("a few batches written", Duration::from_secs(60), || {
         let ended = run.is_finished();
         let couch = &couch;
@@ -86,7 +95,7 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
     // The second run reads the changes since the checkpoint (at most one
     // batch before what was written) and fetches only what is missing.
     let second = replication(&couch, &source, &target, params);
-    let (report, _) = second.run(None).await.unwrap();
+    let (report, _) = run_once(&second, None).await.unwrap();
     assert_eq!(present(&couch, &target, &ids).await, 500);
     // The batch in flight at the cut may still land after `written` was
     // counted (the server finishes a request its client dropped).
@@ -102,7 +111,7 @@ async fn a_run_cut_short_resumes_from_its_checkpoint_and_fetches_only_what_is_mi
     );
     // A third run finds nothing to do.
     let third = replication(&couch, &source, &target, json!({}));
-    let (report, _) = third.run(None).await.unwrap();
+    let (report, _) = run_once(&third, None).await.unwrap();
     assert_eq!(
         (report.missing_checked, report.docs_read),
         (0, 0),
@@ -130,10 +139,8 @@ async fn a_20_mb_attachment_replicates_intact() {
         .unwrap();
     assert!(put.status().is_success(), "{}", put.status());
 
-    let (report, _) = replication(&couch, &source, &target, json!({"create_target": true}))
-        .run(None)
-        .await
-        .unwrap();
+    let created = replication(&couch, &source, &target, json!({"create_target": true}));
+    let (report, _) = run_once(&created, None).await.unwrap();
     assert_eq!(report.docs_written, 1, "{report:?}");
     let url = format!(
         "{}/{}/big/blob",
@@ -153,7 +160,7 @@ async fn a_one_batch_run_records_its_checkpoint_at_most_every_checkpoint_interva
     let params = json!({"create_target": true});
     let run = |params: Value, known: Option<Progress>| {
         let replication = replication(&couch, &source, &target, params);
-        async move { replication.run(known).await.unwrap() }
+        async move { run_once(&replication, known).await.unwrap() }
     };
     write_visible(&couch, &source, "a", None).await;
     // The first run finds no checkpoint: it records one.
@@ -194,7 +201,7 @@ async fn progress_in_memory_is_not_trusted_once_the_target_is_created_again() {
     let params = json!({"create_target": true});
     let run = |known: Option<Progress>| {
         let replication = replication(&couch, &source, &target, params.clone());
-        async move { replication.run(known).await.unwrap() }
+        async move { run_once(&replication, known).await.unwrap() }
     };
     for id in ["a", "b", "c"] {
         write_visible(&couch, &source, id, None).await;

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 pub use self::error::CouchError;
 pub use self::feed::FeedOptions;
-pub use self::protocol::{ChangesFilter, RevToFetch, RevsDiff};
+pub use self::protocol::{ChangesFilter, Fetched, OpenRevs, RawDoc, RevToFetch, RevsDiff};
 pub use self::types::*;
 pub(crate) use self::update::impl_revised;
 pub use self::update::{Revised, Saved};
@@ -464,7 +464,7 @@ impl CouchClient {
         new_edits: bool,
     ) -> Result<Vec<BulkResult>> {
         let path = format!("{}/_bulk_docs", encode_segment(db));
-        let body = json!({ "docs": docs, "new_edits": new_edits });
+        let body = BulkDocs { docs, new_edits };
         let req = self.request(Method::POST, &path).json(&body);
         self.json(req, Some(db), None).await
     }
@@ -564,6 +564,14 @@ impl CouchClient {
     }
 }
 
+/// The body of `_bulk_docs`, serialized as it is: documents carried as raw
+/// text stay as they are (a `json!` tree would re-encode them).
+#[derive(Serialize)]
+struct BulkDocs<'a, D> {
+    docs: &'a [D],
+    new_edits: bool,
+}
+
 /// Reads a successful answer's JSON body.
 async fn decode<T: DeserializeOwned>(resp: Response) -> Result<T> {
     let bytes = resp.bytes().await.map_err(CouchError::from_transport)?;
@@ -618,6 +626,19 @@ mod tests {
         );
         assert_eq!(client.db_url("a/b").password().as_deref(), Some("pw"));
         assert_eq!(client.db_url("a/b").decoded_path(), "/a/b");
+    }
+
+    #[test]
+    fn bulk_docs_bodies_carry_raw_documents_byte_for_byte() {
+        let text = r#"{"_id":"a","z":1,"big":123456789012345678901234567890,"d":0.9469046488777645,"e":1E5,"s":"\u2028\ud83d\ude00"}"#;
+        let doc: RawDoc = serde_json::from_str(text).unwrap();
+        let docs = [doc];
+        let body = serde_json::to_string(&BulkDocs {
+            docs: &docs,
+            new_edits: false,
+        })
+        .unwrap();
+        assert_eq!(body, format!(r#"{{"docs":[{text}],"new_edits":false}}"#));
     }
 
     #[test]

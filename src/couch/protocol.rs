@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::{
@@ -50,6 +51,112 @@ pub struct RevToFetch {
     pub atts_since: Vec<String>,
 }
 
+/// A document revision as the source sent it: its JSON text, carried to
+/// the target as it is. Parsing it into a tree and writing it again would
+/// reorder its keys and re-encode its numbers.
+pub type RawDoc = Box<RawValue>;
+
+/// What the source gave for one revision asked of `_bulk_get`.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The revision, or with `latest` its newest descendants.
+    Docs(Vec<RawDoc>),
+    /// Not given, and why: to ask again with `open_revs`.
+    Missing(String),
+}
+
+/// The answer of `_bulk_get`, each document left as text.
+#[derive(Deserialize)]
+struct BulkGetAnswer {
+    results: Vec<BulkGetResult>,
+}
+
+/// The answer for one revision asked of `_bulk_get`.
+#[derive(Deserialize)]
+struct BulkGetResult {
+    id: String,
+    #[serde(default)]
+    docs: Vec<BulkGetEntry>,
+}
+
+/// `{"ok": doc}` or `{"error": {...}}`.
+#[derive(Deserialize)]
+struct BulkGetEntry {
+    ok: Option<RawDoc>,
+    error: Option<Box<RawValue>>,
+}
+
+impl BulkGetAnswer {
+    /// One [`Fetched`] per revision of `revs`: CouchDB answers each in the
+    /// order asked.
+    fn align(self, revs: &[RevToFetch]) -> Vec<Fetched> {
+        let mut results = self.results.into_iter();
+        revs.iter()
+            .map(|wanted| match results.next() {
+                Some(result) if result.id == wanted.id => result.fetched(),
+                Some(result) => Fetched::Missing(format!("answered for {:?}", result.id)),
+                None => Fetched::Missing("absent from the answer".into()),
+            })
+            .collect()
+    }
+}
+
+impl BulkGetResult {
+    /// Every document of the result, or why there is none; a result with an
+    /// error beside documents counts as missing, so that it is asked again.
+    fn fetched(self) -> Fetched {
+        let mut docs = Vec::with_capacity(self.docs.len());
+        for entry in self.docs {
+            match (entry.ok, entry.error) {
+                (Some(doc), None) => docs.push(doc),
+                (_, Some(error)) => return Fetched::Missing(error.get().to_string()),
+                (None, None) => {
+                    return Fetched::Missing("an entry with neither ok nor error".into())
+                }
+            }
+        }
+        if docs.is_empty() {
+            return Fetched::Missing("no document in the answer".into());
+        }
+        Fetched::Docs(docs)
+    }
+}
+
+/// `{"ok": doc}` or `{"missing": rev}` of an `open_revs` answer.
+#[derive(Deserialize)]
+struct OpenRevsEntry {
+    ok: Option<RawDoc>,
+    missing: Option<String>,
+}
+
+/// What `open_revs` gave for one document.
+#[derive(Debug, Default)]
+pub struct OpenRevs {
+    /// The revisions found (or with `latest` their newest descendants).
+    pub docs: Vec<RawDoc>,
+    /// The revisions asked for that the source did not give.
+    pub missing: Vec<String>,
+}
+
+impl OpenRevs {
+    /// Sorts the answer to `revs`: a revision is missing when the server
+    /// says so, or when it gave no document at all.
+    fn of(revs: &[String], answer: Vec<OpenRevsEntry>) -> OpenRevs {
+        let mut found = OpenRevs::default();
+        for entry in answer {
+            match (entry.ok, entry.missing) {
+                (Some(doc), _) => found.docs.push(doc),
+                (None, Some(rev)) => found.missing.push(rev),
+                (None, None) => {}
+            }
+        }
+        if found.docs.is_empty() {
+            found.missing = revs.to_vec();
+        }
+        found
+    }
+}
+
 impl CouchClient {
     /// One page of a database's changes, every leaf revision of each
     /// (`style=all_docs`) unless `winning_only`.
@@ -89,15 +196,13 @@ impl CouchClient {
     }
 
     /// `POST /{db}/_bulk_get?revs=true&attachments=true&latest=true`: the
-    /// revisions with their history and attachments, in one request. Each
-    /// result is a document, or the error CouchDB gave for that revision.
-    /// [`CouchError::NotFound`] or [`CouchError::BadRequest`] when the
-    /// server has no `_bulk_get`.
-    pub async fn bulk_get(
-        &self,
-        db: &str,
-        revs: &[RevToFetch],
-    ) -> Result<Vec<Result<Value, Value>>> {
+    /// revisions with their history and attachments, in one request. One
+    /// [`Fetched`] per revision asked for, in order: an error CouchDB gave
+    /// for a revision, or a revision absent from the answer, is
+    /// [`Fetched::Missing`]. [`CouchError::NotFound`] or
+    /// [`CouchError::BadRequest`] when the server has no `_bulk_get`;
+    /// [`CouchError::Decode`] for an answer of another shape.
+    pub async fn bulk_get(&self, db: &str, revs: &[RevToFetch]) -> Result<Vec<Fetched>> {
         let path = format!("{}/_bulk_get", encode_segment(db));
         let req = self
             .request(Method::POST, &path)
@@ -107,28 +212,20 @@ impl CouchClient {
                 ("latest", "true"),
             ])
             .json(&json!({ "docs": revs }));
-        let answer: Value = self.json(req, Some(db), None).await?;
-        let results = answer["results"].as_array().cloned().unwrap_or_default();
-        Ok(results
-            .into_iter()
-            .flat_map(|r| r["docs"].as_array().cloned().unwrap_or_default())
-            .map(|mut d| match d.get_mut("ok").map(Value::take) {
-                Some(doc) => Ok(doc),
-                None => Err(d.get_mut("error").map(Value::take).unwrap_or(d)),
-            })
-            .collect())
+        let answer: BulkGetAnswer = self.json(req, Some(db), None).await?;
+        Ok(answer.align(revs))
     }
 
     /// `GET /{db}/{id}?open_revs=[...]&revs=true&attachments=true&latest=true`:
-    /// what [`Self::bulk_get`] gives, for one document, on servers without
-    /// `_bulk_get`.
+    /// the revisions of one document that [`Self::bulk_get`] did not give,
+    /// or all of them on servers without `_bulk_get`.
     pub async fn open_revs(
         &self,
         db: &str,
         id: &str,
         revs: &[String],
         atts_since: &[String],
-    ) -> Result<Vec<Result<Value, Value>>> {
+    ) -> Result<OpenRevs> {
         let open = serde_json::to_string(revs).map_err(|e| CouchError::Decode(e.to_string()))?;
         let since =
             serde_json::to_string(atts_since).map_err(|e| CouchError::Decode(e.to_string()))?;
@@ -142,19 +239,14 @@ impl CouchClient {
                 ("latest", "true"),
                 ("atts_since", since.as_str()),
             ]);
-        let answer: Vec<Value> = self.json(req, Some(db), Some(id)).await?;
-        Ok(answer
-            .into_iter()
-            .map(|mut r| match r.get_mut("ok").map(Value::take) {
-                Some(doc) => Ok(doc),
-                None => Err(r),
-            })
-            .collect())
+        let answer: Vec<OpenRevsEntry> = self.json(req, Some(db), Some(id)).await?;
+        Ok(OpenRevs::of(revs, answer))
     }
 
     /// `POST /{db}/_bulk_docs` with `new_edits: false`: stores revisions as
-    /// they are, history included. Returns the documents CouchDB refused.
-    pub async fn bulk_docs_replicated(&self, db: &str, docs: &[Value]) -> Result<Vec<BulkResult>> {
+    /// they are, history included, each as the text the source sent.
+    /// Returns the documents CouchDB refused.
+    pub async fn bulk_docs_replicated(&self, db: &str, docs: &[RawDoc]) -> Result<Vec<BulkResult>> {
         let failed = self.bulk_docs(db, docs, false).await?;
         Ok(failed.into_iter().filter(BulkResult::is_failed).collect())
     }
@@ -201,4 +293,71 @@ fn filter_params(
         }
     }
     (Method::GET, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted(id: &str, rev: &str) -> RevToFetch {
+        RevToFetch {
+            id: id.into(),
+            rev: rev.into(),
+            atts_since: Vec::new(),
+        }
+    }
+
+    fn fetched(answer: &str, revs: &[RevToFetch]) -> Vec<Fetched> {
+        serde_json::from_str::<BulkGetAnswer>(answer)
+            .unwrap()
+            .align(revs)
+    }
+
+    #[test]
+    fn bulk_get_documents_keep_the_text_the_source_sent() {
+        let doc = r#"{"_id":"a","_rev":"1-x","zeta":1,"alpha":-0.0,"n":18446744073709551616}"#;
+        let answer = format!(r#"{{"results":[{{"id":"a","docs":[{{"ok":{doc}}}]}}]}}"#);
+        let got = fetched(&answer, &[wanted("a", "1-x")]);
+        let [Fetched::Docs(docs)] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(docs[0].get(), doc);
+    }
+
+    #[test]
+    fn bulk_get_errors_and_absent_revisions_are_missing() {
+        let answer = r#"{"results":[
+            {"id":"a","docs":[{"error":{"id":"a","rev":"1-x","error":"not_found","reason":"missing"}}]},
+            {"id":"b","docs":[]},
+            {"id":"x","docs":[{"ok":{"_id":"x"}}]}
+        ]}"#;
+        let revs = [
+            wanted("a", "1-x"),
+            wanted("b", "1-y"),
+            wanted("c", "1-z"),
+            wanted("d", "1-w"),
+        ];
+        let got = fetched(answer, &revs);
+        assert_eq!(got.len(), 4);
+        assert!(
+            got.iter().all(|f| matches!(f, Fetched::Missing(_))),
+            "{got:?}"
+        );
+        let Fetched::Missing(why) = &got[0] else {
+            unreachable!()
+        };
+        assert!(why.contains("not_found"), "{why}");
+    }
+
+    #[test]
+    fn open_revs_sorts_documents_from_missing_revisions() {
+        let revs = ["1-a".to_string(), "1-b".to_string()];
+        let answer: Vec<OpenRevsEntry> =
+            serde_json::from_str(r#"[{"ok":{"_id":"d","_rev":"1-a"}},{"missing":"1-b"}]"#).unwrap();
+        let got = OpenRevs::of(&revs, answer);
+        assert_eq!(got.docs.len(), 1);
+        assert_eq!(got.missing, ["1-b"]);
+        let answer: Vec<OpenRevsEntry> = serde_json::from_str(r#"[{"other":1}]"#).unwrap();
+        assert_eq!(OpenRevs::of(&revs, answer).missing, revs);
+    }
 }

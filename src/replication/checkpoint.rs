@@ -16,16 +16,27 @@ use crate::couch::{CouchError, Seq};
 const HISTORY: usize = 50;
 
 /// The replication id: a digest of what makes two replications the same
-/// (the endpoints without credentials, and what selects changes), so that
-/// a different filter never resumes from another's checkpoint.
-pub fn replication_id(source: &Peer, target: &Peer, options: &Options) -> String {
-    let identity = json!([
+/// (the endpoints without credentials, what selects changes, and the filter
+/// function's code), so that a different filter never resumes from
+/// another's checkpoint.
+pub fn replication_id(
+    source: &Peer,
+    target: &Peer,
+    options: &Options,
+    filter_code: Option<&str>,
+) -> String {
+    let mut identity = json!([
         "spiegel-native-1",
         source.location(),
         target.location(),
         options.filter,
         options.winning_revs_only,
     ]);
+    // Only filtered replications have code to cover: the ids of the others
+    // stay what they were.
+    if let (Some(code), Value::Array(parts)) = (filter_code, &mut identity) {
+        parts.push(Value::from(code));
+    }
     let digest = Sha256::digest(identity.to_string().as_bytes());
     format!("spiegel-{}", hex::encode(&digest[..16]))
 }

@@ -24,6 +24,8 @@ mod sessions;
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 pub use self::checkpoint::Progress;
@@ -31,7 +33,13 @@ use self::checkpoint::{missing, replication_id, Logs};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
 pub use self::sessions::Sessions;
-use crate::couch::{BulkResult, Change, ChangesPage, CouchError, RevToFetch, Seq};
+use crate::couch::{
+    BulkResult, Change, ChangesPage, CouchError, Fetched, OpenRevs, RawDoc, RevToFetch, Seq,
+};
+
+/// How long a revision the source did not give waits before it is asked
+/// for again (CouchDB's `[replicator] missing_doc_retry_msec`).
+const MISSING_DOC_RETRY: Duration = Duration::from_secs(2);
 
 /// Which engine replicates a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -65,8 +73,8 @@ pub struct Report {
     pub docs_read: u64,
     /// Revisions written to the target.
     pub docs_written: u64,
-    /// Revisions the target refused (a validation function), or that could
-    /// not be read.
+    /// Revisions the target refused (`forbidden` or `unauthorized` from a
+    /// validation function): the only revisions a run passes over.
     pub doc_write_failures: u64,
     /// The source seq the run reached.
     pub last_seq: Option<Seq>,
@@ -95,6 +103,33 @@ pub enum ReplicationError {
     /// The target does not exist, and the document does not create it.
     #[error("the target database does not exist (set create_target: true to create it)")]
     TargetMissing,
+    /// The filter function the document names is not on the source.
+    #[error("the source has no filter function {0:?} (a design document's `filters`)")]
+    Filter(String),
+    /// A revision the source did not give, even asked on its own and again
+    /// after a pause: the run stops before it, as CouchDB's replicator does.
+    #[error("revision {rev} of document {id:?} could not be read from the source: {reason}")]
+    Unreadable {
+        /// The document's id.
+        id: String,
+        /// The revision.
+        rev: String,
+        /// What the source answered.
+        reason: String,
+    },
+    /// The target refused a revision for another reason than a validation
+    /// function (`forbidden`, `unauthorized`), which are passed over.
+    #[error("the target refused revision {rev} of document {id:?}: {error}: {reason}")]
+    Refused {
+        /// The document's id.
+        id: String,
+        /// The revision.
+        rev: String,
+        /// CouchDB's error.
+        error: String,
+        /// CouchDB's explanation.
+        reason: String,
+    },
     /// A request failed.
     #[error("{step}: {source}")]
     Couch {
@@ -130,20 +165,50 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// The replication id, which names the checkpoints.
-    pub fn id(&self) -> String {
-        replication_id(&self.source, &self.target, &self.options)
+    /// The replication id, which names the checkpoints. With a filter
+    /// function it covers the function's code, read from the source, as
+    /// CouchDB's does: an edited filter starts a new replication instead of
+    /// resuming from a checkpoint taken under the old code.
+    pub async fn id(&self) -> Result<String, ReplicationError> {
+        let code = match &self.options.filter.filter {
+            Some(name) => Some(self.filter_code(name).await?),
+            None => None,
+        };
+        let (source, target) = (&self.source, &self.target);
+        Ok(replication_id(
+            source,
+            target,
+            &self.options,
+            code.as_deref(),
+        ))
     }
 
-    /// Replicates every change of the source since the last checkpoint, or
-    /// since `known` (what the last run of this process left) while the
+    /// The code of the filter function `ddoc/name` of the source.
+    async fn filter_code(&self, name: &str) -> Result<String, ReplicationError> {
+        let unknown = || ReplicationError::Filter(name.to_string());
+        let (ddoc, function) = name.split_once('/').ok_or_else(unknown)?;
+        let source = &self.source;
+        let design = source
+            .client
+            .get_doc_opt::<Value>(&source.db, &format!("_design/{ddoc}"))
+            .await
+            .map_err(|e| missing(e, ReplicationError::SourceMissing, "reading the filter"))?;
+        let code = design
+            .as_ref()
+            .and_then(|d| d["filters"][function].as_str());
+        code.map(String::from).ok_or_else(unknown)
+    }
+
+    /// Replicates every change of the source since the last checkpoint of
+    /// replication `id` ([`Self::id`]), or since `known` (what the last run of this process left) while the
     /// target's checkpoint shows nobody else wrote since. Returns what to
     /// keep for the next run.
     pub async fn run(
         &self,
+        id: &str,
         known: Option<Progress>,
     ) -> Result<(Report, Option<Progress>), ReplicationError> {
-        let mut logs = self.logs(known).await?;
+        let mut logs = self.logs(id, known).await?;
         if let Some(seq) = &self.options.since_seq {
             logs.start_from(seq.clone());
         }
@@ -200,17 +265,16 @@ impl Replication {
     /// The checkpoints (none without `use_checkpoints`), creating the
     /// target first if the document asks for it. `known` does not count
     /// with `since_seq`, which sets where every run starts.
-    async fn logs(&self, known: Option<Progress>) -> Result<Logs, ReplicationError> {
-        let id = self.id();
+    async fn logs(&self, id: &str, known: Option<Progress>) -> Result<Logs, ReplicationError> {
         if self.options.create_target {
             self.create_target().await?;
         }
         if !self.options.use_checkpoints {
             self.check_exists().await?;
-            return Ok(Logs::empty(&id));
+            return Ok(Logs::empty(id));
         }
         let known = known.filter(|_| self.options.since_seq.is_none());
-        Logs::read(&self.source, &self.target, &id, known).await
+        Logs::read(&self.source, &self.target, id, known).await
     }
 
     async fn create_target(&self) -> Result<(), ReplicationError> {
@@ -280,76 +344,116 @@ impl Replication {
         // ancestor it has is on another branch): fetch those revisions with
         // every attachment, as CouchDB's replicator does.
         let docs = self.fetch(&again, report, bulk_get).await?;
-        for left in self.write(docs, report).await? {
-            tracing::warn!(db = %self.target.db, id = %left.id, rev = %left.rev, "the target refused a revision even with its attachments");
-            report.doc_write_failures += 1;
+        match self.write(docs, report).await?.into_iter().next() {
+            None => Ok(()),
+            Some(left) => Err(ReplicationError::Refused {
+                id: left.id,
+                rev: left.rev,
+                error: "missing_stub".into(),
+                reason: "refused even with every attachment".into(),
+            }),
         }
-        Ok(())
     }
 
-    /// The wanted revisions from the source; those it cannot give count as
-    /// failures.
+    /// The wanted revisions from the source, each as the text it sent. A
+    /// revision `_bulk_get` did not give is asked for on its own.
     async fn fetch(
         &self,
         wanted: &[RevToFetch],
         report: &mut Report,
         bulk_get: &mut bool,
-    ) -> Result<Vec<Value>, ReplicationError> {
-        let source = &self.source;
-        let results = if *bulk_get {
-            match source.client.bulk_get(&source.db, wanted).await {
-                Err(e) if no_bulk_get(&e) => {
-                    *bulk_get = false;
-                    self.fetch_each(wanted).await?
-                }
-                other => other.map_err(ReplicationError::couch("fetching revisions"))?,
-            }
+    ) -> Result<Vec<RawDoc>, ReplicationError> {
+        let (mut docs, left) = if *bulk_get {
+            self.fetch_bulk(wanted, bulk_get).await?
         } else {
-            self.fetch_each(wanted).await?
+            (Vec::new(), wanted.to_vec())
         };
-        let mut docs = Vec::with_capacity(results.len());
-        for result in results {
-            match result {
-                Ok(doc) => docs.push(doc),
-                Err(error) => {
-                    tracing::warn!(db = %source.db, %error, "a revision could not be read from the source");
-                    report.doc_write_failures += 1;
-                }
-            }
-        }
+        docs.extend(self.fetch_each(&left).await?);
         report.docs_read += docs.len() as u64;
         Ok(docs)
     }
 
-    /// [`Self::fetch`] without `_bulk_get`: one request per document.
-    async fn fetch_each(
+    /// `_bulk_get`: the documents it gave, and the revisions to ask for on
+    /// their own (all of them after an answer of another shape).
+    async fn fetch_bulk(
         &self,
         wanted: &[RevToFetch],
-    ) -> Result<Vec<Result<Value, Value>>, ReplicationError> {
+        bulk_get: &mut bool,
+    ) -> Result<(Vec<RawDoc>, Vec<RevToFetch>), ReplicationError> {
+        let source = &self.source;
+        let fetched = match source.client.bulk_get(&source.db, wanted).await {
+            Ok(fetched) => fetched,
+            Err(e) if no_bulk_get(&e) => {
+                *bulk_get = false;
+                return Ok((Vec::new(), wanted.to_vec()));
+            }
+            Err(CouchError::Decode(error)) => {
+                tracing::warn!(db = %source.db, %error, "an answer of _bulk_get of another shape: fetching each document on its own");
+                return Ok((Vec::new(), wanted.to_vec()));
+            }
+            Err(e) => return Err(ReplicationError::couch("fetching revisions")(e)),
+        };
+        let (mut docs, mut left) = (Vec::new(), Vec::new());
+        for (want, fetched) in wanted.iter().zip(fetched) {
+            match fetched {
+                Fetched::Docs(found) => docs.extend(found),
+                Fetched::Missing(reason) => {
+                    tracing::warn!(db = %source.db, id = %want.id, rev = %want.rev, %reason, "_bulk_get did not give a revision: fetching it on its own");
+                    left.push(want.clone());
+                }
+            }
+        }
+        Ok((docs, left))
+    }
+
+    /// One `open_revs` request per document. A revision the source does not
+    /// give is asked for once more after [`MISSING_DOC_RETRY`] (a copy of
+    /// a cluster may not have it yet), then fails the run.
+    async fn fetch_each(&self, wanted: &[RevToFetch]) -> Result<Vec<RawDoc>, ReplicationError> {
         let mut by_id: BTreeMap<&str, (Vec<String>, &[String])> = BTreeMap::new();
         for w in wanted {
             let entry = by_id.entry(&w.id).or_insert((Vec::new(), &w.atts_since));
             entry.0.push(w.rev.clone());
         }
-        let mut results = Vec::new();
+        let mut docs = Vec::new();
         for (id, (revs, since)) in by_id {
-            let source = &self.source;
-            let got = source
-                .client
-                .open_revs(&source.db, id, &revs, since)
-                .await
-                .map_err(ReplicationError::couch("fetching revisions"))?;
-            results.extend(got);
+            let mut got = self.open_revs(id, &revs, since).await?;
+            if !got.missing.is_empty() {
+                tracing::warn!(db = %self.source.db, id, missing = ?got.missing, "revisions unexpectedly missing from the source: asking again");
+                tokio::time::sleep(MISSING_DOC_RETRY).await;
+                let missing = std::mem::take(&mut got.missing);
+                let retried = self.open_revs(id, &missing, &[]).await?;
+                got.docs.extend(retried.docs);
+                if let Some(rev) = retried.missing.into_iter().next() {
+                    let reason = "missing (asked for twice with open_revs)".into();
+                    let id = id.to_string();
+                    return Err(ReplicationError::Unreadable { id, rev, reason });
+                }
+            }
+            docs.extend(got.docs);
         }
-        Ok(results)
+        Ok(docs)
+    }
+
+    async fn open_revs(
+        &self,
+        id: &str,
+        revs: &[String],
+        atts_since: &[String],
+    ) -> Result<OpenRevs, ReplicationError> {
+        let source = &self.source;
+        let got = source.client.open_revs(&source.db, id, revs, atts_since);
+        got.await
+            .map_err(ReplicationError::couch("fetching revisions"))
     }
 
     /// Writes revisions as they are. Returns those refused for a missing
-    /// attachment stub (to fetch again with every attachment); the others
-    /// the target refuses count as failures.
+    /// attachment stub (to fetch again with every attachment). A revision
+    /// a validation function refuses counts as a failure and is passed
+    /// over; any other refusal fails the run.
     async fn write(
         &self,
-        docs: Vec<Value>,
+        docs: Vec<RawDoc>,
         report: &mut Report,
     ) -> Result<Vec<RevToFetch>, ReplicationError> {
         let target = &self.target;
@@ -361,20 +465,34 @@ impl Replication {
         report.docs_written += docs.len().saturating_sub(refused.len()) as u64;
         let mut again = Vec::new();
         for failure in refused {
-            match failure {
-                BulkResult::Failed {
-                    error,
-                    id: Some(id),
-                    rev: Some(rev),
-                    ..
-                } if error == "missing_stub" => again.push(RevToFetch {
+            let BulkResult::Failed {
+                id,
+                rev,
+                error,
+                reason,
+            } = failure
+            else {
+                continue;
+            };
+            let (id, rev) = (id.unwrap_or_default(), rev.unwrap_or_default());
+            match error.as_str() {
+                "missing_stub" => again.push(RevToFetch {
                     id,
                     rev,
                     atts_since: Vec::new(),
                 }),
-                failure => {
-                    tracing::warn!(db = %target.db, result = ?failure, "the target refused a revision");
+                "forbidden" | "unauthorized" => {
+                    tracing::warn!(db = %target.db, %id, %rev, %error, reason = reason.as_deref().unwrap_or(""), "the target refused a revision");
                     report.doc_write_failures += 1;
+                }
+                _ => {
+                    let reason = reason.unwrap_or_default();
+                    return Err(ReplicationError::Refused {
+                        id,
+                        rev,
+                        error,
+                        reason,
+                    });
                 }
             }
         }

@@ -162,13 +162,18 @@ impl Replicator {
             options: options.clone(),
         };
         let started = std::time::Instant::now();
-        let id = replication.id();
-        let known = self.sessions.take(db, &id);
-        let (ran, progress) = match replication.run(known).await {
-            Ok((report, progress)) => (Ok(report), progress),
-            Err(e) => (Err(e), None),
+        let ran = match replication.id().await {
+            Ok(id) => {
+                let known = self.sessions.take(db, &id);
+                let (ran, progress) = match replication.run(&id, known).await {
+                    Ok((report, progress)) => (Ok(report), progress),
+                    Err(e) => (Err(e), None),
+                };
+                self.sessions.finish(db, id, progress);
+                ran
+            }
+            Err(e) => Err(e),
         };
-        self.sessions.finish(db, id, progress);
         match ran {
             Ok(report) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
@@ -267,9 +272,14 @@ impl Role for Replicator {
                 .inc();
             match result {
                 Replicated::Ok => {}
+                // Nothing is taken for done that did not replicate: even an
+                // error that looks permanent (a refusal, an answer that
+                // does not decode, a document to fix) is retried with
+                // backoff, and shown in the status meanwhile.
                 Replicated::Failed(error) => {
                     tracing::error!(doc = %rule.id, db, %error, replication = %rule.describe(db), "replication failed");
-                    self.status.failure(&rule.id, db, error);
+                    self.status.failure(&rule.id, db, error.clone());
+                    retry = Some((error, Wait::Backoff));
                 }
                 Replicated::Retry(error, wait) => {
                     self.status.failure(&rule.id, db, error.clone());

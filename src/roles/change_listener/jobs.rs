@@ -13,7 +13,8 @@ use crate::couch::{Change, Doc};
 use crate::delivery::{Request, RequestError};
 use crate::rules::on_change::{Batch, ChangeContext, OnChangeRule};
 
-/// A request to make, or a batch to hold back.
+/// A request to make, a batch or a rule that holds the database back, or a
+/// request that cannot be built.
 pub(super) struct Job<'a> {
     /// The delivery whose attempts count: the change's, or a batch's first
     /// member's.
@@ -36,6 +37,12 @@ pub(super) enum Work {
     Send(Box<Request>),
     /// An incomplete batch waits this long for more changes.
     Hold(Duration),
+    /// The rule holds its databases back (paused, or unusable since an
+    /// edit): nothing is built.
+    Held,
+    /// The request cannot be built for this change: it becomes a dead
+    /// letter.
+    Unbuildable(RequestError),
 }
 
 /// What planning a page needs to know.
@@ -48,19 +55,14 @@ pub(super) struct Page<'p, 'a> {
 }
 
 impl<'a> Page<'_, 'a> {
-    /// Every job of the page, in the order delivery reaches them. `failed`
-    /// is told of a request that cannot be built (the change is skipped
-    /// for that rule); `waited` says how long an incomplete batch, known
-    /// by its first member, has been waiting.
-    pub fn jobs(
-        &self,
-        failed: impl Fn(&OnChangeRule, &RequestError),
-        waited: impl Fn(&OnChangeRule, &DeliveryKey) -> Duration,
-    ) -> Vec<Job<'a>> {
+    /// Every job of the page, in the order delivery reaches them. `waited`
+    /// says how long an incomplete batch, known by its first member, has
+    /// been waiting.
+    pub fn jobs(&self, waited: impl Fn(&OnChangeRule, &DeliveryKey) -> Duration) -> Vec<Job<'a>> {
         let docs: Vec<Cow<'a, Doc>> = self.changes.iter().map(doc_of).collect();
-        let mut jobs = self.singles(&docs, &failed);
+        let mut jobs = self.singles(&docs);
         for rule in self.rules.iter().filter(|r| r.batch.is_some()) {
-            jobs.extend(self.batches(rule, &docs, &failed, &waited));
+            jobs.extend(self.batches(rule, &docs, &waited));
         }
         jobs.sort_by_key(|j| j.at);
         jobs
@@ -79,26 +81,17 @@ impl<'a> Page<'_, 'a> {
     }
 
     /// One job per change and matching rule without `batch`, debounced.
-    fn singles(
-        &self,
-        docs: &[Cow<'a, Doc>],
-        failed: &impl Fn(&OnChangeRule, &RequestError),
-    ) -> Vec<Job<'a>> {
+    fn singles(&self, docs: &[Cow<'a, Doc>]) -> Vec<Job<'a>> {
         let mut jobs = Vec::new();
         let mut debounced = HashSet::new();
         for (i, change) in self.changes.iter().enumerate() {
             let single = self.rules.iter().filter(|r| r.batch.is_none());
             for rule in single.filter(|r| r.matches(docs[i].value())) {
-                let request = match Request::build(&rule.request, &self.context(rule, i, &docs[i]))
-                {
-                    Ok(request) => request,
-                    Err(e) => {
-                        failed(rule, &e);
+                let work = self.work(rule, i, &docs[i]);
+                if let (true, Work::Send(request)) = (rule.debounce, &work) {
+                    if !debounced.insert(request.identity()) {
                         continue;
                     }
-                };
-                if rule.debounce && !debounced.insert(request.identity()) {
-                    continue;
                 }
                 let key = DeliveryKey::of(&rule.id, change);
                 if self.delivered.contains(&key) {
@@ -111,28 +104,33 @@ impl<'a> Page<'_, 'a> {
                     first: i,
                     change,
                     members: Vec::new(),
-                    work: Work::Send(Box::new(request)),
+                    work,
                 });
             }
         }
         jobs
     }
 
+    /// What a rule without `batch` does for change `i`.
+    fn work(&self, rule: &OnChangeRule, i: usize, doc: &Doc) -> Work {
+        if rule.holds() {
+            return Work::Held;
+        }
+        match Request::build(&rule.request, &self.context(rule, i, doc)) {
+            Ok(request) => Work::Send(Box::new(request)),
+            Err(e) => Work::Unbuildable(e),
+        }
+    }
+
     /// The jobs of a `batch` rule: its matching changes not yet delivered,
-    /// in runs of `max_changes`; the last, incomplete run is held while it
-    /// has waited less than `max_wait`.
+    /// in runs of `max_changes`.
     fn batches(
         &self,
         rule: &'a OnChangeRule,
         docs: &[Cow<'a, Doc>],
-        failed: &impl Fn(&OnChangeRule, &RequestError),
         waited: &impl Fn(&OnChangeRule, &DeliveryKey) -> Duration,
     ) -> Vec<Job<'a>> {
-        let Some(Batch {
-            max_changes,
-            max_wait,
-        }) = rule.batch
-        else {
+        let Some(batch) = rule.batch else {
             return Vec::new();
         };
         let pending: Vec<usize> = (0..self.changes.len())
@@ -144,7 +142,7 @@ impl<'a> Page<'_, 'a> {
             })
             .collect();
         let mut jobs = Vec::new();
-        for run in pending.chunks(max_changes) {
+        for run in pending.chunks(batch.max_changes) {
             let (first, last) = (run[0], run[run.len() - 1]);
             let members: Vec<(DeliveryKey, &'a Change)> = run
                 .iter()
@@ -156,29 +154,11 @@ impl<'a> Page<'_, 'a> {
                 })
                 .collect();
             let key = members[0].0.clone();
-            let wait = match run.len() < max_changes {
-                true => max_wait.saturating_sub(waited(rule, &key)),
-                false => Duration::ZERO,
-            };
-            let work = if !wait.is_zero() {
-                Work::Hold(wait)
-            } else {
-                let contexts: Vec<ChangeContext> = run
-                    .iter()
-                    .map(|&i| self.context(rule, i, &docs[i]))
-                    .collect();
-                match Request::build_batch(&rule.request, &contexts) {
-                    Ok(request) => Work::Send(Box::new(request)),
-                    Err(e) => {
-                        failed(rule, &e);
-                        continue;
-                    }
-                }
-            };
+            let work = self.batch_work(rule, batch, run, docs, || waited(rule, &key));
             // A held batch stops delivery at its first member.
             let at = match work {
-                Work::Hold(_) => first,
-                Work::Send(_) => last,
+                Work::Hold(_) | Work::Held => first,
+                Work::Send(_) | Work::Unbuildable(_) => last,
             };
             jobs.push(Job {
                 key,
@@ -191,5 +171,35 @@ impl<'a> Page<'_, 'a> {
             });
         }
         jobs
+    }
+
+    /// What a `batch` rule does for a run of its changes (indexes in the
+    /// page): an incomplete run is held while it has waited (`waited`) less
+    /// than `max_wait`.
+    fn batch_work(
+        &self,
+        rule: &OnChangeRule,
+        batch: Batch,
+        run: &[usize],
+        docs: &[Cow<'a, Doc>],
+        waited: impl FnOnce() -> Duration,
+    ) -> Work {
+        if rule.holds() {
+            return Work::Held;
+        }
+        if run.len() < batch.max_changes {
+            let wait = batch.max_wait.saturating_sub(waited());
+            if !wait.is_zero() {
+                return Work::Hold(wait);
+            }
+        }
+        let contexts: Vec<ChangeContext> = run
+            .iter()
+            .map(|&i| self.context(rule, i, &docs[i]))
+            .collect();
+        match Request::build_batch(&rule.request, &contexts) {
+            Ok(request) => Work::Send(Box::new(request)),
+            Err(e) => Work::Unbuildable(e),
+        }
     }
 }

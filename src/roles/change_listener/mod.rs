@@ -10,7 +10,10 @@
 //! concurrency slot (the run ends and the runtime runs the database again);
 //! what was delivered meanwhile is remembered, so a retry sends only what
 //! failed. After the last retry the request becomes a dead letter and
-//! delivery moves on.
+//! delivery moves on; so does, at once, a request that cannot be built. A
+//! paused rule, or one whose document an edit made unusable, holds each
+//! database at the first change it matches until it is resumed, fixed or
+//! deleted.
 
 mod checkpoints;
 mod jobs;
@@ -38,7 +41,7 @@ use crate::flush::{self, Flush};
 use crate::metrics::{ClassLabel, EndpointLabel, RoleMetrics};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
-use crate::rules::on_change::{Context, OnChangeRule};
+use crate::rules::on_change::{Context, OnChangeDocError, OnChangeRule};
 use crate::status::StatusBook;
 use crate::worker::{Outcome, Role, Wait};
 
@@ -47,8 +50,8 @@ pub const NAME: &str = "change-listener";
 /// Requests of `block: false` rules sent at once, per run.
 const PARALLEL_REQUESTS: usize = 8;
 
-/// A database held back by a paused rule runs again after this, in case
-/// the nudge at its resumption was missed (a restart in between).
+/// A database held back by a paused or unusable rule runs again after this,
+/// in case the nudge at its resumption was missed (a restart in between).
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
 
 pub struct ChangeListener {
@@ -65,8 +68,8 @@ pub struct ChangeListener {
     metrics: RoleMetrics,
     rules: RuleCache<OnChangeRule>,
     progress: Mutex<HashMap<String, Progress>>,
-    /// Per paused rule, the databases it holds back: they run again as
-    /// soon as it is resumed.
+    /// Per paused or unusable rule, the databases it holds back: they run
+    /// again as soon as it is resumed, fixed or deleted.
     held: Mutex<HashMap<String, HashSet<String>>>,
     /// Databases to run now, to the worker.
     nudges: mpsc::Sender<String>,
@@ -130,7 +133,8 @@ fn doc_of(change: &Change) -> Cow<'_, Doc> {
 
 enum Sent {
     Ok,
-    /// Failed, or held back by a paused rule; run again after the wait.
+    /// Failed, or held back by a paused or unusable rule; run again after
+    /// the wait.
     Retry(Wait, String),
     /// Failed for the last time: dead-lettered, moving on.
     Dead,
@@ -199,22 +203,36 @@ impl ChangeListener {
         };
         self.rules.rules(
             &docs,
-            |id, doc| OnChangeRule::compile(id, doc, &context),
-            |id, parsed| match parsed {
-                Parsed::Usable(rule) => {
-                    self.status.invalid(id, None);
-                    let paused = "paused: its changes wait until it is resumed";
-                    self.status
-                        .note(id, rule.paused.then(|| paused.to_string()));
-                }
-                Parsed::Unusable(e) => {
-                    tracing::error!(doc = %id, error = %e, "unusable on_change document: skipped");
-                    self.status.invalid(id, Some(e.to_string()));
-                }
-            },
+            |id, doc| OnChangeRule::load(id, doc, &context),
+            |id, parsed| self.report(id, parsed),
             // Statuses of deleted documents go with them.
             |docs| self.status.retain(|id| docs.contains_key(id)),
         )
+    }
+
+    /// Logs and shows in the status what a document's new revision is:
+    /// usable, paused, unusable and holding its databases, or unusable
+    /// and skipped.
+    fn report(&self, id: &str, parsed: Parsed<'_, OnChangeRule, OnChangeDocError>) {
+        let (invalid, note) = match parsed {
+            Parsed::Usable(rule) => match &rule.unusable {
+                Some(e) => {
+                    tracing::error!(doc = %id, error = %e, "unusable on_change document: its changes wait until it is fixed or deleted");
+                    let note = "unusable: its changes wait until it is fixed or deleted";
+                    (Some(e.to_string()), Some(note))
+                }
+                None => {
+                    let paused = "paused: its changes wait until it is resumed";
+                    (None, rule.paused.then_some(paused))
+                }
+            },
+            Parsed::Unusable(e) => {
+                tracing::error!(doc = %id, error = %e, "unusable on_change document: skipped");
+                (Some(e.to_string()), None)
+            }
+        };
+        self.status.invalid(id, invalid);
+        self.status.note(id, note.map(String::from));
     }
 
     /// Parses the on_change documents each time they change, so that an
@@ -224,9 +242,8 @@ impl ChangeListener {
     pub async fn watch_rules(self: Arc<Self>) {
         let mut docs = self.docs.clone();
         loop {
-            self.rules().await;
-            let loaded = follower::loaded(&mut self.docs.clone()).await;
-            for db in self.resumed(&loaded) {
+            let rules = self.rules().await;
+            for db in self.resumed(&rules) {
                 if self.nudges.send(db).await.is_err() {
                     return;
                 }
@@ -242,19 +259,18 @@ impl ChangeListener {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The databases held back by rules that are no longer paused. A
-    /// document that still says `"paused": true` keeps holding them, even
-    /// while an edit has made it unusable.
-    fn resumed(&self, docs: &follower::UserDocs) -> Vec<String> {
-        let paused: HashSet<&str> = docs
+    /// The databases held back by rules that no longer hold them: resumed,
+    /// fixed, deleted, or made unable to name their databases.
+    fn resumed(&self, rules: &[OnChangeRule]) -> Vec<String> {
+        let holding: HashSet<&str> = rules
             .iter()
-            .filter(|(_, doc)| doc.get("paused") == Some(&Value::Bool(true)))
-            .map(|(id, _)| id.as_str())
+            .filter(|rule| rule.holds())
+            .map(|rule| rule.id.as_str())
             .collect();
         let mut held = self.held();
         let resumed: Vec<String> = held
             .keys()
-            .filter(|rule| !paused.contains(rule.as_str()))
+            .filter(|rule| !holding.contains(rule.as_str()))
             .cloned()
             .collect();
         resumed
@@ -320,28 +336,12 @@ impl ChangeListener {
             changes,
             delivered: &delivered,
         };
-        let failed = |rule: &OnChangeRule, e: &RequestError| {
-            tracing::error!(rule = %rule.id, db, error = %e, "cannot build the request: skipped");
-            self.status
-                .failure(&rule.id, db, format!("cannot build the request: {e}"));
-        };
-        page.jobs(failed, |rule, first| self.batch_waited(db, rule, first))
+        page.jobs(|rule, first| self.batch_waited(db, rule, first))
     }
 
-    /// Sends one request once, recording the outcome. A paused rule's
-    /// request is not sent: it holds the database back.
+    /// Sends one request once, recording the outcome. A paused or unusable
+    /// rule sends nothing: it holds the database back.
     async fn send(&self, job: &Job<'_>, db: &str) -> Sent {
-        if job.rule.paused {
-            let rule = &job.rule.id;
-            self.held()
-                .entry(rule.clone())
-                .or_default()
-                .insert(db.into());
-            return Sent::Retry(
-                Wait::Held(PAUSED_RECHECK),
-                format!("on_change {rule} is paused"),
-            );
-        }
         let request = match &job.work {
             Work::Send(request) => request,
             Work::Hold(wait) => {
@@ -351,6 +351,8 @@ impl ChangeListener {
                 );
                 return Sent::Retry(Wait::Held(*wait), reason);
             }
+            Work::Held => return self.hold(job, db),
+            Work::Unbuildable(error) => return self.unbuildable(job, db, error).await,
         };
         if let Some(per_second) = job.rule.rate_limit {
             self.endpoints.pace(&job.rule.id, per_second).await;
@@ -391,6 +393,21 @@ impl ChangeListener {
             }
             Err(error) => self.failed(job, request, db, &error).await,
         }
+    }
+
+    /// A paused or unusable rule holds the database at this change until
+    /// it is resumed, fixed or deleted (then [`Self::resumed`] runs it).
+    fn hold(&self, job: &Job<'_>, db: &str) -> Sent {
+        let rule = &job.rule.id;
+        self.held()
+            .entry(rule.clone())
+            .or_default()
+            .insert(db.into());
+        let reason = match job.rule.unusable {
+            Some(_) => format!("on_change {rule} is unusable: fix or delete it"),
+            None => format!("on_change {rule} is paused"),
+        };
+        Sent::Retry(Wait::Held(PAUSED_RECHECK), reason)
     }
 
     /// Shows the endpoint's circuit in its gauge and in the status.
@@ -437,47 +454,45 @@ impl ChangeListener {
             self.metrics.webhook_retries.inc();
             return Sent::Retry(Wait::For(job.rule.backoff.wait(count)), text);
         }
-        let first = job.members.first().map_or(job.change, |(_, c)| *c);
-        let batch: Option<Vec<BatchMember>> = (!job.members.is_empty()).then(|| {
-            job.members
-                .iter()
-                .map(|(_, c)| BatchMember {
-                    doc_id: c.id.clone(),
-                    rev: rev_of(c).to_string(),
-                    seq: c.seq.as_json().clone(),
-                    change: doc_of(c).raw().to_owned(),
-                })
-                .collect()
-        });
         let letter = DeadLetter {
-            kind: DeadLetter::KIND.into(),
-            rule: job.rule.id.clone(),
-            db_name: db.into(),
-            seq: job.change.seq.as_json().clone(),
-            doc_id: first.id.clone(),
-            rev: rev_of(first).to_string(),
-            change: doc_of(first).raw().to_owned(),
-            batch,
-            request: request.redacted(),
             last_status: match error {
                 DeliveryError::Status { status, .. } => Some(*status),
                 _ => None,
             },
-            last_error: text.clone(),
             attempts: count,
             first_attempt_at: first_at,
             last_attempt_at: now,
+            ..letter(job, db, request.redacted(), text)
         };
+        self.bury(job, db, letter, "request failed for the last time")
+            .await
+    }
+
+    /// A request that cannot be built for its change (a URL that does not
+    /// parse once a placeholder is filled in, say). Building it again gives
+    /// the same, so it becomes a dead letter at once, with the reason, and
+    /// delivery moves on; `spiegel redeliver` sends it once the rule is
+    /// fixed.
+    async fn unbuildable(&self, job: &Job<'_>, db: &str, error: &RequestError) -> Sent {
+        let text = format!("cannot build the request: {error}");
+        self.status.failure(&job.rule.id, db, text.clone());
+        let letter = letter(job, db, Value::Null, text);
+        self.bury(job, db, letter, "request cannot be built").await
+    }
+
+    /// Stores a job's dead letter and moves on past the job; `what` says
+    /// why in the log. A letter that cannot be stored leaves the job to be
+    /// retried, never dropped.
+    async fn bury(&self, job: &Job<'_>, db: &str, letter: DeadLetter, what: &str) -> Sent {
         if let Err(e) =
             dead_letter::store(&self.client, &self.spiegel_db, &self.namespace, &letter).await
         {
-            // Without its dead letter the request must not be dropped.
             return Sent::Retry(
-                Wait::For(job.rule.backoff.wait(count)),
+                Wait::For(job.rule.backoff.wait(letter.attempts.max(1))),
                 format!("cannot store the dead letter: {e}"),
             );
         }
-        tracing::error!(rule = %job.rule.id, db, doc = %job.change.id, attempts = count, error = %text, "request failed for the last time: stored as a dead letter");
+        tracing::error!(rule = %job.rule.id, db, doc = %job.change.id, attempts = letter.attempts, error = %letter.last_error, "{what}: stored as a dead letter");
         self.metrics.dead_letters.inc();
         self.settle(db, job);
         Sent::Dead
@@ -511,17 +526,20 @@ impl ChangeListener {
         }
         let parallel_failed = failure.is_some();
 
-        // Blocking requests, strictly in change order. A job that fails
-        // leaves the checkpoint before the first change it covers.
-        let mut jobs_by_change = ordered.iter().peekable();
-        for i in 0..changes.len() {
-            while let Some(job) = jobs_by_change.next_if(|j| j.at == i) {
-                if let Sent::Retry(wait, reason) = self.send(job, db).await {
-                    let before = job.first.checked_sub(1).map(|k| changes[k].seq.clone());
-                    let progress = if parallel_failed { None } else { before };
-                    let (wait, reason) = first_failure(failure, (wait, reason));
-                    return Err((progress, wait, reason));
-                }
+        // Blocking requests, strictly in change order (the jobs are sorted
+        // by `at`). A job that fails leaves the checkpoint before the first
+        // change of every job not done yet: a batch reached later may cover
+        // changes before the one that failed.
+        for (n, job) in ordered.iter().enumerate() {
+            if let Sent::Retry(wait, reason) = self.send(job, db).await {
+                let first = ordered[n..]
+                    .iter()
+                    .map(|j| j.first)
+                    .fold(job.first, usize::min);
+                let before = first.checked_sub(1).map(|k| changes[k].seq.clone());
+                let progress = if parallel_failed { None } else { before };
+                let (wait, reason) = first_failure(failure, (wait, reason));
+                return Err((progress, wait, reason));
             }
         }
         match failure {
@@ -539,6 +557,41 @@ fn first_failure(kept: Option<(Wait, String)>, new: (Wait, String)) -> (Wait, St
         Some(kept) if matches!(kept.0, Wait::Held(_)) && !matches!(new.0, Wait::Held(_)) => new,
         Some(kept) => kept,
         None => new,
+    }
+}
+
+/// The dead letter of a job: its change (a batch's first) and a batch's
+/// members, the request (`null` when it could not be built) and the error;
+/// no attempt counted, both attempt times now.
+fn letter(job: &Job<'_>, db: &str, request: Value, last_error: String) -> DeadLetter {
+    let first = job.members.first().map_or(job.change, |(_, c)| *c);
+    let batch: Option<Vec<BatchMember>> = (!job.members.is_empty()).then(|| {
+        job.members
+            .iter()
+            .map(|(_, c)| BatchMember {
+                doc_id: c.id.clone(),
+                rev: rev_of(c).to_string(),
+                seq: c.seq.as_json().clone(),
+                change: doc_of(c).raw().to_owned(),
+            })
+            .collect()
+    });
+    let now = crate::coordination::timestamp();
+    DeadLetter {
+        kind: DeadLetter::KIND.into(),
+        rule: job.rule.id.clone(),
+        db_name: db.into(),
+        seq: job.change.seq.as_json().clone(),
+        doc_id: first.id.clone(),
+        rev: rev_of(first).to_string(),
+        change: doc_of(first).raw().to_owned(),
+        batch,
+        request,
+        last_status: None,
+        last_error,
+        attempts: 0,
+        first_attempt_at: now.clone(),
+        last_attempt_at: now,
     }
 }
 

@@ -47,6 +47,14 @@
 //! top-level fields (Spiegel 1.2's bookkeeping, `_rev`, `type`...) are
 //! ignored, but unknown members inside `sign` and `backoff` are errors,
 //! since a misspelt option there would otherwise be silently dropped.
+//!
+//! # Unusable documents
+//!
+//! A document that does not compile but whose `db_name` does is still
+//! loaded, as a rule that sends nothing and holds back the changes it
+//! would match ([`OnChangeRule::load`]), so that a broken edit passes no
+//! change over; without a usable `db_name` it cannot say which databases
+//! it is for, and holds nothing.
 
 pub mod conditions;
 mod path;
@@ -156,6 +164,10 @@ pub struct OnChangeRule {
     /// `"paused": true`: its requests wait, and with them the databases'
     /// checkpoints, until the document is resumed.
     pub paused: bool,
+    /// Why the document cannot be used, for a rule made of an unusable
+    /// document (see [`OnChangeRule::load`]): it sends nothing and holds
+    /// the changes it would match, as a paused rule does.
+    pub unusable: Option<OnChangeDocError>,
 }
 
 /// A rule's own retry options (`"backoff": {...}`); a member left out keeps
@@ -226,7 +238,53 @@ impl OnChangeRule {
                 Some(o) => o.apply(base),
                 None => base,
             },
+            unusable: None,
         })
+    }
+
+    /// The rule of a document, usable or not. An unusable document whose
+    /// `db_name` compiles still holds back the databases it names, so that
+    /// an edit that broke it passes no change over: it becomes a rule that
+    /// sends nothing and matches the changes its `if` and `selector` say,
+    /// or every change when they are what is broken. Err: the document
+    /// cannot say which databases it is for; it holds nothing.
+    pub fn load(id: &str, doc: &Value, context: &Context) -> Result<Self> {
+        Self::compile(id, doc, context).or_else(|error| Self::holding(id, doc, error, context))
+    }
+
+    fn holding(id: &str, doc: &Value, error: OnChangeDocError, context: &Context) -> Result<Self> {
+        let Some(Ok(db_name)) = present(doc, "db_name")
+            .and_then(Value::as_str)
+            .map(|pattern| regex(pattern, "db_name"))
+        else {
+            return Err(error);
+        };
+        let conditions = Conditions::parse(present(doc, "if"));
+        let selector = present(doc, "selector").map(Selector::parse).transpose();
+        let (conditions, selector) = match (conditions, selector) {
+            (Ok(conditions), Ok(selector)) => (conditions, selector),
+            _ => (Conditions::default(), None),
+        };
+        Ok(OnChangeRule {
+            id: id.to_string(),
+            db_name,
+            conditions,
+            selector,
+            request: Template::default(),
+            block: true,
+            debounce: false,
+            rate_limit: None,
+            batch: None,
+            backoff: context.backoff.clone(),
+            paused: false,
+            unusable: Some(error),
+        })
+    }
+
+    /// Whether the rule holds back the changes it matches instead of
+    /// sending them: it is paused, or unusable.
+    pub fn holds(&self) -> bool {
+        self.paused || self.unusable.is_some()
     }
 
     /// Whether the rule applies to the database of this (decoded) name.
@@ -898,6 +956,53 @@ mod tests {
         assert!(with_selector(json!({"_deleted": true})).matches(&stub));
         assert!(!with_selector(json!({"_deleted": true})).matches(&json!({"_id": "inv-1"})));
         assert!(with_if(json!({"type": null})).matches(&stub));
+    }
+
+    fn load(extra: Value) -> Result<OnChangeRule> {
+        let (passwords, backoff) = (Passwords::default(), base());
+        let context = Context {
+            passwords: &passwords,
+            backoff: &backoff,
+        };
+        OnChangeRule::load("rule", &doc(extra), &context)
+    }
+
+    #[test]
+    fn an_unusable_document_with_a_usable_db_name_holds_what_it_would_match() {
+        let bad_url =
+            load(json!({"url": "ftp://api.example.com/", "if": {"type": "^order$"}})).unwrap();
+        assert!(matches!(
+            bad_url.unusable,
+            Some(OnChangeDocError::BadUrl(_))
+        ));
+        assert!(bad_url.holds() && bad_url.block);
+        assert!(bad_url.applies_to_db("user_1") && !bad_url.applies_to_db("other"));
+        assert!(bad_url.matches(&json!({"type": "order"})));
+        assert!(!bad_url.matches(&json!({"type": "note"})));
+
+        // With `if` itself broken, every change is held.
+        let bad_if = load(json!({"if": {"type": "(["}})).unwrap();
+        assert!(bad_if.unusable.is_some());
+        assert!(bad_if.matches(&json!({"type": "note"})));
+
+        assert!(load(json!({})).unwrap().unusable.is_none());
+        assert!(!load(json!({})).unwrap().holds());
+    }
+
+    #[test]
+    fn an_unusable_document_without_a_usable_db_name_holds_nothing() {
+        assert!(matches!(
+            load(json!({"db_name": "(["})),
+            Err(OnChangeDocError::BadRegex { .. })
+        ));
+        assert_eq!(
+            load(json!({"db_name": null, "url": 3})).unwrap_err(),
+            OnChangeDocError::MissingDbName
+        );
+        assert_eq!(
+            load(json!({"db_name": 1})).unwrap_err(),
+            OnChangeDocError::DbNameNotString
+        );
     }
 
     #[test]
