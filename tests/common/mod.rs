@@ -4,11 +4,13 @@
 
 mod proxy;
 mod receiver;
+mod rewriting_proxy;
 mod server;
 mod test_server;
 
 pub use proxy::Proxy;
 pub use receiver::{Received, Receiver};
+pub use rewriting_proxy::{Fault, RewritingProxy, FOREVER};
 pub use server::*;
 
 use std::io::{BufRead, BufReader};
@@ -292,10 +294,16 @@ impl Installation {
     /// timings (lease 1.5 s unless `extra` sets one, saves every second),
     /// plus `extra` options.
     pub fn start_worker(&self, role: &str, extra: &[&str]) -> Spiegel {
+        self.start_worker_at(&self.url, role, extra)
+    }
+
+    /// [`Self::start_worker`], with `url` as the worker's `--url` (the
+    /// installation's server through a proxy).
+    pub fn start_worker_at(&self, url: &str, role: &str, extra: &[&str]) -> Spiegel {
         let mut args = vec![
             role,
             "--url",
-            &self.url,
+            url,
             "--db-name",
             &self.spiegel_db,
             "--save-seq-after",

@@ -53,10 +53,7 @@ impl Proxy {
 
     /// `url` (with its credentials and path) pointed at the proxy.
     pub fn url(&self, url: &str) -> String {
-        let mut parsed = url::Url::parse(url).expect("a server URL");
-        parsed.set_port(Some(self.addr.port())).expect("a port");
-        parsed.set_host(Some("127.0.0.1")).expect("a host");
-        parsed.as_str().trim_end_matches('/').to_string()
+        pointed_at(url, self.addr)
     }
 
     /// Every connection open now goes silent.
@@ -89,6 +86,14 @@ impl Proxy {
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
     }
+}
+
+/// `url` (with its credentials and path) pointed at a proxy on `addr`.
+pub fn pointed_at(url: &str, addr: SocketAddr) -> String {
+    let mut parsed = url::Url::parse(url).expect("a server URL");
+    parsed.set_port(Some(addr.port())).expect("a port");
+    parsed.set_host(Some("127.0.0.1")).expect("a host");
+    parsed.as_str().trim_end_matches('/').to_string()
 }
 
 fn socket_addr(backend: &str) -> SocketAddr {
