@@ -38,8 +38,9 @@ pub struct DeadLetter {
     /// change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Vec<BatchMember>>,
-    /// The request as sent, without credentials or secrets.
-    pub request: Value,
+    /// The request as sent, without credentials or secrets, its body as the
+    /// text sent (`null` when it could not be built).
+    pub request: Box<RawValue>,
     /// The HTTP status of the last attempt, if the API answered.
     pub last_status: Option<u16>,
     /// The last error, with an excerpt of the answer's body.

@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 pub use self::checkpoints::Checkpoints;
@@ -476,7 +477,9 @@ impl ChangeListener {
     async fn unbuildable(&self, job: &Job<'_>, db: &str, error: &RequestError) -> Sent {
         let text = format!("cannot build the request: {error}");
         self.status.failure(&job.rule.id, db, text.clone());
-        let letter = letter(job, db, Value::Null, text);
+        // `null`: valid JSON text.
+        let null = RawValue::from_string("null".into()).expect("null is JSON");
+        let letter = letter(job, db, null, text);
         self.bury(job, db, letter, "request cannot be built").await
     }
 
@@ -563,7 +566,7 @@ fn first_failure(kept: Option<(Wait, String)>, new: (Wait, String)) -> (Wait, St
 /// The dead letter of a job: its change (a batch's first) and a batch's
 /// members, the request (`null` when it could not be built) and the error;
 /// no attempt counted, both attempt times now.
-fn letter(job: &Job<'_>, db: &str, request: Value, last_error: String) -> DeadLetter {
+fn letter(job: &Job<'_>, db: &str, request: Box<RawValue>, last_error: String) -> DeadLetter {
     let first = job.members.first().map_or(job.change, |(_, c)| *c);
     let batch: Option<Vec<BatchMember>> = (!job.members.is_empty()).then(|| {
         job.members
