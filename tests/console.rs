@@ -21,6 +21,15 @@ struct Console {
 }
 
 impl Console {
+    /// Waits until the console's state shows `text` (the database held
+    /// back, say).
+    async fn wait_state(&self, text: &str) {
+        wait_for(text, Duration::from_secs(20), || async {
+            self.state().await.contains(text).then_some(())
+        })
+        .await;
+    }
+
     async fn start(s: &Installation, role: &str, extra: &[&str]) -> Console {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec!["--backoff-delay", "0.3", "--console", "--admin-addr", &addr];
@@ -152,18 +161,7 @@ async fn a_paused_rule_holds_its_changes_until_it_is_resumed() {
     .await;
 
     s.couch.put_doc(&db, "during", &json!({})).await.unwrap();
-    wait_for(
-        "the database held back",
-        Duration::from_secs(20),
-        || async {
-            console
-                .state()
-                .await
-                .contains("hook is paused")
-                .then_some(())
-        },
-    )
-    .await;
+    console.wait_state("hook is paused").await;
     assert_eq!(receiver.received().len(), 1, "nothing is sent while paused");
 
     let (status, _) = console.pause("hook", false).await;
@@ -207,18 +205,7 @@ async fn a_rule_made_unusable_by_an_edit_holds_its_changes_until_it_is_fixed() {
     .await;
 
     s.couch.put_doc(&db, "during", &json!({})).await.unwrap();
-    wait_for(
-        "the database held back",
-        Duration::from_secs(20),
-        || async {
-            console
-                .state()
-                .await
-                .contains("hook is unusable")
-                .then_some(())
-        },
-    )
-    .await;
+    console.wait_state("hook is unusable").await;
     assert_eq!(
         receiver.received().len(),
         1,
