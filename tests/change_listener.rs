@@ -1261,9 +1261,11 @@ async fn a_rate_limited_rule_spaces_its_requests() {
         .wait("every change", |got| got.len() >= docs.len())
         .await;
     let times: Vec<std::time::Instant> = receiver.received().iter().map(|r| r.at).collect();
-    let spread = times[times.len() - 1] - times[0];
-    // Eight requests at five a second: seven gaps of 200 ms.
-    assert!(spread >= Duration::from_millis(1350), "{spread:?}");
+    // Eight requests at five a second: seven gaps of 200 ms. The first
+    // request also opens the connection, which on a loaded machine can
+    // arrive late and shorten the first gap: the six gaps after it count.
+    let spread = times[times.len() - 1] - times[1];
+    assert!(spread >= Duration::from_millis(1100), "{spread:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
