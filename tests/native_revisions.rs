@@ -7,9 +7,12 @@
 //! Only a write the target refuses (a validate function) is counted in
 //! `doc_write_failures` and passed over.
 //!
+//! A refusal that looks permanent (413 from a proxy) is retried with
+//! backoff until the revision goes through, never taken for done.
+//!
 //! Spiegel reaches the server through a [`RewritingProxy`] (the worker's
-//! `--url` and the replicator document's source: a source on another server
-//! than `--url` would never be triggered), the target directly. The proxy
+//! `--url`, and the replicator document's source and target: a source on
+//! another server than `--url` would never be triggered). The proxy
 //! rewrites the answers about one document.
 
 mod common;
@@ -65,14 +68,14 @@ impl Run {
     }
 
     /// Writes the replicator document: the native engine, from the source
-    /// through the proxy to the target, recording a checkpoint every run
+    /// to the target, both through the proxy, recording a checkpoint every run
     /// (`checkpoint_interval` 1 ms).
     async fn replicate(&self) {
         let server = self.s.url.trim_end_matches('/');
         let doc = json!({
             "type": "replicator",
             "source": format!("{}/{}", self.proxy.url(server), encode_segment(&self.src)),
-            "target": format!("{server}/{}", encode_segment(&self.dst)),
+            "target": format!("{}/{}", self.proxy.url(server), encode_segment(&self.dst)),
             "engine": "native",
             "checkpoint_interval": 1,
         });
@@ -302,4 +305,17 @@ async fn a_revision_the_target_forbids_is_counted_and_passed_over() {
     run.wait_total("docs_written", 3).await;
     let failures = run.total("doc_write_failures").await;
     assert_eq!(failures, Some(1), "the refused write was tried once");
+}
+
+#[tokio::test]
+async fn a_write_refused_with_413_is_retried_until_it_goes_through() {
+    let run = Run::start("rev-413").await;
+    // More refusals than the runs the write's own events start (up to 4
+    // were seen): only retries of the failed run get past them all.
+    run.proxy.inject(Fault::BulkDocsTooLarge, VICTIM, 8);
+    run.replicate().await;
+    let written = run.write(&[VICTIM]).await;
+    run.wait_injected(Fault::BulkDocsTooLarge).await;
+    run.wait_arrived(VICTIM, &written[0].1).await;
+    assert_eq!(run.proxy.injected(Fault::BulkDocsTooLarge), 8);
 }

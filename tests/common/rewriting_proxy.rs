@@ -39,6 +39,9 @@ pub enum Fault {
     /// `GET /{db}/{id}?open_revs=[...]` of the document: `200 [{"missing":
     /// rev}]` for each revision asked.
     OpenRevsMissing,
+    /// `POST /{db}/_bulk_docs` holding the document: `413 too_large`, as a
+    /// proxy with a body limit answers. Not forwarded: nothing is written.
+    BulkDocsTooLarge,
 }
 
 /// The number of times of a fault that lasts until
@@ -162,6 +165,16 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     lock(&shared.requests).push(format!("{} {target}", parts.method));
     let fault = shared.fault_for(&parts, &body);
+    if let Some((Fault::BulkDocsTooLarge, id)) = &fault {
+        if shared.consume(Fault::BulkDocsTooLarge, id) {
+            let text = r#"{"error":"too_large","reason":"the request entity is too large"}"#;
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                HeaderMap::new(),
+                Body::from(text),
+            );
+        }
+    }
     let upstream = match shared.forward(&parts, body).await {
         Ok(upstream) => upstream,
         Err(_) => return answer(StatusCode::BAD_GATEWAY, HeaderMap::new(), Body::empty()),
@@ -254,6 +267,12 @@ fn asks_for(fault: Fault, id: &str, parts: &Parts, body: &[u8]) -> bool {
             let asked = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
             parts.method == Method::GET && open_revs(parts).is_some() && asked == id
         }
+        Fault::BulkDocsTooLarge => {
+            let quoted = serde_json::to_string(id).unwrap_or_default();
+            parts.method == Method::POST
+                && parts.uri.path().ends_with("/_bulk_docs")
+                && String::from_utf8_lossy(body).contains(&quoted)
+        }
         Fault::BulkGetError | Fault::BulkGetDropped | Fault::BulkGetUnexpected => {
             #[derive(Deserialize)]
             struct Asked {
@@ -295,6 +314,8 @@ struct BulkGetResult {
 /// there is nothing about `id` in it to rewrite.
 fn rewrite(fault: Fault, id: &str, parts: &Parts, original: &[u8]) -> Option<Vec<u8>> {
     let rewritten = match fault {
+        // Answered without forwarding (see `handle`).
+        Fault::BulkDocsTooLarge => return None,
         Fault::BulkGetUnexpected => json!({"unexpected": true}).to_string(),
         Fault::OpenRevsMissing => {
             let missing: Vec<_> = open_revs(parts)?
