@@ -15,6 +15,7 @@
 //! - [`admin`]: the health, readiness and metrics endpoints.
 //! - [`backoff`]: the one retry policy.
 //! - [`flush`]: the one way state kept in memory is saved.
+//! - [`ids`]: the ids of Spiegel's own documents, and the time they carry.
 
 #![deny(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod couch;
 pub mod delivery;
 pub mod error;
 pub(crate) mod flush;
+pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod replication;

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::admin::Live;
-use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{impl_revised, AllDocsQuery, CouchClient, CouchError};
 use crate::flush::{Flush, Turn};
 
@@ -69,10 +68,6 @@ pub struct StatusDoc {
 
 impl StatusDoc {
     pub const KIND: &'static str = "spiegel_status";
-}
-
-pub fn status_doc_prefix(namespace: &str) -> String {
-    format!("{namespace}{INTERNAL_PREFIX}status_")
 }
 
 /// The in-memory book of one worker, shared by its runs, and where it is
@@ -142,7 +137,7 @@ impl StatusBook {
             s.errors.remove(db);
             s.last_success = Some(Event {
                 db: db.into(),
-                at: crate::coordination::timestamp(),
+                at: crate::ids::timestamp(),
                 since: None,
                 detail,
             });
@@ -166,7 +161,7 @@ impl StatusBook {
                     s.errors.remove(&oldest);
                 }
             }
-            let at = crate::coordination::timestamp();
+            let at = crate::ids::timestamp();
             let since = s.errors.get(db).map(|e| e.since.as_ref().unwrap_or(&e.at));
             let since = Some(since.unwrap_or(&at).clone());
             s.errors.insert(
@@ -258,14 +253,14 @@ impl Flush for StatusBook {
         let doc = StatusDoc {
             id: format!(
                 "{}{}",
-                status_doc_prefix(&target.namespace),
+                crate::ids::status_doc_prefix(&target.namespace),
                 target.worker_id
             ),
             rev: self.with(|b| b.rev.clone()),
             kind: StatusDoc::KIND.into(),
             role: target.role.clone(),
             worker_id: target.worker_id.clone(),
-            updated_at: crate::coordination::timestamp(),
+            updated_at: crate::ids::timestamp(),
             docs,
             circuits,
         };
@@ -288,7 +283,10 @@ pub async fn reported_docs(
 ) -> Result<std::collections::HashSet<String>, CouchError> {
     // Only the status documents: the rest of the report is not needed.
     let statuses = client
-        .all_docs(db, &AllDocsQuery::prefix(&status_doc_prefix(namespace)))
+        .all_docs(
+            db,
+            &AllDocsQuery::prefix(&crate::ids::status_doc_prefix(namespace)),
+        )
         .await?;
     let mut ids = std::collections::HashSet::new();
     for status in statuses.rows.into_iter().filter_map(|r| r.doc) {

@@ -832,7 +832,7 @@ async fn a_deleted_database_loses_its_checkpoint_and_starts_over_when_created_ag
     receiver
         .wait("the first life's changes", |got| got.len() >= 2)
         .await;
-    let checkpoint = spiegel::coordination::change_listener_checkpoint_id(&db);
+    let checkpoint = spiegel::ids::change_listener_checkpoint_id(&db);
     wait_doc(
         &s.couch,
         &s.spiegel_db,
@@ -883,7 +883,7 @@ async fn after_a_rollback_spiegel_1_2_finds_every_checkpoint_and_resumes_after_i
     }
     // A checkpoint as Spiegel 2.0.0-alpha.1 wrote it: its type is put right
     // at its next save.
-    let older_id = spiegel::coordination::change_listener_checkpoint_id(&older);
+    let older_id = spiegel::ids::change_listener_checkpoint_id(&older);
     let alpha = json!({"type": "change-listener", "db_name": older, "last_seq": null});
     s.couch
         .put_doc(&s.spiegel_db, &older_id, &alpha)

@@ -6,7 +6,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use spiegel::coordination::settings_doc_id;
+use spiegel::ids::settings_doc_id;
 use spiegel::install::admins_only_security;
 
 use common::*;

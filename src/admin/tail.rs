@@ -49,7 +49,7 @@ impl Tail {
         ring.next_id += 1;
         let entry = TailEntry {
             id: ring.next_id,
-            at: crate::coordination::timestamp(),
+            at: crate::ids::timestamp(),
             role: role.into(),
             doc: doc.into(),
             db: db.into(),

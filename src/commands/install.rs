@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::coordination::{self, Settings};
+use crate::coordination::Settings;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::error::Result;
 
@@ -82,7 +82,7 @@ async fn write_settings(
     namespace: &str,
     partitions: u32,
 ) -> Result<()> {
-    let id = coordination::settings_doc_id(namespace);
+    let id = crate::ids::settings_doc_id(namespace);
     match client.get_doc_opt::<Settings>(db_name, &id).await? {
         Some(existing) if existing.partitions != partitions => {
             tracing::warn!(
@@ -171,7 +171,7 @@ pub async fn uninstall(
         }
         Err(e) => return Err(e.into()),
     };
-    let internal = format!("{namespace}{}", coordination::INTERNAL_PREFIX);
+    let internal = format!("{namespace}{}", crate::ids::INTERNAL_PREFIX);
     let mut report = Uninstalled::default();
     let mut deletions = Vec::new();
     for row in rows {

@@ -59,7 +59,7 @@ pub async fn redeliver(
             Err(error) => {
                 letter.attempts += 1;
                 letter.last_error = error;
-                letter.last_attempt_at = crate::coordination::timestamp();
+                letter.last_attempt_at = crate::ids::timestamp();
                 let doc = Revised {
                     rev: &rev,
                     letter: &letter,

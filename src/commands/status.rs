@@ -10,10 +10,11 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::coordination::{settings_doc_id, DocIds, LeaseDoc, Settings, WorkerDoc};
+use crate::coordination::{DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::status::{status_doc_prefix, DocStatus, StatusDoc};
+use crate::ids::{settings_doc_id, status_doc_prefix};
+use crate::status::{DocStatus, StatusDoc};
 
 /// What `spiegel status` shows.
 #[derive(Debug, Serialize)]

@@ -413,7 +413,7 @@ impl<S: LeaseStore> Coordinator<S> {
                 let mut lease = self.leases.get(p as usize)?.clone();
                 if let Some(seq) = seq {
                     lease.checkpoint = Some(seq);
-                    lease.checkpoint_at = Some(super::timestamp());
+                    lease.checkpoint_at = Some(crate::ids::timestamp());
                 }
                 lease.owner = keep.then(|| self.me.clone());
                 Some(lease)

@@ -7,7 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::INTERNAL_PREFIX;
 use crate::couch::{impl_revised, prefix_range, Seq};
 
 /// Ids of one role's coordination documents.
@@ -25,7 +24,7 @@ impl DocIds {
         DocIds {
             lease_prefix: format!("{}{role}_", Self::all_leases(namespace)),
             worker_prefix: format!("{}{role}_", Self::all_workers(namespace)),
-            status_prefix: crate::status::status_doc_prefix(namespace),
+            status_prefix: crate::ids::status_doc_prefix(namespace),
         }
     }
 
@@ -36,12 +35,12 @@ impl DocIds {
 
     /// The id prefix of every role's leases.
     pub fn all_leases(namespace: &str) -> String {
-        format!("{namespace}{INTERNAL_PREFIX}lease_")
+        crate::ids::lease_prefix(namespace)
     }
 
     /// The id prefix of every role's membership documents.
     pub fn all_workers(namespace: &str) -> String {
-        format!("{namespace}{INTERNAL_PREFIX}worker_")
+        crate::ids::worker_prefix(namespace)
     }
 
     /// Zero-padded so that `_all_docs` lists leases in partition order.

@@ -5,8 +5,8 @@
 //! Reading order: [`lease`] (the documents), [`liveness`] (who is alive),
 //! [`taker`] (who should hold what), [`partition`] (the lease lifecycle),
 //! [`renewer`] (heartbeat and fencing), [`store`] (where documents live),
-//! [`coordinator`] (the task that ties them together). This module also
-//! owns the ids and shapes of Spiegel's other internal documents.
+//! [`coordinator`] (the task that ties them together). The ids of every
+//! internal document are in [`crate::ids`].
 
 pub(crate) mod coordinator;
 mod lease;
@@ -21,37 +21,6 @@ use serde::{Deserialize, Serialize};
 pub use self::lease::DocIds;
 pub(crate) use self::lease::{LeaseDoc, WorkerDoc};
 pub use self::renewer::Timing;
-
-/// The id prefix of every internal document except change-listener
-/// checkpoints (whose ids are fixed by Spiegel 1.2 compatibility).
-pub(crate) const INTERNAL_PREFIX: &str = "spiegel_";
-
-/// Spiegel 1.2's change-listener checkpoint id: `spiegel_cl_<db_name>`.
-pub fn change_listener_checkpoint_id(db_name: &str) -> String {
-    format!("spiegel_cl_{db_name}")
-}
-
-/// The settings document that install writes (`<namespace>spiegel_settings`).
-pub fn settings_doc_id(namespace: &str) -> String {
-    format!("{namespace}{INTERNAL_PREFIX}settings")
-}
-
-/// True for the ids of Spiegel's own bookkeeping documents (and design
-/// documents): what the config follower skips without reading the body.
-pub(crate) fn is_internal_doc_id(id: &str, namespace: &str) -> bool {
-    id.starts_with("_design/")
-        || id.starts_with(INTERNAL_PREFIX)
-        || (!namespace.is_empty()
-            && id
-                .strip_prefix(namespace)
-                .is_some_and(|rest| rest.starts_with(INTERNAL_PREFIX)))
-}
-
-/// Now, as the RFC 3339 text (UTC, milliseconds) that Spiegel's documents
-/// carry for operators. Never used for coordination.
-pub(crate) fn timestamp() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 /// The installation's fixed parameters.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -117,13 +86,5 @@ mod tests {
             counts.iter().all(|&c| (800..1200).contains(&c)),
             "{counts:?}"
         );
-    }
-
-    #[test]
-    fn internal_ids_are_recognised() {
-        assert!(is_internal_doc_id("spiegel_cl_db", ""));
-        assert!(is_internal_doc_id("_design/x", ""));
-        assert!(is_internal_doc_id("test_spiegel_settings", "test_"));
-        assert!(!is_internal_doc_id("my-replicator", "test_"));
     }
 }

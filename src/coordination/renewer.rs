@@ -59,7 +59,7 @@ impl Renewer {
         let sent = Instant::now();
         let mut member = self.member.clone();
         member.beats += 1;
-        member.beat_at = Some(super::timestamp());
+        member.beat_at = Some(crate::ids::timestamp());
         let role = member.role.clone();
         match tokio::time::timeout(self.timing.heartbeat, store.beat(member)).await {
             Ok(Ok(written)) => {

@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::coordination::INTERNAL_PREFIX;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 
 /// An on_change request that still failed after its last retry, kept in the spiegel database until it is redelivered.
@@ -73,7 +72,7 @@ impl DeadLetter {
 
 /// The id prefix of every dead letter of an installation.
 pub fn id_prefix(namespace: &str) -> String {
-    format!("{namespace}{INTERNAL_PREFIX}dead_")
+    crate::ids::dead_letter_prefix(namespace)
 }
 
 /// Stores a dead letter under a new id.

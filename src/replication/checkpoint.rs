@@ -74,7 +74,7 @@ impl Session {
     fn new(start: Option<Seq>) -> Session {
         Session {
             id: hex::encode(rand::random::<[u8; 16]>()),
-            start_time: crate::coordination::timestamp(),
+            start_time: crate::ids::timestamp(),
             start,
             counts: Report::default(),
         }
@@ -242,7 +242,7 @@ impl Logs {
         let entry = json!({
             "session_id": session.id,
             "start_time": session.start_time,
-            "end_time": crate::coordination::timestamp(),
+            "end_time": crate::ids::timestamp(),
             "start_last_seq": start.map_or(json!(0), |s| s.as_json().clone()),
             "end_last_seq": seq.as_json(),
             "recorded_seq": seq.as_json(),

@@ -15,8 +15,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::coordination::is_internal_doc_id;
 use crate::couch::{AllDocsQuery, ChangesQuery, CouchClient, CouchError, FeedOptions, Seq};
+use crate::ids::is_internal_doc_id;
 
 /// The user documents by id.
 pub type UserDocs = BTreeMap<String, Value>;

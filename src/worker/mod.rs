@@ -29,11 +29,12 @@ use crate::backoff::Backoff;
 use crate::config::{Config, Since};
 use crate::coordination::coordinator::{Coordinator, Link, Member};
 use crate::coordination::store::CouchStore;
-use crate::coordination::{settings_doc_id, Settings};
+use crate::coordination::Settings;
 use crate::coordination::{DocIds, Timing};
 use crate::couch::GLOBAL_CHANGES;
 use crate::couch::{CouchClient, CouchError, DbUpdate, FeedOptions, Seq};
 use crate::error::{Error, Result};
+use crate::ids::settings_doc_id;
 use crate::metrics::{self, WorkerMetrics};
 
 /// Longest wait before running again a database whose run found CouchDB

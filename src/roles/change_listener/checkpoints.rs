@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use crate::coordination::change_listener_checkpoint_id;
 use crate::couch::{CouchClient, CouchError, Revised, Saved, Seq};
 use crate::flush::{Flush, Turn};
+use crate::ids::change_listener_checkpoint_id;
 
 /// The document type Spiegel 1.2 reads. Spiegel 2.0.0-alpha.1 wrote
 /// `change-listener`: such documents are found by id all the same and get

@@ -439,7 +439,7 @@ impl ChangeListener {
     ) -> Sent {
         let text = error.to_string();
         self.status.failure(&job.rule.id, db, text.clone());
-        let now = crate::coordination::timestamp();
+        let now = crate::ids::timestamp();
         let (count, first_at) = {
             let mut progress = self.progress();
             let p = progress.entry(db.to_string()).or_default();
@@ -579,7 +579,7 @@ fn letter(job: &Job<'_>, db: &str, request: Box<RawValue>, last_error: String) -
             })
             .collect()
     });
-    let now = crate::coordination::timestamp();
+    let now = crate::ids::timestamp();
     DeadLetter {
         kind: DeadLetter::KIND.into(),
         rule: job.rule.id.clone(),
