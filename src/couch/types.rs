@@ -241,6 +241,24 @@ pub struct Change {
     pub doc: Option<Doc>,
 }
 
+impl Change {
+    /// The change's revision, `""` when `_changes` gave none.
+    pub fn rev(&self) -> &str {
+        self.changes.first().map_or("", |c| c.rev.as_str())
+    }
+
+    /// The changed document, or for a deletion its stub (`_id`, `_rev`,
+    /// `_deleted`).
+    pub fn doc_or_stub(&self) -> std::borrow::Cow<'_, Doc> {
+        match &self.doc {
+            Some(doc) if !self.deleted => std::borrow::Cow::Borrowed(doc),
+            _ => std::borrow::Cow::Owned(Doc::from_value(serde_json::json!({
+                "_id": self.id, "_rev": self.rev(), "_deleted": true
+            }))),
+        }
+    }
+}
+
 /// A document as CouchDB sent it: its exact text, which is what Spiegel
 /// passes on (key order, number text and escapes kept), and that text
 /// parsed, which is what rules look into. Reading one fails where parsing

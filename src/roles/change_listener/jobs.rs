@@ -8,10 +8,29 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use super::{doc_of, rev_of, DeliveryKey};
 use crate::couch::{Change, Doc};
 use crate::delivery::{Request, RequestError};
 use crate::rules::on_change::{Batch, ChangeContext, OnChangeRule};
+
+/// One rule's delivery of one change. A change is its document id and
+/// revision, never its seq: on a sharded database the same change can come
+/// back with another seq when `_changes` is read again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct DeliveryKey {
+    rule: String,
+    doc_id: String,
+    rev: String,
+}
+
+impl DeliveryKey {
+    pub(super) fn of(rule: &str, change: &Change) -> Self {
+        DeliveryKey {
+            rule: rule.to_string(),
+            doc_id: change.id.clone(),
+            rev: change.rev().to_string(),
+        }
+    }
+}
 
 /// A request to make, a batch or a rule that holds the database back, or a
 /// request that cannot be built.
@@ -59,7 +78,7 @@ impl<'a> Page<'_, 'a> {
     /// says how long an incomplete batch, known by its first member, has
     /// been waiting.
     pub fn jobs(&self, waited: impl Fn(&OnChangeRule, &DeliveryKey) -> Duration) -> Vec<Job<'a>> {
-        let docs: Vec<Cow<'a, Doc>> = self.changes.iter().map(doc_of).collect();
+        let docs: Vec<Cow<'a, Doc>> = self.changes.iter().map(Change::doc_or_stub).collect();
         let mut jobs = self.singles(&docs);
         for rule in self.rules.iter().filter(|r| r.batch.is_some()) {
             jobs.extend(self.batches(rule, &docs, &waited));
@@ -75,7 +94,7 @@ impl<'a> Page<'_, 'a> {
             db_name: self.db,
             doc: doc.raw(),
             id: &change.id,
-            rev: rev_of(change),
+            rev: change.rev(),
             seq: change.seq.as_json(),
         }
     }
@@ -201,5 +220,26 @@ impl<'a> Page<'_, 'a> {
             Ok(request) => Work::Send(Box::new(request)),
             Err(e) => Work::Unbuildable(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(seq: &str) -> Change {
+        serde_json::from_value(json!({"seq": seq, "id": "doc1", "changes": [{"rev": "1-a"}]}))
+            .expect("a change")
+    }
+
+    #[test]
+    fn a_change_read_again_with_another_seq_is_the_same_delivery() {
+        // A sharded database can give one change another seq when its
+        // `_changes` is read again (the shards' rows interleave otherwise).
+        let first = DeliveryKey::of("hook", &change("3-g1AAAAbc"));
+        let again = DeliveryKey::of("hook", &change("3-g1AAAAxy"));
+        assert_eq!(first, again);
+        assert_ne!(first, DeliveryKey::of("other", &change("3-g1AAAAbc")));
     }
 }

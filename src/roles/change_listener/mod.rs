@@ -18,22 +18,20 @@
 mod checkpoints;
 mod jobs;
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 pub use self::checkpoints::Checkpoints;
-use self::jobs::{Job, Page, Work};
+use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Config, Passwords};
-use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Doc, Seq};
+use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
 use crate::delivery::dead_letter::{self, BatchMember, DeadLetter};
 use crate::delivery::{DeliveryError, Request, RequestError, Sender};
@@ -81,26 +79,6 @@ pub struct ChangeListener {
     batch_seen: Mutex<HashMap<(String, String), (DeliveryKey, Instant)>>,
 }
 
-/// One rule's delivery of one change. A change is its document id and
-/// revision, never its seq: on a sharded database the same change can come
-/// back with another seq when `_changes` is read again.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct DeliveryKey {
-    rule: String,
-    doc_id: String,
-    rev: String,
-}
-
-impl DeliveryKey {
-    fn of(rule: &str, change: &Change) -> Self {
-        DeliveryKey {
-            rule: rule.to_string(),
-            doc_id: change.id.clone(),
-            rev: rev_of(change).to_string(),
-        }
-    }
-}
-
 /// What a database's failed run leaves for its retry.
 #[derive(Default)]
 struct Progress {
@@ -115,21 +93,6 @@ struct Progress {
 struct Attempts {
     count: u32,
     first_at: String,
-}
-
-/// The change's revision, `""` when `_changes` gave none.
-fn rev_of(change: &Change) -> &str {
-    change.changes.first().map_or("", |c| c.rev.as_str())
-}
-
-/// The changed document, or its deletion stub.
-fn doc_of(change: &Change) -> Cow<'_, Doc> {
-    match &change.doc {
-        Some(doc) if !change.deleted => Cow::Borrowed(doc),
-        _ => Cow::Owned(Doc::from_value(
-            json!({ "_id": change.id, "_rev": rev_of(change), "_deleted": true }),
-        )),
-    }
 }
 
 enum Sent {
@@ -573,9 +536,9 @@ fn letter(job: &Job<'_>, db: &str, request: Box<RawValue>, last_error: String) -
             .iter()
             .map(|(_, c)| BatchMember {
                 doc_id: c.id.clone(),
-                rev: rev_of(c).to_string(),
+                rev: c.rev().to_string(),
                 seq: c.seq.as_json().clone(),
-                change: doc_of(c).raw().to_owned(),
+                change: c.doc_or_stub().raw().to_owned(),
             })
             .collect()
     });
@@ -586,8 +549,8 @@ fn letter(job: &Job<'_>, db: &str, request: Box<RawValue>, last_error: String) -
         db_name: db.into(),
         seq: job.change.seq.as_json().clone(),
         doc_id: first.id.clone(),
-        rev: rev_of(first).to_string(),
-        change: doc_of(first).raw().to_owned(),
+        rev: first.rev().to_string(),
+        change: first.doc_or_stub().raw().to_owned(),
         batch,
         request,
         last_status: None,
@@ -683,25 +646,5 @@ impl Role for ChangeListener {
     async fn save(&self) {
         self.checkpoints.flush().await;
         self.status.flush().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn change(seq: &str) -> Change {
-        serde_json::from_value(json!({"seq": seq, "id": "doc1", "changes": [{"rev": "1-a"}]}))
-            .expect("a change")
-    }
-
-    #[test]
-    fn a_change_read_again_with_another_seq_is_the_same_delivery() {
-        // A sharded database can give one change another seq when its
-        // `_changes` is read again (the shards' rows interleave otherwise).
-        let first = DeliveryKey::of("hook", &change("3-g1AAAAbc"));
-        let again = DeliveryKey::of("hook", &change("3-g1AAAAxy"));
-        assert_eq!(first, again);
-        assert_ne!(first, DeliveryKey::of("other", &change("3-g1AAAAbc")));
     }
 }
