@@ -51,6 +51,17 @@ pub(super) struct Job<'a> {
     pub work: Work,
 }
 
+impl Job<'_> {
+    /// The deliveries the job settles: its change's, or each batch
+    /// member's.
+    pub fn keys(&self) -> impl Iterator<Item = &DeliveryKey> {
+        let single = self.members.is_empty().then_some(&self.key);
+        single
+            .into_iter()
+            .chain(self.members.iter().map(|(key, _)| key))
+    }
+}
+
 /// What a job does.
 pub(super) enum Work {
     Send(Box<Request>),

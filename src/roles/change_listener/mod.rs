@@ -250,10 +250,10 @@ impl ChangeListener {
     fn settle(&self, db: &str, job: &Job<'_>) {
         let mut progress = self.progress();
         let p = progress.entry(db.to_string()).or_default();
-        p.attempts.remove(&job.key);
-        p.delivered.insert(job.key.clone());
-        p.delivered
-            .extend(job.members.iter().map(|(key, _)| key.clone()));
+        for key in job.keys() {
+            p.attempts.remove(key);
+            p.delivered.insert(key.clone());
+        }
         drop(progress);
         if !job.members.is_empty() {
             self.batch_seen()
@@ -403,16 +403,7 @@ impl ChangeListener {
         let text = error.to_string();
         self.status.failure(&job.rule.id, db, text.clone());
         let now = crate::ids::timestamp();
-        let (count, first_at) = {
-            let mut progress = self.progress();
-            let p = progress.entry(db.to_string()).or_default();
-            let a = p.attempts.entry(job.key.clone()).or_insert(Attempts {
-                count: 0,
-                first_at: now.clone(),
-            });
-            a.count += 1;
-            (a.count, a.first_at.clone())
-        };
+        let (count, first_at) = self.count_attempt(job, db, &now);
         let retries = count - 1;
         if !job.rule.backoff.exhausted(retries) {
             self.metrics.webhook_retries.inc();
@@ -430,6 +421,27 @@ impl ChangeListener {
         };
         self.bury(job, db, letter, "request failed for the last time")
             .await
+    }
+
+    /// Counts a failed attempt against each change the job covers, and
+    /// returns the most any of them has had, with the earliest first
+    /// attempt. Counted per change, not per batch: a database whose
+    /// `_changes` is read again (q > 1) can give its changes in another
+    /// order, and so group them into batches led by other changes.
+    fn count_attempt(&self, job: &Job<'_>, db: &str, now: &str) -> (u32, String) {
+        let mut progress = self.progress();
+        let p = progress.entry(db.to_string()).or_default();
+        let (mut count, mut first_at) = (0, now.to_string());
+        for key in job.keys() {
+            let a = p.attempts.entry(key.clone()).or_insert(Attempts {
+                count: 0,
+                first_at: now.to_string(),
+            });
+            a.count += 1;
+            count = count.max(a.count);
+            first_at = first_at.min(a.first_at.clone());
+        }
+        (count, first_at)
     }
 
     /// A request that cannot be built for its change (a URL that does not
