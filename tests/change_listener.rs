@@ -485,18 +485,7 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
     assert_eq!(redelivered, 4, "three failed attempts and the redelivery");
     // `_all_docs` reads one copy of each shard, so on a cluster a deletion
     // shows in the listing a moment after the write returns.
-    wait_for(
-        "the dead letter removed",
-        Duration::from_secs(10),
-        || async {
-            spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
-                .await
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_no_dead_letters(&s, "the dead letter removed").await;
 }
 
 /// Documents whose text a parsed and re-encoded tree would change: numbers
@@ -612,18 +601,7 @@ async fn change_is_delivered_dead_lettered_and_redelivered_as_couchdb_serves_the
     }
     // `_all_docs` reads one copy of each shard, so on a cluster a deletion
     // shows in the listing a moment after the write returns.
-    wait_for(
-        "the dead letters redelivered",
-        Duration::from_secs(10),
-        || async {
-            spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
-                .await
-                .ok()?
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_no_dead_letters(&s, "the dead letters redelivered").await;
     // At least once: a change may come twice, each time as it is stored.
     receiver
         .wait("every request", |got| {
@@ -1495,4 +1473,16 @@ async fn a_request_that_cannot_be_built_becomes_a_dead_letter_and_the_next_chang
     assert_eq!(letter.request.get(), "null", "no request was built");
     assert_eq!((letter.attempts, letter.last_status), (0, None));
     assert_eq!(receiver.received().len(), 2, "nothing sent for the bad one");
+}
+
+/// Waits until the installation holds no dead letter (`what` names why).
+async fn wait_no_dead_letters(s: &Installation, what: &str) {
+    wait_for(what, Duration::from_secs(10), || async {
+        spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+            .await
+            .ok()?
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }

@@ -14,7 +14,7 @@ use crate::config::{Config, Passwords};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
-use crate::replication::{Engine, Peer, Replication, ReplicationError, Sessions};
+use crate::replication::{Engine, Peer, Replication, ReplicationError, Report, Sessions};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
@@ -162,19 +162,7 @@ impl Replicator {
             options: options.clone(),
         };
         let started = std::time::Instant::now();
-        let ran = match replication.id().await {
-            Ok(id) => {
-                let known = self.sessions.take(db, &id);
-                let (ran, progress) = match replication.run(&id, known).await {
-                    Ok((report, progress)) => (Ok(report), progress),
-                    Err(e) => (Err(e), None),
-                };
-                self.sessions.finish(db, id, progress);
-                ran
-            }
-            Err(e) => Err(e),
-        };
-        match ran {
+        match self.run_native(&replication, db).await {
             Ok(report) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
                 let extra = format!(
@@ -196,6 +184,23 @@ impl Replicator {
                 _ => Replicated::Failed(e.to_string()),
             },
         }
+    }
+
+    /// One run under the replication's id, from and into the progress
+    /// this process keeps of it.
+    async fn run_native(
+        &self,
+        replication: &Replication,
+        db: &str,
+    ) -> Result<Report, ReplicationError> {
+        let id = replication.id().await?;
+        let known = self.sessions.take(db, &id);
+        let (ran, progress) = match replication.run(&id, known).await {
+            Ok((report, progress)) => (Ok(report), progress),
+            Err(e) => (Err(e), None),
+        };
+        self.sessions.finish(db, id, progress);
+        ran
     }
 
     async fn replicate_couchdb(&self, rule: &ReplicatorRule, db: &str) -> Replicated {
