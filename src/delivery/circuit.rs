@@ -216,10 +216,12 @@ impl Endpoints {
                 until: Instant::now() + settings.cooldown,
             };
             e.state = match (ok, &e.state) {
+                (Some(true), State::Closed { .. }) => State::Closed { failures: 0 },
+                // A request sent before the circuit opened may answer after:
+                // the endpoint is back either way.
                 (Some(true), _) => {
-                    if probe {
-                        tracing::info!(endpoint = %origin, "circuit closed: the probe succeeded");
-                    }
+                    let by = if probe { "the probe" } else { "a request" };
+                    tracing::info!(endpoint = %origin, "circuit closed: {by} succeeded");
                     State::Closed { failures: 0 }
                 }
                 (Some(false), State::Closed { failures }) if *failures + 1 < settings.failures => {
@@ -317,6 +319,19 @@ mod tests {
         go(&e, "http://bad").succeeded();
         assert_eq!(e.states()[0], ("http://bad".into(), CircuitState::Closed));
         go(&e, "http://bad").succeeded();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_before_the_circuit_opened_closes_it_by_succeeding() {
+        let e = endpoints(10);
+        let late = go(&e, "http://slow");
+        for _ in 0..3 {
+            go(&e, "http://slow").failed();
+        }
+        assert_eq!(e.state("http://slow"), CircuitState::Open);
+        late.succeeded();
+        assert_eq!(e.state("http://slow"), CircuitState::Closed);
+        go(&e, "http://slow").succeeded();
     }
 
     #[tokio::test(start_paused = true)]
