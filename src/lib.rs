@@ -12,7 +12,8 @@
 //! - [`replication`]: the native replication engine.
 //! - [`commands`]: the one-shot commands (install, uninstall, status,
 //!   redeliver, the update-listener stub).
-//! - [`admin`]: the health, readiness and metrics endpoints.
+//! - [`process`]: the state the parts of one process share.
+//! - [`admin`]: the health, readiness and metrics endpoints, the console.
 //! - [`backoff`]: the one retry policy.
 //! - [`flush`]: the one way state kept in memory is saved.
 //! - [`ids`]: the ids of Spiegel's own documents, and the time they carry.
@@ -31,6 +32,7 @@ pub(crate) mod flush;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod replication;
 pub mod roles;
 pub(crate) mod rules;

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::error::ErrorKind;
+use spiegel::admin::{Admin, Console};
 use spiegel::commands::{install, redeliver, status, update_listener};
-use spiegel::config::{Cli, Command, Config};
+use spiegel::config::{
+    AdminSettings, Cli, CommandArgs, Config, Connection, RedeliverArgs, RunArgs, StatusArgs,
+};
 use spiegel::couch::{CouchClient, CouchError};
-use spiegel::metrics::Metrics;
-use spiegel::roles::RoleKind;
+use spiegel::process::Process;
 use spiegel::{logging, roles};
 
 #[tokio::main]
@@ -40,16 +42,16 @@ async fn main() -> ExitCode {
         }
     };
     // Displayed with its password masked.
-    let url = config.url.to_string();
+    let url = config.command.connection().map(|c| c.url.to_string());
     let worker = matches!(
         config.command,
-        Command::Replicator | Command::ChangeListener | Command::Run | Command::UpdateListener
+        CommandArgs::Work(_) | CommandArgs::UpdateListener
     );
     let Err(e) = run(config).await else {
         return ExitCode::SUCCESS;
     };
     let mut message = format!("{e:#}");
-    if unreachable(&e) {
+    if let Some(url) = url.filter(|_| unreachable(&e)) {
         message.push_str(&format!(
             " (is CouchDB running at {url}? see --url, env URL)"
         ));
@@ -81,102 +83,119 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for (option, why) in &config.obsolete_set {
         tracing::warn!(option = %option, "option has no effect: {why}");
     }
-    let client = CouchClient::new(&config.url, config.client_options())?;
     match config.command {
-        Command::Install => {
-            install::install(
-                &client,
-                &config.db_name,
-                &config.namespace,
-                config.partitions,
-            )
-            .await?;
+        CommandArgs::Install(args) => {
+            let conn = &args.connection;
+            let client = connect(conn)?;
+            install::install(&client, &conn.db_name, &conn.namespace, args.partitions).await?;
         }
-        Command::Uninstall => {
-            install::uninstall(
-                &client,
-                &config.db_name,
-                &config.namespace,
-                config.delete_user_docs,
-            )
-            .await?;
+        CommandArgs::Uninstall(args) => {
+            let conn = &args.connection;
+            let client = connect(conn)?;
+            let (db, namespace) = (&conn.db_name, &conn.namespace);
+            install::uninstall(&client, db, namespace, args.delete_user_docs).await?;
         }
-        Command::UpdateListener => update_listener::run(shutdown_signal()).await,
-        Command::Status => {
-            let report = status::report(&client, &config.db_name, &config.namespace).await?;
-            if config.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", status::render(&report, config.workers));
-            }
-        }
-        Command::Redeliver => {
-            let sender =
-                spiegel::delivery::Sender::new(config.request_timeout, config.concurrency)?;
-            let report = redeliver::redeliver(&client, &config, &sender).await?;
-            println!(
-                "redelivered {}, failed again {}, kept without their on_change document {}",
-                report.delivered, report.failed, report.orphaned
-            );
-            if report.failed > 0 {
-                anyhow::bail!("{} dead letters could not be delivered", report.failed);
-            }
-        }
-        Command::Replicator | Command::ChangeListener | Command::Run => {
-            let hosted: &[RoleKind] = match config.command {
-                Command::Replicator => &[RoleKind::Replicator],
-                Command::ChangeListener => &[RoleKind::ChangeListener],
-                _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
-            };
-            // Long-running commands stop cleanly on SIGTERM/SIGINT; the
-            // one-shot ones keep the default action (stop at once).
-            let shutdown = shutdown_signal();
-            let metrics = Arc::new(Metrics::new());
-            let client = client.with_metrics(metrics.couch.clone());
-            // The admin server answers until the workers have stopped.
-            let mut admin = tokio::task::JoinSet::new();
-            if let Some(listener) = admin_listener(&config).await? {
-                let console = match config.console {
-                    true => Some(spiegel::admin::Console::new(&config, client.clone())?),
-                    false => None,
-                };
-                let paths = match (&console, &config.admin_token) {
-                    (None, _) => "/healthz /readyz /metrics",
-                    (Some(_), None) => {
-                        "/healthz /readyz /metrics, the console at / (read-only: no --admin-token)"
-                    }
-                    (Some(_), Some(_)) => "/healthz /readyz /metrics, the console at /",
-                };
-                tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: {paths}");
-                let served = spiegel::admin::Admin {
-                    metrics: metrics.clone(),
-                    health: config.health.clone(),
-                    client: client.clone(),
-                    console,
-                };
-                admin.spawn(spiegel::admin::serve(listener, served));
-            } else if config.console {
-                tracing::warn!("--console has no effect without the admin HTTP server");
-            }
-            let ran = roles::run(&config, &client, hosted, &metrics, shutdown).await;
-            admin.shutdown().await;
-            ran?;
-        }
+        CommandArgs::UpdateListener => update_listener::run(shutdown_signal()).await,
+        CommandArgs::Status(args) => show_status(&args).await?,
+        CommandArgs::Redeliver(args) => redeliver_letters(&args).await?,
+        CommandArgs::Work(args) => work(&args).await?,
     }
     Ok(())
+}
+
+fn connect(conn: &Connection) -> anyhow::Result<CouchClient> {
+    Ok(CouchClient::new(&conn.url, conn.client_options())?)
+}
+
+/// `spiegel status`: a table, or JSON.
+async fn show_status(args: &StatusArgs) -> anyhow::Result<()> {
+    let conn = &args.connection;
+    let client = connect(conn)?;
+    let report = status::report(&client, &conn.db_name, &conn.namespace).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render(&report, args.workers));
+    }
+    Ok(())
+}
+
+/// `spiegel redeliver`: fails when a letter could not be delivered.
+async fn redeliver_letters(args: &RedeliverArgs) -> anyhow::Result<()> {
+    let client = connect(&args.connection)?;
+    let delivery = &args.delivery;
+    let sender = spiegel::delivery::Sender::new(delivery.request_timeout, delivery.concurrency)?;
+    let report = redeliver::redeliver(&client, args, &sender).await?;
+    println!(
+        "redelivered {}, failed again {}, kept without their on_change document {}",
+        report.delivered, report.failed, report.orphaned
+    );
+    if report.failed > 0 {
+        anyhow::bail!("{} dead letters could not be delivered", report.failed);
+    }
+    Ok(())
+}
+
+/// The worker commands: their roles, and the admin server beside them
+/// until the workers have stopped.
+async fn work(args: &RunArgs) -> anyhow::Result<()> {
+    // Long-running commands stop cleanly on SIGTERM/SIGINT; the one-shot
+    // ones keep the default action (stop at once).
+    let shutdown = shutdown_signal();
+    let process = Arc::new(Process::default());
+    let client = connect(&args.connection)?.with_metrics(process.metrics.couch.clone());
+    let mut admin = tokio::task::JoinSet::new();
+    if let Some(served) = admin_server(args, &client, &process).await? {
+        admin.spawn(served);
+    }
+    let ran = roles::run(args, &client, &process, shutdown).await;
+    admin.shutdown().await;
+    Ok(ran?)
+}
+
+/// The admin server, ready to serve, if one is wanted and can be had.
+async fn admin_server(
+    args: &RunArgs,
+    client: &CouchClient,
+    process: &Arc<Process>,
+) -> anyhow::Result<Option<impl std::future::Future<Output = ()>>> {
+    let Some(listener) = admin_listener(&args.admin).await? else {
+        if args.admin.console {
+            tracing::warn!("--console has no effect without the admin HTTP server");
+        }
+        return Ok(None);
+    };
+    let console = match args.admin.console {
+        true => Some(Console::new(args, client.clone(), process.clone())?),
+        false => None,
+    };
+    let paths = match (&console, &args.admin.token) {
+        (None, _) => "/healthz /readyz /metrics",
+        (Some(_), None) => {
+            "/healthz /readyz /metrics, the console at / (read-only: no --admin-token)"
+        }
+        (Some(_), Some(_)) => "/healthz /readyz /metrics, the console at /",
+    };
+    tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: {paths}");
+    let served = Admin {
+        process: process.clone(),
+        client: client.clone(),
+        console,
+    };
+    Ok(Some(spiegel::admin::serve(listener, served)))
 }
 
 /// The admin server's socket, if one is wanted and can be had. The default
 /// address taken (a second process on the host, as Spiegel 1.2 ran them) is
 /// logged and the process runs without it; an address set explicitly must
 /// be free.
-async fn admin_listener(config: &Config) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    let Some(addr) = config.admin_addr else {
+async fn admin_listener(admin: &AdminSettings) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = admin.addr else {
         return Ok(None);
     };
     match spiegel::admin::bind(addr).await {
         Ok(listener) => Ok(Some(listener)),
-        Err(e) if config.admin_addr_is_default && e.kind() == std::io::ErrorKind::AddrInUse => {
+        Err(e) if admin.addr_is_default && e.kind() == std::io::ErrorKind::AddrInUse => {
             tracing::warn!(
                 %addr,
                 "admin HTTP server not started: the default address {addr} is in use (another Spiegel process on this host?); this process runs without /healthz, /readyz and /metrics: give each process its own --admin-addr (ADMIN_ADDR) to have them"

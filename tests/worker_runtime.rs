@@ -221,7 +221,7 @@ impl Setup {
             sweep_interval: None,
             assume_deleted_after: Duration::from_secs(300),
             health: Arc::default(),
-            live: Arc::default(),
+            workers: Arc::default(),
         }
     }
 

@@ -5,10 +5,6 @@
 //! ([`console`]).
 
 mod console;
-mod health;
-mod live;
-mod tail;
-mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,19 +18,13 @@ use axum::Router;
 use serde_json::json;
 
 pub use self::console::Console;
-pub use self::health::Health;
-pub use self::live::Live;
-pub use self::tail::{Tail, TailEntry};
-pub use self::token::AdminToken;
 use crate::couch::CouchClient;
-use crate::metrics::Metrics;
+use crate::process::Process;
 
 /// What the admin server serves.
 pub struct Admin {
-    /// Served at `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Served at `/readyz`.
-    pub health: Arc<Health>,
+    /// Its metrics at `/metrics`, its workers' readiness at `/readyz`.
+    pub process: Arc<Process>,
     /// `/readyz` asks CouchDB too.
     pub client: CouchClient,
     /// The web console, if it is on.
@@ -43,8 +33,7 @@ pub struct Admin {
 
 #[derive(Clone)]
 struct AppState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    process: Arc<Process>,
     client: CouchClient,
 }
 
@@ -61,8 +50,7 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin) {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AppState {
-            metrics: admin.metrics,
-            health: admin.health,
+            process: admin.process,
             client: admin.client,
         });
     if let Some(console) = admin.console {
@@ -74,7 +62,7 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin) {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let mut problems = state.health.problems();
+    let mut problems = state.process.health.problems();
     match tokio::time::timeout(Duration::from_secs(3), state.client.server_info()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => problems.insert(0, format!("CouchDB: {e}")),
@@ -97,6 +85,6 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(),
+        state.process.metrics.encode(),
     )
 }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::RedeliverArgs;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{Request, Sender};
@@ -30,12 +30,12 @@ pub struct Redelivered {
 /// and removes the ones delivered.
 pub async fn redeliver(
     client: &CouchClient,
-    config: &Config,
+    args: &RedeliverArgs,
     sender: &Sender,
 ) -> Result<Redelivered, CouchError> {
-    let spiegel_db = &config.db_name;
-    let (rule_filter, db_filter) = (config.rule.as_deref(), config.database.as_deref());
-    let letters: Vec<_> = dead_letter::list(client, spiegel_db, &config.namespace)
+    let spiegel_db = &args.connection.db_name;
+    let (rule_filter, db_filter) = (args.rule.as_deref(), args.database.as_deref());
+    let letters: Vec<_> = dead_letter::list(client, spiegel_db, &args.connection.namespace)
         .await?
         .into_iter()
         .filter(|(_, _, letter)| {
@@ -43,7 +43,7 @@ pub async fn redeliver(
                 && db_filter.is_none_or(|d| d == letter.db_name)
         })
         .collect();
-    let rules = rules_of(client, config, &letters).await?;
+    let rules = rules_of(client, args, &letters).await?;
     let mut report = Redelivered::default();
     for (id, rev, mut letter) in letters {
         let Some(rule) = rules.get(&letter.rule) else {
@@ -86,7 +86,7 @@ struct Revised<'a> {
 /// documents are read, not the whole spiegel database.
 async fn rules_of(
     client: &CouchClient,
-    config: &Config,
+    args: &RedeliverArgs,
     letters: &[(String, String, DeadLetter)],
 ) -> Result<HashMap<String, OnChangeRule>, CouchError> {
     let keys: HashSet<&str> = letters.iter().map(|(_, _, l)| l.rule.as_str()).collect();
@@ -100,10 +100,10 @@ async fn rules_of(
         ..Default::default()
     };
     let context = Context {
-        passwords: &config.passwords,
-        backoff: &config.backoff,
+        passwords: &args.rules.passwords,
+        backoff: &args.rules.backoff,
     };
-    let found = client.all_docs(&config.db_name, &query).await?;
+    let found = client.all_docs(&args.connection.db_name, &query).await?;
     for (id, doc) in found.rows.into_iter().filter_map(|r| Some((r.id?, r.doc?))) {
         if doc.get("type") == Some(&Value::from("on_change")) {
             if let Ok(rule) = OnChangeRule::compile(&id, &doc, &context) {

@@ -2,18 +2,22 @@
 //! Spiegel 1.2's `spiegel --type=replicator --url=...`, every option also as
 //! an upper-snake-case environment variable, with Spiegel 1.2's defaults.
 
+mod args;
 mod passwords;
+mod token;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+pub use self::args::{
+    AdminSettings, CommandArgs, Config, Connection, DeliverySettings, InstallArgs, RedeliverArgs,
+    RuleSettings, RunArgs, StatusArgs, UninstallArgs, WorkerSettings,
+};
 pub use self::passwords::{Passwords, PasswordsError};
-use crate::backoff::{Backoff, Strategy};
-use crate::couch::{SecretUrl, UrlError};
+pub use self::token::AdminToken;
+use crate::backoff::Strategy;
+use crate::couch::UrlError;
 use crate::replication::Engine;
 
 /// What the process does.
@@ -446,77 +450,6 @@ pub enum ConfigError {
     Passwords(#[from] PasswordsError),
 }
 
-/// The validated configuration.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// What to do.
-    pub command: Command,
-    /// The CouchDB server, with an admin's credentials.
-    pub url: SecretUrl,
-    /// The spiegel database.
-    pub db_name: String,
-    /// The prefix of Spiegel's document ids (`--namespace`).
-    pub namespace: String,
-    /// Passwords for URLs in replicator and on_change documents.
-    pub passwords: Passwords,
-    /// Changes read per `_changes` request of the change-listener.
-    pub batch_size: u64,
-    /// Runs at once per role, at most.
-    pub concurrency: usize,
-    /// How long a database must stay missing to be taken for deleted.
-    pub assume_deleted_after: Duration,
-    /// Longest time between checkpoint saves.
-    pub save_seq_after: Duration,
-    /// The retry policy of runs and requests (`--backoff-*`).
-    pub backoff: Backoff,
-    /// Partitions of database names, fixed at install.
-    pub partitions: u32,
-    /// This process's worker id (the role is appended).
-    pub worker_id: String,
-    /// Time without a heartbeat after which a worker is taken for dead.
-    pub lease_time: Duration,
-    /// Where a partition without a checkpoint starts.
-    pub since: Since,
-    /// The engine of replicator documents that name none.
-    pub replication_engine: Engine,
-    /// How long a stop waits for runs in flight.
-    pub shutdown_timeout: Duration,
-    /// Interval of the sweep for missed updates; `None`: off.
-    pub sweep_interval: Option<Duration>,
-    /// Deadline of one on_change request.
-    pub request_timeout: Duration,
-    /// Failed attempts in a row that open an endpoint's circuit.
-    pub circuit_failures: u32,
-    /// How long an open circuit lets nothing through.
-    pub circuit_cooldown: Duration,
-    /// `None`: no admin server.
-    pub admin_addr: Option<std::net::SocketAddr>,
-    /// `--admin-addr` was not set. Several processes on one host (as
-    /// Spiegel 1.2 ran them) then share the default port: the ones that
-    /// find it taken run without an admin server instead of exiting.
-    pub admin_addr_is_default: bool,
-    /// Serve the web console on the admin server.
-    pub console: bool,
-    /// Allows the console's actions; `None`: read-only.
-    pub admin_token: Option<crate::admin::AdminToken>,
-    /// Shared by the workers of the process and the admin server.
-    pub health: Arc<crate::admin::Health>,
-    /// What the console shows from this process's memory.
-    pub live: Arc<crate::admin::Live>,
-    /// uninstall: also delete the user's replicator and on_change documents.
-    pub delete_user_docs: bool,
-    /// status: print JSON.
-    pub json: bool,
-    /// status: one table entry per document and worker.
-    pub workers: bool,
-    /// redeliver: only this rule's dead letters.
-    pub rule: Option<String>,
-    /// redeliver: only this database's dead letters.
-    pub database: Option<String>,
-    /// Obsolete options that were set explicitly, with why they do nothing.
-    pub obsolete_set: Vec<(String, &'static str)>,
-}
-
 impl Cli {
     /// Parses the given arguments, reading the environment as usual; the
     /// matches tell which options were set explicitly.
@@ -587,103 +520,6 @@ impl Cli {
             });
         }
         command
-    }
-
-    /// Checks what clap cannot and loads the passwords file.
-    pub fn into_config(self, matches: &ArgMatches) -> Result<Config, ConfigError> {
-        let command = match (self.command, self.type_) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(ConfigError::TwoCommands(a.name(), b.name()))
-            }
-            (Some(c), _) | (None, Some(c)) => c,
-            (None, None) => return Err(ConfigError::MissingCommand),
-        };
-        let url = SecretUrl::parse(self.url.as_deref().ok_or(ConfigError::MissingUrl)?)?;
-        let admin_addr = match self.admin_addr.trim() {
-            "" => None,
-            addr => Some(
-                addr.parse()
-                    .map_err(|_| ConfigError::AdminAddr(addr.to_string()))?,
-            ),
-        };
-        let passwords = match &self.passwords_file {
-            Some(path) => Passwords::load(path)?,
-            None => Passwords::default(),
-        };
-        let obsolete_set = OBSOLETE
-            .iter()
-            .filter(|(id, _)| {
-                matches!(
-                    matches.value_source(id),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                )
-            })
-            .map(|(id, why)| (format!("--{}", id.replace('_', "-")), *why))
-            .collect();
-        let admin_addr_is_default = !matches!(
-            matches.value_source("admin_addr"),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        );
-        Ok(Config {
-            command,
-            url,
-            db_name: self.db_name,
-            namespace: self.namespace,
-            passwords,
-            batch_size: self.batch_size,
-            // Bounded to < 10,000 by the parser.
-            concurrency: self.concurrency as usize,
-            assume_deleted_after: Duration::from_secs(self.assume_deleted_after),
-            save_seq_after: Duration::from_secs(self.save_seq_after),
-            backoff: Backoff {
-                strategy: self.backoff_strategy,
-                delay: Duration::from_secs_f64(self.backoff_delay),
-                multiplier: self.backoff_multiplier,
-                max_delay: None,
-                limit: self.backoff_limit,
-                jitter: false,
-            },
-            partitions: self.partitions,
-            worker_id: self.worker_id.unwrap_or_else(default_worker_id),
-            lease_time: Duration::from_secs_f64(self.lease_time),
-            since: self.since,
-            replication_engine: self.replication_engine,
-            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
-            sweep_interval: (self.sweep_interval > 0)
-                .then(|| Duration::from_secs(self.sweep_interval)),
-            request_timeout: Duration::from_secs_f64(self.request_timeout),
-            circuit_failures: self.circuit_failures,
-            circuit_cooldown: Duration::from_secs_f64(self.circuit_cooldown),
-            admin_addr,
-            admin_addr_is_default,
-            console: self.console,
-            admin_token: self
-                .admin_token
-                .filter(|t| !t.is_empty())
-                .map(crate::admin::AdminToken::new),
-            health: Arc::default(),
-            live: Arc::default(),
-            delete_user_docs: self.delete_user_docs,
-            json: self.json,
-            workers: self.workers,
-            rule: self.rule,
-            database: self.database,
-            obsolete_set,
-        })
-    }
-}
-
-impl Config {
-    /// The heartbeat asked of CouchDB's feeds: 10 s, or the lease time if
-    /// shorter.
-    pub fn feed_heartbeat(&self) -> Duration {
-        Duration::from_secs(10).min(self.lease_time)
-    }
-
-    /// The CouchDB client's deadlines: a silent connection is dropped after
-    /// about two feed heartbeats.
-    pub fn client_options(&self) -> crate::couch::ClientOptions {
-        crate::couch::ClientOptions::with_heartbeat(self.feed_heartbeat())
     }
 }
 

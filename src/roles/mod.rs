@@ -1,7 +1,8 @@
 //! The worker roles. Each is "something to do when a database changed":
 //! the replicator replicates it, the change-listener delivers its changes to
-//! on_change rules. [`run`] hosts them; what they report goes in the status
-//! book ([`crate::status`]).
+//! on_change rules. [`run`] hosts them, handing each the process's shared
+//! state ([`Process`]); what they report goes in the status book
+//! ([`crate::status`]).
 
 pub(crate) mod change_listener;
 pub(crate) mod replicator;
@@ -14,11 +15,11 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::Config;
+use crate::config::{Command, RunArgs};
 use crate::couch::CouchClient;
 use crate::error::Result;
 use crate::flush;
-use crate::metrics::Metrics;
+use crate::process::Process;
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::AuthStyle;
 use crate::status::{self, StatusBook};
@@ -34,6 +35,15 @@ pub enum RoleKind {
 }
 
 impl RoleKind {
+    /// The roles a worker command hosts.
+    pub fn hosted_by(command: Command) -> &'static [RoleKind] {
+        match command {
+            Command::Replicator => &[RoleKind::Replicator],
+            Command::ChangeListener => &[RoleKind::ChangeListener],
+            _ => &[RoleKind::Replicator, RoleKind::ChangeListener],
+        }
+    }
+
     /// The role's name, as in `--type` and logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -45,44 +55,42 @@ impl RoleKind {
 
 /// What every role's worker is started with.
 struct Host<'a> {
-    config: &'a Config,
+    args: &'a RunArgs,
     client: &'a CouchClient,
-    metrics: &'a Metrics,
+    process: &'a Process,
     /// The followed replicator and on_change documents.
     docs: DocsWatch,
     /// CouchDB's version, as the server reported it.
     version: String,
 }
 
-/// Runs the given roles in this process until `shutdown` resolves, then
-/// stops each cleanly. One follower of the spiegel database's documents
-/// serves them all.
+/// Runs the roles of `args.command` in this process until `shutdown`
+/// resolves, then stops each cleanly. One follower of the spiegel
+/// database's documents serves them all.
 pub async fn run(
-    config: &Config,
+    args: &RunArgs,
     client: &CouchClient,
-    roles: &[RoleKind],
-    metrics: &Metrics,
+    process: &Process,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let server = client.server_info().await?;
     tracing::info!(version = %server.version, "connected to CouchDB");
-    crate::worker::installed_settings(client, &config.db_name, &config.namespace).await?;
+    let conn = &args.connection;
+    crate::worker::installed_settings(client, &conn.db_name, &conn.namespace).await?;
+    let roles = RoleKind::hosted_by(args.command);
     for role in roles {
-        config.health.expect(role.name());
+        process.health.expect(role.name());
     }
-    let (docs, follow) = follower::start(
-        client.clone(),
-        config.db_name.clone(),
-        config.namespace.clone(),
-    );
-    config.live.follow(docs.clone());
+    let (docs, follow) =
+        follower::start(client.clone(), conn.db_name.clone(), conn.namespace.clone());
+    process.follow(docs.clone());
     // The follower serves every worker; it stops after them.
     let mut follower = JoinSet::new();
     follower.spawn(follow);
     let host = Host {
-        config,
+        args,
         client,
-        metrics,
+        process,
         docs,
         version: server.version,
     };
@@ -122,27 +130,27 @@ impl Host<'_> {
         workers: &mut JoinSet<Result<()>>,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let (config, client) = (self.config, self.client);
-        let options = WorkerOptions::for_role(config, replicator::NAME);
+        let (args, client) = (self.args, self.client);
+        let conn = &args.connection;
+        let options = self.options(replicator::NAME);
         let (book, saver) = self.status_book(replicator::NAME, &options.worker_id);
         let (nudge_tx, nudges) = mpsc::channel(256);
         let already_run =
-            status::reported_docs(client, &config.db_name, &config.namespace, replicator::NAME)
-                .await?;
+            status::reported_docs(client, &conn.db_name, &conn.namespace, replicator::NAME).await?;
         let nudging = replicator::nudge_on_changes(
             client.clone(),
-            config.url.clone(),
+            conn.url.clone(),
             self.docs.clone(),
             already_run,
             nudge_tx,
         );
         let role = replicator::Replicator::start(
-            config,
+            args,
             client.clone(),
             self.docs.clone(),
             AuthStyle::for_version(&self.version),
             book,
-            self.metrics.roles.clone(),
+            self.process.metrics.roles.clone(),
         );
         let extras = Extras {
             nudges,
@@ -158,15 +166,16 @@ impl Host<'_> {
         workers: &mut JoinSet<Result<()>>,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let options = WorkerOptions::for_role(self.config, change_listener::NAME);
+        let options = self.options(change_listener::NAME);
         let (book, saver) = self.status_book(change_listener::NAME, &options.worker_id);
         let (role, flusher, nudges) = change_listener::ChangeListener::start(
-            self.config,
+            self.args,
             self.client.clone(),
             self.docs.clone(),
             book,
-            self.metrics.roles.clone(),
+            self.process.metrics.roles.clone(),
         )?;
+        self.process.deliver_to(role.endpoints());
         let role = Arc::new(role);
         // on_change documents take effect at their databases' next change;
         // an unusable one is reported as soon as it is loaded, and a
@@ -192,25 +201,32 @@ impl Host<'_> {
             self.client.clone(),
             role,
             options,
-            self.metrics.worker.clone(),
+            self.process.metrics.worker.clone(),
             extras,
             stopped,
         )
     }
 
+    /// The runtime settings of a worker of `role`, reporting to the process.
+    fn options(&self, role: &str) -> WorkerOptions {
+        let process = self.process;
+        let (health, workers) = (process.health.clone(), process.workers.clone());
+        WorkerOptions::for_role(self.args, role, health, workers)
+    }
+
     /// A role's status book, and the task that saves it (at most every 5 s;
     /// the role saves it a last time at stop).
     fn status_book(&self, role: &str, worker_id: &str) -> (StatusBook, BoxFuture<'static, ()>) {
-        let config = self.config;
+        let conn = &self.args.connection;
         let book = StatusBook::saved_in(status::Target {
             client: self.client.clone(),
-            db: config.db_name.clone(),
-            namespace: config.namespace.clone(),
+            db: conn.db_name.clone(),
+            namespace: conn.namespace.clone(),
             role: role.into(),
             worker_id: worker_id.into(),
         })
-        .with_tail(role, config.live.clone());
-        let interval = config.save_seq_after.min(Duration::from_secs(5));
+        .with_tail(role, self.process.tail.clone());
+        let interval = self.args.worker.save_seq_after.min(Duration::from_secs(5));
         (book.clone(), Box::pin(flush::every(book, interval)))
     }
 }

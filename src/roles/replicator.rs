@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, Passwords};
+use crate::config::{Passwords, RunArgs};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
@@ -48,9 +48,9 @@ enum Replicated {
 }
 
 impl Replicator {
-    /// The role as `config` sets it up.
+    /// The role as `args` set it up.
     pub fn start(
-        config: &Config,
+        args: &RunArgs,
         client: CouchClient,
         docs: DocsWatch,
         auth: AuthStyle,
@@ -59,12 +59,12 @@ impl Replicator {
     ) -> Self {
         Replicator {
             client,
-            server: config.url.clone(),
+            server: args.connection.url.clone(),
             docs,
-            passwords: config.passwords.clone(),
+            passwords: args.rules.passwords.clone(),
             auth,
-            engine: config.replication_engine,
-            assume_deleted_after: config.assume_deleted_after,
+            engine: args.replication_engine,
+            assume_deleted_after: args.worker.assume_deleted_after,
             status,
             metrics,
             rules: RuleCache::new("replicator"),

@@ -3,6 +3,7 @@
 //! worker's event loop, which alone owns its scheduler, and each carries
 //! its answer's channel.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -92,5 +93,29 @@ impl WorkerHandle {
         .await
         .ok()
         .flatten()
+    }
+}
+
+/// The running workers of a process, for the console's questions.
+#[derive(Debug, Default)]
+pub struct Workers(Mutex<Vec<WorkerHandle>>);
+
+impl Workers {
+    /// A worker started: the console may ask it questions.
+    pub(crate) fn register(&self, worker: WorkerHandle) {
+        // A list of handles: a poisoned lock is safe to reuse.
+        let mut workers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|w| !w.is_stopped());
+        workers.push(worker);
+    }
+
+    /// The workers still running.
+    pub(crate) fn running(&self) -> Vec<WorkerHandle> {
+        let workers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        workers
+            .iter()
+            .filter(|w| !w.is_stopped())
+            .cloned()
+            .collect()
     }
 }

@@ -7,6 +7,7 @@
 
 mod catch_up;
 pub mod control;
+mod health;
 mod runtime;
 mod scheduler;
 mod sweep;
@@ -21,12 +22,12 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use self::control::WorkerHandle;
+use self::control::{WorkerHandle, Workers};
+pub use self::health::Health;
 use self::runtime::{Ends, Worker};
 use self::scheduler::Scheduler;
-use crate::admin::{Health, Live};
 use crate::backoff::Backoff;
-use crate::config::{Config, Since};
+use crate::config::{RunArgs, Since};
 use crate::coordination::coordinator::{Coordinator, Link, Member};
 use crate::coordination::store::CouchStore;
 use crate::coordination::Settings;
@@ -175,39 +176,44 @@ pub struct WorkerOptions {
     /// Where the worker reports its readiness (the admin server reads it).
     pub health: Arc<Health>,
     /// Where the worker registers for the admin console's questions.
-    pub live: Arc<Live>,
+    pub workers: Arc<Workers>,
 }
 
 impl WorkerOptions {
     /// The runtime settings of a worker of `role`. Each role of a process
     /// gets its own worker id (the role is appended) so that `run` can host
-    /// several.
-    pub fn for_role(config: &Config, role: &str) -> Self {
-        let lease = config.lease_time;
+    /// several. It reports to the process's `health` and `workers`.
+    pub fn for_role(
+        args: &RunArgs,
+        role: &str,
+        health: Arc<Health>,
+        workers: Arc<Workers>,
+    ) -> Self {
+        let w = &args.worker;
         WorkerOptions {
-            db_name: config.db_name.clone(),
-            namespace: config.namespace.clone(),
-            worker_id: format!("{}-{role}", config.worker_id),
-            concurrency: config.concurrency,
+            db_name: args.connection.db_name.clone(),
+            namespace: args.connection.namespace.clone(),
+            worker_id: format!("{}-{role}", w.worker_id),
+            concurrency: w.concurrency,
             timing: Timing {
-                lease,
-                heartbeat: lease / 3,
-                drain: config.shutdown_timeout,
+                lease: w.lease_time,
+                heartbeat: w.lease_time / 3,
+                drain: w.shutdown_timeout,
             },
-            checkpoint_interval: config.save_seq_after,
-            feed_heartbeat: config.feed_heartbeat(),
-            start_from_now: config.since == Since::Now,
+            checkpoint_interval: w.save_seq_after,
+            feed_heartbeat: args.connection.feed_heartbeat,
+            start_from_now: w.since == Since::Now,
             // Runs that fail for reasons outside the role wait like API
             // calls do, but never longer than five minutes between tries.
             retry: Backoff {
-                max_delay: Some(config.backoff.delay.max(Duration::from_secs(300))),
-                ..config.backoff.clone()
+                max_delay: Some(w.backoff.delay.max(Duration::from_secs(300))),
+                ..w.backoff.clone()
             },
-            shutdown_timeout: config.shutdown_timeout,
-            sweep_interval: config.sweep_interval,
-            assume_deleted_after: config.assume_deleted_after,
-            health: Arc::clone(&config.health),
-            live: Arc::clone(&config.live),
+            shutdown_timeout: w.shutdown_timeout,
+            sweep_interval: w.sweep_interval,
+            assume_deleted_after: w.assume_deleted_after,
+            health,
+            workers,
         }
     }
 }
@@ -284,7 +290,7 @@ pub async fn run<R: Role>(
         worker.options.worker_id.clone(),
         ends.control.clone(),
     );
-    worker.options.live.register(handle);
+    worker.options.workers.register(handle);
     Services { start, ends }.spawn(&mut worker);
     for task in extras.tasks {
         worker.tasks.spawn(task);

@@ -707,7 +707,7 @@ mod tests {
             sweep_interval: None,
             assume_deleted_after: Duration::from_secs(600),
             health: Arc::default(),
-            live: Arc::default(),
+            workers: Arc::default(),
         }
     }
 

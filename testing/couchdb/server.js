@@ -362,6 +362,7 @@ class DbUpdates extends EventEmitter {
     super();
     this.setMaxListeners(0);
     this.enabled = false; // set once listening: startup writes are not events
+    this.deletions = 0; // of _global_changes, which end the open feeds
     this.dropping = new Map(); // db name -> "updated" events still to drop
     this.pending = new Set();
     this.scheduled = false;
@@ -536,7 +537,10 @@ app.use((req, res, next) => {
     if (dbEvent && status >= 200 && status < 300) {
       dbUpdates.record(dbEvent.type, dbEvent.name);
       // Open /_db_updates feeds end when the database behind them goes.
-      if (dbEvent.type === 'deleted' && dbEvent.name === GLOBAL_CHANGES) dbUpdates.emit('gone');
+      if (dbEvent.type === 'deleted' && dbEvent.name === GLOBAL_CHANGES) {
+        dbUpdates.deletions += 1;
+        dbUpdates.emit('gone');
+      }
     }
     return dbUpdates.settled();
   });
@@ -890,9 +894,10 @@ app.get('/_db_updates', wrap(async (req, res) => {
   const limit = parseNonNegInt(q.limit, 'limit');
   const descending = isTrue(q.descending);
   const timing = parseFeedTiming(q);
-  if (!(await dbExists(GLOBAL_CHANGES))) {
-    return sendJSON(res, 404, { error: 'not_found', reason: 'Database does not exist.' });
-  }
+  // A deletion while this request is set up ends it as one before would.
+  const deletions = dbUpdates.deletions;
+  const gone = () => sendJSON(res, 404, { error: 'not_found', reason: 'Database does not exist.' });
+  if (!(await dbExists(GLOBAL_CHANGES))) return gone();
   const db = await getOrCreateDB(PouchDB, GLOBAL_CHANGES);
   const currentSeq = async () => (await db.info()).update_seq;
   if (since === 'now') since = await currentSeq();
@@ -999,6 +1004,7 @@ app.get('/_db_updates', wrap(async (req, res) => {
     running = running.then(() => finish());
   }
 
+  if (dbUpdates.deletions !== deletions) return gone();
   dbUpdates.on('change', onChange);
   dbUpdates.on('gone', onGone);
   res.on('close', cleanup);

@@ -1,6 +1,6 @@
 //! The web console (`--console`): one server-rendered page of the whole
 //! deployment, read from the spiegel database like `spiegel status`, with
-//! this process's memory added ([`Live`]): the databases its workers hold
+//! this process's memory added ([`Process`]): the databases its workers hold
 //! waiting, and a live tail of its runs. Its actions (redeliver dead
 //! letters, run a database now, pause or resume an on_change rule) need the
 //! admin token; without one the console is read-only.
@@ -25,12 +25,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::view::{Parts, View, WAITING_SHOWN};
-use super::live::Live;
 use crate::commands::status::Letters;
 use crate::commands::{redeliver, status};
-use crate::config::Config;
+use crate::config::RunArgs;
 use crate::couch::{CouchClient, CouchError, Saved};
 use crate::delivery::Sender;
+use crate::process::Process;
 
 const PAGE: &str = include_str!("page.html");
 const STATE: &str = include_str!("state.html");
@@ -51,25 +51,26 @@ pub struct Console {
 }
 
 struct Inner {
-    config: Config,
+    /// How the process runs: its connection, engine, token, delivery.
+    args: RunArgs,
     client: CouchClient,
-    live: Arc<Live>,
+    process: Arc<Process>,
     /// Sends the dead letters redelivered from the console.
     sender: Sender,
     templates: minijinja::Environment<'static>,
 }
 
 impl Console {
-    /// The console of a process run with `config`.
-    pub fn new(config: &Config, client: CouchClient) -> crate::Result<Self> {
+    /// The console of `process`, run with `args`.
+    pub fn new(args: &RunArgs, client: CouchClient, process: Arc<Process>) -> crate::Result<Self> {
         let mut templates = minijinja::Environment::new();
         templates.add_template("page.html", PAGE)?;
         templates.add_template("state.html", STATE)?;
         Ok(Console {
             inner: Arc::new(Inner {
-                sender: Sender::new(config.request_timeout, config.concurrency)?,
-                live: config.live.clone(),
-                config: config.clone(),
+                sender: Sender::new(args.delivery.request_timeout, args.delivery.concurrency)?,
+                process,
+                args: args.clone(),
                 client,
                 templates,
             }),
@@ -92,24 +93,24 @@ impl Console {
     /// The page's value: the spiegel database's documents and this
     /// process's workers' waiting databases.
     async fn view(&self) -> crate::Result<View> {
-        let (inner, config) = (&self.inner, &self.inner.config);
-        let (db, namespace) = (&config.db_name, &config.namespace);
+        let (inner, args) = (&self.inner, &self.inner.args);
+        let (db, namespace) = (&args.connection.db_name, &args.connection.namespace);
         let letters = Letters::Oldest(LETTERS_READ);
         let report = status::report_with(&inner.client, db, namespace, letters).await?;
-        let workers = inner.live.workers();
+        let workers = inner.process.workers();
         let mut waiting = Vec::new();
         for worker in &workers {
             waiting.extend(worker.waiting(WAITING_SHOWN).await);
         }
-        let docs = inner.live.docs();
+        let docs = inner.process.docs();
         Ok(View::build(Parts {
             report,
             docs: docs.as_deref(),
             waiting,
             here: workers.into_iter().map(|w| w.worker_id).collect(),
-            default_engine: config.replication_engine,
-            circuits: inner.live.circuits(),
-            actions: config.admin_token.is_some(),
+            default_engine: args.replication_engine,
+            circuits: inner.process.circuits(),
+            actions: args.admin.token.is_some(),
         }))
     }
 
@@ -144,7 +145,7 @@ impl Console {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<T, ActionError> {
-        match &self.inner.config.admin_token {
+        match &self.inner.args.admin.token {
             None => return Err(ActionError::ReadOnly),
             Some(token) if !token.allows(headers) => return Err(ActionError::Unauthorized),
             Some(_) => {}
@@ -184,7 +185,7 @@ struct TailQuery {
 }
 
 async fn tail(State(console): State<Console>, Query(q): Query<TailQuery>) -> impl IntoResponse {
-    let entries = console.inner.live.tail.since(q.after);
+    let entries = console.inner.process.tail.since(q.after);
     ([(header::CACHE_CONTROL, "no-store")], Json(entries))
 }
 
@@ -252,11 +253,9 @@ async fn redeliver(
 ) -> Result<Json<Value>, ActionError> {
     let body: RedeliverBody = console.authorize(&headers, &body)?;
     let inner = &console.inner;
-    let mut config = inner.config.clone();
-    config.rule = body.rule.filter(|r| !r.is_empty());
-    config.database = None;
-    let done = redeliver::redeliver(&inner.client, &config, &inner.sender).await?;
-    tracing::info!(rule = ?config.rule, delivered = done.delivered, failed = done.failed, "console: dead letters redelivered");
+    let args = inner.args.redeliver(body.rule.filter(|r| !r.is_empty()));
+    let done = redeliver::redeliver(&inner.client, &args, &inner.sender).await?;
+    tracing::info!(rule = ?args.rule, delivered = done.delivered, failed = done.failed, "console: dead letters redelivered");
     Ok(Json(json!({
         "delivered": done.delivered,
         "failed": done.failed,
@@ -280,7 +279,7 @@ async fn run_now(
 ) -> Result<Json<Value>, ActionError> {
     let body: RunNowBody = console.authorize(&headers, &body)?;
     let mut roles = Vec::new();
-    let workers = console.inner.live.workers().into_iter();
+    let workers = console.inner.process.workers().into_iter();
     let chosen = workers.filter(|w| body.role.as_ref().is_none_or(|r| *r == w.role));
     for worker in chosen {
         if worker.run_now(&body.db).await {
@@ -312,7 +311,7 @@ async fn pause(
 ) -> Result<Json<Value>, ActionError> {
     let body: PauseBody = console.authorize(&headers, &body)?;
     let inner = &console.inner;
-    let db = &inner.config.db_name;
+    let db = &inner.args.connection.db_name;
     let not_found = || ActionError::NotFound(format!("no on_change document {:?}", body.rule));
     let doc: Value = inner
         .client

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 pub use self::checkpoints::Checkpoints;
 use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
-use crate::config::{Config, Passwords};
+use crate::config::{Passwords, RunArgs};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
 use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
 use crate::delivery::dead_letter::{self, BatchMember, DeadLetter};
@@ -105,10 +105,10 @@ enum Sent {
 }
 
 impl ChangeListener {
-    /// The role as `config` sets it up, the task that saves its checkpoints
+    /// The role as `args` set it up, the task that saves its checkpoints
     /// (for the worker to run), and the databases it asks to run now.
     pub fn start(
-        config: &Config,
+        args: &RunArgs,
         client: CouchClient,
         docs: DocsWatch,
         status: StatusBook,
@@ -118,29 +118,29 @@ impl ChangeListener {
         impl Future<Output = ()> + Send + 'static,
         mpsc::Receiver<String>,
     )> {
-        let checkpoints = Checkpoints::new(client.clone(), &config.db_name);
+        let (conn, delivery) = (&args.connection, &args.delivery);
+        let checkpoints = Checkpoints::new(client.clone(), &conn.db_name);
         // Per-database checkpoints are saved in batches: at most the lease
         // time of changes is delivered again after a crash.
-        let flush_every = config.save_seq_after.min(config.lease_time);
+        let flush_every = args.worker.save_seq_after.min(args.worker.lease_time);
         let flushing = flush::every(checkpoints.clone(), flush_every);
-        let sender = Sender::new(config.request_timeout, config.concurrency)?;
+        let sender = Sender::new(delivery.request_timeout, delivery.concurrency)?;
         let (nudges, nudged) = mpsc::channel(256);
         let endpoints = Arc::new(Endpoints::new(CircuitSettings {
-            failures: config.circuit_failures,
-            cooldown: config.circuit_cooldown,
+            failures: delivery.circuit_failures,
+            cooldown: delivery.circuit_cooldown,
             // A broken endpoint leaves at least half the slots to others.
-            share: config.concurrency / 2,
+            share: delivery.concurrency / 2,
         }));
-        config.live.deliver_to(endpoints.clone());
         let role = ChangeListener {
             client,
-            spiegel_db: config.db_name.clone(),
-            namespace: config.namespace.clone(),
+            spiegel_db: conn.db_name.clone(),
+            namespace: conn.namespace.clone(),
             docs,
-            passwords: config.passwords.clone(),
+            passwords: args.rules.passwords.clone(),
             sender,
-            backoff: config.backoff.clone(),
-            batch_size: config.batch_size.max(1),
+            backoff: args.rules.backoff.clone(),
+            batch_size: args.batch_size.max(1),
             checkpoints,
             status,
             metrics,
@@ -152,6 +152,11 @@ impl ChangeListener {
             batch_seen: Mutex::default(),
         };
         Ok((role, flushing, nudged))
+    }
+
+    /// The API endpoints it delivers to, with their circuits.
+    pub fn endpoints(&self) -> Arc<Endpoints> {
+        self.endpoints.clone()
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {

@@ -60,7 +60,7 @@ impl Health {
     }
 
     /// Problems that make the process unready, by role.
-    pub(super) fn problems(&self) -> Vec<String> {
+    pub fn problems(&self) -> Vec<String> {
         let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
         let mut problems = Vec::new();
         for (role, r) in roles.iter() {

@@ -3,14 +3,16 @@
 //! and the current errors by database. Kept in memory and saved in batches,
 //! at most every few seconds and only when something changed, as one
 //! document per worker (`<namespace>spiegel_status_<worker id>`). The roles
-//! write it; `spiegel status` ([`crate::commands::status`]) reads it, and a
+//! write it; `spiegel status` reads it, and a
 //! starting replicator reads which documents were already reported on.
+
+mod tail;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::admin::Live;
+pub use self::tail::Tail;
 use crate::couch::{impl_revised, AllDocsQuery, CouchClient, CouchError};
 use crate::flush::{Flush, Turn};
 
@@ -79,7 +81,7 @@ pub struct StatusBook {
     turn: Arc<Turn>,
     /// Where each outcome is also told, with the role's name: the
     /// console's live tail.
-    tail: Option<(String, Arc<Live>)>,
+    tail: Option<(String, Arc<Tail>)>,
 }
 
 #[derive(Default)]
@@ -111,14 +113,14 @@ impl StatusBook {
     }
 
     /// Tells each outcome to the process's live tail too.
-    pub fn with_tail(mut self, role: &str, live: Arc<Live>) -> Self {
-        self.tail = Some((role.to_string(), live));
+    pub fn with_tail(mut self, role: &str, tail: Arc<Tail>) -> Self {
+        self.tail = Some((role.to_string(), tail));
         self
     }
 
     fn tell(&self, doc: &str, db: &str, ok: bool, detail: Option<&String>) {
-        if let Some((role, live)) = &self.tail {
-            live.tail.push(role, doc, db, ok, detail.cloned());
+        if let Some((role, tail)) = &self.tail {
+            tail.push(role, doc, db, ok, detail.cloned());
         }
     }
 
