@@ -9,12 +9,14 @@
 //! stream with that error, or, with [`FeedOptions::retry_errors`], are
 //! yielded and retried slowly.
 
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use reqwest::Response;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -79,6 +81,8 @@ enum Ended {
     Closed,
 }
 
+/// A continuous feed of `path` that reconnects, resuming after the last seq
+/// received.
 pub(crate) fn continuous<T: FeedItem>(
     client: CouchClient,
     path: String,
@@ -88,80 +92,171 @@ pub(crate) fn continuous<T: FeedItem>(
     db: Option<String>,
 ) -> Feed<T> {
     let stream = async_stream::stream! {
-        let backoff = Backoff::reconnect(options.max_reconnect_delay);
-        let slow = options.retry_errors.map(Backoff::reconnect);
-        let idle_limit = options.heartbeat * 2;
+        let mut reconnect = Reconnect::new(&options);
         let mut since = since;
-        let mut failures = 0u32;
         loop {
-            let mut query = params.clone();
-            query.push(("feed".into(), "continuous".into()));
-            query.push(("heartbeat".into(), options.heartbeat.as_millis().to_string()));
-            if let Some(seq) = &since {
-                query.push(("since".into(), seq.as_param()));
-            }
+            let query = feed_query(&params, options.heartbeat, since.as_ref());
             let ended = match client.open_stream(&path, &query, db.as_deref()).await {
                 Err(e) if e.is_transient() => Ended::Retry(e.to_string()),
                 Err(e) => {
                     yield Err(e);
-                    let Some(slow) = &slow else { return };
-                    failures += 1;
-                    tokio::time::sleep(slow.wait(failures)).await;
+                    if !reconnect.wait_after_error().await {
+                        return;
+                    }
                     continue;
                 }
                 Ok(resp) => {
-                    let mut body = resp.bytes_stream();
-                    let mut buf: Vec<u8> = Vec::new();
-                    loop {
-                        let chunk = match tokio::time::timeout(idle_limit, body.next()).await {
-                            Err(_) => break Ended::Retry(format!("no data for {idle_limit:?}")),
-                            Ok(None) => break Ended::Closed,
-                            Ok(Some(Err(e))) => break Ended::Retry(CouchError::from_transport(e).to_string()),
-                            Ok(Some(Ok(chunk))) => chunk,
-                        };
-                        // Any byte, heartbeat included, proves the connection works.
-                        failures = 0;
-                        buf.extend_from_slice(&chunk);
-                        let mut bad_line = None;
-                        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                            let line: Vec<u8> = buf.drain(..=pos).collect();
-                            match parse_line::<T>(&line) {
-                                Line::Heartbeat => {}
-                                Line::LastSeq(seq) => since = Some(seq),
-                                Line::Item(item) => {
-                                    since = Some(item.seq().clone());
-                                    yield Ok(item);
-                                }
-                                Line::Bad(reason) => {
-                                    bad_line = Some(reason);
-                                    break;
-                                }
+                    let mut reads = pin!(read_connection::<T>(resp, options.heartbeat * 2));
+                    let mut ended = Ended::Closed;
+                    while let Some(read) = reads.next().await {
+                        match read {
+                            Read::Alive => reconnect.connection_works(),
+                            Read::LastSeq(seq) => since = Some(seq),
+                            Read::Item(item) => {
+                                since = Some(item.seq().clone());
+                                yield Ok(item);
                             }
-                        }
-                        if let Some(reason) = bad_line {
-                            break Ended::Retry(reason);
+                            Read::Ended(reason) => ended = reason,
                         }
                     }
+                    ended
                 }
             };
-            options.reconnects.fetch_add(1, Ordering::Relaxed);
-            before_reconnect(ended, &path, &backoff, &mut failures).await;
+            reconnect.before_reconnect(ended, &path).await;
         }
     };
     Box::pin(stream)
 }
 
-/// Logs why a connection of the feed ended and waits before the next one.
-async fn before_reconnect(ended: Ended, path: &str, backoff: &Backoff, failures: &mut u32) {
-    match ended {
-        Ended::Closed => {
-            tracing::debug!(feed = %path, "feed closed by the server, reopening");
+/// The query of one connection: the caller's parameters, the continuous
+/// feed with its heartbeat, and the seq to resume after.
+fn feed_query(
+    params: &[(String, String)],
+    heartbeat: Duration,
+    since: Option<&Seq>,
+) -> Vec<(String, String)> {
+    let mut query = params.to_vec();
+    query.push(("feed".into(), "continuous".into()));
+    query.push(("heartbeat".into(), heartbeat.as_millis().to_string()));
+    if let Some(seq) = since {
+        query.push(("since".into(), seq.as_param()));
+    }
+    query
+}
+
+/// What one connection of the feed gives, in order. Bytes and lines stay in
+/// [`read_connection`]: [`continuous`] only tracks where to resume and when
+/// to reconnect.
+enum Read<T> {
+    /// Bytes arrived, a heartbeat included: the connection works.
+    Alive,
+    /// CouchDB's `last_seq`, sent before it closes the feed.
+    LastSeq(Seq),
+    Item(T),
+    /// Why the connection ended; nothing follows.
+    Ended(Ended),
+}
+
+/// Reads one open connection line by line. A line can span chunks: its
+/// bytes wait in a buffer until its newline arrives.
+fn read_connection<T: FeedItem>(
+    resp: Response,
+    idle_limit: Duration,
+) -> impl Stream<Item = Read<T>> + Send {
+    async_stream::stream! {
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match next_chunk(&mut body, idle_limit).await {
+                Ok(chunk) => chunk,
+                Err(ended) => {
+                    yield Read::Ended(ended);
+                    return;
+                }
+            };
+            yield Read::Alive;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                match parse_line::<T>(&line) {
+                    Line::Heartbeat => {}
+                    Line::LastSeq(seq) => yield Read::LastSeq(seq),
+                    Line::Item(item) => yield Read::Item(item),
+                    Line::Bad(reason) => {
+                        yield Read::Ended(Ended::Retry(reason));
+                        return;
+                    }
+                }
+            }
         }
-        Ended::Retry(reason) => {
-            *failures += 1;
-            let wait = backoff.wait(*failures);
-            tracing::warn!(feed = %path, %reason, retry_in = ?wait, "feed interrupted, reconnecting");
-            tokio::time::sleep(wait).await;
+    }
+}
+
+/// The next chunk of the body, or why the connection ended: no byte within
+/// `idle_limit` (twice the heartbeat) means it is dead.
+async fn next_chunk<S>(body: &mut S, idle_limit: Duration) -> Result<Bytes, Ended>
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+{
+    match tokio::time::timeout(idle_limit, body.next()).await {
+        Err(_) => Err(Ended::Retry(format!("no data for {idle_limit:?}"))),
+        Ok(None) => Err(Ended::Closed),
+        Ok(Some(Err(e))) => Err(Ended::Retry(CouchError::from_transport(e).to_string())),
+        Ok(Some(Ok(chunk))) => Ok(chunk),
+    }
+}
+
+/// When the feed opens its next connection. Failures since the last byte
+/// received set the wait, so a feed that worked comes back fast.
+struct Reconnect {
+    backoff: Backoff,
+    /// For errors a reconnect cannot fix, when they are retried.
+    slow: Option<Backoff>,
+    failures: u32,
+    /// [`FeedOptions::reconnects`].
+    count: Arc<AtomicU64>,
+}
+
+impl Reconnect {
+    fn new(options: &FeedOptions) -> Self {
+        Reconnect {
+            backoff: Backoff::reconnect(options.max_reconnect_delay),
+            slow: options.retry_errors.map(Backoff::reconnect),
+            failures: 0,
+            count: options.reconnects.clone(),
+        }
+    }
+
+    /// Any byte proves the connection works: the next failure starts over.
+    fn connection_works(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Waits after an error a reconnect cannot fix, when such errors are
+    /// retried; false when they end the feed.
+    async fn wait_after_error(&mut self) -> bool {
+        let Some(slow) = &self.slow else {
+            return false;
+        };
+        self.failures += 1;
+        tokio::time::sleep(slow.wait(self.failures)).await;
+        true
+    }
+
+    /// Counts the reconnect, logs why the connection ended and waits before
+    /// the next one.
+    async fn before_reconnect(&mut self, ended: Ended, path: &str) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        match ended {
+            Ended::Closed => {
+                tracing::debug!(feed = %path, "feed closed by the server, reopening");
+            }
+            Ended::Retry(reason) => {
+                self.failures += 1;
+                let wait = self.backoff.wait(self.failures);
+                tracing::warn!(feed = %path, %reason, retry_in = ?wait, "feed interrupted, reconnecting");
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }

@@ -163,13 +163,7 @@ impl ReplicatorRule {
     pub fn parse(id: &str, doc: &Value, server: &SecretUrl) -> Result<Self, ReplicatorDocError> {
         let source = Endpoint::parse(doc, "source")?;
         let target = Endpoint::parse(doc, "target")?;
-        let pattern = match doc.get("db_name") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(re)) => {
-                Some(Regex::new(re).map_err(|e| ReplicatorDocError::BadRegex(e.to_string()))?)
-            }
-            Some(_) => return Err(ReplicatorDocError::DbNameNotString),
-        };
+        let pattern = db_name_pattern(doc)?;
         if pattern.is_none() && (source.templated() || target.templated()) {
             return Err(ReplicatorDocError::PlaceholderWithoutRegex);
         }
@@ -178,37 +172,9 @@ impl ReplicatorRule {
         let source_url = source.resolve(sample, "source")?;
         target.resolve(sample, "target")?;
 
-        let trigger = if !same_server(&source_url, server) {
-            Trigger::Elsewhere
-        } else if let Some(re) = &pattern {
-            Trigger::Pattern(re.as_str().to_string())
-        } else {
-            Trigger::Database(
-                db_name_in(&source_url, server).ok_or(ReplicatorDocError::NoSourceDatabase)?,
-            )
-        };
-        let params = doc
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| {
-                        !NOT_PARAMETERS.contains(&k.as_str()) && *k != "source" && *k != "target"
-                    })
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let engine = match doc.get("engine") {
-            None | Some(Value::Null) => None,
-            Some(engine) => Some(
-                serde_json::from_value(engine.clone())
-                    .map_err(|_| ReplicatorDocError::BadEngine)?,
-            ),
-        };
-        let native = match (&source.extra, &target.extra) {
-            (None, None) => Options::parse(&params),
-            _ => Err(Unsupported("a source or target given as an object".into())),
-        };
+        let trigger = Trigger::of(&source_url, pattern.as_ref(), server)?;
+        let params = replicate_params(doc);
+        let native = native_options(&source, &target, &params);
         Ok(ReplicatorRule {
             id: id.to_string(),
             source,
@@ -217,7 +183,7 @@ impl ReplicatorRule {
             params,
             trigger,
             asked_continuous: doc.get("continuous") == Some(&Value::Bool(true)),
-            engine,
+            engine: requested_engine(doc)?,
             native,
         })
     }
@@ -282,6 +248,75 @@ impl ReplicatorRule {
     /// Whether `_replicate` may create the target.
     pub fn creates_target(&self) -> bool {
         self.params.get("create_target") == Some(&Value::Bool(true))
+    }
+}
+
+/// The `db_name` regular expression: a doc with one is templated.
+fn db_name_pattern(doc: &Value) -> Result<Option<Regex>, ReplicatorDocError> {
+    match doc.get("db_name") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(re)) => Regex::new(re)
+            .map(Some)
+            .map_err(|e| ReplicatorDocError::BadRegex(e.to_string())),
+        Some(_) => Err(ReplicatorDocError::DbNameNotString),
+    }
+}
+
+impl Trigger {
+    /// Which of this server's changes trigger a doc whose (sample) source
+    /// URL is `source`: only a source on this server can be triggered here.
+    fn of(
+        source: &SecretUrl,
+        pattern: Option<&Regex>,
+        server: &SecretUrl,
+    ) -> Result<Self, ReplicatorDocError> {
+        if !same_server(source, server) {
+            Ok(Trigger::Elsewhere)
+        } else if let Some(re) = pattern {
+            Ok(Trigger::Pattern(re.as_str().to_string()))
+        } else {
+            db_name_in(source, server)
+                .map(Trigger::Database)
+                .ok_or(ReplicatorDocError::NoSourceDatabase)
+        }
+    }
+}
+
+/// The doc's `_replicate` parameters: every field but Spiegel's own and the
+/// endpoints, which are resolved per database.
+fn replicate_params(doc: &Value) -> Map<String, Value> {
+    doc.as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| {
+                    !NOT_PARAMETERS.contains(&k.as_str()) && *k != "source" && *k != "target"
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The engine the doc asks for, if any (none: `--replication-engine`).
+fn requested_engine(doc: &Value) -> Result<Option<Engine>, ReplicatorDocError> {
+    match doc.get("engine") {
+        None | Some(Value::Null) => Ok(None),
+        Some(engine) => serde_json::from_value(engine.clone())
+            .map(Some)
+            .map_err(|_| ReplicatorDocError::BadEngine),
+    }
+}
+
+/// How the native engine would run the doc, or why it cannot: it reads
+/// endpoints given as URLs only, not the object form (headers, ...).
+fn native_options(
+    source: &Endpoint,
+    target: &Endpoint,
+    params: &Map<String, Value>,
+) -> Result<Options, Unsupported> {
+    match (&source.extra, &target.extra) {
+        (None, None) => Options::parse(params),
+        _ => Err(Unsupported("a source or target given as an object".into())),
     }
 }
 
