@@ -129,7 +129,11 @@ pub enum Letters {
 }
 
 /// Reads the installation's documents into a [`Report`].
-pub async fn report(client: &CouchClient, db: &str, namespace: &str) -> crate::Result<Report> {
+pub async fn report(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+) -> crate::error::Result<Report> {
     report_with(client, db, namespace, Letters::All).await
 }
 
@@ -139,11 +143,11 @@ pub async fn report_with(
     db: &str,
     namespace: &str,
     letters: Letters,
-) -> crate::Result<Report> {
+) -> crate::error::Result<Report> {
     let shown = letters;
     let settings: Option<Settings> = match client.get_doc_opt(db, &settings_doc_id(namespace)).await
     {
-        Err(CouchError::DbNotFound(_)) => return Err(crate::Error::not_installed(db)),
+        Err(CouchError::DbNotFound(_)) => return Err(crate::error::Error::not_installed(db)),
         read => read?,
     };
     let workers: Vec<WorkerDoc> = read_prefix(client, db, &DocIds::all_workers(namespace)).await?;

@@ -62,7 +62,11 @@ struct Inner {
 
 impl Console {
     /// The console of `process`, run with `args`.
-    pub fn new(args: &RunArgs, client: CouchClient, process: Arc<Process>) -> crate::Result<Self> {
+    pub fn new(
+        args: &RunArgs,
+        client: CouchClient,
+        process: Arc<Process>,
+    ) -> crate::error::Result<Self> {
         let mut templates = minijinja::Environment::new();
         templates.add_template("page.html", PAGE)?;
         templates.add_template("state.html", STATE)?;
@@ -92,7 +96,7 @@ impl Console {
 
     /// The page's value: the spiegel database's documents and this
     /// process's workers' waiting databases.
-    async fn view(&self) -> crate::Result<View> {
+    async fn view(&self) -> crate::error::Result<View> {
         let (inner, args) = (&self.inner, &self.inner.args);
         let (db, namespace) = (&args.connection.db_name, &args.connection.namespace);
         let letters = Letters::Oldest(LETTERS_READ);
@@ -163,7 +167,7 @@ fn secure_headers() -> [(header::HeaderName, &'static str); 3] {
 }
 
 /// The page when CouchDB cannot be read.
-fn unavailable(error: &crate::Error) -> Response {
+fn unavailable(error: &crate::error::Error) -> Response {
     tracing::warn!(error = %error, "the console cannot read the spiegel database");
     let error = crate::couch::origins_only(&error.to_string());
     let text = format!("Spiegel's console cannot read the spiegel database: {error}\n");
