@@ -111,15 +111,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
         Command::Redeliver => {
-            let sender =
-                spiegel::delivery::Sender::new(config.request_timeout, config.concurrency)?;
-            let report = redeliver::redeliver(&client, &config, &sender).await?;
+            let settings = spiegel::delivery::DeliverySettings::of(&config);
+            let delivery = spiegel::delivery::Delivery::new(&settings)?;
+            let report = redeliver::redeliver(&client, &config, &delivery).await?;
             println!(
-                "redelivered {}, failed again {}, kept without their on_change document {}",
-                report.delivered, report.failed, report.orphaned
+                "redelivered {}, failed again {}, held by an open circuit {}, kept without their on_change document {}",
+                report.delivered, report.failed, report.held, report.orphaned
             );
-            if report.failed > 0 {
-                anyhow::bail!("{} dead letters could not be delivered", report.failed);
+            if report.failed + report.held > 0 {
+                anyhow::bail!(
+                    "{} dead letters could not be delivered, {} held by an open circuit",
+                    report.failed,
+                    report.held
+                );
             }
         }
         Command::Replicator | Command::ChangeListener | Command::Run => {

@@ -50,6 +50,14 @@ impl Live {
         *self.endpoints.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoints);
     }
 
+    /// The circuits of the process's change-listener, if it runs one.
+    pub(crate) fn endpoints(&self) -> Option<Arc<Endpoints>> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Each API endpoint's circuit, in this process.
     pub(crate) fn circuits(&self) -> Vec<(String, CircuitState)> {
         let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());

@@ -30,7 +30,7 @@ use crate::commands::status::Letters;
 use crate::commands::{redeliver, status};
 use crate::config::Config;
 use crate::couch::{CouchClient, CouchError, Saved};
-use crate::delivery::Sender;
+use crate::delivery::{Delivery, DeliverySettings};
 
 const PAGE: &str = include_str!("page.html");
 const STATE: &str = include_str!("state.html");
@@ -54,8 +54,9 @@ struct Inner {
     config: Config,
     client: CouchClient,
     live: Arc<Live>,
-    /// Sends the dead letters redelivered from the console.
-    sender: Sender,
+    /// Sends the dead letters redelivered from the console, through the
+    /// circuits of this process's change-listener when it runs one.
+    delivery: Delivery,
     templates: minijinja::Environment<'static>,
 }
 
@@ -67,7 +68,7 @@ impl Console {
         templates.add_template("state.html", STATE)?;
         Ok(Console {
             inner: Arc::new(Inner {
-                sender: Sender::new(config.request_timeout, config.concurrency)?,
+                delivery: Delivery::new(&DeliverySettings::of(config))?,
                 live: config.live.clone(),
                 config: config.clone(),
                 client,
@@ -255,11 +256,16 @@ async fn redeliver(
     let mut config = inner.config.clone();
     config.rule = body.rule.filter(|r| !r.is_empty());
     config.database = None;
-    let done = redeliver::redeliver(&inner.client, &config, &inner.sender).await?;
-    tracing::info!(rule = ?config.rule, delivered = done.delivered, failed = done.failed, "console: dead letters redelivered");
+    let delivery = match inner.live.endpoints() {
+        Some(endpoints) => inner.delivery.over(endpoints),
+        None => inner.delivery.clone(),
+    };
+    let done = redeliver::redeliver(&inner.client, &config, &delivery).await?;
+    tracing::info!(rule = ?config.rule, delivered = done.delivered, failed = done.failed, held = done.held, "console: dead letters redelivered");
     Ok(Json(json!({
         "delivered": done.delivered,
         "failed": done.failed,
+        "held": done.held,
         "orphaned": done.orphaned,
     })))
 }
