@@ -120,18 +120,22 @@ async fn show_status(args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `spiegel redeliver`: fails when a letter could not be delivered.
+/// `spiegel redeliver`: fails when a letter could not be delivered or was
+/// held back by an open circuit.
 async fn redeliver_letters(args: &RedeliverArgs) -> anyhow::Result<()> {
     let client = connect(&args.connection)?;
-    let delivery = &args.delivery;
-    let sender = spiegel::delivery::Sender::new(delivery.request_timeout, delivery.concurrency)?;
-    let report = redeliver::redeliver(&client, args, &sender).await?;
+    let delivery = spiegel::delivery::Delivery::new(&args.delivery)?;
+    let report = redeliver::redeliver(&client, args, &delivery).await?;
     println!(
-        "redelivered {}, failed again {}, kept without their on_change document {}",
-        report.delivered, report.failed, report.orphaned
+        "redelivered {}, failed again {}, held by an open circuit {}, kept without their on_change document {}",
+        report.delivered, report.failed, report.held, report.orphaned
     );
-    if report.failed > 0 {
-        anyhow::bail!("{} dead letters could not be delivered", report.failed);
+    if report.failed + report.held > 0 {
+        anyhow::bail!(
+            "{} dead letters could not be delivered, {} held by an open circuit",
+            report.failed,
+            report.held
+        );
     }
     Ok(())
 }

@@ -19,6 +19,11 @@ impl Installation {
 
     /// `spiegel redeliver --rule <rule>` on this installation.
     fn redeliver(&self, rule: &str) -> std::process::Output {
+        self.redeliver_with(rule, &[])
+    }
+
+    /// `spiegel redeliver --rule <rule>` with `extra` options.
+    fn redeliver_with(&self, rule: &str, extra: &[&str]) -> std::process::Output {
         let args = [
             "redeliver",
             "--url",
@@ -29,6 +34,7 @@ impl Installation {
         spiegel()
             .args(args)
             .args(["--rule", rule])
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -486,6 +492,96 @@ async fn a_request_that_keeps_failing_becomes_a_dead_letter_and_is_redelivered()
     // `_all_docs` reads one copy of each shard, so on a cluster a deletion
     // shows in the listing a moment after the write returns.
     wait_no_dead_letters(&s, "the dead letter removed").await;
+}
+
+/// The dead letters of `rule`, with their attempts.
+async fn letters_of(s: &Installation, rule: &str) -> Vec<u32> {
+    let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+        .await
+        .unwrap();
+    let mut attempts: Vec<u32> = letters
+        .into_iter()
+        .filter(|(_, _, l)| l.rule == rule)
+        .map(|(_, _, l)| l.attempts)
+        .collect();
+    attempts.sort();
+    attempts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliver_goes_through_the_endpoints_circuit_and_the_rules_rate_limit() {
+    let (s, paced, paced_base, db) = with_receiver("redeliver-paths", "d").await;
+    let (broken, broken_base) = Receiver::start().await;
+    for receiver in [&paced, &broken] {
+        *receiver.failing.lock().unwrap() = Some(503);
+    }
+    let rule = |base: &str, extra: Value| {
+        let mut rule = json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"),
+                              "method": "POST", "params": {"id": "$change.id"},
+                              "backoff": {"limit": 1, "delay": 0.1}});
+        rule.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        rule
+    };
+    s.rule("broken", rule(&broken_base, json!({}))).await;
+    s.rule("paced", rule(&paced_base, json!({"rate_limit": 5})))
+        .await;
+    let docs: Vec<Value> = (0..5).map(|n| json!({"_id": format!("doc{n}")})).collect();
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    // The worker's own circuit must not hold the letters back.
+    let worker = s.start(&["--circuit-failures", "100"]);
+    wait_for("ten dead letters", Duration::from_secs(60), || async {
+        let (a, b) = (
+            letters_of(&s, "broken").await,
+            letters_of(&s, "paced").await,
+        );
+        (a.len() + b.len() == 10).then_some(())
+    })
+    .await;
+    drop(worker);
+    assert_eq!(letters_of(&s, "broken").await, [2; 5]);
+
+    // Two failures in a row open the endpoint's circuit: the other three
+    // letters are not sent, and kept as they were.
+    let sent = broken.received().len();
+    let out = s.redeliver_with("broken", &["--circuit-failures", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("failed again 2, held by an open circuit 3,"),
+        "{stdout}"
+    );
+    assert_eq!(broken.received().len(), sent + 2, "the circuit opened");
+    // On a cluster the listing shows a write a moment after it returns.
+    wait_for(
+        "two letters with one more attempt",
+        Duration::from_secs(10),
+        || async { (letters_of(&s, "broken").await == [2, 2, 2, 3, 3]).then_some(()) },
+    )
+    .await;
+
+    // Five letters at five a second: four gaps of 200 ms. The first
+    // request also opens the connection, which on a loaded machine can
+    // arrive late and shorten the first gap: the three gaps after it count.
+    *paced.failing.lock().unwrap() = None;
+    let sent = paced.received().len();
+    let out = s.redeliver("paced");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let times: Vec<std::time::Instant> = paced.received()[sent..].iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), 5);
+    let spread = times[4] - times[1];
+    assert!(spread >= Duration::from_millis(550), "{spread:?}");
+    wait_for(
+        "the paced letters removed",
+        Duration::from_secs(10),
+        || async { letters_of(&s, "paced").await.is_empty().then_some(()) },
+    )
+    .await;
 }
 
 /// Documents whose text a parsed and re-encoded tree would change: numbers

@@ -1,8 +1,10 @@
 //! `spiegel redeliver`: sends dead letters again (all, or those of one rule
 //! and/or database), each with its rule's current URL, headers and
 //! signature, and removes the ones that succeed. A failure keeps the letter,
-//! with the new error. It needs no worker to be running, and does not check
-//! the rule's `if` or `selector` again.
+//! with the new error. Letters go the way every request goes ([`Delivery`]):
+//! at the rule's `rate_limit`, through the endpoint's circuit and share; one
+//! that the circuit holds back is kept as it is. It needs no worker to be
+//! running, and does not check the rule's `if` or `selector` again.
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,7 +14,7 @@ use serde_json::Value;
 use crate::config::RedeliverArgs;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
-use crate::delivery::{Request, Sender};
+use crate::delivery::{self, Delivery, Request};
 use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
 
 /// What `spiegel redeliver` did.
@@ -22,6 +24,9 @@ pub struct Redelivered {
     pub delivered: usize,
     /// Dead letters that failed again and were kept.
     pub failed: usize,
+    /// Dead letters not sent because their endpoint's circuit is open (or
+    /// its share in use): kept as they were, not an attempt.
+    pub held: usize,
     /// Dead letters whose on_change document no longer exists (kept).
     pub orphaned: usize,
 }
@@ -31,7 +36,7 @@ pub struct Redelivered {
 pub async fn redeliver(
     client: &CouchClient,
     args: &RedeliverArgs,
-    sender: &Sender,
+    delivery: &Delivery,
 ) -> Result<Redelivered, CouchError> {
     let spiegel_db = &args.connection.db_name;
     let (rule_filter, db_filter) = (args.rule.as_deref(), args.database.as_deref());
@@ -45,31 +50,58 @@ pub async fn redeliver(
         .collect();
     let rules = rules_of(client, args, &letters).await?;
     let mut report = Redelivered::default();
-    for (id, rev, mut letter) in letters {
+    for (id, rev, letter) in letters {
         let Some(rule) = rules.get(&letter.rule) else {
             tracing::warn!(letter = %id, rule = %letter.rule, "the on_change document of this dead letter is gone: kept");
             report.orphaned += 1;
             continue;
         };
-        match send_again(rule, &letter, sender).await {
-            Ok(()) => {
+        match send_again(rule, &letter, delivery).await {
+            Again::Delivered => {
                 client.delete_doc(spiegel_db, &id, &rev).await?;
                 report.delivered += 1;
             }
-            Err(error) => {
-                letter.attempts += 1;
-                letter.last_error = error;
-                letter.last_attempt_at = crate::ids::timestamp();
-                let doc = Revised {
-                    rev: &rev,
-                    letter: &letter,
-                };
-                client.put_doc(spiegel_db, &id, &doc).await?;
+            Again::Held(why) => {
+                tracing::info!(letter = %id, rule = %letter.rule, "{why}: kept");
+                report.held += 1;
+            }
+            Again::Failed(error) => {
+                failed_again(client, spiegel_db, (&id, &rev), letter, error).await?;
                 report.failed += 1;
             }
         }
     }
     Ok(report)
+}
+
+/// What one more attempt at a letter came to.
+enum Again {
+    Delivered,
+    /// Not sent: the endpoint's circuit or share held it back, for this
+    /// reason.
+    Held(String),
+    /// Sent, or not buildable, and failed with this error, in words safe to
+    /// store.
+    Failed(String),
+}
+
+/// Keeps a letter that failed again, with the new error and one more
+/// attempt.
+async fn failed_again(
+    client: &CouchClient,
+    spiegel_db: &str,
+    (id, rev): (&str, &str),
+    mut letter: DeadLetter,
+    error: String,
+) -> Result<(), CouchError> {
+    letter.attempts += 1;
+    letter.last_error = error;
+    letter.last_attempt_at = crate::ids::timestamp();
+    let doc = Revised {
+        rev,
+        letter: &letter,
+    };
+    client.put_doc(spiegel_db, id, &doc).await.map(|_| ())
 }
 
 /// A dead letter written over its revision `rev`. Serialized as it is, so
@@ -115,12 +147,8 @@ async fn rules_of(
 }
 
 /// One attempt at the letter's request (of one change, or of a batch),
-/// built afresh from the rule; the error in words safe to store.
-async fn send_again(
-    rule: &OnChangeRule,
-    letter: &DeadLetter,
-    sender: &Sender,
-) -> Result<(), String> {
+/// built afresh from the rule.
+async fn send_again(rule: &OnChangeRule, letter: &DeadLetter, delivery: &Delivery) -> Again {
     let context = |doc, id, rev, seq| ChangeContext {
         rule: &letter.rule,
         db_name: &letter.db_name,
@@ -142,12 +170,15 @@ async fn send_again(
             Request::build_batch(&rule.request, &contexts)
         }
     };
-    let request = built.map_err(|e| e.to_string())?;
-    sender
-        .send(&request)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let request = match built {
+        Ok(request) => request,
+        Err(e) => return Again::Failed(e.to_string()),
+    };
+    match delivery.deliver(&rule.id, rule.rate_limit, &request).await {
+        delivery::Outcome::Delivered(_) => Again::Delivered,
+        delivery::Outcome::Wait(_, why) => Again::Held(why),
+        delivery::Outcome::Failed(e) => Again::Failed(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,26 @@ pub enum CircuitState {
     HalfOpen,
 }
 
+impl CircuitState {
+    /// Its value in `spiegel_endpoint_circuit`.
+    pub fn gauge(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        }
+    }
+
+    /// Its name in the status and the console.
+    pub fn name(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half-open",
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
     Closed { failures: u32 },

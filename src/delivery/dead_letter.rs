@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::couch::{AllDocsQuery, CouchClient, CouchError};
+use crate::couch::{AllDocsQuery, Change, CouchClient, CouchError};
 
 /// An on_change request that still failed after its last retry, kept in the spiegel database until it is redelivered.
 ///
@@ -68,6 +68,49 @@ pub struct BatchMember {
 impl DeadLetter {
     /// The `type` of dead letter documents.
     pub const KIND: &'static str = "spiegel_dead_letter";
+
+    /// The letter of a request for `change` (a batch's last) or, with
+    /// `batch`, for its members in order: the request as sent (`null` when
+    /// it could not be built) and the error; no attempt counted, both
+    /// attempt times now.
+    pub(crate) fn new(
+        rule: &str,
+        db: &str,
+        change: &Change,
+        batch: Option<&[&Change]>,
+        request: Box<RawValue>,
+        last_error: String,
+    ) -> Self {
+        let first = batch.and_then(|b| b.first().copied()).unwrap_or(change);
+        let now = crate::ids::timestamp();
+        DeadLetter {
+            kind: DeadLetter::KIND.into(),
+            rule: rule.into(),
+            db_name: db.into(),
+            seq: change.seq.as_json().clone(),
+            doc_id: first.id.clone(),
+            rev: first.rev().to_string(),
+            change: first.doc_or_stub().raw().to_owned(),
+            batch: batch.map(|b| b.iter().map(|c| BatchMember::of(c)).collect()),
+            request,
+            last_status: None,
+            last_error,
+            attempts: 0,
+            first_attempt_at: now.clone(),
+            last_attempt_at: now,
+        }
+    }
+}
+
+impl BatchMember {
+    fn of(change: &Change) -> Self {
+        BatchMember {
+            doc_id: change.id.clone(),
+            rev: change.rev().to_string(),
+            seq: change.seq.as_json().clone(),
+            change: change.doc_or_stub().raw().to_owned(),
+        }
+    }
 }
 
 /// The id prefix of every dead letter of an installation.

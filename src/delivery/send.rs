@@ -28,6 +28,7 @@ pub struct Sender {
 /// A request the receiver accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Delivered {
+    /// The HTTP status it answered, a 2xx.
     pub status: u16,
 }
 
@@ -45,6 +46,44 @@ pub enum DeliveryError {
     Network(String),
     #[error("the request could not be built: {0}")]
     Build(String),
+}
+
+impl Delivered {
+    /// Its class in `spiegel_webhook_requests`: `2xx`.
+    pub fn class(&self) -> String {
+        format!("{}xx", self.status / 100)
+    }
+}
+
+impl DeliveryError {
+    /// The endpoint's trouble, which counts towards opening its circuit: no
+    /// answer, a timeout, a 5xx or a 429. A 4xx or a redirect is the
+    /// request's own.
+    pub fn is_endpoint_fault(&self) -> bool {
+        match self {
+            DeliveryError::Network(_) | DeliveryError::Timeout(_) => true,
+            DeliveryError::Status { status, .. } => *status >= 500 || *status == 429,
+            DeliveryError::Build(_) => false,
+        }
+    }
+
+    /// Its class in `spiegel_webhook_requests`: `3xx`, `4xx`, `5xx`,
+    /// `timeout` or `network`.
+    pub fn class(&self) -> String {
+        match self {
+            DeliveryError::Status { status, .. } => format!("{}xx", status / 100),
+            DeliveryError::Timeout(_) => "timeout".into(),
+            DeliveryError::Network(_) | DeliveryError::Build(_) => "network".into(),
+        }
+    }
+
+    /// The HTTP status the endpoint answered, if it did.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DeliveryError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 impl Sender {
@@ -170,6 +209,33 @@ mod tests {
 
     use super::*;
     use crate::config::Passwords;
+
+    #[test]
+    fn only_the_endpoints_trouble_counts_for_its_circuit_and_each_outcome_has_a_class() {
+        let status = |status| DeliveryError::Status {
+            status,
+            body_excerpt: String::new(),
+        };
+        let cases = [
+            (status(503), true, "5xx"),
+            (status(429), true, "4xx"),
+            (status(404), false, "4xx"),
+            (status(302), false, "3xx"),
+            (
+                DeliveryError::Timeout(Duration::from_secs(1)),
+                true,
+                "timeout",
+            ),
+            (DeliveryError::Network("reset".into()), true, "network"),
+        ];
+        for (error, fault, class) in cases {
+            assert_eq!(
+                (error.is_endpoint_fault(), error.class()),
+                (fault, class.into())
+            );
+        }
+        assert_eq!(Delivered { status: 204 }.class(), "2xx");
+    }
     use crate::rules::on_change::template::UrlPassword;
     use crate::rules::on_change::{ChangeContext, Method, Signing, Template};
 

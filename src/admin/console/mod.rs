@@ -29,7 +29,7 @@ use crate::commands::status::Letters;
 use crate::commands::{redeliver, status};
 use crate::config::RunArgs;
 use crate::couch::{CouchClient, CouchError, Saved};
-use crate::delivery::Sender;
+use crate::delivery::Delivery;
 use crate::process::Process;
 
 const PAGE: &str = include_str!("page.html");
@@ -55,8 +55,9 @@ struct Inner {
     args: RunArgs,
     client: CouchClient,
     process: Arc<Process>,
-    /// Sends the dead letters redelivered from the console.
-    sender: Sender,
+    /// Sends the dead letters redelivered from the console, through the
+    /// circuits of this process's change-listener when it runs one.
+    delivery: Delivery,
     templates: minijinja::Environment<'static>,
 }
 
@@ -72,7 +73,7 @@ impl Console {
         templates.add_template("state.html", STATE)?;
         Ok(Console {
             inner: Arc::new(Inner {
-                sender: Sender::new(args.delivery.request_timeout, args.delivery.concurrency)?,
+                delivery: Delivery::new(&args.delivery)?,
                 process,
                 args: args.clone(),
                 client,
@@ -258,11 +259,16 @@ async fn redeliver(
     let body: RedeliverBody = console.authorize(&headers, &body)?;
     let inner = &console.inner;
     let args = inner.args.redeliver(body.rule.filter(|r| !r.is_empty()));
-    let done = redeliver::redeliver(&inner.client, &args, &inner.sender).await?;
-    tracing::info!(rule = ?args.rule, delivered = done.delivered, failed = done.failed, "console: dead letters redelivered");
+    let delivery = match inner.process.endpoints() {
+        Some(endpoints) => inner.delivery.over(endpoints),
+        None => inner.delivery.clone(),
+    };
+    let done = redeliver::redeliver(&inner.client, &args, &delivery).await?;
+    tracing::info!(rule = ?args.rule, delivered = done.delivered, failed = done.failed, held = done.held, "console: dead letters redelivered");
     Ok(Json(json!({
         "delivered": done.delivered,
         "failed": done.failed,
+        "held": done.held,
         "orphaned": done.orphaned,
     })))
 }

@@ -8,7 +8,10 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
+
 use crate::couch::{Change, Doc};
+use crate::delivery::dead_letter::DeadLetter;
 use crate::delivery::{Request, RequestError};
 use crate::rules::on_change::{Batch, ChangeContext, OnChangeRule};
 
@@ -59,6 +62,13 @@ impl Job<'_> {
         single
             .into_iter()
             .chain(self.members.iter().map(|(key, _)| key))
+    }
+
+    /// The job's dead letter: its change, or a batch's members.
+    pub fn letter(&self, db: &str, request: Box<RawValue>, last_error: String) -> DeadLetter {
+        let members: Vec<&Change> = self.members.iter().map(|(_, c)| *c).collect();
+        let batch = (!members.is_empty()).then_some(members.as_slice());
+        DeadLetter::new(&self.rule.id, db, self.change, batch, request, last_error)
     }
 }
 

@@ -32,12 +32,12 @@ use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Passwords, RunArgs};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
-use crate::delivery::circuit::{Admit, CircuitSettings, CircuitState, Endpoints};
-use crate::delivery::dead_letter::{self, BatchMember, DeadLetter};
-use crate::delivery::{DeliveryError, Request, RequestError, Sender};
+use crate::delivery::circuit::CircuitState;
+use crate::delivery::dead_letter::{self, DeadLetter};
+use crate::delivery::{self, Delivery, DeliveryError, Request, RequestError};
 use crate::error::Result;
 use crate::flush::{self, Flush};
-use crate::metrics::{ClassLabel, EndpointLabel, RoleMetrics};
+use crate::metrics::RoleMetrics;
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::on_change::{Context, OnChangeDocError, OnChangeRule};
@@ -59,7 +59,8 @@ pub struct ChangeListener {
     namespace: String,
     docs: DocsWatch,
     passwords: Passwords,
-    sender: Sender,
+    /// Sends the requests through their endpoint's circuit and rule's pace.
+    delivery: Delivery,
     backoff: Backoff,
     batch_size: u64,
     checkpoints: Checkpoints,
@@ -72,8 +73,6 @@ pub struct ChangeListener {
     held: Mutex<HashMap<String, HashSet<String>>>,
     /// Databases to run now, to the worker.
     nudges: mpsc::Sender<String>,
-    /// Each API endpoint's circuit, and each rule's pace.
-    endpoints: Arc<Endpoints>,
     /// Per database and batch rule: the first member of the incomplete
     /// batch that waits for more changes, and when it was first seen.
     batch_seen: Mutex<HashMap<(String, String), (DeliveryKey, Instant)>>,
@@ -124,21 +123,15 @@ impl ChangeListener {
         // time of changes is delivered again after a crash.
         let flush_every = args.worker.save_seq_after.min(args.worker.lease_time);
         let flushing = flush::every(checkpoints.clone(), flush_every);
-        let sender = Sender::new(delivery.request_timeout, delivery.concurrency)?;
+        let delivery = Delivery::new(delivery)?.counted(&metrics);
         let (nudges, nudged) = mpsc::channel(256);
-        let endpoints = Arc::new(Endpoints::new(CircuitSettings {
-            failures: delivery.circuit_failures,
-            cooldown: delivery.circuit_cooldown,
-            // A broken endpoint leaves at least half the slots to others.
-            share: delivery.concurrency / 2,
-        }));
         let role = ChangeListener {
             client,
             spiegel_db: conn.db_name.clone(),
             namespace: conn.namespace.clone(),
             docs,
             passwords: args.rules.passwords.clone(),
-            sender,
+            delivery,
             backoff: args.rules.backoff.clone(),
             batch_size: args.batch_size.max(1),
             checkpoints,
@@ -148,15 +141,14 @@ impl ChangeListener {
             progress: Mutex::default(),
             held: Mutex::default(),
             nudges,
-            endpoints,
             batch_seen: Mutex::default(),
         };
         Ok((role, flushing, nudged))
     }
 
     /// The API endpoints it delivers to, with their circuits.
-    pub fn endpoints(&self) -> Arc<Endpoints> {
-        self.endpoints.clone()
+    pub(crate) fn endpoints(&self) -> Arc<crate::delivery::circuit::Endpoints> {
+        self.delivery.endpoints().clone()
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
@@ -323,44 +315,20 @@ impl ChangeListener {
             Work::Held => return self.hold(job, db),
             Work::Unbuildable(error) => return self.unbuildable(job, db, error).await,
         };
-        if let Some(per_second) = job.rule.rate_limit {
-            self.endpoints.pace(&job.rule.id, per_second).await;
-        }
-        let origin = request.origin();
-        let pass = match self.endpoints.admit(&origin) {
-            Admit::Go(pass) => pass,
-            Admit::Wait(wait, why) => {
-                self.show_circuit(&origin);
-                return Sent::Retry(Wait::Held(wait), why);
-            }
-        };
-        let result = self.sender.send(request).await;
-        match &result {
-            Err(DeliveryError::Network(_) | DeliveryError::Timeout(_)) => pass.failed(),
-            Err(DeliveryError::Status { status, .. }) if *status >= 500 || *status == 429 => {
-                pass.failed()
-            }
-            _ => pass.succeeded(),
-        }
-        self.show_circuit(&origin);
-        let class = match &result {
-            Ok(d) => format!("{}xx", d.status / 100),
-            Err(DeliveryError::Status { status, .. }) => format!("{}xx", status / 100),
-            Err(DeliveryError::Timeout(_)) => "timeout".into(),
-            Err(_) => "network".into(),
-        };
-        self.metrics
-            .webhook_requests
-            .get_or_create(&ClassLabel { class })
-            .inc();
-        match result {
-            Ok(delivered) => {
+        let outcome = self
+            .delivery
+            .deliver(&job.rule.id, job.rule.rate_limit, request)
+            .await;
+        self.show_circuit(&request.origin());
+        match outcome {
+            delivery::Outcome::Delivered(delivered) => {
                 self.status
                     .success(&job.rule.id, db, Some(format!("HTTP {}", delivered.status)));
                 self.settle(db, job);
                 Sent::Ok
             }
-            Err(error) => self.failed(job, request, db, &error).await,
+            delivery::Outcome::Wait(wait, why) => Sent::Retry(Wait::Held(wait), why),
+            delivery::Outcome::Failed(error) => self.failed(job, request, db, &error).await,
         }
     }
 
@@ -379,21 +347,12 @@ impl ChangeListener {
         Sent::Retry(Wait::Held(PAUSED_RECHECK), reason)
     }
 
-    /// Shows the endpoint's circuit in its gauge and in the status.
+    /// Shows the endpoint's circuit in the status, which lists only the
+    /// circuits that are not closed.
     fn show_circuit(&self, origin: &str) {
-        let (value, state) = match self.endpoints.state(origin) {
-            CircuitState::Closed => (0, None),
-            CircuitState::Open => (1, Some("open")),
-            CircuitState::HalfOpen => (2, Some("half-open")),
-        };
-        self.status.circuit(origin, state);
-        let label = EndpointLabel {
-            endpoint: origin.to_string(),
-        };
-        self.metrics
-            .endpoint_circuit
-            .get_or_create(&label)
-            .set(value);
+        let state = self.delivery.endpoints().state(origin);
+        let shown = (state != CircuitState::Closed).then(|| state.name());
+        self.status.circuit(origin, shown);
     }
 
     /// A failed attempt: retried after the rule's backoff, or, after its
@@ -415,14 +374,11 @@ impl ChangeListener {
             return Sent::Retry(Wait::For(job.rule.backoff.wait(count)), text);
         }
         let letter = DeadLetter {
-            last_status: match error {
-                DeliveryError::Status { status, .. } => Some(*status),
-                _ => None,
-            },
+            last_status: error.status(),
             attempts: count,
             first_attempt_at: first_at,
             last_attempt_at: now,
-            ..letter(job, db, request.redacted(), text)
+            ..job.letter(db, request.redacted(), text)
         };
         self.bury(job, db, letter, "request failed for the last time")
             .await
@@ -459,7 +415,7 @@ impl ChangeListener {
         self.status.failure(&job.rule.id, db, text.clone());
         // `null`: valid JSON text.
         let null = RawValue::from_string("null".into()).expect("null is JSON");
-        let letter = letter(job, db, null, text);
+        let letter = job.letter(db, null, text);
         self.bury(job, db, letter, "request cannot be built").await
     }
 
@@ -540,41 +496,6 @@ fn first_failure(kept: Option<(Wait, String)>, new: (Wait, String)) -> (Wait, St
         Some(kept) if matches!(kept.0, Wait::Held(_)) && !matches!(new.0, Wait::Held(_)) => new,
         Some(kept) => kept,
         None => new,
-    }
-}
-
-/// The dead letter of a job: its change (a batch's first) and a batch's
-/// members, the request (`null` when it could not be built) and the error;
-/// no attempt counted, both attempt times now.
-fn letter(job: &Job<'_>, db: &str, request: Box<RawValue>, last_error: String) -> DeadLetter {
-    let first = job.members.first().map_or(job.change, |(_, c)| *c);
-    let batch: Option<Vec<BatchMember>> = (!job.members.is_empty()).then(|| {
-        job.members
-            .iter()
-            .map(|(_, c)| BatchMember {
-                doc_id: c.id.clone(),
-                rev: c.rev().to_string(),
-                seq: c.seq.as_json().clone(),
-                change: c.doc_or_stub().raw().to_owned(),
-            })
-            .collect()
-    });
-    let now = crate::ids::timestamp();
-    DeadLetter {
-        kind: DeadLetter::KIND.into(),
-        rule: job.rule.id.clone(),
-        db_name: db.into(),
-        seq: job.change.seq.as_json().clone(),
-        doc_id: first.id.clone(),
-        rev: first.rev().to_string(),
-        change: first.doc_or_stub().raw().to_owned(),
-        batch,
-        request,
-        last_status: None,
-        last_error,
-        attempts: 0,
-        first_attempt_at: now.clone(),
-        last_attempt_at: now,
     }
 }
 
