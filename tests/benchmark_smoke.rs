@@ -143,3 +143,26 @@ fn benchmark_baseline_replicates_everything() {
     }
     assert_eq!(r["complete"], true);
 }
+
+#[test]
+#[cfg_attr(
+    spiegel_test_server = "external",
+    ignore = "creates hundreds of databases: run spiegel-bench --url by hand"
+)]
+fn benchmark_with_an_api_outage_delivers_everything_once_it_is_back() {
+    let r = run_bench(&["--outage-seconds", "4", "--only", "change-listener"]);
+    let o = &r["outage"];
+    assert!(o["refused_requests"].as_u64().unwrap() > 0, "{o}");
+    let during = o["writes_during"].as_u64().expect("writes during");
+    assert!(during > 0, "{o}");
+    assert_eq!(o["delivered_of_those"].as_u64(), Some(during), "{o}");
+    for phase in ["before", "during", "after"] {
+        assert!(
+            o["max_sampled_rss_mb"][phase].as_f64().unwrap() > 0.0,
+            "{o}"
+        );
+    }
+    assert_eq!(r["delivery"]["missing"], 0, "{r}");
+    assert_eq!(r["delivery"]["duplicates"], 0, "{r}");
+    assert_eq!(r["complete"], true);
+}

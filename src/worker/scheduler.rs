@@ -16,40 +16,68 @@ use super::watermark::Watermark;
 use crate::coordination::partition_of;
 use crate::couch::{DbUpdate, DbUpdateKind, Seq};
 
-/// An event a run is expected to cover.
+/// An event a run is expected to cover. Its partition is the database's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum EventRef {
     Live {
-        partition: u32,
         epoch: u64,
         id: u64,
     },
     CatchUp {
-        partition: u32,
         epoch: u64,
     },
     /// Found by the sweep: no checkpoint depends on it.
-    Sweep {
-        partition: u32,
-    },
+    Sweep,
 }
 
-impl EventRef {
-    fn partition(self) -> u32 {
-        match self {
-            EventRef::Live { partition, .. }
-            | EventRef::CatchUp { partition, .. }
-            | EventRef::Sweep { partition } => partition,
+/// The events a run of one database must cover, in constant space however
+/// many arrive: a database that waits for hours over a busy feed keeps
+/// this, not one entry per event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cover {
+    /// Some event asks for a run (the sweep's included).
+    any: bool,
+    /// The oldest live event not yet handled, as (epoch, id). It alone holds
+    /// its partition's watermark: later live events of the database enter
+    /// the watermark done, since the run that covers this one starts after
+    /// them too.
+    live: Option<(u64, u64)>,
+    /// The epoch of the catch-up that reported the database: it counts once
+    /// in that catch-up's outstanding runs, however often reported.
+    catch_up: Option<u64>,
+}
+
+impl Cover {
+    /// True when a live event of `epoch` already holds the watermark.
+    fn holds_live(&self, epoch: u64) -> bool {
+        self.live.is_some_and(|(e, _)| e == epoch)
+    }
+
+    fn add(&mut self, event: EventRef) {
+        self.any = true;
+        match event {
+            EventRef::Live { epoch, id } if !self.holds_live(epoch) => {
+                self.live = Some((epoch, id));
+            }
+            EventRef::CatchUp { epoch } => self.catch_up = Some(epoch),
+            _ => {}
         }
+    }
+
+    /// The events whose handling moves a checkpoint.
+    fn events(self) -> impl Iterator<Item = EventRef> {
+        let live = self.live.map(|(epoch, id)| EventRef::Live { epoch, id });
+        let catch_up = self.catch_up.map(|epoch| EventRef::CatchUp { epoch });
+        live.into_iter().chain(catch_up)
     }
 }
 
 #[derive(Debug, Default)]
 struct DbState {
     /// Events waiting for the next run.
-    pending: Vec<EventRef>,
+    pending: Cover,
     /// Events covered by the run in flight.
-    running: Vec<EventRef>,
+    running: Cover,
     in_flight: bool,
     queued: bool,
     /// Waiting for a retry timer.
@@ -67,7 +95,7 @@ struct DbState {
 
 impl DbState {
     fn idle(&self) -> bool {
-        self.pending.is_empty() && !self.in_flight && !self.backing_off
+        !self.pending.any && !self.in_flight && !self.backing_off
     }
 }
 
@@ -256,8 +284,11 @@ impl Scheduler {
     }
 
     fn drop_pending(&mut self, partition: u32) {
-        for state in self.dbs.values_mut() {
-            state.pending.retain(|e| e.partition() != partition);
+        let total = self.partitions_total;
+        for (db, state) in self.dbs.iter_mut() {
+            if partition_of(db, total) == partition {
+                state.pending = Cover::default();
+            }
         }
         self.dbs.retain(|_, s| !s.idle() || s.queued);
     }
@@ -278,13 +309,16 @@ impl Scheduler {
                 && update.kind != DbUpdateKind::Deleted
                 && !self.skip.contains(&update.db_name);
             deleted_here |= q == partition && update.kind == DbUpdateKind::Deleted;
-            p.live.push(id, update.seq.clone(), !runs);
+            // A database already waiting with an earlier live event holds
+            // the watermark there, and its next run covers this event too.
+            let covered = runs
+                && self
+                    .dbs
+                    .get(&update.db_name)
+                    .is_some_and(|s| s.pending.holds_live(p.epoch));
+            p.live.push(id, update.seq.clone(), !runs || covered);
             if runs {
-                let event = EventRef::Live {
-                    partition,
-                    epoch: p.epoch,
-                    id,
-                };
+                let event = EventRef::Live { epoch: p.epoch, id };
                 add_event(&mut self.dbs, &mut self.ready, &update.db_name, event, now);
             }
             advance(p);
@@ -304,8 +338,15 @@ impl Scheduler {
         let Some(catch_up) = p.catch_up.as_mut() else {
             return;
         };
-        catch_up.outstanding += 1;
-        let event = EventRef::CatchUp { partition, epoch };
+        // Its next run covers every report of this catch-up: count it once.
+        if self
+            .dbs
+            .get(db)
+            .is_none_or(|s| s.pending.catch_up != Some(epoch))
+        {
+            catch_up.outstanding += 1;
+        }
+        let event = EventRef::CatchUp { epoch };
         add_event(&mut self.dbs, &mut self.ready, db, event, now);
     }
 
@@ -316,8 +357,7 @@ impl Scheduler {
         if self.partitions.get(&partition).is_none_or(|p| p.releasing) || self.skip.contains(db) {
             return false;
         }
-        let event = EventRef::Sweep { partition };
-        add_event(&mut self.dbs, &mut self.ready, db, event, now);
+        add_event(&mut self.dbs, &mut self.ready, db, EventRef::Sweep, now);
         true
     }
 
@@ -349,7 +389,7 @@ impl Scheduler {
             if state.in_flight || state.backing_off {
                 continue;
             }
-            if state.pending.is_empty() {
+            if !state.pending.any {
                 if state.idle() {
                     self.dbs.remove(&db);
                 }
@@ -389,63 +429,81 @@ impl Scheduler {
     /// [`Self::timer`].
     pub fn on_finished(&mut self, db: &str, outcome: Finished, now: Instant) -> Option<u32> {
         let partition = self.partition_of(db);
-        let state = self.dbs.get_mut(db)?;
-        if !state.in_flight {
-            return None;
-        }
+        let state = self.dbs.get_mut(db).filter(|s| s.in_flight)?;
         state.in_flight = false;
+        let ran = std::mem::take(&mut state.running);
+        if outcome == Finished::Handled {
+            state.retries = 0;
+            state.waiting_since = state.pending_since;
+        }
         self.in_flight -= 1;
         if let Some(n) = self.in_flight_by_partition.get_mut(&partition) {
             *n = n.saturating_sub(1);
         }
-        let covered = std::mem::take(&mut state.running);
-        let retry = match outcome {
-            Finished::Handled => {
-                state.retries = 0;
-                state.waiting_since = state.pending_since;
-                None
-            }
-            Finished::Retry | Finished::Held => {
-                // The covered events are not handled: they go back in front.
-                let owned: Vec<EventRef> = covered
-                    .iter()
-                    .copied()
-                    .filter(|e| {
-                        self.partitions
-                            .get(&e.partition())
-                            .is_some_and(|p| !p.releasing)
-                    })
-                    .collect();
-                if owned.is_empty() && state.pending.is_empty() {
-                    None
-                } else {
-                    let mut pending = owned;
-                    pending.append(&mut state.pending);
-                    state.pending = pending;
-                    state.pending_since.get_or_insert(now);
-                    if outcome == Finished::Retry {
-                        state.retries += 1;
-                    }
-                    state.backing_off = true;
-                    self.next_timer += 1;
-                    state.timer = self.next_timer;
-                    Some(state.retries)
-                }
-            }
-        };
-        if retry.is_none() {
-            if enqueue_if_ready(state) {
-                self.ready.push_back(db.to_string());
-            } else if state.idle() {
-                self.dbs.remove(db);
-            }
-        }
         if outcome == Finished::Handled {
-            for event in covered {
-                self.complete(event);
+            for event in ran.events() {
+                self.complete(partition, event);
             }
+            self.settle(db);
+            return None;
+        }
+        let retry = self.back_off(db, partition, ran, outcome, now);
+        if retry.is_none() {
+            self.settle(db);
         }
         retry
+    }
+
+    /// A run that must be retried: its events go back to pending, and the
+    /// database waits for a retry timer. None when nothing is left to cover
+    /// (its partition is no longer ours).
+    fn back_off(
+        &mut self,
+        db: &str,
+        partition: u32,
+        ran: Cover,
+        outcome: Finished,
+        now: Instant,
+    ) -> Option<u32> {
+        let pending = self.dbs.get(db)?.pending;
+        let pending = self.requeue(partition, ran, pending);
+        let state = self.dbs.get_mut(db)?;
+        state.pending = pending;
+        if !pending.any {
+            return None;
+        }
+        state.pending_since.get_or_insert(now);
+        if outcome == Finished::Retry {
+            state.retries += 1;
+        }
+        state.backing_off = true;
+        self.next_timer += 1;
+        state.timer = self.next_timer;
+        Some(state.retries)
+    }
+
+    /// Puts the events of a run that was not handled back in front of those
+    /// that arrived during it, unless the partition is no longer ours. The
+    /// older event keeps the hold; the newer one, covered by the same next
+    /// run, is released.
+    fn requeue(&mut self, partition: u32, ran: Cover, pending: Cover) -> Cover {
+        let epoch = match self.partitions.get(&partition) {
+            Some(p) if !p.releasing => p.epoch,
+            _ => return pending,
+        };
+        let mut merged = pending;
+        merged.any |= ran.any;
+        if let Some(older) = ran.live.filter(|(e, _)| *e == epoch) {
+            if let Some((epoch, id)) = merged.live.replace(older) {
+                self.complete(partition, EventRef::Live { epoch, id });
+            }
+        }
+        if let Some(epoch) = ran.catch_up.filter(|e| *e == epoch) {
+            if merged.catch_up.replace(epoch).is_some() {
+                self.complete(partition, EventRef::CatchUp { epoch });
+            }
+        }
+        merged
     }
 
     /// The retry timer `timer` of a database fired: its wait is over,
@@ -463,11 +521,19 @@ impl Scheduler {
     fn end_backoff(&mut self, db: &str) {
         if let Some(state) = self.dbs.get_mut(db) {
             state.backing_off = false;
-            if enqueue_if_ready(state) {
-                self.ready.push_back(db.to_string());
-            } else if state.idle() {
-                self.dbs.remove(db);
-            }
+            self.settle(db);
+        }
+    }
+
+    /// Queues `db` if it can run, or forgets it if it is idle.
+    fn settle(&mut self, db: &str) {
+        let Some(state) = self.dbs.get_mut(db) else {
+            return;
+        };
+        if enqueue_if_ready(state) {
+            self.ready.push_back(db.to_string());
+        } else if state.idle() {
+            self.dbs.remove(db);
         }
     }
 
@@ -497,7 +563,7 @@ impl Scheduler {
                     WaitState::Running
                 } else if s.backing_off {
                     WaitState::Retrying
-                } else if !s.pending.is_empty() {
+                } else if s.pending.any {
                     WaitState::Queued
                 } else {
                     return None;
@@ -515,13 +581,14 @@ impl Scheduler {
         waiting
     }
 
-    fn complete(&mut self, event: EventRef) {
-        let Some(p) = self.partitions.get_mut(&event.partition()) else {
+    /// An event of `partition` is handled (or covered by another).
+    fn complete(&mut self, partition: u32, event: EventRef) {
+        let Some(p) = self.partitions.get_mut(&partition) else {
             return;
         };
         match event {
-            EventRef::Live { epoch, id, .. } if epoch == p.epoch => p.live.complete(id),
-            EventRef::CatchUp { epoch, .. } if epoch == p.epoch => {
+            EventRef::Live { epoch, id } if epoch == p.epoch => p.live.complete(id),
+            EventRef::CatchUp { epoch } if epoch == p.epoch => {
                 if let Some(c) = p.catch_up.as_mut() {
                     c.outstanding = c.outstanding.saturating_sub(1);
                 }
@@ -576,6 +643,12 @@ impl Scheduler {
     fn active_databases(&self) -> usize {
         self.dbs.len()
     }
+
+    /// Watermark entries kept, over every partition.
+    #[cfg(test)]
+    fn watermark_entries(&self) -> usize {
+        self.partitions.values().map(|p| p.live.len()).sum()
+    }
 }
 
 /// Adds an event for the next run of `db`, queueing the database if it can
@@ -588,11 +661,11 @@ fn add_event(
     now: Instant,
 ) {
     let state = dbs.entry(db.to_string()).or_default();
-    if state.pending.is_empty() {
+    if !state.pending.any {
         state.pending_since = Some(now);
     }
     state.waiting_since.get_or_insert(now);
-    state.pending.push(event);
+    state.pending.add(event);
     if enqueue_if_ready(state) {
         ready.push_back(db.to_string());
     }
@@ -601,7 +674,7 @@ fn add_event(
 /// Marks a database queued if it can run; true when it must be pushed on
 /// the ready queue.
 fn enqueue_if_ready(state: &mut DbState) -> bool {
-    if state.queued || state.in_flight || state.backing_off || state.pending.is_empty() {
+    if state.queued || state.in_flight || state.backing_off || !state.pending.any {
         return false;
     }
     state.queued = true;
@@ -636,6 +709,7 @@ fn advance(p: &mut Partition) {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::collections::{HashMap, VecDeque};
 
     fn update(db: &str, n: u64, kind: DbUpdateKind) -> DbUpdate {
         DbUpdate {
@@ -747,6 +821,122 @@ mod tests {
         s.take_startable(now);
         s.on_finished("a", Finished::Handled, now);
         assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(3))]);
+    }
+
+    /// A worker driven step by step (one feed event per step, runs
+    /// finishing one step after they start), with a model of the events no
+    /// successful run has covered yet.
+    struct Sim {
+        s: Scheduler,
+        now: Instant,
+        /// Per database, the events not handled yet, oldest first.
+        unhandled: HashMap<String, VecDeque<u64>>,
+        /// Runs in flight, with the last event each covers.
+        running: Vec<(String, u64)>,
+        timers: Vec<(String, u64)>,
+        runs: HashMap<String, u64>,
+        last_event: u64,
+        checkpoint: u64,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            Sim {
+                s: live_scheduler(4),
+                now: Instant::now(),
+                unhandled: HashMap::new(),
+                running: Vec::new(),
+                timers: Vec::new(),
+                runs: HashMap::new(),
+                last_event: 0,
+                checkpoint: 0,
+            }
+        }
+
+        /// One step: an optional event, then runs end (`fails` says which
+        /// fail), retry timers fire, runs start; checks the checkpoint.
+        fn step(&mut self, event: Option<&str>, fails: impl Fn(&str, u64) -> bool) {
+            if let Some(db) = event {
+                self.last_event += 1;
+                let n = self.last_event;
+                self.s
+                    .on_live_event(&update(db, n, DbUpdateKind::Updated), self.now);
+                self.unhandled.entry(db.into()).or_default().push_back(n);
+            }
+            for (db, covered) in std::mem::take(&mut self.running) {
+                let run = self.runs.entry(db.clone()).or_default();
+                *run += 1;
+                if fails(&db, *run) {
+                    assert!(self.s.on_finished(&db, Finished::Retry, self.now).is_some());
+                    self.timers.push((db.clone(), self.s.timer(&db)));
+                } else {
+                    self.s.on_finished(&db, Finished::Handled, self.now);
+                    let events = self.unhandled.get_mut(&db).expect("it had events");
+                    while events.front().is_some_and(|&e| e <= covered) {
+                        events.pop_front();
+                    }
+                }
+            }
+            for (db, timer) in std::mem::take(&mut self.timers) {
+                self.s.retry_due(&db, timer);
+            }
+            for start in self.s.take_startable(self.now) {
+                self.running.push((start.db, self.last_event));
+            }
+            self.check_checkpoint();
+        }
+
+        /// The checkpoint never passes an event not handled yet.
+        fn check_checkpoint(&mut self) {
+            for (_, seq) in self.s.take_dirty_checkpoints() {
+                let text = seq.as_json().as_str().expect("a test seq").to_string();
+                self.checkpoint = text.trim_end_matches("-x").parse().expect("a test seq");
+            }
+            let oldest = self.unhandled.values().filter_map(|e| e.front()).min();
+            if let Some(&oldest) = oldest {
+                assert!(
+                    self.checkpoint < oldest,
+                    "checkpoint {} passed event {oldest}",
+                    self.checkpoint
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn waiting_databases_keep_constant_state_however_many_events_arrive() {
+        let mut sim = Sim::new();
+        // 10 databases fail 49 runs in 50, then every run from event
+        // 90,000 on, amid 7 busy ones that always succeed.
+        let (mut most_dbs, mut most_entries) = (0, 0);
+        for n in 0..100_000u64 {
+            let db = if n % 3 == 0 {
+                format!("busy{}", n % 7)
+            } else {
+                format!("fail{}", n % 10)
+            };
+            let late = n >= 90_000;
+            sim.step(Some(&db), |db, run| {
+                db.starts_with("fail") && (late || run % 50 != 0)
+            });
+            most_dbs = most_dbs.max(sim.s.active_databases());
+            most_entries = most_entries.max(sim.s.watermark_entries());
+            assert!(sim.s.queued() <= 17);
+        }
+        assert!(most_dbs <= 17, "{most_dbs} databases kept");
+        // At most a pending and a running hold per database, each between
+        // two collapsed done entries.
+        assert!(
+            most_entries <= 4 * 17 + 1,
+            "{most_entries} watermark entries"
+        );
+        assert!(sim.checkpoint > 80_000, "handled runs moved the checkpoint");
+        assert!(sim.checkpoint < 90_010, "the failing databases hold it");
+        while sim.s.active_databases() > 0 {
+            sim.step(None, |_, _| false);
+        }
+        assert_eq!(sim.checkpoint, 100_000, "the end once all succeeded");
+        assert_eq!(sim.s.watermark_entries(), 0);
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! comparing them. Instead the worker keeps the feed's events in arrival
 //! order, marks each done when the run that covers it finishes, and the
 //! checkpoint is the seq of the last event of the done prefix.
+//!
+//! Done events next to each other collapse into the latest, so the entries
+//! are at most twice the events not done, plus one. The scheduler keeps one
+//! event not done per database waiting (and one per run in flight): memory
+//! follows the databases that wait, not the traffic.
 
 use std::collections::VecDeque;
 
@@ -38,11 +43,19 @@ impl Watermark {
         self.entries.push_back(Entry { id, seq, done });
     }
 
-    /// Marks an event done; unknown ids (already collapsed or popped) are
-    /// ignored.
+    /// Marks an event done, collapsing it with done neighbours; unknown
+    /// ids (already collapsed or popped) are ignored.
     pub fn complete(&mut self, id: u64) {
-        if let Ok(i) = self.entries.binary_search_by_key(&id, |e| e.id) {
-            self.entries[i].done = true;
+        let Ok(i) = self.entries.binary_search_by_key(&id, |e| e.id) else {
+            return;
+        };
+        self.entries[i].done = true;
+        // The later of two done neighbours stands for both, as in `push`.
+        if self.entries.get(i + 1).is_some_and(|e| e.done) {
+            self.entries.remove(i);
+        }
+        if i > 0 && self.entries[i - 1].done {
+            self.entries.remove(i - 1);
         }
     }
 
@@ -55,8 +68,9 @@ impl Watermark {
         last
     }
 
+    /// Entries kept.
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
@@ -99,6 +113,27 @@ mod tests {
         assert_eq!(w.len(), 2);
         w.complete(1);
         assert_eq!(w.advance(), Some(seq(9_999)));
+    }
+
+    #[test]
+    fn done_events_collapse_whenever_they_become_done() {
+        let mut w = Watermark::default();
+        w.push(1, seq(1), false);
+        // Another database's event is handled, again and again, while the
+        // first waits: the entries do not grow.
+        for i in (2..10_000).step_by(2) {
+            w.push(i, seq(i), false);
+            w.push(i + 1, seq(i + 1), true);
+            w.complete(i);
+            assert!(w.len() <= 3, "{} entries after event {i}", w.len());
+        }
+        w.push(10_000, seq(10_000), false);
+        w.complete(10_000);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.advance(), None, "event 1 still pending");
+        w.complete(1);
+        assert_eq!(w.advance(), Some(seq(10_000)));
+        assert!(w.is_empty());
     }
 
     #[test]

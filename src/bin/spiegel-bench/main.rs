@@ -16,6 +16,7 @@ mod measure;
 /// Partitions of the benchmark's installation (`spiegel install`'s default).
 const PARTITIONS: u32 = 32;
 mod observed;
+mod outage;
 mod processes;
 mod procfs;
 mod report;
@@ -36,6 +37,7 @@ use measure::{
     Samples,
 };
 use observed::{follow_aggregate, now_ms, start_receiver, Figures, Shared, State};
+use outage::{Outage, OutageKind};
 use processes::{spiegel_bin, spiegel_cmd, start_spiegel, start_test_server, stop, Workers};
 use report::markdown;
 
@@ -91,6 +93,14 @@ pub(crate) struct Args {
     /// healthy API's delivery latency is reported for each half.
     #[arg(long, conflicts_with = "baseline")]
     hanging_endpoint: bool,
+    /// Take the on_change API down for N seconds in the middle of the load,
+    /// then bring it back: Spiegel's memory is reported before, during and
+    /// after, and every write must still be delivered.
+    #[arg(long, conflicts_with_all = ["baseline", "hanging_endpoint"])]
+    outage_seconds: Option<u64>,
+    /// What the API does while down (`--outage-seconds`).
+    #[arg(long, value_enum, default_value = "refuse")]
+    outage_kind: OutageKind,
     /// Milliseconds the API takes to answer each request.
     #[arg(long, default_value_t = 0)]
     api_latency_ms: u64,
@@ -218,6 +228,9 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     if args.dbs == 0 || args.active == 0 || args.active > args.dbs || args.seconds == 0 {
         bail!("need 0 < --active <= --dbs and --seconds > 0");
     }
+    if args.outage_seconds.is_some_and(|n| n > args.seconds) {
+        bail!("--outage-seconds: at most --seconds");
+    }
     if !args.prefix.starts_with(|c: char| c.is_ascii_lowercase())
         || !args
             .prefix
@@ -298,6 +311,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
 
     let mut workers = Workers::default();
     let mut hanging_accepted = Arc::default();
+    let outage = Outage::new(args.outage_kind);
     let config_start = Instant::now();
     if baseline {
         progress(&format!(
@@ -342,7 +356,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             bail!("spiegel install failed: {status}");
         }
         let latency = Duration::from_millis(args.api_latency_ms);
-        let receiver_port = start_receiver(state.clone(), latency).await?;
+        let receiver_port = start_receiver(state.clone(), latency, outage.clone()).await?;
         couch
             .put_doc(
                 &spiegel_db,
@@ -506,6 +520,12 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         }
     ));
     let load_start = tokio::time::Instant::now();
+    let outage_task = args.outage_seconds.map(|n| {
+        let after = Duration::from_secs((args.seconds - n) / 2);
+        let length = Duration::from_secs(n);
+        let pids = spiegel_pids.clone();
+        outage.clone().spawn(state.clone(), pids, after, length)
+    });
     let mut writers = Vec::new();
     for j in 0..args.active {
         let db = names[j * args.dbs / args.active].clone();
@@ -572,6 +592,9 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     sampler.abort();
+    if let Some(task) = outage_task {
+        task.abort();
+    }
     let metrics_after = scrape(&workers.metrics_urls).await;
     let spiegel_cpu_load = cpu(&spiegel_pids) - spiegel_cpu_before;
     let server_cpu_load = server_pid.map(|p| cpu(&[p]) - server_cpu_before.unwrap_or(0.0));
@@ -639,6 +662,10 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             hanging::by_phase(&state.lock().unwrap(), args.seconds, &hanging_accepted)
         } else {
             Value::Null
+        },
+        "outage": match args.outage_seconds {
+            Some(n) => outage.report(&state, n),
+            None => Value::Null,
         },
         "writes": written,
         "write_errors": write_errors,

@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::couch::{enc, Couch};
+use crate::outage::Outage;
 
 pub(crate) struct State {
     pub(crate) t0: Instant,
@@ -165,13 +166,22 @@ pub(crate) fn seq_text(v: &Value) -> String {
     }
 }
 
-/// The receiver of the on_change rule's POSTs.
-pub(crate) async fn start_receiver(state: Shared, latency: Duration) -> Result<u16> {
+/// The receiver of the on_change rule's POSTs; it refuses them while
+/// `outage` is on.
+pub(crate) async fn start_receiver(
+    state: Shared,
+    latency: Duration,
+    outage: Arc<Outage>,
+) -> Result<u16> {
     use axum::{extract, routing::post, Router};
+    type Ctx = (Shared, Duration, Arc<Outage>);
     pub(crate) async fn hook(
-        extract::State((state, latency)): extract::State<(Shared, Duration)>,
+        extract::State((state, latency, outage)): extract::State<Ctx>,
         body: axum::Json<Value>,
     ) -> StatusCode {
+        if let Some(refused) = outage.refuse().await {
+            return refused;
+        }
         // An API that takes its time, as real ones do.
         tokio::time::sleep(latency).await;
         // One change, or a batch: an array of them.
@@ -190,7 +200,7 @@ pub(crate) async fn start_receiver(state: Shared, latency: Duration) -> Result<u
     }
     let app = Router::new()
         .route("/hook", post(hook))
-        .with_state((state, latency));
+        .with_state((state, latency, outage));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {

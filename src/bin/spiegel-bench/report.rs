@@ -72,6 +72,37 @@ pub(crate) fn markdown(r: &Value) -> String {
             let accepted = f(&h["connections_to_the_hanging_api"]);
             row("Connections the hanging API accepted", accepted);
         }
+        let o = &r["outage"];
+        if !o.is_null() {
+            let rss = &o["max_sampled_rss_mb"];
+            row(
+                "API outage: kind, seconds / requests refused",
+                format!(
+                    "{}, {} s / {}",
+                    o["kind"], o["seconds"], o["refused_requests"]
+                ),
+            );
+            row(
+                "Spiegel max sampled RSS before / during / after the outage",
+                format!(
+                    "{} / {} / {} MB",
+                    rss["before"], rss["during"], rss["after"]
+                ),
+            );
+            row(
+                "Writes during the outage / delivered, all within (s after it)",
+                format!(
+                    "{} / {}, {}",
+                    o["writes_during"],
+                    o["delivered_of_those"],
+                    f(&o["all_delivered_s_after_it_ended"])
+                ),
+            );
+            row(
+                "Their delivery p50 / p95 / p99 / max",
+                lat(&o["their_latency"]),
+            );
+        }
         row(
             "Deliveries missing / duplicate / unexpected",
             format!(
