@@ -421,3 +421,27 @@ async fn wrong_credentials_are_unauthorized_not_transient() {
     assert!(matches!(err, CouchError::Unauthorized(_)), "{err:?}");
     assert!(!err.to_string().contains("wrong-password"));
 }
+
+#[tokio::test]
+async fn a_feed_the_server_closes_at_once_is_reopened_with_backoff_not_in_a_loop() {
+    // Answers every request with 200 and an empty body: each feed
+    // connection is closed cleanly as soon as it opens.
+    let (receiver, url) = Receiver::start().await;
+    let couch = client_for(&url);
+    let options = FeedOptions {
+        heartbeat: Duration::from_millis(500),
+        max_reconnect_delay: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mut feed = couch.db_updates_feed(None, options);
+    let watched = Duration::from_secs(3);
+    let read = tokio::time::timeout(watched, feed.next()).await;
+    assert!(read.is_err(), "nothing to read: {read:?}");
+    // Each wait of the backoff is at least 0.125 s (0.25 s, then 0.5 s,
+    // each drawn from [w/2, w]): at most 1 + 3 / 0.125 connections in 3 s.
+    let opened = receiver.on("/_db_updates").len();
+    assert!(
+        (2..=25).contains(&opened),
+        "{opened} connections in {watched:?}"
+    );
+}
