@@ -1581,3 +1581,54 @@ async fn wait_no_dead_letters(s: &Installation, what: &str) {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_that_is_a_dot_segment_is_dead_lettered_never_sent_to_the_parent_path() {
+    let (s, receiver, base, db) = with_receiver("dotseg", "d").await;
+    s.rule(
+        "files",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/files/${{change.id}}"),
+               "method": "PUT"}),
+    )
+    .await;
+    let _worker = s.start(&[]);
+    s.couch.put_doc(&db, "a", &json!({})).await.unwrap();
+    // `..` has no document path either: written through _bulk_docs.
+    let dots = [json!({"_id": ".."})];
+    let written = s.couch.bulk_docs(&db, &dots, true).await.unwrap();
+    assert!(written.iter().all(|r| !r.is_failed()), "{written:?}");
+    s.couch.put_doc(&db, "b", &json!({})).await.unwrap();
+    receiver
+        .wait("the changes around `..`", |got| {
+            ["/files/a", "/files/b"]
+                .iter()
+                .all(|path| got.iter().any(|r| r.path == *path))
+        })
+        .await;
+    let letter = wait_for(
+        "a dead letter or a request for ..",
+        Duration::from_secs(20),
+        || async {
+            if receiver.received().len() > 2 {
+                return Some(None);
+            }
+            let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "");
+            letters
+                .await
+                .ok()?
+                .into_iter()
+                .next()
+                .map(|(_, _, l)| Some(l))
+        },
+    )
+    .await;
+    let paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths.len(), 2, "nothing sent for `..`: {paths:?}");
+    let letter = letter.expect("a dead letter");
+    assert_eq!(letter.doc_id, "..");
+    assert!(
+        letter.last_error.contains("path segment"),
+        "{}",
+        letter.last_error
+    );
+}

@@ -421,3 +421,60 @@ async fn wrong_credentials_are_unauthorized_not_transient() {
     assert!(matches!(err, CouchError::Unauthorized(_)), "{err:?}");
     assert!(!err.to_string().contains("wrong-password"));
 }
+
+#[tokio::test]
+async fn a_feed_the_server_closes_at_once_is_reopened_with_backoff_not_in_a_loop() {
+    // Answers every request with 200 and an empty body: each feed
+    // connection is closed cleanly as soon as it opens.
+    let (receiver, url) = Receiver::start().await;
+    let couch = client_for(&url);
+    let options = FeedOptions {
+        heartbeat: Duration::from_millis(500),
+        max_reconnect_delay: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mut feed = couch.db_updates_feed(None, options);
+    let watched = Duration::from_secs(3);
+    let read = tokio::time::timeout(watched, feed.next()).await;
+    assert!(read.is_err(), "nothing to read: {read:?}");
+    // Each wait of the backoff is at least 0.125 s (0.25 s, then 0.5 s,
+    // each drawn from [w/2, w]): at most 1 + 3 / 0.125 connections in 3 s.
+    let opened = receiver.on("/_db_updates").len();
+    assert!(
+        (2..=25).contains(&opened),
+        "{opened} connections in {watched:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_document_id_dot_dot_is_read_in_bulk_and_never_addresses_the_parent_path() {
+    let couch = client_for(&shared_url());
+    let db = unique_name("dots");
+    couch.create_db(&db).await.unwrap();
+    let docs = [json!({"_id": "..", "n": 2}), json!({"_id": ".", "n": 1})];
+    let written = couch.bulk_docs(&db, &docs, true).await.unwrap();
+    assert!(written.iter().all(|r| !r.is_failed()), "{written:?}");
+    let query = AllDocsQuery {
+        keys: Some(vec!["..".into(), ".".into()]),
+        include_docs: true,
+        ..Default::default()
+    };
+    let rows = couch.all_docs(&db, &query).await.unwrap().rows;
+    let read: Vec<(Option<String>, Value)> = rows
+        .into_iter()
+        .map(|r| (r.id, r.doc.map_or(Value::Null, |d| d["n"].clone())))
+        .collect();
+    assert_eq!(
+        read,
+        [(Some("..".into()), json!(2)), (Some(".".into()), json!(1))]
+    );
+    // A path would name the server (`/db/..`) or the database (`/db/.`),
+    // whatever the encoding: refused, never read as the document.
+    for id in ["..", "."] {
+        let refused = |e: &CouchError| e.to_string().contains("cannot be sent in a URL path");
+        let got = couch.get_doc::<Value>(&db, id).await;
+        assert!(got.as_ref().is_err_and(refused), "{id}: {got:?}");
+        let put = couch.put_doc(&db, id, &json!({"n": 3})).await;
+        assert!(put.as_ref().is_err_and(refused), "{id}: {put:?}");
+    }
+}

@@ -217,3 +217,34 @@ async fn progress_in_memory_is_not_trusted_once_the_target_is_created_again() {
     assert_eq!(report.docs_written, 4, "{report:?}");
     assert_eq!(present(&couch, &target, &["a", "b", "c", "d"]).await, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_with_the_ids_dot_and_dot_dot_replicate_intact() {
+    let couch = client_for(&shared_url());
+    let (source, target) = (unique_name("dots_src"), unique_name("dots_dst"));
+    couch.create_db(&source).await.unwrap();
+    // No request path can name them: written, and read back, in bulk.
+    let docs = [json!({"_id": "..", "n": 2}), json!({"_id": ".", "n": 1})];
+    let written = couch.bulk_docs(&source, &docs, true).await.unwrap();
+    assert!(written.iter().all(|r| !r.is_failed()), "{written:?}");
+
+    let created = replication(&couch, &source, &target, json!({"create_target": true}));
+    let (report, _) = run_once(&created, None).await.unwrap();
+    assert_eq!(report.docs_written, 2, "{report:?}");
+    let query = spiegel::couch::AllDocsQuery {
+        keys: Some(vec![".".into(), "..".into()]),
+        include_docs: true,
+        ..Default::default()
+    };
+    let read = |db: String| {
+        let (couch, query) = (couch.clone(), query.clone());
+        async move {
+            let rows = couch.all_docs_raw(&db, &query).await.unwrap().rows;
+            let docs = rows.into_iter().map(|r| r.doc.map(|d| d.get().to_string()));
+            docs.collect::<Vec<_>>()
+        }
+    };
+    let copied = read(target).await;
+    assert!(copied.iter().all(Option::is_some), "{copied:?}");
+    assert_eq!(copied, read(source).await, "the same bodies, byte for byte");
+}

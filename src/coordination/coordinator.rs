@@ -126,31 +126,55 @@ impl<S: LeaseStore> Coordinator<S> {
         let mut tick = tokio::time::interval(self.timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Every step is bounded in time so that a hung request never
-            // delays the next heartbeat, and with it the fencing check, for
-            // long.
-            let limit = self.timing.heartbeat * 2;
             tokio::select! {
                 _ = tick.tick() => self.beat().await,
                 request = requests.recv() => match request {
-                    Some(Request::Checkpoints(list)) => {
-                        let list = list.into_iter().map(|(p, seq)| (p, Some(seq))).collect();
-                        bounded(limit, "saving checkpoints", self.write_leases(list, true)).await;
-                    }
-                    Some(Request::Released { partition, checkpoint }) => {
-                        if self.states.set(partition, LeaseState::Releasing) {
-                            bounded(limit, "releasing a lease", self.free(vec![(partition, checkpoint)])).await;
+                    Some(request) => {
+                        if self.on_request(request).await {
+                            return;
                         }
-                    }
-                    Some(Request::Leave { checkpoints, done }) => {
-                        self.leave(checkpoints, limit).await;
-                        let _ = done.send(());
-                        return;
                     }
                     None => return,
                 },
             }
         }
+    }
+
+    /// Does what the worker asks; true once it has left.
+    async fn on_request(&mut self, request: Request) -> bool {
+        let limit = self.step_limit();
+        match request {
+            Request::Checkpoints(list) => {
+                let list = list.into_iter().map(|(p, seq)| (p, Some(seq))).collect();
+                bounded(limit, "saving checkpoints", self.write_leases(list, true)).await;
+            }
+            Request::Released {
+                partition,
+                checkpoint,
+            } => {
+                if self.states.set(partition, LeaseState::Releasing) {
+                    let list = vec![(partition, checkpoint)];
+                    bounded(limit, "releasing a lease", self.free(list)).await;
+                }
+            }
+            Request::Leave { checkpoints, done } => {
+                self.leave(checkpoints).await;
+                let _ = done.send(());
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The deadline of a step that talks to CouchDB: a heartbeat, and never
+    /// past the fence. A hung request then never delays the next heartbeat,
+    /// and with it the fencing check, beyond the fence: the partitions are
+    /// dropped before others may take them. A step cut short is a step
+    /// that failed; what it left half done is finished at the next
+    /// heartbeat ([`Self::settle`]).
+    fn step_limit(&self) -> Duration {
+        let left = self.renewer.until_fenced(Instant::now());
+        left.min(self.timing.heartbeat)
     }
 
     fn label(&self) -> metrics::RoleLabel {
@@ -183,25 +207,23 @@ impl<S: LeaseStore> Coordinator<S> {
 
     /// One heartbeat: prove we are alive, see who else is, and rebalance.
     async fn beat(&mut self) {
+        // A tick that comes late, after a step cut short at the fence, drops
+        // the partitions before a heartbeat that may hang.
+        self.drop_if_fenced();
         let alive = self.renewer.renew(&self.store).await;
-        self.settle().await;
-        if self.renewer.fenced(Instant::now()) {
-            let held = self.states.held();
-            if !held.is_empty() {
-                tracing::warn!(role = %self.role, "heartbeats failing for too long: dropping every partition");
-                for partition in held {
-                    self.set(partition, LeaseState::Lost);
-                }
-                self.update_gauges(0);
-            }
-            return;
-        }
-        if !alive {
+        bounded(self.step_limit(), "finishing releases", self.settle()).await;
+        if self.drop_if_fenced() || !alive {
             // Without a fresh heartbeat our standing is unknown: claim nothing.
             return;
         }
-        self.release_overdue().await;
-        match tokio::time::timeout(self.timing.heartbeat, self.rebalance()).await {
+        let limit = self.step_limit();
+        bounded(
+            limit,
+            "releasing overdue partitions",
+            self.release_overdue(),
+        )
+        .await;
+        match tokio::time::timeout(self.step_limit(), self.rebalance()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(role = %self.role, error = %e, "cannot read the leases; retrying at the next heartbeat")
@@ -210,6 +232,23 @@ impl<S: LeaseStore> Coordinator<S> {
                 tracing::warn!(role = %self.role, "reading the leases timed out; retrying at the next heartbeat")
             }
         }
+    }
+
+    /// Fencing: once heartbeats have failed for too long, every partition
+    /// held is dropped. True while fenced.
+    fn drop_if_fenced(&mut self) -> bool {
+        if !self.renewer.fenced(Instant::now()) {
+            return false;
+        }
+        let held = self.states.held();
+        if !held.is_empty() {
+            tracing::warn!(role = %self.role, "heartbeats failing for too long: dropping every partition");
+            for partition in held {
+                self.set(partition, LeaseState::Lost);
+            }
+            self.update_gauges(0);
+        }
+        true
     }
 
     /// Finishes what a step cut short by its deadline left half done: a
@@ -369,8 +408,11 @@ impl<S: LeaseStore> Coordinator<S> {
     }
 
     /// Shutdown: every lease we hold is freed with its checkpoint, and the
-    /// membership document removed.
-    async fn leave(&mut self, checkpoints: Vec<(u32, Option<Seq>)>, limit: Duration) {
+    /// membership document removed, each within a heartbeat (not bounded by
+    /// the fence: nothing runs after it, and a lease write is checked
+    /// against the lease's revision).
+    async fn leave(&mut self, checkpoints: Vec<(u32, Option<Seq>)>) {
+        let limit = self.timing.heartbeat;
         let held: BTreeSet<u32> = self.states.held().into_iter().collect();
         let mut list = Vec::new();
         for (partition, checkpoint) in checkpoints {
@@ -543,6 +585,8 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
         /// Partitions the worker holds, as it was told.
         owned: BTreeSet<u32>,
+        /// When the last heartbeat that worked was sent.
+        beats: watch::Receiver<Option<Instant>>,
     }
 
     fn start(store: &MemoryStore, id: &str) -> Worker {
@@ -555,10 +599,8 @@ mod tests {
             partitions: PARTITIONS,
             timing: TIMING,
         };
-        let link = Link {
-            to_worker,
-            beats: watch::channel(None).0,
-        };
+        let (beats, beats_rx) = watch::channel(None);
+        let link = Link { to_worker, beats };
         let metrics = Metrics::new().worker;
         let coordinator = Coordinator::new(store.clone(), member, metrics, link);
         Worker {
@@ -566,6 +608,7 @@ mod tests {
             requests,
             task: tokio::spawn(coordinator.run(request_rx)),
             owned: BTreeSet::new(),
+            beats: beats_rx,
         }
     }
 
@@ -740,6 +783,37 @@ mod tests {
         assert!(a.assignments.try_recv().is_err(), "nothing claimed");
         slow.slow_claims.store(false, Ordering::SeqCst);
         a.until_owning(4).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_release_never_holds_the_coordinator_past_the_fence() {
+        let store = store();
+        let hung = store.with_own_link();
+        let mut a = start(&hung, "a");
+        a.until_owning(4).await;
+        let _b = start(&store, "b");
+        let partition = loop {
+            if let (Assignment::Release { partition }, _) = a.next().await {
+                break partition;
+            }
+        };
+        // From now on no call of "a" ever returns: its release hangs, and
+        // so do its heartbeats and every later attempt to release.
+        hung.hang.store(true, Ordering::SeqCst);
+        let last_beat = a.beats.borrow().expect("a heartbeat");
+        a.requests
+            .send(Request::Released {
+                partition,
+                checkpoint: None,
+            })
+            .unwrap();
+        let dropped = a.until_owning(0).await;
+        let after = dropped - last_beat;
+        assert!(
+            after < TIMING.lease,
+            "dropped after {after:?}: others may already hold them"
+        );
+        assert!(after >= TIMING.lease - TIMING.heartbeat, "{after:?}");
     }
 
     #[tokio::test(start_paused = true)]

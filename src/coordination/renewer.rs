@@ -30,6 +30,13 @@ impl Timing {
     pub fn fenced(&self, last_beat: Option<Instant>, now: Instant) -> bool {
         last_beat.is_none_or(|t| now.saturating_duration_since(t) + self.heartbeat >= self.lease)
     }
+
+    /// How long from `now` until [`Timing::fenced`] holds; zero once it does.
+    pub fn until_fenced(&self, last_beat: Option<Instant>, now: Instant) -> Duration {
+        last_beat.map_or(Duration::ZERO, |t| {
+            (t + self.lease).saturating_duration_since(now + self.heartbeat)
+        })
+    }
 }
 
 /// Writes the heartbeats of one worker and remembers the last that worked.
@@ -84,6 +91,11 @@ impl Renewer {
         self.timing.fenced(self.last_beat, now)
     }
 
+    /// How long until [`Renewer::fenced`] holds.
+    pub fn until_fenced(&self, now: Instant) -> Duration {
+        self.timing.until_fenced(self.last_beat, now)
+    }
+
     /// Removes the membership document: a clean stop.
     pub async fn leave<S: LeaseStore>(&self, store: &S) {
         if let Err(e) = store.remove(&self.member).await {
@@ -107,5 +119,14 @@ mod tests {
         assert!(timing.fenced(None, beat), "never beat: fenced");
         assert!(!timing.fenced(Some(beat), beat + Duration::from_secs(19)));
         assert!(timing.fenced(Some(beat), beat + Duration::from_secs(20)));
+        assert_eq!(timing.until_fenced(None, beat), Duration::ZERO);
+        assert_eq!(
+            timing.until_fenced(Some(beat), beat + Duration::from_secs(19)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            timing.until_fenced(Some(beat), beat + Duration::from_secs(25)),
+            Duration::ZERO
+        );
     }
 }

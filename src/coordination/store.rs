@@ -201,6 +201,8 @@ pub mod memory {
         pub down: Arc<AtomicBool>,
         /// While set, a claim reaches the store only after a minute.
         pub slow_claims: Arc<AtomicBool>,
+        /// While set, no call returns: CouchDB never answers.
+        pub hang: Arc<AtomicBool>,
         pub ids: Option<DocIds>,
     }
 
@@ -218,8 +220,17 @@ pub mod memory {
             MemoryStore {
                 down: Arc::default(),
                 slow_claims: Arc::default(),
+                hang: Arc::default(),
                 ..self.clone()
             }
+        }
+
+        /// Where every call starts: it hangs or fails as the switches say.
+        async fn reach(&self) -> Result<(), CouchError> {
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.check()
         }
 
         fn check(&self) -> Result<(), CouchError> {
@@ -270,20 +281,24 @@ pub mod memory {
 
     impl LeaseStore for MemoryStore {
         async fn members(&self) -> Result<Vec<WorkerDoc>, CouchError> {
+            self.reach().await?;
             self.range(self.ids.as_ref().unwrap().worker_range())
         }
 
         async fn leases(&self) -> Result<Vec<LeaseDoc>, CouchError> {
+            self.reach().await?;
             self.range(self.ids.as_ref().unwrap().lease_range())
         }
 
         async fn beat(&self, mut member: WorkerDoc) -> Result<WorkerDoc, CouchError> {
+            self.reach().await?;
             let stored: Option<WorkerDoc> = self.get(&member.id);
             member.rev = stored.and_then(|s| s.rev);
             self.put(member)
         }
 
         async fn remove(&self, member: &WorkerDoc) -> Result<(), CouchError> {
+            self.reach().await?;
             self.check()?;
             self.docs.lock().unwrap().remove(&member.id);
             Ok(())
@@ -298,6 +313,7 @@ pub mod memory {
         }
 
         async fn claim(&self, lease: LeaseDoc) -> Result<LeaseDoc, CouchError> {
+            self.reach().await?;
             if self.slow_claims.load(Ordering::SeqCst) {
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
             }
@@ -309,6 +325,7 @@ pub mod memory {
             leases: Vec<LeaseDoc>,
             me: &str,
         ) -> Result<Vec<Saved<LeaseDoc>>, CouchError> {
+            self.reach().await?;
             self.check()?;
             let mut saved = Vec::new();
             for lease in leases {

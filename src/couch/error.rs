@@ -63,6 +63,13 @@ pub enum CouchError {
     /// The answer is not the JSON expected.
     #[error("cannot decode CouchDB answer: {0}")]
     Decode(String),
+    /// A document id no request path can carry: `.` or `..` (after a
+    /// `_design/` or `_local/` prefix too) is read as the current or parent
+    /// path whatever its encoding, so the request would address the
+    /// database or the server. Such a document is still read and written
+    /// through `_bulk_get`, `_all_docs` and `_bulk_docs`.
+    #[error("document id {0:?} cannot be sent in a URL path: it would address another path")]
+    UnaddressableId(String),
 }
 
 impl CouchError {
@@ -83,6 +90,7 @@ impl CouchError {
             CouchError::Unreachable(_) => "unreachable",
             CouchError::Unexpected { .. } => "unexpected",
             CouchError::Decode(_) => "decode",
+            CouchError::UnaddressableId(_) => "bad_request",
         }
     }
 

@@ -4,7 +4,11 @@
 //! twice that time the connection is taken for dead. A dead, dropped or
 //! refused connection is reopened with capped exponential backoff and jitter,
 //! resuming with `since=` the last seq received, so nothing is lost and at
-//! most the events after that seq are seen again. Errors that a reconnect
+//! most the events after that seq are seen again. A connection the server
+//! (or a proxy) closes cleanly is reopened at once if it lasted at least a
+//! heartbeat (a feed closed at its `timeout`), and after the same backoff
+//! otherwise, so that a server that closes every feed at once is not asked
+//! again in a tight loop. Errors that a reconnect
 //! cannot fix (the database is gone, the credentials are refused) end the
 //! stream with that error, or, with [`FeedOptions::retry_errors`], are
 //! yielded and retried slowly.
@@ -13,6 +17,8 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -106,6 +112,7 @@ pub(crate) fn continuous<T: FeedItem>(
                     continue;
                 }
                 Ok(resp) => {
+                    reconnect.opened();
                     let mut reads = pin!(read_connection::<T>(resp, options.heartbeat * 2));
                     let mut ended = Ended::Closed;
                     while let Some(read) = reads.next().await {
@@ -215,6 +222,10 @@ struct Reconnect {
     failures: u32,
     /// [`FeedOptions::reconnects`].
     count: Arc<AtomicU64>,
+    /// [`FeedOptions::heartbeat`]: a connection closed sooner failed.
+    heartbeat: Duration,
+    /// When the current connection opened.
+    opened: Instant,
 }
 
 impl Reconnect {
@@ -224,7 +235,14 @@ impl Reconnect {
             slow: options.retry_errors.map(Backoff::reconnect),
             failures: 0,
             count: options.reconnects.clone(),
+            heartbeat: options.heartbeat,
+            opened: Instant::now(),
         }
+    }
+
+    /// A connection is open: its age decides how a clean close is taken.
+    fn opened(&mut self) {
+        self.opened = Instant::now();
     }
 
     /// Any byte proves the connection works: the next failure starts over.
@@ -244,12 +262,20 @@ impl Reconnect {
     }
 
     /// Counts the reconnect, logs why the connection ended and waits before
-    /// the next one.
+    /// the next one. A clean close after at least a heartbeat is CouchDB
+    /// ending a feed at its `timeout`: reopened at once. A sooner one is a
+    /// failure, waited for like any other.
     async fn before_reconnect(&mut self, ended: Ended, path: &str) {
         self.count.fetch_add(1, Ordering::Relaxed);
         match ended {
-            Ended::Closed => {
+            Ended::Closed if self.opened.elapsed() >= self.heartbeat => {
                 tracing::debug!(feed = %path, "feed closed by the server, reopening");
+            }
+            Ended::Closed => {
+                self.failures += 1;
+                let wait = self.backoff.wait(self.failures);
+                tracing::warn!(feed = %path, retry_in = ?wait, "feed closed by the server right after it opened, reopening later");
+                tokio::time::sleep(wait).await;
             }
             Ended::Retry(reason) => {
                 self.failures += 1;

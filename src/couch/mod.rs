@@ -46,20 +46,30 @@ pub fn encode_segment(name: &str) -> String {
     utf8_percent_encode(name, SEGMENT).to_string()
 }
 
+/// True for `.` and `..`, which a URL reads as the current and the parent
+/// path. No encoding escapes this: the URL Standard, which the `url` crate
+/// under every request follows, takes `%2E` and `%2E%2E` for them too.
+pub(crate) fn is_dot_segment(segment: &str) -> bool {
+    segment == "." || segment == ".."
+}
+
 /// Encodes a document id. Design and local documents keep their prefix's
-/// slash, which CouchDB routes on.
-fn encode_doc_id(id: &str) -> String {
-    for prefix in ["_design/", "_local/"] {
-        if let Some(rest) = id.strip_prefix(prefix) {
-            return format!("{prefix}{}", encode_segment(rest));
-        }
+/// slash, which CouchDB routes on. An id whose segment is `.` or `..` is
+/// refused: its path would address the database or the server.
+fn encode_doc_id(id: &str) -> Result<String> {
+    let (prefix, rest) = ["_design/", "_local/"]
+        .into_iter()
+        .find_map(|prefix| Some((prefix, id.strip_prefix(prefix)?)))
+        .unwrap_or(("", id));
+    if is_dot_segment(rest) {
+        return Err(CouchError::UnaddressableId(id.to_string()));
     }
-    encode_segment(id)
+    Ok(format!("{prefix}{}", encode_segment(rest)))
 }
 
 /// The path of a document: `{db}/{id}`, both encoded.
-fn doc_path(db: &str, id: &str) -> String {
-    format!("{}/{}", encode_segment(db), encode_doc_id(id))
+fn doc_path(db: &str, id: &str) -> Result<String> {
+    Ok(format!("{}/{}", encode_segment(db), encode_doc_id(id)?))
 }
 
 /// Settings of the HTTP client. Every request has a deadline, so that a
@@ -371,7 +381,7 @@ impl CouchClient {
         id: &str,
         query: &[(&str, &str)],
     ) -> Result<T> {
-        let path = doc_path(db, id);
+        let path = doc_path(db, id)?;
         let req = self.request(Method::GET, &path).query(query);
         self.json(req, Some(db), Some(id)).await
     }
@@ -398,14 +408,14 @@ impl CouchClient {
         id: &str,
         doc: &D,
     ) -> Result<DocRev> {
-        let path = doc_path(db, id);
+        let path = doc_path(db, id)?;
         let req = self.request(Method::PUT, &path).json(doc);
         self.json(req, Some(db), Some(id)).await
     }
 
     /// `DELETE /{db}/{id}?rev=`.
     pub async fn delete_doc(&self, db: &str, id: &str, rev: &str) -> Result<DocRev> {
-        let path = doc_path(db, id);
+        let path = doc_path(db, id)?;
         let req = self.request(Method::DELETE, &path).query(&[("rev", rev)]);
         self.json(req, Some(db), Some(id)).await
     }
@@ -609,9 +619,37 @@ mod tests {
     fn names_are_encoded_as_one_segment() {
         assert_eq!(encode_segment("a/b+c$d(e)"), "a%2Fb%2Bc%24d%28e%29");
         assert_eq!(encode_segment("_global_changes"), "_global_changes");
-        assert_eq!(encode_doc_id("_design/x/y"), "_design/x%2Fy");
-        assert_eq!(encode_doc_id("_local/a b"), "_local/a%20b");
-        assert_eq!(encode_doc_id("spiegel_cl_a/b"), "spiegel_cl_a%2Fb");
+        assert_eq!(encode_doc_id("_design/x/y").unwrap(), "_design/x%2Fy");
+        assert_eq!(encode_doc_id("_local/a b").unwrap(), "_local/a%20b");
+        assert_eq!(encode_doc_id("spiegel_cl_a/b").unwrap(), "spiegel_cl_a%2Fb");
+    }
+
+    #[test]
+    fn a_dot_segment_cannot_be_encoded_in_a_url() {
+        // Why `.` and `..` are refused rather than encoded: the URL parser
+        // under every request removes them in any spelling.
+        for (path, parsed) in [
+            ("a/..", "/db/"),
+            ("a/%2E%2E", "/db/"),
+            ("a/%2e.", "/db/"),
+            ("a/%2E", "/db/a/"),
+        ] {
+            let url = ::url::Url::parse(&format!("http://h/db/{path}")).unwrap();
+            assert_eq!(url.path(), parsed, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_document_id_that_is_a_dot_segment_has_no_path() {
+        for id in [".", "..", "_design/..", "_local/."] {
+            assert!(
+                matches!(doc_path("db", id), Err(CouchError::UnaddressableId(ref i)) if i == id),
+                "{id}"
+            );
+        }
+        assert_eq!(doc_path("db", "...").unwrap(), "db/...");
+        assert_eq!(doc_path("db", "../a").unwrap(), "db/..%2Fa");
+        assert_eq!(doc_path("db", "_design/.x").unwrap(), "db/_design/.x");
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl CouchClient {
         let since =
             serde_json::to_string(atts_since).map_err(|e| CouchError::Decode(e.to_string()))?;
         let req = self
-            .request(Method::GET, &doc_path(db, id))
+            .request(Method::GET, &doc_path(db, id)?)
             .header(reqwest::header::ACCEPT, "application/json")
             .query(&[
                 ("open_revs", open.as_str()),

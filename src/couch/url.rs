@@ -22,6 +22,10 @@ pub enum UrlError {
     /// Not `http` or `https`.
     #[error("unsupported URL scheme {0:?}: expected http or https")]
     Scheme(String),
+    /// A text put in the URL as a whole path segment is `.` or `..`, which a
+    /// URL reads as the current or parent path, however it is encoded.
+    #[error("{0:?} cannot be a path segment: the URL would address another path")]
+    DotSegment(String),
 }
 
 impl SecretUrl {

@@ -2,7 +2,7 @@
 //! its feed and holds a fresh lease.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::coordination::Timing;
@@ -54,6 +54,14 @@ impl Health {
         self.with(role, |r| r.feed_ok = ok);
     }
 
+    /// The guard of the task that follows the role's `_db_updates`.
+    pub(crate) fn feed_task(self: &Arc<Self>, role: &str) -> FeedTask {
+        FeedTask {
+            health: self.clone(),
+            role: role.to_string(),
+        }
+    }
+
     /// Records the role's last successful heartbeat.
     pub fn heartbeat(&self, role: &str, at: Instant) {
         self.with(role, |r| r.last_beat = Some(at));
@@ -78,5 +86,73 @@ impl Health {
             }
         }
         problems
+    }
+}
+
+/// Held by the task that follows a role's `_db_updates`, so that the role
+/// turns unready when that task ends while the worker runs: nothing else
+/// would follow the feed. A panic is reported from `drop`, while the task
+/// unwinds. The worker's stop, which aborts the task or drops the
+/// receiving end of its channel, is not reported.
+pub(crate) struct FeedTask {
+    health: Arc<Health>,
+    role: String,
+}
+
+impl FeedTask {
+    /// The feed ended: the task returns without following it any more.
+    pub(crate) fn ended(&self) {
+        self.health.feed(&self.role, false);
+    }
+}
+
+impl Drop for FeedTask {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.ended();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNFOLLOWED: &str = "r: not following _db_updates";
+
+    fn started() -> Arc<Health> {
+        let health = Arc::new(Health::default());
+        let timing = Timing {
+            lease: Duration::from_secs(15),
+            heartbeat: Duration::from_secs(5),
+            drain: Duration::from_secs(30),
+        };
+        health.started("r", &timing);
+        health
+    }
+
+    #[tokio::test]
+    async fn a_feed_task_that_panics_makes_its_role_unready() {
+        let health = started();
+        let guard = health.feed_task("r");
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in the feed task");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(health.problems().iter().any(|p| p == UNFOLLOWED));
+    }
+
+    #[tokio::test]
+    async fn a_feed_task_stopped_with_its_worker_is_not_reported() {
+        let health = started();
+        let guard = health.feed_task("r");
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(!health.problems().iter().any(|p| p == UNFOLLOWED));
     }
 }

@@ -359,7 +359,8 @@ impl Services {
 /// Follows `_db_updates` from `start` for as long as the worker runs. The
 /// feed reconnects by itself; an error it cannot get past (credentials
 /// refused, `_global_changes` missing) is logged and retried slowly, since
-/// an operator can fix it without restarting Spiegel.
+/// an operator can fix it without restarting Spiegel. Should the task end
+/// otherwise (a panic included), the role is reported unready.
 async fn follow_updates(
     health: Arc<Health>,
     client: CouchClient,
@@ -369,6 +370,7 @@ async fn follow_updates(
     metrics: WorkerMetrics,
     role: String,
 ) {
+    let watch = health.feed_task(&role);
     let label = metrics::role(&role);
     let options = FeedOptions {
         retry_errors: Some(Duration::from_secs(60)),
@@ -399,4 +401,6 @@ async fn follow_updates(
             }
         }
     }
+    tracing::error!(role = %role, "the _db_updates feed ended");
+    watch.ended();
 }

@@ -23,13 +23,16 @@
 //!   the `${...}` form when text follows directly.
 //! - In `url`, every placeholder (both forms) is replaced by its text,
 //!   percent-encoded as one path segment (`a/b` becomes `a%2Fb`, `+`, `$`,
-//!   `(` and `)` are encoded too).
+//!   `(` and `)` are encoded too). A text of `.` or `..` that would be a
+//!   whole path segment is refused: a URL reads it as the current or parent
+//!   path however it is encoded (`%2E%2E` too), so the request would go to
+//!   another path with the rule's credentials.
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::couch::encode_segment;
+use crate::couch::{encode_segment, is_dot_segment, UrlError};
 
 /// The change a request is built for.
 #[derive(Clone, Copy, Debug)]
@@ -135,18 +138,41 @@ fn whole_placeholder(s: &str) -> Option<Placeholder> {
 }
 
 /// A URL for a change: every placeholder replaced by its text,
-/// percent-encoded as one path segment.
-pub(super) fn fill_url(url: &str, change: &ChangeContext) -> String {
-    substitute(url, |p| encode_segment(&p.text(change)))
+/// percent-encoded as one path segment. Err: a text that would be a whole
+/// path segment `.` or `..`.
+pub(super) fn fill_url(url: &str, change: &ChangeContext) -> Result<String, UrlError> {
+    let mut dot = None;
+    let filled = substitute(url, |p, before, after| {
+        let text = p.text(change);
+        if is_dot_segment(&text) && whole_path_segment(before, after) {
+            dot = Some(text.clone());
+        }
+        encode_segment(&text)
+    });
+    match dot {
+        Some(text) => Err(UrlError::DotSegment(text)),
+        None => Ok(filled),
+    }
+}
+
+/// Whether text between `before` and `after` is a whole segment of a URL's
+/// path: it follows a `/` of the path (no `?` or `#` before it) and ends
+/// where the segment does.
+fn whole_path_segment(before: &str, after: &str) -> bool {
+    before.ends_with('/')
+        && !before.contains(['?', '#'])
+        && (after.is_empty() || after.starts_with(['/', '?', '#']))
 }
 
 /// `input` with every placeholder replaced by `text`.
 pub(super) fn replace_all(input: &str, text: &str) -> String {
-    substitute(input, |_| text.to_string())
+    substitute(input, |_, _, _| text.to_string())
 }
 
 /// Replaces every placeholder in `input`, both forms, by `render`'s text.
-fn substitute(input: &str, mut render: impl FnMut(Placeholder) -> String) -> String {
+/// `render` is also given what is written before the placeholder and what
+/// of `input` follows it.
+fn substitute(input: &str, mut render: impl FnMut(Placeholder, &str, &str) -> String) -> String {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find('$') {
@@ -154,8 +180,9 @@ fn substitute(input: &str, mut render: impl FnMut(Placeholder) -> String) -> Str
         let after = &rest[pos + 1..];
         match placeholder_at(after) {
             Some((placeholder, len)) => {
-                out.push_str(&render(placeholder));
                 rest = &after[len..];
+                let text = render(placeholder, &out, rest);
+                out.push_str(&text);
             }
             None => {
                 out.push('$');
@@ -211,7 +238,7 @@ fn write_value(out: &mut String, value: &Value, c: &ChangeContext) {
     match value {
         Value::String(s) => match whole_placeholder(s) {
             Some(placeholder) => placeholder.write_json(out, c),
-            None => write_string(out, &substitute(s, |p| p.text(c))),
+            None => write_string(out, &substitute(s, |p, _, _| p.text(c))),
         },
         Value::Array(items) => {
             out.push('[');
@@ -235,7 +262,7 @@ pub(super) fn query_text(value: &Value, c: &ChangeContext) -> String {
     match value {
         Value::String(s) => match whole_placeholder(s) {
             Some(placeholder) => placeholder.text(c),
-            None => substitute(s, |p| p.text(c)),
+            None => substitute(s, |p, _, _| p.text(c)),
         },
         other => {
             let mut out = String::new();
@@ -268,6 +295,69 @@ mod tests {
             "$other",
         ] {
             assert_eq!(whole_placeholder(s), None, "{s}");
+        }
+    }
+
+    /// The URL of `template` for a change of document `id`.
+    fn url_for_id(template: &str, id: &str) -> Result<String, UrlError> {
+        let doc = serde_json::value::to_raw_value(&serde_json::json!({})).unwrap();
+        let seq = Value::from(1);
+        let change = ChangeContext {
+            rule: "r",
+            db_name: "db",
+            doc: &doc,
+            id,
+            rev: "1-a",
+            seq: &seq,
+        };
+        fill_url(template, &change)
+    }
+
+    #[test]
+    fn an_id_that_is_a_dot_segment_is_refused_as_a_whole_path_segment() {
+        for template in [
+            "http://h/files/${change.id}",
+            "http://h/files/$change.id",
+            "http://h/files/${change.id}/x",
+            "http://h/files/${change.id}?a=1",
+            "http://h/files/${change.id}#top",
+        ] {
+            for id in [".", ".."] {
+                assert!(
+                    matches!(url_for_id(template, id), Err(UrlError::DotSegment(ref t)) if t == id),
+                    "{template} {id}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dots_inside_a_segment_or_in_the_query_are_sent_as_they_are() {
+        for (template, id, url) in [
+            ("http://h/files/x${change.id}", "..", "http://h/files/x.."),
+            (
+                "http://h/files/${change.id}.json",
+                "..",
+                "http://h/files/...json",
+            ),
+            ("http://h/files/${change.id}", "...", "http://h/files/..."),
+            (
+                "http://h/files/${change.id}",
+                "../a",
+                "http://h/files/..%2Fa",
+            ),
+            (
+                "http://h/files?id=${change.id}",
+                "..",
+                "http://h/files?id=..",
+            ),
+            (
+                "http://h/files/?id=/${change.id}",
+                ".",
+                "http://h/files/?id=/.",
+            ),
+        ] {
+            assert_eq!(url_for_id(template, id).unwrap(), url, "{template} {id}");
         }
     }
 }

@@ -186,11 +186,12 @@ impl Template {
 
     /// The URL for one change: each placeholder replaced by its text,
     /// percent-encoded as one path segment, and the password of its user
-    /// filled in.
+    /// filled in. Err: the URL does not parse, or a text is a whole path
+    /// segment `.` or `..` (see [`fill_url`]).
     pub fn url_for(&self, change: &ChangeContext) -> Result<SecretUrl, UrlError> {
         Ok(self
             .password
-            .apply(SecretUrl::parse(&fill_url(&self.url, change))?))
+            .apply(SecretUrl::parse(&fill_url(&self.url, change)?)?))
     }
 
     /// The params for one change as a JSON body, placeholders filled in
