@@ -219,7 +219,12 @@ struct Reconnect {
     backoff: Backoff,
     /// For errors a reconnect cannot fix, when they are retried.
     slow: Option<Backoff>,
+    /// Connections in a row that failed or closed at once.
     failures: u32,
+    /// Errors in a row that a reconnect cannot fix. Counted apart: an
+    /// error right after an outage (the server answers again, and says
+    /// what is wrong) is retried soon, not after the outage's long waits.
+    errors: u32,
     /// [`FeedOptions::reconnects`].
     count: Arc<AtomicU64>,
     /// [`FeedOptions::heartbeat`]: a connection closed sooner failed.
@@ -234,6 +239,7 @@ impl Reconnect {
             backoff: Backoff::reconnect(options.max_reconnect_delay),
             slow: options.retry_errors.map(Backoff::reconnect),
             failures: 0,
+            errors: 0,
             count: options.reconnects.clone(),
             heartbeat: options.heartbeat,
             opened: Instant::now(),
@@ -248,6 +254,7 @@ impl Reconnect {
     /// Any byte proves the connection works: the next failure starts over.
     fn connection_works(&mut self) {
         self.failures = 0;
+        self.errors = 0;
     }
 
     /// Waits after an error a reconnect cannot fix, when such errors are
@@ -256,8 +263,10 @@ impl Reconnect {
         let Some(slow) = &self.slow else {
             return false;
         };
-        self.failures += 1;
-        tokio::time::sleep(slow.wait(self.failures)).await;
+        // The server answered: the connection failures are over.
+        self.failures = 0;
+        self.errors += 1;
+        tokio::time::sleep(slow.wait(self.errors)).await;
         true
     }
 
@@ -324,6 +333,24 @@ fn parse_line<T: FeedItem>(line: &[u8]) -> Line<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_right_after_an_outage_is_retried_soon() {
+        let options = FeedOptions {
+            retry_errors: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let mut reconnect = Reconnect::new(&options);
+        for _ in 0..12 {
+            let down = Ended::Retry("connection refused".into());
+            reconnect.before_reconnect(down, "_db_updates").await;
+        }
+        let start = Instant::now();
+        assert!(reconnect.wait_after_error().await);
+        assert!(start.elapsed() <= Duration::from_millis(250));
+        assert!(reconnect.wait_after_error().await);
+        assert!(start.elapsed() <= Duration::from_millis(750));
+    }
 
     #[test]
     fn lines_are_classified() {
