@@ -173,14 +173,23 @@ async fn admin_server(
         true => Some(Console::new(args, client.clone(), process.clone())?),
         false => None,
     };
-    let paths = match (&console, &args.admin.token) {
+    let admin = &args.admin;
+    let paths = match (&console, &admin.token) {
         (None, _) => "/healthz /readyz /metrics",
         (Some(_), None) => {
-            "/healthz /readyz /metrics, the console at / (read-only: no --admin-token)"
+            "/healthz /readyz /metrics, the console at / (read-only and open to all who reach it: no --admin-token)"
         }
-        (Some(_), Some(_)) => "/healthz /readyz /metrics, the console at /",
+        (Some(_), Some(_)) if admin.public_read => {
+            "/healthz /readyz /metrics, the console at / (read by all who reach it, its actions with the token: --console-public-read)"
+        }
+        (Some(_), Some(_)) => "/healthz /readyz /metrics, the console at / (with the token)",
     };
-    tracing::info!(addr = %listener.local_addr()?, "admin HTTP server: {paths}");
+    let addr = listener.local_addr()?;
+    let reach = match console.is_some() && admin.addr_is_default {
+        true => " (on this host only, the console's default: set --admin-addr to serve elsewhere)",
+        false => "",
+    };
+    tracing::info!(%addr, "admin HTTP server on {addr}{reach}: {paths}");
     let served = Admin {
         process: process.clone(),
         client: client.clone(),

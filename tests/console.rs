@@ -31,12 +31,18 @@ impl Console {
     }
 
     async fn start(s: &Installation, role: &str, extra: &[&str]) -> Console {
+        Console::start_at(s, &s.url, role, extra).await
+    }
+
+    /// [`Console::start`] with `url` as the worker's CouchDB (a proxy).
+    async fn start_at(s: &Installation, url: &str, role: &str, extra: &[&str]) -> Console {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec!["--backoff-delay", "0.3", "--console", "--admin-addr", &addr];
         args.extend_from_slice(extra);
-        let worker = s.start_worker(role, &args);
+        let worker = s.start_worker_at(url, role, &args);
         let base = format!("http://{addr}");
-        wait_http_status(&format!("{base}/"), 200, Duration::from_secs(20)).await;
+        // Not `/`: a read made now would be the one the next requests share.
+        wait_http_status(&format!("{base}/healthz"), 200, Duration::from_secs(20)).await;
         Console { worker, base }
     }
 
@@ -58,9 +64,19 @@ impl Console {
         self.act("/console/pause", Some(TOKEN), body).await
     }
 
+    /// The state, read with the token.
     async fn state(&self) -> String {
-        let answer = reqwest::get(format!("{}/console/state", self.base));
-        answer.await.unwrap().text().await.unwrap()
+        self.get("/console/state", Some(TOKEN)).await.1
+    }
+
+    /// GETs `path` with `token` (none: no Authorization header).
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut request = reqwest::Client::new().get(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
     }
 }
 
@@ -129,6 +145,148 @@ async fn the_console_is_served_only_when_asked_and_actions_need_a_token() {
         !console.worker.logs().contains(TOKEN),
         "the token is never logged"
     );
+}
+
+#[tokio::test]
+async fn reading_the_console_needs_the_token_when_one_is_set() {
+    let s = Installation::new("con-read").await;
+    let console = Console::start(&s, "change-listener", &["--admin-token", TOKEN]).await;
+    for path in ["/console/state", "/console/tail"] {
+        for token in [None, Some("wrong")] {
+            let (status, _) = console.get(path, token).await;
+            assert_eq!(status, 401, "{path} with {token:?}");
+        }
+        let (status, _) = console.get(path, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{path} with the token");
+    }
+    let (status, shell) = console.get("/", None).await;
+    assert_eq!(status, 200, "the page itself asks for the token");
+    assert!(shell.contains("data-locked"), "{shell}");
+    for data in ["dead-letters", s.spiegel_db.as_str()] {
+        assert!(
+            !shell.contains(data),
+            "the page shows {data:?} without the token"
+        );
+    }
+    let (_, page) = console.get("/", Some(TOKEN)).await;
+    assert!(page.contains("dead-letters"), "{page}");
+
+    let extra = ["--admin-token", TOKEN, "--console-public-read"];
+    let public = Console::start(&s, "change-listener", &extra).await;
+    let (status, state) = public.get("/console/state", None).await;
+    assert_eq!(status, 200, "--console-public-read opens the reading");
+    assert!(state.contains("dead-letters"), "{state}");
+    let (status, _) = public.act("/console/redeliver", None, json!({})).await;
+    assert_eq!(status, 401, "and the actions still need the token");
+
+    let open = Console::start(&s, "change-listener", &[]).await;
+    let (status, _) = open.get("/console/state", None).await;
+    assert_eq!(
+        status, 200,
+        "without a token the console is open, read-only"
+    );
+}
+
+/// How many requests through `proxy` listed the dead letters.
+fn letter_listings(proxy: &RewritingProxy) -> Vec<String> {
+    let requests = proxy.requests().into_iter();
+    requests.filter(|r| r.contains("spiegel_dead_")).collect()
+}
+
+#[tokio::test]
+async fn concurrent_reads_of_the_state_share_one_read_of_the_installation() {
+    let s = Installation::new("con-cache").await;
+    let proxy = RewritingProxy::start(&s.url).await;
+    let console = Console::start_at(&s, &proxy.url(&s.url), "change-listener", &[]).await;
+    let before = letter_listings(&proxy).len();
+    let reads = (0..20).map(|_| console.get("/console/state", None));
+    let states = futures::future::join_all(reads).await;
+    assert!(states.iter().all(|(status, _)| *status == 200));
+    let made = letter_listings(&proxy).len() - before;
+    assert!(
+        made <= 1,
+        "{made} reads of the installation for 20 requests"
+    );
+}
+
+/// A dead letter of `rule` as `spiegel_dead_...` document `n`.
+fn letter(n: usize, rule: &str) -> Value {
+    json!({"_id": format!("spiegel_dead_20260101T000000000_{n:08x}"),
+           "type": "spiegel_dead_letter", "rule": rule, "db_name": "db", "seq": "1-a",
+           "doc_id": format!("doc{n}"), "rev": "1-a", "change": {"_id": "d"},
+           "request": null, "last_status": 503, "last_error": "HTTP 503", "attempts": 1,
+           "first_attempt_at": "2026-01-01T00:00:00.000Z",
+           "last_attempt_at": "2026-01-01T00:00:00.000Z"})
+}
+
+/// The `limit` of a request, if it has one.
+fn limit_of(request: &str) -> Option<u64> {
+    let value = request
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("limit="));
+    value.and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn dead_letters_are_counted_and_grouped_page_by_page() {
+    let s = Installation::new("con-pages").await;
+    let rules = ["even", "odd"];
+    let letters: Vec<Value> = (0..1150).map(|n| letter(n, rules[n % 2])).collect();
+    s.couch
+        .bulk_docs(&s.spiegel_db, &letters, true)
+        .await
+        .unwrap();
+    let proxy = RewritingProxy::start(&s.url).await;
+    let console = Console::start_at(&s, &proxy.url(&s.url), "change-listener", &[]).await;
+    console
+        .wait_state("Dead letters <span class=\"muted\">(1150)</span>")
+        .await;
+    let state = console.state().await;
+    assert!(state.contains("Grouped over the oldest 1000."), "{state}");
+    let listings = letter_listings(&proxy);
+    assert!(listings.len() > 2, "{listings:?}");
+    for request in &listings {
+        let bound = match request.contains("include_docs=true") {
+            true => 101,
+            false => 1001,
+        };
+        let limit = limit_of(request);
+        assert!(
+            limit.is_some_and(|l| l <= bound),
+            "an unpaged listing: {request}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_the_console_and_no_address_the_admin_server_listens_on_loopback_only() {
+    let s = Installation::new("con-local").await;
+    let mut cmd = spiegel();
+    cmd.env_remove("ADMIN_ADDR").args([
+        "change-listener",
+        "--url",
+        &s.url,
+        "--db-name",
+        &s.spiegel_db,
+        "--lease-time",
+        "1.5",
+        "--console",
+    ]);
+    let worker = Spiegel::start_command(cmd);
+    worker
+        .wait_log("admin HTTP server", Duration::from_secs(30))
+        .await;
+    let logs = worker.logs();
+    let line = logs.lines().find(|l| l.contains("admin HTTP server"));
+    let line = line.expect("the admin server's line");
+    assert!(line.contains("127.0.0.1:9090"), "{line}");
+    assert!(!line.contains("0.0.0.0"), "{line}");
+    // The port may be another process's (the line then says so).
+    if !line.contains("not started") {
+        assert!(line.contains("on this host only"), "{line}");
+        let healthz = "http://127.0.0.1:9090/healthz";
+        wait_http_status(healthz, 200, Duration::from_secs(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -416,6 +574,19 @@ async fn a_dead_letter_is_redelivered_from_the_page_with_the_token_only() {
         .goto(&format!("{}/", console.base))
         .await
         .unwrap();
+    // The page asks for the token before it shows anything.
+    browser
+        .wait_text("the request of the token", "#message", |t| {
+            t.contains("needs the admin token")
+        })
+        .await;
+    let source = browser.client.source().await.unwrap();
+    assert!(
+        !source.contains("dead-letters"),
+        "the state without the token"
+    );
+    let token = browser.client.find(Locator::Id("token")).await.unwrap();
+    token.send_keys(&format!("{TOKEN}\u{E007}")).await.unwrap();
     let group = "#dead-letters tr[data-rule=\"hook\"]";
     let letters = browser
         .wait_text("the dead letter", group, |t| t.contains("503"))
@@ -424,6 +595,7 @@ async fn a_dead_letter_is_redelivered_from_the_page_with_the_token_only() {
     let redeliver = format!("{group} button[data-action=\"redeliver\"]");
 
     // Without the token: refused, and the letter stays.
+    token.clear().await.unwrap();
     browser.click(&redeliver).await;
     browser
         .wait_text("the refusal", "#message", |t| t.contains("Refused (401)"))
@@ -432,7 +604,6 @@ async fn a_dead_letter_is_redelivered_from_the_page_with_the_token_only() {
     assert_eq!(receiver.received().len(), attempts);
 
     // With it: delivered, and the letter is gone.
-    let token = browser.client.find(Locator::Id("token")).await.unwrap();
     token.send_keys(TOKEN).await.unwrap();
     browser.click(&redeliver).await;
     browser

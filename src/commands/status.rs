@@ -144,7 +144,6 @@ pub async fn report_with(
     namespace: &str,
     letters: Letters,
 ) -> crate::error::Result<Report> {
-    let shown = letters;
     let settings: Option<Settings> = match client.get_doc_opt(db, &settings_doc_id(namespace)).await
     {
         Err(CouchError::DbNotFound(_)) => return Err(crate::error::Error::not_installed(db)),
@@ -153,21 +152,7 @@ pub async fn report_with(
     let workers: Vec<WorkerDoc> = read_prefix(client, db, &DocIds::all_workers(namespace)).await?;
     let leases: Vec<LeaseDoc> = read_prefix(client, db, &DocIds::all_leases(namespace)).await?;
     let statuses: Vec<StatusDoc> = read_prefix(client, db, &status_doc_prefix(namespace)).await?;
-    let (letters, total) = match shown {
-        Letters::All => {
-            let all = dead_letter::list(client, db, namespace).await?;
-            let total = all.len();
-            (all, total)
-        }
-        Letters::Oldest(n) => {
-            let some = dead_letter::list_some(client, db, namespace, Some(n)).await?;
-            let total = match some.len() as u64 {
-                len if len < n => some.len(),
-                _ => dead_letter::count(client, db, namespace).await?,
-            };
-            (some, total)
-        }
-    };
+    let (letters, total) = read_letters(client, db, namespace, letters).await?;
     let circuits = statuses
         .iter()
         .flat_map(|s| {
@@ -192,6 +177,30 @@ pub async fn report_with(
         letters: letters.into_iter().map(|(_, _, letter)| letter).collect(),
         circuits,
     })
+}
+
+/// The dead letters `shown` asks for, and how many there are in all.
+async fn read_letters(
+    client: &CouchClient,
+    db: &str,
+    namespace: &str,
+    shown: Letters,
+) -> Result<(Vec<dead_letter::Listed>, usize), CouchError> {
+    match shown {
+        Letters::All => {
+            let all = dead_letter::list(client, db, namespace).await?;
+            let total = all.len();
+            Ok((all, total))
+        }
+        Letters::Oldest(n) => {
+            let some = dead_letter::list_some(client, db, namespace, Some(n)).await?;
+            let total = match some.len() as u64 {
+                len if len < n => some.len(),
+                _ => dead_letter::count(client, db, namespace).await?,
+            };
+            Ok((some, total))
+        }
+    }
 }
 
 /// The documents whose ids start with `prefix` that parse as `T`; the
@@ -308,7 +317,7 @@ fn total(reports: &[DocReport]) -> DocTotal {
     total
 }
 
-fn dead_letter_counts(letters: &[(String, String, DeadLetter)]) -> DeadLetterCounts {
+fn dead_letter_counts(letters: &[dead_letter::Listed]) -> DeadLetterCounts {
     let mut counts = DeadLetterCounts {
         total: letters.len(),
         ..Default::default()

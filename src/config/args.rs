@@ -180,6 +180,9 @@ pub struct AdminSettings {
     pub addr_is_default: bool,
     /// Serve the web console.
     pub console: bool,
+    /// `--console-public-read`: with a token, the console may be read
+    /// without it.
+    pub public_read: bool,
     /// Allows the console's actions; `None`: read-only.
     pub token: Option<AdminToken>,
 }
@@ -353,10 +356,18 @@ impl Cli {
     }
 
     fn run_args(&self, checked: Checked, matches: &ArgMatches) -> RunArgs {
+        let addr_is_default = !set_explicitly(matches, "admin_addr");
         let admin = AdminSettings {
-            addr: checked.admin_addr,
-            addr_is_default: !set_explicitly(matches, "admin_addr"),
+            addr: checked.admin_addr.map(|mut addr| {
+                // The console shows user data: by default, to this host only.
+                if self.console && addr_is_default {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                addr
+            }),
+            addr_is_default,
             console: self.console,
+            public_read: self.console_public_read,
             token: self
                 .admin_token
                 .clone()

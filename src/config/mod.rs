@@ -318,7 +318,8 @@ pub struct Cli {
     pub shutdown_timeout: u64,
 
     /// Address of the admin HTTP server (/healthz, /readyz, /metrics) of
-    /// worker processes; an empty value turns it off.
+    /// worker processes; an empty value turns it off. With --console and
+    /// no address set, 127.0.0.1 on this port.
     #[arg(
         long,
         env = "ADMIN_ADDR",
@@ -345,6 +346,12 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub admin_token: Option<String>,
+
+    /// With --admin-token: anyone who reaches the admin server may read
+    /// the console (its page, state and live tail) without the token; its
+    /// actions still need it.
+    #[arg(long, env = "CONSOLE_PUBLIC_READ", global = true)]
+    pub console_public_read: bool,
 
     /// Seconds an API call of an on_change rule may take before it counts
     /// as failed (a rule's `timeout` overrides it).

@@ -435,6 +435,32 @@ impl CouchClient {
         self.all_docs_as(db, query).await
     }
 
+    /// One page of [`Self::all_docs_raw`]: up to `limit` rows of `query`'s
+    /// range with ids strictly after `after` (the whole range is read by
+    /// passing each page's last id), so that no request asks for all.
+    pub async fn all_docs_raw_after(
+        &self,
+        db: &str,
+        query: &AllDocsQuery,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<AllDocsRow<Box<serde_json::value::RawValue>>>> {
+        let page = AllDocsQuery {
+            start_key: after
+                .map(str::to_string)
+                .or_else(|| query.start_key.clone()),
+            limit: Some(limit + 1),
+            ..query.clone()
+        };
+        let rows = self.all_docs_raw(db, &page).await?.rows;
+        Ok(after_key(
+            rows,
+            after,
+            |r| r.id.as_deref().unwrap_or(""),
+            limit,
+        ))
+    }
+
     async fn all_docs_as<D: DeserializeOwned>(
         &self,
         db: &str,

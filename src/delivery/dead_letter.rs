@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::couch::{AllDocsQuery, Change, CouchClient, CouchError};
+use crate::couch::{AllDocsQuery, AllDocsRow, Change, CouchClient, CouchError};
 
 /// An on_change request that still failed after its last retry, kept in the spiegel database until it is redelivered.
 ///
@@ -134,45 +134,84 @@ pub async fn store(
     client.put_doc(db, &id, letter).await.map(|_| ())
 }
 
-/// Every dead letter, with its id and revision.
+/// Dead letters read per request, with their bodies: each carries a copy
+/// of a document, so a page stays small.
+pub const LETTERS_PER_PAGE: u64 = 100;
+
+/// Dead-letter ids counted per request (ids only).
+pub const IDS_PER_PAGE: u64 = 1000;
+
+/// A dead letter with its id and revision.
+pub type Listed = (String, String, DeadLetter);
+
+/// Every dead letter, with its id and revision, read page by page.
 pub async fn list(
     client: &CouchClient,
     db: &str,
     namespace: &str,
-) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
+) -> Result<Vec<Listed>, CouchError> {
     list_some(client, db, namespace, None).await
 }
 
 /// The first `limit` dead letters (the oldest: ids start with their time),
-/// or all, with their ids and revisions.
+/// or all, with their ids and revisions, read [`LETTERS_PER_PAGE`] at a
+/// time.
 pub async fn list_some(
     client: &CouchClient,
     db: &str,
     namespace: &str,
     limit: Option<u64>,
-) -> Result<Vec<(String, String, DeadLetter)>, CouchError> {
-    let query = AllDocsQuery {
-        limit,
-        ..AllDocsQuery::prefix(&id_prefix(namespace))
-    };
-    let mut letters = Vec::new();
-    for row in client.all_docs_raw(db, &query).await?.rows {
-        let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {
-            continue;
-        };
-        match serde_json::from_str::<DeadLetter>(doc.get()) {
-            Ok(letter) => letters.push((id, value.rev, letter)),
-            Err(e) => tracing::warn!(id = %id, error = %e, "skipping a malformed dead letter"),
+) -> Result<Vec<Listed>, CouchError> {
+    let query = AllDocsQuery::prefix(&id_prefix(namespace));
+    let (mut letters, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let wanted = limit.map_or(LETTERS_PER_PAGE, |l| l - letters.len() as u64);
+        let page = wanted.min(LETTERS_PER_PAGE);
+        if page == 0 {
+            return Ok(letters);
+        }
+        let rows = client
+            .all_docs_raw_after(db, &query, after.as_deref(), page)
+            .await?;
+        let full = rows.len() as u64 == page;
+        after = rows.last().and_then(|r| r.id.clone());
+        letters.extend(rows.into_iter().filter_map(parse));
+        if !full {
+            return Ok(letters);
         }
     }
-    Ok(letters)
 }
 
-/// How many dead letters there are, from their ids alone.
+/// A row of `_all_docs` as a dead letter; a malformed one is skipped.
+fn parse(row: AllDocsRow<Box<RawValue>>) -> Option<Listed> {
+    let (Some(id), Some(value), Some(doc)) = (row.id, row.value, row.doc) else {
+        return None;
+    };
+    match serde_json::from_str::<DeadLetter>(doc.get()) {
+        Ok(letter) => Some((id, value.rev, letter)),
+        Err(e) => {
+            tracing::warn!(id = %id, error = %e, "skipping a malformed dead letter");
+            None
+        }
+    }
+}
+
+/// How many dead letters there are, from their ids alone, counted
+/// [`IDS_PER_PAGE`] at a time.
 pub async fn count(client: &CouchClient, db: &str, namespace: &str) -> Result<usize, CouchError> {
     let query = AllDocsQuery {
         include_docs: false,
         ..AllDocsQuery::prefix(&id_prefix(namespace))
     };
-    Ok(client.all_docs(db, &query).await?.rows.len())
+    let (mut total, mut after) = (0, None::<String>);
+    loop {
+        let rows = client
+            .all_docs_raw_after(db, &query, after.as_deref(), IDS_PER_PAGE)
+            .await?;
+        total += rows.len();
+        if (rows.len() as u64) < IDS_PER_PAGE {
+            return Ok(total);
+        }
+        after = rows.last().and_then(|r| r.id.clone());
+    }
 }

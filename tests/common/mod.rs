@@ -153,6 +153,9 @@ pub fn spiegel() -> Command {
         "SHUTDOWN_TIMEOUT",
         "SWEEP_INTERVAL",
         "REQUEST_TIMEOUT",
+        "CONSOLE",
+        "ADMIN_TOKEN",
+        "CONSOLE_PUBLIC_READ",
     ] {
         cmd.env_remove(var);
     }

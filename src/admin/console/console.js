@@ -1,5 +1,7 @@
 // Spiegel's console: refreshes the state and the live tail, and sends the
-// actions with the admin token. No framework, no build step.
+// actions, with the admin token when one is entered (reading needs it too
+// when the server has one: the page then comes without its state, and the
+// state is fetched once the token is entered). No framework, no build step.
 "use strict";
 
 const TOKEN_KEY = "spiegel-admin-token";
@@ -8,18 +10,37 @@ const TAIL_ROWS = 100;
 
 let lastTail = 0;
 
-function say(text, bad) {
+const LOCKED = "The console needs the admin token: enter it above and press Enter.";
+
+// `kind` is "locked" for the request of the token, which a refresh that
+// gets in replaces; an action's outcome stays until the next action.
+function say(text, bad, kind) {
   const message = document.getElementById("message");
   message.textContent = text;
   message.className = bad ? "bad" : "ok";
+  message.dataset.kind = kind || "outcome";
+}
+
+function token() {
+  return document.getElementById("token")?.value || "";
+}
+
+// A GET of the console, with the token when one is entered.
+function get(path) {
+  const headers = token() ? { "Authorization": "Bearer " + token() } : {};
+  return fetch(path, { cache: "no-store", headers });
 }
 
 async function refreshState() {
   const state = document.getElementById("state");
+  const kind = document.getElementById("message").dataset.kind;
   try {
-    const answer = await fetch("/console/state", { cache: "no-store" });
+    const answer = await get("/console/state");
     if (answer.ok) {
       state.innerHTML = await answer.text();
+      if (kind === "locked") say("", false, "none");
+    } else if (answer.status === 401 && kind !== "outcome") {
+      say(LOCKED, true, "locked");
     }
   } catch (_) {
     // The next refresh tries again.
@@ -35,7 +56,7 @@ function cell(row, label, text, className) {
 
 async function refreshTail() {
   try {
-    const answer = await fetch("/console/tail?after=" + lastTail, { cache: "no-store" });
+    const answer = await get("/console/tail?after=" + lastTail);
     if (!answer.ok) return;
     const body = document.getElementById("tail");
     const entries = await answer.json();
@@ -71,14 +92,13 @@ const ACTIONS = {
 
 async function act(button) {
   const [path, body, done] = ACTIONS[button.dataset.action](button);
-  const token = document.getElementById("token")?.value || "";
-  sessionStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(TOKEN_KEY, token());
   button.disabled = true;
   say("Working…", false);
   try {
     const answer = await fetch(path, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Authorization": "Bearer " + token },
+      headers: { "Content-Type": "application/json", "Authorization": "Bearer " + token() },
       body: JSON.stringify(body),
     });
     const result = await answer.json().catch(() => ({ error: answer.statusText }));
@@ -97,13 +117,26 @@ document.addEventListener("click", (event) => {
   if (button) act(button);
 });
 
+// Entering the token (Enter in its field) shows what it opens at once.
+function useToken(event) {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, token());
+  refreshState();
+  refreshTail();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  const token = document.getElementById("token");
-  if (token) {
-    token.value = sessionStorage.getItem(TOKEN_KEY) || "";
-    document.getElementById("token-form").addEventListener("submit", (e) => e.preventDefault());
+  const field = document.getElementById("token");
+  if (field) {
+    field.value = sessionStorage.getItem(TOKEN_KEY) || "";
+    document.getElementById("token-form").addEventListener("submit", useToken);
   }
-  const every = Number(document.getElementById("state").dataset.refresh) || 5000;
+  const state = document.getElementById("state");
+  if (state.dataset.locked) {
+    say(LOCKED, true, "locked");
+    if (token()) refreshState();
+  }
+  const every = Number(state.dataset.refresh) || 5000;
   setInterval(refreshState, every);
   refreshTail();
   setInterval(refreshTail, TAIL_EVERY_MS);

@@ -3,16 +3,25 @@
 //! this process's memory added ([`Process`]): the databases its workers hold
 //! waiting, and a live tail of its runs. Its actions (redeliver dead
 //! letters, run a database now, pause or resume an on_change rule) need the
-//! admin token; without one the console is read-only.
+//! admin token; without one the console is read-only and open to whoever
+//! reaches the admin server.
+//!
+//! With a token, reading the console needs it too (unless
+//! `--console-public-read`): `/` is then a shell without data that asks for
+//! the token, and its script fetches the state and the tail with it.
 //!
 //! The page, its style and its script are embedded in the binary. The
 //! script only refreshes the page's parts and sends the actions, with the
 //! token as a bearer header: a browser never sends that header to another
 //! origin by itself, so another site cannot act through a visitor.
+//!
+//! However many ask, the installation is read from CouchDB at most once per
+//! [`REFRESH`], and the dead letters page by page ([`Letters`]).
 
 mod view;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,8 +33,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use self::view::{Parts, View, WAITING_SHOWN};
-use crate::commands::status::Letters;
+use self::view::{Parts, View, REFRESH, WAITING_SHOWN};
+use crate::commands::status::{Letters, Report};
 use crate::commands::{redeliver, status};
 use crate::config::RunArgs;
 use crate::couch::{CouchClient, CouchError, Saved};
@@ -37,8 +46,10 @@ const STATE: &str = include_str!("state.html");
 const STYLE: &str = include_str!("console.css");
 const SCRIPT: &str = include_str!("console.js");
 
-/// Dead letters read in full at each refresh, the oldest: enough to group
-/// them, bounded for a deployment whose API has been down for long.
+/// Dead letters read in full at each refresh (in pages of
+/// [`crate::delivery::dead_letter::LETTERS_PER_PAGE`]), the oldest: enough
+/// to group them, bounded for a deployment whose API has been down for
+/// long. The others are only counted, from their ids.
 const LETTERS_READ: u64 = 1000;
 
 /// Same-origin content only: no inline script, nothing from elsewhere.
@@ -59,7 +70,14 @@ struct Inner {
     /// circuits of this process's change-listener when it runs one.
     delivery: Delivery,
     templates: minijinja::Environment<'static>,
+    /// The last read of the installation, and when it was made.
+    last: tokio::sync::Mutex<Option<(Instant, Read)>>,
 }
+
+/// A read of the installation, shared by the requests that come while it
+/// is fresh; a failure too, so that an unreachable CouchDB is not asked
+/// once per request either.
+type Read = Result<Arc<Report>, Arc<crate::error::Error>>;
 
 impl Console {
     /// The console of `process`, run with `args`.
@@ -78,6 +96,7 @@ impl Console {
                 args: args.clone(),
                 client,
                 templates,
+                last: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -95,13 +114,33 @@ impl Console {
             .with_state(self)
     }
 
-    /// The page's value: the spiegel database's documents and this
-    /// process's workers' waiting databases.
-    async fn view(&self) -> crate::error::Result<View> {
-        let (inner, args) = (&self.inner, &self.inner.args);
+    /// The installation as read at most [`REFRESH`] ago. The lock is held
+    /// across the read: the requests that come meanwhile wait for it and
+    /// share its result, so CouchDB sees one read per interval, whoever
+    /// asks and however often.
+    async fn report(&self) -> Read {
+        let mut last = self.inner.last.lock().await;
+        if let Some((at, read)) = last.as_ref() {
+            if at.elapsed() < REFRESH {
+                return read.clone();
+            }
+        }
+        let args = &self.inner.args;
         let (db, namespace) = (&args.connection.db_name, &args.connection.namespace);
         let letters = Letters::Oldest(LETTERS_READ);
-        let report = status::report_with(&inner.client, db, namespace, letters).await?;
+        let read = status::report_with(&self.inner.client, db, namespace, letters)
+            .await
+            .map(Arc::new)
+            .map_err(Arc::new);
+        *last = Some((Instant::now(), read.clone()));
+        read
+    }
+
+    /// The page's value: the spiegel database's documents and this
+    /// process's workers' waiting databases.
+    async fn view(&self) -> Result<View, Arc<crate::error::Error>> {
+        let (inner, args) = (&self.inner, &self.inner.args);
+        let report = self.report().await?;
         let workers = inner.process.workers();
         let mut waiting = Vec::new();
         for worker in &workers {
@@ -109,7 +148,7 @@ impl Console {
         }
         let docs = inner.process.docs();
         Ok(View::build(Parts {
-            report,
+            report: &report,
             docs: docs.as_deref(),
             waiting,
             here: workers.into_iter().map(|w| w.worker_id).collect(),
@@ -132,14 +171,33 @@ impl Console {
             .and_then(|template| template.render(&view));
         match rendered {
             Ok(html) => (secure_headers(), Html(html)).into_response(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot render the console page");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot render the page\n",
-                )
-                    .into_response()
-            }
+            Err(e) => not_rendered(&e),
+        }
+    }
+
+    /// Whether a request may read the console: without a token it is open
+    /// (and read-only), `--console-public-read` opens the reading, and
+    /// otherwise the request must carry the token.
+    fn may_read(&self, headers: &HeaderMap) -> bool {
+        let admin = &self.inner.args.admin;
+        match &admin.token {
+            None => true,
+            Some(token) => admin.public_read || token.allows(headers),
+        }
+    }
+
+    /// The page without data, for a browser that has not given the token
+    /// yet: its script asks for it and then fetches the state with it.
+    fn shell(&self) -> Response {
+        let context = minijinja::context! {
+            locked => true,
+            actions => true,
+            refresh_ms => REFRESH.as_millis(),
+        };
+        let rendered = self.inner.templates.get_template("page.html");
+        match rendered.and_then(|template| template.render(context)) {
+            Ok(html) => (secure_headers(), Html(html)).into_response(),
+            Err(e) => not_rendered(&e),
         }
     }
 
@@ -167,6 +225,22 @@ fn secure_headers() -> [(header::HeaderName, &'static str); 3] {
     ]
 }
 
+fn not_rendered(error: &minijinja::Error) -> Response {
+    tracing::error!(error = %error, "cannot render the console page");
+    let text = "cannot render the page\n";
+    (StatusCode::INTERNAL_SERVER_ERROR, text).into_response()
+}
+
+/// A read of the console without the token it needs.
+fn unauthorized() -> Response {
+    let text = "the console needs the admin token (Authorization: Bearer <token>)\n";
+    let headers = [
+        (header::WWW_AUTHENTICATE, "Bearer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    (StatusCode::UNAUTHORIZED, headers, text).into_response()
+}
+
 /// The page when CouchDB cannot be read.
 fn unavailable(error: &crate::error::Error) -> Response {
     tracing::warn!(error = %error, "the console cannot read the spiegel database");
@@ -175,12 +249,18 @@ fn unavailable(error: &crate::error::Error) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, secure_headers(), text).into_response()
 }
 
-async fn page(State(console): State<Console>) -> Response {
-    console.render("page.html").await
+async fn page(State(console): State<Console>, headers: HeaderMap) -> Response {
+    match console.may_read(&headers) {
+        true => console.render("page.html").await,
+        false => console.shell(),
+    }
 }
 
-async fn state_part(State(console): State<Console>) -> Response {
-    console.render("state.html").await
+async fn state_part(State(console): State<Console>, headers: HeaderMap) -> Response {
+    match console.may_read(&headers) {
+        true => console.render("state.html").await,
+        false => unauthorized(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -189,9 +269,16 @@ struct TailQuery {
     after: u64,
 }
 
-async fn tail(State(console): State<Console>, Query(q): Query<TailQuery>) -> impl IntoResponse {
+async fn tail(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Query(q): Query<TailQuery>,
+) -> Response {
+    if !console.may_read(&headers) {
+        return unauthorized();
+    }
     let entries = console.inner.process.tail.since(q.after);
-    ([(header::CACHE_CONTROL, "no-store")], Json(entries))
+    ([(header::CACHE_CONTROL, "no-store")], Json(entries)).into_response()
 }
 
 async fn style() -> impl IntoResponse {

@@ -19,6 +19,10 @@ use crate::rules::follower::UserDocs;
 use crate::status::Event;
 use crate::worker::control::{WaitState, WaitingDb};
 
+/// How often the page refreshes its state, and how long one read of the
+/// installation serves every request for it.
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Waiting databases shown, at most.
 pub const WAITING_SHOWN: usize = 50;
 
@@ -43,6 +47,8 @@ pub struct View {
     pub circuits: Vec<(String, String)>,
     /// Whether actions are possible (a token is set).
     pub actions: bool,
+    /// The page's refresh interval ([`REFRESH`]).
+    pub refresh_ms: u128,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,7 +130,8 @@ pub struct LetterGroup {
 
 /// Everything the view is made of.
 pub struct Parts<'a> {
-    pub report: Report,
+    /// The installation as last read (shared by every request for a while).
+    pub report: &'a Report,
     /// The followed documents; `None` before the first load.
     pub docs: Option<&'a UserDocs>,
     /// The databases this process's workers hold waiting.
@@ -140,7 +147,7 @@ pub struct Parts<'a> {
 impl View {
     pub fn build(parts: Parts<'_>) -> View {
         let now = Utc::now();
-        let report = &parts.report;
+        let report = parts.report;
         let roles = report
             .roles
             .iter()
@@ -166,6 +173,7 @@ impl View {
                 .map(|(origin, state)| (origin, circuit_name(state).to_string()))
                 .collect(),
             actions: parts.actions,
+            refresh_ms: REFRESH.as_millis(),
         }
     }
 }
