@@ -1243,6 +1243,12 @@ async function main() {
   await loadDbNames();
 
   const server = app.listen(args.port, args.host);
+  // Node closes an idle keep-alive connection after 5 s by default, so a
+  // client that reuses it at that moment sees a reset. CouchDB keeps idle
+  // connections open far longer: keep them past the clients' own idle
+  // timeouts (reqwest: 90 s).
+  server.keepAliveTimeout = 120 * 1000;
+  server.headersTimeout = 121 * 1000;
   server.on('error', (err) => {
     logErr(`cannot listen on ${args.host}:${args.port}:`, err.message);
     process.exit(1);
