@@ -36,8 +36,9 @@ use measure::{
     breakdown, cpu, percentiles, round3, sample, scrape, secs, wait_until, wait_until_async,
     Samples,
 };
+use observed::OutageKind;
 use observed::{follow_aggregate, now_ms, start_receiver, Figures, Shared, State};
-use outage::{Outage, OutageKind};
+use outage::Outage;
 use processes::{spiegel_bin, spiegel_cmd, start_spiegel, start_test_server, stop, Workers};
 use report::markdown;
 
@@ -356,7 +357,7 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
             bail!("spiegel install failed: {status}");
         }
         let latency = Duration::from_millis(args.api_latency_ms);
-        let receiver_port = start_receiver(state.clone(), latency, outage.clone()).await?;
+        let receiver_port = start_receiver(state.clone(), latency, outage.gate()).await?;
         couch
             .put_doc(
                 &spiegel_db,

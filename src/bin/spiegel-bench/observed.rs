@@ -1,16 +1,65 @@
 //! What was written, replicated and delivered, with when.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use clap::ValueEnum;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::couch::{enc, Couch};
-use crate::outage::Outage;
+
+/// What the receiver does while the API is down (`--outage-kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutageKind {
+    /// Answer 503 at once.
+    Refuse,
+    /// Hold each request until the outage ends, then answer 503.
+    Hang,
+}
+
+/// The receiver's switch: while it is down, requests are refused.
+pub(crate) struct Gate {
+    pub(crate) kind: OutageKind,
+    down: AtomicBool,
+    /// Requests answered 503.
+    refused: AtomicU64,
+}
+
+impl Gate {
+    pub(crate) fn new(kind: OutageKind) -> Self {
+        Gate {
+            kind,
+            down: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the receiver down or brings it back; whether that changed it.
+    pub(crate) fn set_down(&self, down: bool) -> bool {
+        self.down.swap(down, Ordering::Relaxed) != down
+    }
+
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The receiver's answer while down; None when it is up.
+    async fn refuse(&self) -> Option<StatusCode> {
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        while self.kind == OutageKind::Hang && self.down.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
 
 pub(crate) struct State {
     pub(crate) t0: Instant,
@@ -167,14 +216,14 @@ pub(crate) fn seq_text(v: &Value) -> String {
 }
 
 /// The receiver of the on_change rule's POSTs; it refuses them while
-/// `outage` is on.
+/// `outage` is down.
 pub(crate) async fn start_receiver(
     state: Shared,
     latency: Duration,
-    outage: Arc<Outage>,
+    outage: Arc<Gate>,
 ) -> Result<u16> {
     use axum::{extract, routing::post, Router};
-    type Ctx = (Shared, Duration, Arc<Outage>);
+    type Ctx = (Shared, Duration, Arc<Gate>);
     pub(crate) async fn hook(
         extract::State((state, latency, outage)): extract::State<Ctx>,
         body: axum::Json<Value>,

@@ -6,33 +6,19 @@
 //! follows the databases waiting, not the writes. Completeness is checked
 //! as in any run: every write delivered, once, after the outage.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::ValueEnum;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::measure::{percentiles, round3};
-use crate::observed::{now_ms, Shared};
+use crate::observed::{now_ms, Gate, OutageKind, Shared};
 use crate::procfs;
-
-/// What the receiver does while it is down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum OutageKind {
-    /// Answer 503 at once.
-    Refuse,
-    /// Hold each request until the outage ends, then answer 503.
-    Hang,
-}
 
 /// The receiver's outage, and what was measured around it.
 pub(crate) struct Outage {
-    kind: OutageKind,
-    down: AtomicBool,
-    /// Requests answered 503.
-    refused: AtomicU64,
+    /// The receiver's switch.
+    gate: Arc<Gate>,
     /// Spiegel's largest sampled RSS (kB) before, during and after.
     max_rss_kb: Mutex<[u64; 3]>,
     /// When the outage began and ended, ms since the run's t0.
@@ -42,24 +28,15 @@ pub(crate) struct Outage {
 impl Outage {
     pub(crate) fn new(kind: OutageKind) -> Arc<Self> {
         Arc::new(Outage {
-            kind,
-            down: AtomicBool::new(false),
-            refused: AtomicU64::new(0),
+            gate: Arc::new(Gate::new(kind)),
             max_rss_kb: Mutex::new([0; 3]),
             window_ms: Mutex::new((None, None)),
         })
     }
 
-    /// The receiver's answer while down; None when it is up.
-    pub(crate) async fn refuse(&self) -> Option<StatusCode> {
-        if !self.down.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        while self.kind == OutageKind::Hang && self.down.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Some(StatusCode::SERVICE_UNAVAILABLE)
+    /// The switch the receiver obeys.
+    pub(crate) fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
     }
 
     /// Goes down `after` the start for `length`, then comes back; samples
@@ -95,7 +72,7 @@ impl Outage {
     /// noting when.
     fn enter(&self, phase: usize, state: &Shared) {
         let down = phase == 1;
-        if self.down.swap(down, Ordering::Relaxed) == down {
+        if !self.gate.set_down(down) {
             return;
         }
         let mut window = self.window_ms.lock().unwrap();
@@ -129,9 +106,9 @@ impl Outage {
             .collect();
         let mb = |kb: u64| round3(kb as f64 / 1024.0);
         json!({
-            "kind": format!("{:?}", self.kind).to_lowercase(),
+            "kind": format!("{:?}", self.gate.kind).to_lowercase(),
             "seconds": seconds,
-            "refused_requests": self.refused.load(Ordering::Relaxed),
+            "refused_requests": self.gate.refused(),
             "max_sampled_rss_mb": {"before": mb(before), "during": mb(during), "after": mb(after)},
             "writes_during": written.len(),
             "delivered_of_those": delivered.len(),
