@@ -1267,7 +1267,9 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             Duration::from_secs(20),
         )
         .await;
-    let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\"}} 1");
+    // A hanging endpoint answers no rule: each rule's circuit there opens
+    // (here the one rule's), not the whole endpoint's.
+    let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\",rule=\"bad\"}} 1");
     let metrics = format!("http://{admin}/metrics");
     wait_for(
         "the open circuit in the metrics",
@@ -1286,7 +1288,7 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             let circuits = status["circuits"].as_array()?.clone();
             circuits
                 .iter()
-                .any(|c| c["endpoint"] == bad_base.as_str())
+                .any(|c| c["endpoint"] == format!("{bad_base} (on_change bad)"))
                 .then_some(())
         },
     )

@@ -32,7 +32,7 @@ use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Passwords, RunArgs};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
-use crate::delivery::circuit::CircuitState;
+use crate::delivery::circuit::{CircuitState, Held};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{self, Delivery, DeliveryError, Request, RequestError};
 use crate::error::Result;
@@ -319,7 +319,7 @@ impl ChangeListener {
             .delivery
             .deliver(&job.rule.id, job.rule.rate_limit, request)
             .await;
-        self.show_circuit(&request.origin());
+        self.show_circuits(&job.rule.id, &request.origin());
         match outcome {
             delivery::Outcome::Delivered(delivered) => {
                 self.status
@@ -327,7 +327,9 @@ impl ChangeListener {
                 self.settle(db, job);
                 Sent::Ok
             }
-            delivery::Outcome::Wait(wait, why) => Sent::Retry(Wait::Held(wait), why),
+            delivery::Outcome::Wait(Held::Busy(wait, why) | Held::Open(wait, why)) => {
+                Sent::Retry(Wait::Held(wait), why)
+            }
             delivery::Outcome::Failed(error) => self.failed(job, request, db, &error).await,
         }
     }
@@ -347,12 +349,14 @@ impl ChangeListener {
         Sent::Retry(Wait::Held(PAUSED_RECHECK), reason)
     }
 
-    /// Shows the endpoint's circuit in the status, which lists only the
+    /// Shows the circuits of the rule's requests to `origin` (the
+    /// endpoint's and the route's) in the status, which lists only the
     /// circuits that are not closed.
-    fn show_circuit(&self, origin: &str) {
-        let state = self.delivery.endpoints().state(origin);
-        let shown = (state != CircuitState::Closed).then(|| state.name());
-        self.status.circuit(origin, shown);
+    fn show_circuits(&self, rule: &str, origin: &str) {
+        for (name, state) in self.delivery.circuits(rule, origin) {
+            let shown = (state != CircuitState::Closed).then(|| state.name());
+            self.status.circuit(&name, shown);
+        }
     }
 
     /// A failed attempt: retried after the rule's backoff, or, after its
