@@ -11,6 +11,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rand::Rng;
 
+/// Retries left beyond which a schedule is counted as forever.
+pub const MAX_SCHEDULED: u32 = 100_000;
+
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
 )]
@@ -70,6 +73,19 @@ impl Backoff {
             wait = half + rand::rng().random_range(Duration::ZERO..=half);
         }
         wait
+    }
+
+    /// The waits left in the schedule after `attempts` attempts (a request
+    /// never tried has made none): the time until its last retry is due.
+    /// `None` when it is retried forever, or more than [`MAX_SCHEDULED`]
+    /// times, which is as good.
+    pub fn schedule_left(&self, attempts: u32) -> Option<Duration> {
+        let first = attempts.max(1);
+        if self.limit == 0 || self.limit.saturating_sub(first) >= MAX_SCHEDULED {
+            return None;
+        }
+        let waits = (first..=self.limit).map(|retry| self.wait(retry));
+        Some(waits.fold(Duration::ZERO, Duration::saturating_add))
     }
 
     /// True when `retries` retries have been made and no more are allowed.
@@ -134,6 +150,19 @@ mod tests {
         b.max_delay = Some(Duration::from_secs(12));
         assert_eq!(b.wait(3), Duration::from_secs(12));
         assert!(b.wait(u32::MAX) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn the_schedule_left_sums_the_waits_of_the_retries_not_made() {
+        let mut b = policy(Strategy::Exponential);
+        assert_eq!(b.schedule_left(0), Some(Duration::from_secs(35)));
+        assert_eq!(b.schedule_left(1), Some(Duration::from_secs(35)));
+        assert_eq!(b.schedule_left(3), Some(Duration::from_secs(20)));
+        assert_eq!(b.schedule_left(4), Some(Duration::ZERO));
+        b.limit = 0;
+        assert_eq!(b.schedule_left(1), None);
+        b.limit = u32::MAX;
+        assert_eq!(b.schedule_left(1), None);
     }
 
     #[test]

@@ -92,14 +92,17 @@ pub(crate) struct RoleMetrics {
     pub(crate) webhook_requests: Family<ClassLabel, Counter>,
     pub(crate) webhook_retries: Counter,
     pub(crate) dead_letters: Counter,
-    /// Each API endpoint's circuit: 0 closed, 1 open, 2 half-open.
-    pub(crate) endpoint_circuit: Family<EndpointLabel, Gauge>,
+    /// Each API endpoint's and route's circuit: 0 closed, 1 open, 2
+    /// half-open.
+    pub(crate) endpoint_circuit: Family<CircuitLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct EndpointLabel {
-    /// Scheme, host and port.
+pub(crate) struct CircuitLabel {
+    /// Scheme, host and port; `other` for the circuits beyond the cap.
     pub(crate) endpoint: String,
+    /// The rule of a route's circuit; empty for the endpoint's.
+    pub(crate) rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -351,7 +354,7 @@ impl RoleMetrics {
         );
         registry.register(
             "endpoint_circuit",
-            "Each on_change API endpoint's circuit: 0 closed, 1 open, 2 half-open",
+            "Each on_change API endpoint's circuit (rule empty) and each rule's at an endpoint: 0 closed, 1 open, 2 half-open",
             roles.endpoint_circuit.clone(),
         );
         roles

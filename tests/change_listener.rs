@@ -1212,10 +1212,12 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
     for db in good.iter().chain(&bad) {
         s.couch.create_db(db).await.unwrap();
     }
+    // The time a change waits on an open circuit counts as its retries'
+    // schedule: eight retries from 0.2 s doubling give it 51 s.
     let rule = |db_name: String, base: &str| {
         json!({"db_name": db_name, "url": format!("{base}/hook"), "method": "POST",
                "params": {"db": "$db_name", "id": "$change.id"},
-               "backoff": {"limit": 8, "delay": 0.2}})
+               "backoff": {"limit": 8, "delay": 0.2, "strategy": "exponential"}})
     };
     s.rule("bad", rule(format!("^{}_bad", s.prefix), &bad_base))
         .await;
@@ -1267,7 +1269,9 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             Duration::from_secs(20),
         )
         .await;
-    let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\"}} 1");
+    // A hanging endpoint answers no rule: each rule's circuit there opens
+    // (here the one rule's), not the whole endpoint's.
+    let gauge = format!("spiegel_endpoint_circuit{{endpoint=\"{bad_base}\",rule=\"bad\"}} 1");
     let metrics = format!("http://{admin}/metrics");
     wait_for(
         "the open circuit in the metrics",
@@ -1286,7 +1290,7 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
             let circuits = status["circuits"].as_array()?.clone();
             circuits
                 .iter()
-                .any(|c| c["endpoint"] == bad_base.as_str())
+                .any(|c| c["endpoint"] == format!("{bad_base} (on_change bad)"))
                 .then_some(())
         },
     )
@@ -1319,6 +1323,166 @@ async fn a_hanging_endpoint_opens_its_circuit_while_a_healthy_one_flows() {
         0,
         "waiting on a circuit is not an attempt"
     );
+}
+
+/// The dead letters of `rule`, each with its attempts and last error.
+async fn letters_with_errors(s: &Installation, rule: &str) -> Vec<(u32, String)> {
+    let letters = spiegel::delivery::dead_letter::list(&s.couch, &s.spiegel_db, "")
+        .await
+        .unwrap();
+    let mut found: Vec<(u32, String)> = letters
+        .into_iter()
+        .filter(|(_, _, l)| l.rule == rule)
+        .map(|(_, _, l)| (l.attempts, l.last_error))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes one document in each of `dbs` and waits until `receiver` got
+/// them all on `path`; returns the longest time from a write to its
+/// delivery.
+async fn round_trip(
+    s: &Installation,
+    receiver: &Receiver,
+    path: &str,
+    dbs: &[String],
+    id: &str,
+) -> Duration {
+    let written = std::time::Instant::now();
+    for db in dbs {
+        s.couch.put_doc(db, id, &json!({})).await.unwrap();
+    }
+    receiver
+        .wait(&format!("the healthy deliveries of {id}"), |got| {
+            let of = got
+                .iter()
+                .filter(|r| r.path == path && r.json()["id"] == id);
+            of.count() >= dbs.len()
+        })
+        .await;
+    let arrived = receiver.on(path);
+    let last = arrived
+        .iter()
+        .filter(|r| r.json()["id"] == id)
+        .map(|r| r.at);
+    last.max().unwrap() - written
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_route_holds_only_its_own_rule_whose_changes_end_as_dead_letters() {
+    let (s, receiver, base, hanging_db) = with_receiver("route", "hang").await;
+    receiver
+        .hanging_paths
+        .lock()
+        .unwrap()
+        .insert("/hang".into());
+    let healthy: Vec<String> = (0..3).map(|i| s.db(&format!("ok{i}"))).collect();
+    for db in &healthy {
+        s.couch.create_db(db).await.unwrap();
+    }
+    let rule = |db_name: String, path: &str| {
+        json!({"db_name": db_name, "url": format!("{base}{path}"), "method": "POST",
+               "params": {"id": "$change.id"}, "backoff": {"limit": 1}})
+    };
+    s.rule("hang", rule(format!("^{hanging_db}$"), "/hang"))
+        .await;
+    s.rule("healthy", rule(format!("^{}_ok", s.prefix), "/ok"))
+        .await;
+    // Two timeouts open a circuit, which then waits the default 30 s.
+    let worker = s.start(&["--request-timeout", "1", "--circuit-failures", "2"]);
+    let docs: Vec<Value> = (0..3).map(|n| json!({"_id": format!("h{n}")})).collect();
+    s.couch.bulk_docs(&hanging_db, &docs, true).await.unwrap();
+
+    let bound = Duration::from_secs(3);
+    let mut slowest = round_trip(&s, &receiver, "/ok", &healthy, "before").await;
+    worker
+        .wait_log(
+            "circuit open: the endpoint keeps failing",
+            Duration::from_secs(20),
+        )
+        .await;
+    // The hanging route's circuit is open: the other rule's requests to
+    // the same host go on.
+    slowest = slowest.max(round_trip(&s, &receiver, "/ok", &healthy, "open").await);
+    // Its first change had its two attempts; the two after it were held
+    // past their one retry's time.
+    let letters = wait_for("three dead letters", Duration::from_secs(20), || async {
+        let letters = letters_with_errors(&s, "hang").await;
+        (letters.len() == 3).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.iter().map(|l| l.0).collect::<Vec<_>>(), [0, 0, 2]);
+    for (_, error) in &letters[..2] {
+        assert!(error.starts_with("circuit open for "), "{error}");
+        assert!(error.contains("(on_change hang): no answer"), "{error}");
+    }
+    slowest = slowest.max(round_trip(&s, &receiver, "/ok", &healthy, "after").await);
+    assert!(slowest < bound, "a healthy delivery took {slowest:?}");
+    assert_eq!(receiver.on("/ok").len(), 9, "each healthy change once");
+    assert!(letters_of(&s, "healthy").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_against_a_refused_endpoint_and_a_401_ends_in_dead_letters_not_one_per_cooldown() {
+    let (s, receiver, base, db) = with_receiver("burst", "d").await;
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    receiver
+        .plan
+        .lock()
+        .unwrap()
+        .insert("/denied".into(), VecDeque::from([401; 12]));
+    let rule = |url: String, extra: Value| {
+        let mut rule = json!({"db_name": format!("^{db}$"), "url": url, "method": "POST",
+                              "params": {"id": "$change.id"}});
+        rule.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        rule
+    };
+    let once = json!({"backoff": {"limit": 1}});
+    s.rule("refused", rule(format!("{refused}/hook"), once.clone()))
+        .await;
+    s.rule("denied", rule(format!("{base}/denied"), once)).await;
+    s.rule("healthy", rule(format!("{base}/ok"), json!({})))
+        .await;
+    // The default circuit: five failures in a row, a 30 s cooldown.
+    let _worker = s.start(&[]);
+    let docs: Vec<Value> = (0..6).map(|n| json!({"_id": format!("doc{n}")})).collect();
+    let written = std::time::Instant::now();
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    // (refused letters, denied letters, healthy deliveries), last seen.
+    let seen = std::sync::Mutex::new((0, 0, 0));
+    let all = wait_for(
+        "12 dead letters and 6 deliveries",
+        Duration::from_secs(60),
+        || async {
+            let got = (
+                letters_of(&s, "refused").await.len(),
+                letters_of(&s, "denied").await.len(),
+                receiver.on("/ok").len(),
+            );
+            *seen.lock().unwrap() = got;
+            (got == (6, 6, 6)).then_some(())
+        },
+    );
+    let done = tokio::time::timeout(Duration::from_secs(30), all).await;
+    let took = written.elapsed();
+    assert!(
+        done.is_ok(),
+        "after {took:?}: (refused letters, denied letters, deliveries) {:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(letters_of(&s, "denied").await, [2; 6]);
+    // The first failures were attempts; once the endpoint's circuit
+    // opened, the changes it held were dead-lettered past their retry.
+    let refused_letters = letters_with_errors(&s, "refused").await;
+    let held = refused_letters
+        .iter()
+        .filter(|(_, e)| e.starts_with(&format!("circuit open for {refused}: network error")))
+        .count();
+    assert!(held >= 1, "{refused_letters:?}");
+    assert_eq!(receiver.on("/denied").len(), 12, "two attempts a change");
 }
 
 #[tokio::test]

@@ -176,7 +176,7 @@ async fn send_again(rule: &OnChangeRule, letter: &DeadLetter, delivery: &Deliver
     };
     match delivery.deliver(&rule.id, rule.rate_limit, &request).await {
         delivery::Outcome::Delivered(_) => Again::Delivered,
-        delivery::Outcome::Wait(_, why) => Again::Held(why),
+        delivery::Outcome::Wait(held) => Again::Held(held.why().to_string()),
         delivery::Outcome::Failed(e) => Again::Failed(e.to_string()),
     }
 }

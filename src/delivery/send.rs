@@ -41,7 +41,11 @@ pub enum DeliveryError {
     Status { status: u16, body_excerpt: String },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// Connection refused or reset, DNS failure, TLS failure...
+    /// No connection: refused, connect timeout, DNS or TLS failure. The
+    /// whole endpoint's trouble, whatever the request.
+    #[error("network error: {0}")]
+    Unreachable(String),
+    /// The connection broke during the exchange (reset, closed early...).
     #[error("network error: {0}")]
     Network(String),
     #[error("the request could not be built: {0}")]
@@ -61,10 +65,23 @@ impl DeliveryError {
     /// request's own.
     pub fn is_endpoint_fault(&self) -> bool {
         match self {
-            DeliveryError::Network(_) | DeliveryError::Timeout(_) => true,
+            DeliveryError::Unreachable(_)
+            | DeliveryError::Network(_)
+            | DeliveryError::Timeout(_) => true,
             DeliveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DeliveryError::Build(_) => false,
         }
+    }
+
+    /// Whether the endpoint could not be reached at all: its own circuit's
+    /// trouble, not one route's.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, DeliveryError::Unreachable(_))
+    }
+
+    /// Whether the endpoint answered (with a status that is a failure).
+    pub fn answered(&self) -> bool {
+        matches!(self, DeliveryError::Status { .. })
     }
 
     /// Its class in `spiegel_webhook_requests`: `3xx`, `4xx`, `5xx`,
@@ -73,7 +90,9 @@ impl DeliveryError {
         match self {
             DeliveryError::Status { status, .. } => format!("{}xx", status / 100),
             DeliveryError::Timeout(_) => "timeout".into(),
-            DeliveryError::Network(_) | DeliveryError::Build(_) => "network".into(),
+            DeliveryError::Unreachable(_) | DeliveryError::Network(_) | DeliveryError::Build(_) => {
+                "network".into()
+            }
         }
     }
 
@@ -172,7 +191,7 @@ fn classify(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
     } else if e.is_connect() {
         // Includes the 10 s connect timeout: the receiver is unreachable,
         // which is not the same as slow.
-        DeliveryError::Network(describe(e))
+        DeliveryError::Unreachable(describe(e))
     } else if e.is_timeout() {
         DeliveryError::Timeout(timeout)
     } else {
@@ -227,6 +246,11 @@ mod tests {
                 "timeout",
             ),
             (DeliveryError::Network("reset".into()), true, "network"),
+            (
+                DeliveryError::Unreachable("refused".into()),
+                true,
+                "network",
+            ),
         ];
         for (error, fault, class) in cases {
             assert_eq!(
@@ -483,7 +507,7 @@ mod tests {
             .send(&build(addr, Method::Post, None))
             .await
             .unwrap_err();
-        assert!(matches!(err, DeliveryError::Network(_)), "{err:?}");
+        assert!(matches!(err, DeliveryError::Unreachable(_)), "{err:?}");
         let message = err.to_string();
         assert!(
             !message.contains("s3cret") && !message.contains("bob"),

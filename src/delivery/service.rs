@@ -4,18 +4,26 @@
 //! the outcome to the circuit and the metrics. What a failure does to a
 //! checkpoint or a dead letter is the caller's.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::circuit::{Admit, CircuitSettings, Endpoints};
+use super::circuit::{Admit, CircuitKey, CircuitSettings, CircuitState, Endpoints, Held};
 use super::send::{Delivered, DeliveryError, Sender};
 use super::Request;
 use crate::config::DeliverySettings;
-use crate::metrics::{ClassLabel, EndpointLabel, RoleMetrics};
+use crate::metrics::{CircuitLabel, ClassLabel, RoleMetrics};
+
+/// Circuits shown by name in the metrics and statuses, at most; the others
+/// show together as `other`, so that templated hosts cannot grow them
+/// without bound.
+pub const MAX_SHOWN: usize = 200;
+
+/// The name of the circuits beyond [`MAX_SHOWN`].
+const OTHER: &str = "other";
 
 /// Sends requests through their endpoint's circuit and their rule's pace.
 /// Clones share the connections, the circuits and the metrics.
@@ -25,8 +33,10 @@ pub struct Delivery {
     endpoints: Arc<Endpoints>,
     /// Requests by class (`2xx`, ..., `timeout`, `network`).
     requests: Family<ClassLabel, Counter>,
-    /// Each endpoint's circuit: 0 closed, 1 open, 2 half-open.
-    circuits: Family<EndpointLabel, Gauge>,
+    /// Each circuit: 0 closed, 1 open, 2 half-open.
+    circuits: Family<CircuitLabel, Gauge>,
+    /// The circuits shown by name.
+    named: Arc<Mutex<HashSet<CircuitKey>>>,
 }
 
 /// What became of a request.
@@ -34,9 +44,8 @@ pub struct Delivery {
 pub enum Outcome {
     /// The endpoint accepted it.
     Delivered(Delivered),
-    /// The circuit or the endpoint's share held it back for this long, for
-    /// this reason: nothing was sent, and it is not an attempt.
-    Wait(Duration, String),
+    /// A circuit or the endpoint's share held it back: nothing was sent.
+    Wait(Held),
     /// It was sent and failed: an attempt.
     Failed(DeliveryError),
 }
@@ -56,6 +65,7 @@ impl Delivery {
             endpoints: Arc::new(endpoints),
             requests: Family::default(),
             circuits: Family::default(),
+            named: Arc::default(),
         })
     }
 
@@ -83,25 +93,26 @@ impl Delivery {
     }
 
     /// Sends `request` of rule `rule` once, at most `rate_limit` a second,
-    /// if its endpoint's circuit and share let it go now.
+    /// if its circuits and its endpoint's share let it go now.
     pub async fn deliver(&self, rule: &str, rate_limit: Option<f64>, request: &Request) -> Outcome {
         if let Some(per_second) = rate_limit {
             self.endpoints.pace(rule, per_second).await;
         }
         let origin = request.origin();
-        let pass = match self.endpoints.admit(&origin) {
+        let pass = match self.endpoints.admit(rule, &origin) {
             Admit::Go(pass) => pass,
-            Admit::Wait(wait, why) => {
-                self.show_circuit(&origin);
-                return Outcome::Wait(wait, why);
+            Admit::Wait(held) => {
+                self.show_circuits(rule, &origin);
+                return Outcome::Wait(held);
             }
         };
         let result = self.sender.send(request).await;
         match &result {
-            Err(e) if e.is_endpoint_fault() => pass.failed(),
+            Err(e) if e.is_unreachable() => pass.unreachable(&e.to_string()),
+            Err(e) if e.is_endpoint_fault() => pass.failed(e.answered(), &e.to_string()),
             _ => pass.succeeded(),
         }
-        self.show_circuit(&origin);
+        self.show_circuits(rule, &origin);
         let class = match &result {
             Ok(delivered) => delivered.class(),
             Err(e) => e.class(),
@@ -113,12 +124,67 @@ impl Delivery {
         }
     }
 
-    /// Shows the endpoint's circuit in its gauge.
-    fn show_circuit(&self, origin: &str) {
-        let label = EndpointLabel {
-            endpoint: origin.to_string(),
-        };
-        let state = self.endpoints.state(origin);
-        self.circuits.get_or_create(&label).set(state.gauge());
+    /// The circuits a request of `rule` to `origin` passes, as the
+    /// metrics and statuses show them: by name, or beyond [`MAX_SHOWN`]
+    /// names as `other` with the worst state of the circuits not named.
+    pub fn circuits(&self, rule: &str, origin: &str) -> Vec<(String, CircuitState)> {
+        CircuitKey::both(rule, origin)
+            .iter()
+            .map(|key| match self.named(key) {
+                true => (key.to_string(), self.endpoints.state(key)),
+                false => (OTHER.to_string(), self.others()),
+            })
+            .collect()
+    }
+
+    /// Shows the circuits of a request of `rule` to `origin` in the gauge.
+    fn show_circuits(&self, rule: &str, origin: &str) {
+        let labels = CircuitKey::both(rule, origin).map(|key| match self.named(&key) {
+            true => (label(&key), self.endpoints.state(&key)),
+            false => (other_label(), self.others()),
+        });
+        for (label, state) in labels {
+            self.circuits.get_or_create(&label).set(state.gauge());
+        }
+    }
+
+    /// Whether `key` is shown by name: it is, or a name is free for it.
+    /// The names of forgotten circuits are freed, and their series go.
+    fn named(&self, key: &CircuitKey) -> bool {
+        // A set of names only; a poisoned lock is safe to reuse.
+        let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        if named.contains(key) {
+            return true;
+        }
+        if named.len() >= MAX_SHOWN {
+            named.retain(|k| {
+                let kept = self.endpoints.knows(k);
+                if !kept {
+                    self.circuits.remove(&label(k));
+                }
+                kept
+            });
+        }
+        named.len() < MAX_SHOWN && named.insert(key.clone())
+    }
+
+    /// The worst state of the circuits not shown by name.
+    fn others(&self) -> CircuitState {
+        let named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        self.endpoints.worst(|key| !named.contains(key))
+    }
+}
+
+fn label(key: &CircuitKey) -> CircuitLabel {
+    CircuitLabel {
+        endpoint: key.origin.clone(),
+        rule: key.rule.clone().unwrap_or_default(),
+    }
+}
+
+fn other_label() -> CircuitLabel {
+    CircuitLabel {
+        endpoint: OTHER.into(),
+        rule: String::new(),
     }
 }

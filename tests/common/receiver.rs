@@ -37,6 +37,8 @@ pub struct Receiver {
     pub failing: Arc<Mutex<Option<u16>>>,
     /// While set, requests get no answer (the client gives up first).
     pub hanging: Arc<std::sync::atomic::AtomicBool>,
+    /// Paths whose requests get no answer, while listed.
+    pub hanging_paths: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 async fn record(
@@ -46,10 +48,12 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    while r.hanging.load(std::sync::atomic::Ordering::Relaxed) {
+    let path = uri.path().to_string();
+    while r.hanging.load(std::sync::atomic::Ordering::Relaxed)
+        || r.hanging_paths.lock().unwrap().contains(&path)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let path = uri.path().to_string();
     r.log.lock().unwrap().push(Received {
         method: method.to_string(),
         path: path.clone(),

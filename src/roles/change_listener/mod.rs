@@ -32,7 +32,7 @@ use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
 use crate::config::{Passwords, RunArgs};
 use crate::couch::{Change, ChangesQuery, CouchClient, CouchError, Seq};
-use crate::delivery::circuit::CircuitState;
+use crate::delivery::circuit::{CircuitState, Held};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{self, Delivery, DeliveryError, Request, RequestError};
 use crate::error::Result;
@@ -92,6 +92,9 @@ struct Progress {
 struct Attempts {
     count: u32,
     first_at: String,
+    /// When its last attempt failed, or an open circuit first held it: its
+    /// backoff schedule runs from there.
+    since: Instant,
 }
 
 enum Sent {
@@ -319,7 +322,7 @@ impl ChangeListener {
             .delivery
             .deliver(&job.rule.id, job.rule.rate_limit, request)
             .await;
-        self.show_circuit(&request.origin());
+        self.show_circuits(&job.rule.id, &request.origin());
         match outcome {
             delivery::Outcome::Delivered(delivered) => {
                 self.status
@@ -327,7 +330,10 @@ impl ChangeListener {
                 self.settle(db, job);
                 Sent::Ok
             }
-            delivery::Outcome::Wait(wait, why) => Sent::Retry(Wait::Held(wait), why),
+            delivery::Outcome::Wait(Held::Busy(wait, why)) => Sent::Retry(Wait::Held(wait), why),
+            delivery::Outcome::Wait(Held::Open(wait, why)) => {
+                self.circuit_held(job, request, db, wait, why).await
+            }
             delivery::Outcome::Failed(error) => self.failed(job, request, db, &error).await,
         }
     }
@@ -347,12 +353,74 @@ impl ChangeListener {
         Sent::Retry(Wait::Held(PAUSED_RECHECK), reason)
     }
 
-    /// Shows the endpoint's circuit in the status, which lists only the
+    /// Shows the circuits of the rule's requests to `origin` (the
+    /// endpoint's and the route's) in the status, which lists only the
     /// circuits that are not closed.
-    fn show_circuit(&self, origin: &str) {
-        let state = self.delivery.endpoints().state(origin);
-        let shown = (state != CircuitState::Closed).then(|| state.name());
-        self.status.circuit(origin, shown);
+    fn show_circuits(&self, rule: &str, origin: &str) {
+        for (name, state) in self.delivery.circuits(rule, origin) {
+            let shown = (state != CircuitState::Closed).then(|| state.name());
+            self.status.circuit(&name, shown);
+        }
+    }
+
+    /// A request an open circuit holds (`why`) for `wait`. With a
+    /// `backoff.limit`, the time it waits counts as its retries' schedule:
+    /// held past the time of its last retry, it becomes a dead letter with
+    /// the circuit's reason, and delivery moves on.
+    async fn circuit_held(
+        &self,
+        job: &Job<'_>,
+        request: &Request,
+        db: &str,
+        wait: Duration,
+        why: String,
+    ) -> Sent {
+        let Some((left, count, first_at)) = self.schedule_left(job, db) else {
+            return Sent::Retry(Wait::Held(wait), why);
+        };
+        if !left.is_zero() {
+            return Sent::Retry(Wait::Held(wait.min(left)), why);
+        }
+        self.status.failure(&job.rule.id, db, why.clone());
+        let letter = DeadLetter {
+            attempts: count,
+            first_attempt_at: first_at,
+            ..job.letter(db, request.redacted(), why)
+        };
+        self.bury(
+            job,
+            db,
+            letter,
+            "held by an open circuit past its last retry",
+        )
+        .await
+    }
+
+    /// How long until the last retry of the job's changes is due (the
+    /// soonest of them), with their attempts and first attempt as
+    /// [`Self::count_attempt`] gives them; a change never tried starts its
+    /// schedule now. `None` when the rule retries forever.
+    fn schedule_left(&self, job: &Job<'_>, db: &str) -> Option<(Duration, u32, String)> {
+        let backoff = &job.rule.backoff;
+        backoff.schedule_left(0)?;
+        let (now, stamp) = (Instant::now(), crate::ids::timestamp());
+        let mut progress = self.progress();
+        let p = progress.entry(db.to_string()).or_default();
+        let (mut left, mut count, mut first_at) = (None::<Duration>, 0, stamp.clone());
+        for key in job.keys() {
+            let a = p.attempts.entry(key.clone()).or_insert(Attempts {
+                count: 0,
+                first_at: stamp.clone(),
+                since: now,
+            });
+            // A schedule beyond the clock's range never ends.
+            let until = (a.since.checked_add(backoff.schedule_left(a.count)?))
+                .map_or(Duration::MAX, |due| due.saturating_duration_since(now));
+            left = Some(left.map_or(until, |l| l.min(until)));
+            count = count.max(a.count);
+            first_at = first_at.min(a.first_at.clone());
+        }
+        Some((left.unwrap_or_default(), count, first_at))
     }
 
     /// A failed attempt: retried after the rule's backoff, or, after its
@@ -397,8 +465,10 @@ impl ChangeListener {
             let a = p.attempts.entry(key.clone()).or_insert(Attempts {
                 count: 0,
                 first_at: now.to_string(),
+                since: Instant::now(),
             });
             a.count += 1;
+            a.since = Instant::now();
             count = count.max(a.count);
             first_at = first_at.min(a.first_at.clone());
         }
