@@ -36,14 +36,17 @@ pub struct Report {
     /// The dead letters themselves, for the console.
     #[serde(skip)]
     pub letters: Vec<DeadLetter>,
-    /// API endpoints whose circuit is not closed, per worker that sees it.
+    /// Circuits not closed, per worker that sees them: an endpoint's, or a
+    /// rule's route to it (`<endpoint> (on_change <rule>)`).
     pub circuits: Vec<CircuitReport>,
 }
 
-/// An API endpoint whose circuit a change-listener worker has open.
+/// A circuit a change-listener worker has open: an endpoint's, or a rule's
+/// route to it.
 #[derive(Debug, Serialize)]
 pub struct CircuitReport {
-    /// Scheme, host and port.
+    /// Scheme, host and port, followed by ` (on_change <rule>)` for a
+    /// route's circuit.
     pub endpoint: String,
     /// `open` (its changes wait) or `half-open` (a probe is under way).
     pub state: String,
@@ -352,10 +355,7 @@ pub fn render(report: &Report, per_worker: bool) -> String {
         }
     }
     if !report.circuits.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nAPI endpoints whose circuit is not closed (their changes wait):"
-        );
+        let _ = writeln!(out, "\nCircuits not closed (their changes wait):");
         for c in &report.circuits {
             let _ = writeln!(out, "  {}: {} (worker {})", c.endpoint, c.state, c.worker);
         }
