@@ -1144,45 +1144,8 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() {
     }
     receiver.wait("three requests", |got| got.len() >= 3).await;
 
-    let requests: Vec<Value> = receiver
-        .received()
-        .iter()
-        .map(|r| {
-            let header = |name: &str| r.headers[name].to_str().unwrap().to_string();
-            json!({
-                "headers": {
-                    "webhook-id": header("webhook-id"),
-                    "webhook-timestamp": header("webhook-timestamp"),
-                    "webhook-signature": header("webhook-signature"),
-                },
-                "body": String::from_utf8(r.body.to_vec()).unwrap(),
-            })
-        })
-        .collect();
-    let verify = |requests: &[Value]| {
-        let mut child = std::process::Command::new("node")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/testing/webhooks/verify.js"
-            ))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("node");
-        let input = json!({"secret": SECRET, "requests": requests}).to_string();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let requests: Vec<Value> = receiver.received().iter().map(standard_webhook).collect();
+    let verify = |requests: &[Value]| verify_standard_webhooks(SECRET, requests);
     let (ok, out) = verify(&requests);
     assert!(ok, "{out}");
     assert_eq!(out.lines().filter(|l| *l == "ok").count(), 3, "{out}");
@@ -1483,6 +1446,81 @@ async fn a_burst_against_a_refused_endpoint_and_a_401_ends_in_dead_letters_not_o
         .count();
     assert!(held >= 1, "{refused_letters:?}");
     assert_eq!(receiver.on("/denied").len(), 12, "two attempts a change");
+}
+
+/// Runs the Standard Webhooks reference library over `requests` (their
+/// three headers and body): whether all verify, and what it printed.
+fn verify_standard_webhooks(secret: &str, requests: &[Value]) -> (bool, String) {
+    let mut child = std::process::Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testing/webhooks/verify.js"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node");
+    let input = json!({"secret": secret, "requests": requests}).to_string();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The three Standard Webhooks headers and the body of a received request.
+fn standard_webhook(r: &Received) -> Value {
+    let header = |name: &str| r.headers[name].to_str().unwrap().to_string();
+    json!({
+        "headers": {
+            "webhook-id": header("webhook-id"),
+            "webhook-timestamp": header("webhook-timestamp"),
+            "webhook-signature": header("webhook-signature"),
+        },
+        "body": String::from_utf8(r.body.to_vec()).unwrap(),
+    })
+}
+
+#[tokio::test]
+async fn standard_webhooks_timestamps_are_taken_when_a_paced_request_is_sent() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (s, receiver, base, db) = with_receiver("stdpaced", "d").await;
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"), "method": "POST",
+               "params": {"id": "$change.id"}, "rate_limit": 1,
+               "sign": {"scheme": "standard-webhooks", "secret_env": "HOOK_SECRET"}}),
+    )
+    .await;
+    // One page of five changes, planned together, sent a second apart.
+    let docs: Vec<Value> = (0..5).map(|n| json!({"_id": format!("doc{n}")})).collect();
+    s.couch.bulk_docs(&db, &docs, true).await.unwrap();
+    let _worker = s.listener(&[], &[("HOOK_SECRET", SECRET)]);
+    receiver.wait("every change", |got| got.len() >= 5).await;
+
+    let received = receiver.received();
+    for r in &received {
+        let stamped: u64 = r.headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let arrived = r.wall.duration_since(std::time::UNIX_EPOCH).unwrap();
+        // Whole seconds: stamped in the second it was sent, or the one before.
+        let age = arrived.as_secs_f64() - stamped as f64;
+        assert!((0.0..2.0).contains(&age), "{} s old on arrival", age);
+    }
+    let requests: Vec<Value> = received.iter().map(standard_webhook).collect();
+    let (ok, out) = verify_standard_webhooks(SECRET, &requests);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().filter(|l| *l == "ok").count(), 5, "{out}");
 }
 
 #[tokio::test]

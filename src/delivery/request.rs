@@ -31,7 +31,9 @@
 //!
 //! With `"scheme": "standard-webhooks"`, the request is signed as the
 //! Standard Webhooks specification says: `webhook-id` (the idempotency key),
-//! `webhook-timestamp` (Unix seconds when the request was built) and
+//! `webhook-timestamp` (Unix seconds when the request is sent: taken and
+//! signed after any wait for the rule's pace or the endpoint, so that a
+//! receiver's tolerance of a few minutes holds however long it waited) and
 //! `webhook-signature: v1,<base64 HMAC-SHA256>` of `<id>.<timestamp>.<body>`,
 //! keyed with the bytes of the `whsec_` secret; any of the specification's
 //! libraries verifies it.
@@ -123,8 +125,11 @@ pub struct Request {
     /// The full URL with credentials and the query as sent.
     url: SecretUrl,
     body: Option<Bytes>,
-    /// Everything sent except Basic auth, which comes from `url` at send time.
+    /// Everything sent except Basic auth, which comes from `url` at send
+    /// time, and the Standard Webhooks timestamp and signature.
     headers: HeaderMap,
+    /// The Standard Webhooks key, to sign with when the request is sent.
+    standard_key: Option<Vec<u8>>,
     timeout: Option<Duration>,
     /// Redacted like a credential, so a log does not help forge requests.
     signature_header: Option<HeaderName>,
@@ -197,11 +202,15 @@ impl Request {
                 };
                 Some(add_signature(&mut headers, header, secret, payload)?)
             }
-            Some(Signing::StandardWebhooks { key }) => {
-                let body = body.as_deref().unwrap_or_default();
-                Some(add_standard_signature(&mut headers, key, &id, body)?)
+            Some(Signing::StandardWebhooks { .. }) => {
+                headers.insert(HeaderName::from_static("webhook-id"), header_value(&id)?);
+                Some(WEBHOOK_SIGNATURE)
             }
             None => None,
+        };
+        let standard_key = match &t.sign {
+            Some(Signing::StandardWebhooks { key }) => Some(key.clone()),
+            _ => None,
         };
 
         Ok(Request {
@@ -209,6 +218,7 @@ impl Request {
             url,
             body,
             headers,
+            standard_key,
             timeout: t.timeout,
             signature_header,
         })
@@ -242,9 +252,17 @@ impl Request {
         self.body.as_ref()
     }
 
-    /// Headers to send, Basic auth excepted (see [`Request::basic_auth`]).
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+    /// Headers to send, Basic auth excepted (see [`Request::basic_auth`]),
+    /// with a Standard Webhooks timestamp and signature made now: called
+    /// right before the request goes.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        if let Some(key) = &self.standard_key {
+            let id = self.headers.get("webhook-id").map(HeaderValue::as_bytes);
+            let body = self.body.as_deref().unwrap_or_default();
+            stamp(&mut headers, key, id.unwrap_or_default(), body);
+        }
+        headers
     }
 
     /// User and password for Basic auth, from the URL's user info; `None`
@@ -270,7 +288,7 @@ impl Request {
         let mut url = self.target();
         url.set_query(None);
         let mut headers = Map::new();
-        for (name, value) in &self.headers {
+        for (name, value) in &self.headers() {
             let shown = if self.is_sensitive(name) {
                 "***".to_string()
             } else {
@@ -371,30 +389,28 @@ fn add_signature(
     Ok(name)
 }
 
-/// Signs the Standard Webhooks way: `webhook-id`, `webhook-timestamp` (now)
-/// and `webhook-signature`; returns the name of the last.
-fn add_standard_signature(
-    headers: &mut HeaderMap,
-    key: &[u8],
-    id: &str,
-    body: &[u8],
-) -> Result<HeaderName, RequestError> {
+/// The header of the Standard Webhooks signature.
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// Stamps the Standard Webhooks way: `webhook-timestamp` (now) and
+/// `webhook-signature` over the id, the timestamp and the body.
+fn stamp(headers: &mut HeaderMap, key: &[u8], id: &[u8], body: &[u8]) {
     use base64::Engine;
-    let timestamp = chrono::Utc::now().timestamp().to_string();
-    let signed = format!("{id}.{timestamp}.");
-    let mac = hmac(key, &[signed.as_bytes(), body]);
+    let timestamp = chrono::Utc::now().timestamp();
+    let signed = format!(".{timestamp}.");
+    let mac = hmac(key, &[id, signed.as_bytes(), body]);
     let signature = format!(
         "v1,{}",
         base64::engine::general_purpose::STANDARD.encode(mac)
     );
-    let name = HeaderName::from_static("webhook-signature");
-    headers.insert(HeaderName::from_static("webhook-id"), header_value(id)?);
     headers.insert(
         HeaderName::from_static("webhook-timestamp"),
-        header_value(&timestamp)?,
+        HeaderValue::from(timestamp),
     );
-    headers.insert(name.clone(), header_value(&signature)?);
-    Ok(name)
+    // "v1," and base64 are visible ASCII: always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&signature) {
+        headers.insert(WEBHOOK_SIGNATURE, value);
+    }
 }
 
 /// HMAC-SHA256 of the concatenated `parts`.

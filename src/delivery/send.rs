@@ -135,7 +135,7 @@ impl Sender {
         let mut builder = self
             .http
             .request(req.method().into(), req.target())
-            .headers(req.headers().clone())
+            .headers(req.headers())
             .timeout(timeout);
         if let Some((user, password)) = req.basic_auth() {
             builder = builder.basic_auth(user, password);

@@ -20,6 +20,8 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// The wall clock at arrival, for the times a request carries.
+    pub wall: std::time::SystemTime,
 }
 
 impl Received {
@@ -61,6 +63,7 @@ async fn record(
         headers,
         body,
         at: Instant::now(),
+        wall: std::time::SystemTime::now(),
     });
     let planned = r
         .plan
