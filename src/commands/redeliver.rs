@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::config::RedeliverArgs;
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
+use crate::delivery::circuit::Held;
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::delivery::{self, Delivery, Request};
 use crate::rules::on_change::{ChangeContext, Context, OnChangeRule};
@@ -174,10 +175,17 @@ async fn send_again(rule: &OnChangeRule, letter: &DeadLetter, delivery: &Deliver
         Ok(request) => request,
         Err(e) => return Again::Failed(e.to_string()),
     };
-    match delivery.deliver(&rule.id, rule.rate_limit, &request).await {
-        delivery::Outcome::Delivered(_) => Again::Delivered,
-        delivery::Outcome::Wait(held) => Again::Held(held.why().to_string()),
-        delivery::Outcome::Failed(e) => Again::Failed(e.to_string()),
+    loop {
+        return match delivery.deliver(&rule.id, rule.rate_limit, &request).await {
+            delivery::Outcome::Delivered(_) => Again::Delivered,
+            // A command holds no worker's slot: it waits its turn.
+            delivery::Outcome::Wait(Held::Paced(wait, _)) => {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            delivery::Outcome::Wait(held) => Again::Held(held.why().to_string()),
+            delivery::Outcome::Failed(e) => Again::Failed(e.to_string()),
+        };
     }
 }
 

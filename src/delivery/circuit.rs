@@ -173,20 +173,22 @@ pub enum Held {
     Open(Duration, String),
     /// Its endpoint has its share of requests in flight.
     Busy(Duration, String),
+    /// Its rule has sent its `rate_limit` for now.
+    Paced(Duration, String),
 }
 
 impl Held {
     /// How long to wait.
     pub fn wait(&self) -> Duration {
         match self {
-            Held::Open(wait, _) | Held::Busy(wait, _) => *wait,
+            Held::Open(wait, _) | Held::Busy(wait, _) | Held::Paced(wait, _) => *wait,
         }
     }
 
     /// Why, in words safe to log.
     pub fn why(&self) -> &str {
         match self {
-            Held::Open(_, why) | Held::Busy(_, why) => why,
+            Held::Open(_, why) | Held::Busy(_, why) | Held::Paced(_, why) => why,
         }
     }
 }
@@ -426,17 +428,24 @@ impl Endpoints {
         }
     }
 
-    /// Waits until `rule` may send its next request, at most `per_second`.
-    pub async fn pace(&self, rule: &str, per_second: f64) {
+    /// Whether a request of `rule`, at most `per_second`, to `origin` may
+    /// go now: as [`Endpoints::admit`], after the rule's pace. Only a
+    /// request that goes takes the rule's rate slot, so that one a circuit
+    /// refuses does not delay the next.
+    pub fn admit_paced(&self, rule: &str, origin: &str, per_second: f64) -> Admit<'_> {
         let gap = Duration::from_secs_f64(1.0 / per_second);
-        let at = {
-            let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let slot = next.get(rule).copied().filter(|t| *t > now).unwrap_or(now);
-            next.insert(rule.to_string(), slot + gap);
-            slot
-        };
-        tokio::time::sleep_until(at).await;
+        // Instants only; a poisoned lock is safe to reuse.
+        let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some(at) = next.get(rule).filter(|at| **at > now) {
+            let why = format!("on_change {rule} keeps to its rate_limit of {per_second} a second");
+            return Admit::Wait(Held::Paced(*at - now, why));
+        }
+        let admit = self.admit(rule, origin);
+        if let Admit::Go(_) = admit {
+            next.insert(rule.to_string(), now + gap);
+        }
+        admit
     }
 
     /// Every circuit's state, for the console.
@@ -687,7 +696,12 @@ mod tests {
         let e = endpoints(10);
         let start = Instant::now();
         for _ in 0..5 {
-            e.pace("rule", 10.0).await;
+            loop {
+                match e.admit_paced("rule", "http://api", 10.0) {
+                    Admit::Go(pass) => break pass.succeeded(),
+                    Admit::Wait(held) => tokio::time::sleep(held.wait()).await,
+                }
+            }
         }
         assert_eq!(start.elapsed(), Duration::from_millis(400));
     }

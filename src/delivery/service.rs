@@ -1,11 +1,13 @@
 //! The one path of every on_change request, whether a change-listener
-//! sends it or a dead letter is redelivered: wait for the rule's
-//! `rate_limit`, pass the endpoint's circuit and share, send, and report
+//! sends it or a dead letter is redelivered: keep to the rule's
+//! `rate_limit` and pass the endpoint's circuit and share (the rate slot
+//! taken only by a request that goes), send, and report
 //! the outcome to the circuit and the metrics. What a failure does to a
 //! checkpoint or a dead letter is the caller's.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,6 +23,10 @@ use crate::metrics::{CircuitLabel, ClassLabel, RoleMetrics};
 /// show together as `other`, so that templated hosts cannot grow them
 /// without bound.
 pub const MAX_SHOWN: usize = 200;
+
+/// The longest wait for a rule's pace slept while holding a delivery slot;
+/// a longer one ends the run, without holding it.
+pub const PACE_SLEEP: Duration = Duration::from_secs(1);
 
 /// The name of the circuits beyond [`MAX_SHOWN`].
 const OTHER: &str = "other";
@@ -93,17 +99,25 @@ impl Delivery {
     }
 
     /// Sends `request` of rule `rule` once, at most `rate_limit` a second,
-    /// if its circuits and its endpoint's share let it go now.
+    /// if its circuits and its endpoint's share let it go now. A wait for
+    /// the rule's pace of up to [`PACE_SLEEP`] is slept here, a longer one
+    /// handed back as [`Held::Paced`].
     pub async fn deliver(&self, rule: &str, rate_limit: Option<f64>, request: &Request) -> Outcome {
-        if let Some(per_second) = rate_limit {
-            self.endpoints.pace(rule, per_second).await;
-        }
         let origin = request.origin();
-        let pass = match self.endpoints.admit(rule, &origin) {
-            Admit::Go(pass) => pass,
-            Admit::Wait(held) => {
-                self.show_circuits(rule, &origin);
-                return Outcome::Wait(held);
+        let pass = loop {
+            let admit = match rate_limit {
+                Some(per_second) => self.endpoints.admit_paced(rule, &origin, per_second),
+                None => self.endpoints.admit(rule, &origin),
+            };
+            match admit {
+                Admit::Go(pass) => break pass,
+                Admit::Wait(Held::Paced(wait, _)) if wait <= PACE_SLEEP => {
+                    tokio::time::sleep(wait).await;
+                }
+                Admit::Wait(held) => {
+                    self.show_circuits(rule, &origin);
+                    return Outcome::Wait(held);
+                }
             }
         };
         let result = self.sender.send(request).await;
@@ -186,5 +200,65 @@ fn other_label() -> CircuitLabel {
     CircuitLabel {
         endpoint: OTHER.into(),
         rule: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::on_change::{ChangeContext, Method, Template};
+
+    fn request(url: &str) -> Request {
+        let doc = serde_json::value::to_raw_value(&serde_json::json!({})).unwrap();
+        let seq = serde_json::json!(1);
+        let change = ChangeContext {
+            rule: "r",
+            db_name: "db",
+            doc: &doc,
+            id: "d",
+            rev: "1-a",
+            seq: &seq,
+        };
+        let t = Template {
+            url: url.to_string(),
+            method: Method::Post,
+            ..Template::default()
+        };
+        Request::build(&t, &change).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_a_circuit_refuses_does_not_spend_its_rules_rate_slot() {
+        let delivery = Delivery::new(&DeliverySettings {
+            request_timeout: Duration::from_secs(5),
+            concurrency: 10,
+            circuit_failures: 1,
+            circuit_cooldown: Duration::from_secs(30),
+        })
+        .unwrap();
+        let Admit::Go(pass) = delivery.endpoints().admit("r", "http://down") else {
+            panic!("a new circuit refused");
+        };
+        pass.unreachable("refused");
+        let down = request("http://down/hook");
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            let outcome = delivery.deliver("r", Some(1.0), &down).await;
+            assert!(
+                matches!(outcome, Outcome::Wait(Held::Open(..))),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "refused without pacing");
+        let Admit::Go(pass) = delivery.endpoints().admit_paced("r", "http://up", 1.0) else {
+            panic!("the rule's rate slot was spent");
+        };
+        pass.succeeded();
+        let Admit::Wait(Held::Paced(wait, _)) =
+            delivery.endpoints().admit_paced("r", "http://up", 1.0)
+        else {
+            panic!("not paced after a request that went");
+        };
+        assert_eq!(wait, Duration::from_secs(1));
     }
 }

@@ -330,7 +330,9 @@ impl ChangeListener {
                 self.settle(db, job);
                 Sent::Ok
             }
-            delivery::Outcome::Wait(Held::Busy(wait, why)) => Sent::Retry(Wait::Held(wait), why),
+            delivery::Outcome::Wait(Held::Busy(wait, why) | Held::Paced(wait, why)) => {
+                Sent::Retry(Wait::Held(wait), why)
+            }
             delivery::Outcome::Wait(Held::Open(wait, why)) => {
                 self.circuit_held(job, request, db, wait, why).await
             }
