@@ -127,8 +127,8 @@ async fn redeliver_letters(args: &RedeliverArgs) -> anyhow::Result<()> {
     let delivery = spiegel::delivery::Delivery::new(&args.delivery)?;
     let report = redeliver::redeliver(&client, args, &delivery).await?;
     println!(
-        "redelivered {}, failed again {}, held by an open circuit {}, kept without their on_change document {}",
-        report.delivered, report.failed, report.held, report.orphaned
+        "redelivered {}, failed again {}, held by an open circuit {}, kept without their on_change document {}, skipped (another redelivery had them) {}",
+        report.delivered, report.failed, report.held, report.orphaned, report.skipped
     );
     if report.failed + report.held > 0 {
         anyhow::bail!(

@@ -509,6 +509,61 @@ async fn letters_of(s: &Installation, rule: &str) -> Vec<u32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_redeliveries_at_once_send_each_dead_letter_once_and_both_go_on_past_the_others() {
+    let (s, receiver, base, db) = with_receiver("redeliver-twice", "d").await;
+    // Paced, so that the two runs overlap.
+    s.rule(
+        "hook",
+        json!({"db_name": format!("^{db}$"), "url": format!("{base}/hook"), "method": "POST",
+               "params": {"id": "$change.id"}, "rate_limit": 20}),
+    )
+    .await;
+    for n in 0..20 {
+        let letter = json!({
+            "type": "spiegel_dead_letter", "rule": "hook", "db_name": db, "seq": n,
+            "doc_id": format!("doc{n}"), "rev": "1-a", "change": {"_id": format!("doc{n}")},
+            "request": null, "last_status": 503, "last_error": "HTTP 503", "attempts": 3,
+            "first_attempt_at": "2026-01-01T00:00:00Z", "last_attempt_at": "2026-01-01T00:00:00Z",
+        });
+        let letter = serde_json::from_value(letter).unwrap();
+        spiegel::delivery::dead_letter::store(&s.couch, &s.spiegel_db, "", &letter)
+            .await
+            .unwrap();
+    }
+    let run = || {
+        spiegel()
+            .args(["redeliver", "--url", &s.url, "--db-name", &s.spiegel_db])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (run(), run());
+    let mut redelivered = 0;
+    for out in [first, second].map(|c| c.wait_with_output().unwrap()) {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{stdout}");
+        assert!(out.status.success(), "{stdout}");
+        let count = stdout
+            .strip_prefix("redelivered ")
+            .and_then(|s| s.split(',').next());
+        redelivered += count.unwrap().parse::<usize>().unwrap();
+    }
+    assert_eq!(redelivered, 20, "each delivered by one of the two");
+
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for request in receiver.received() {
+        let id = request.json()["id"].as_str().unwrap().to_string();
+        *sent.entry(id).or_default() += 1;
+    }
+    assert_eq!(sent.len(), 20, "{sent:?}");
+    assert!(sent.values().all(|n| *n == 1), "each once: {sent:?}");
+    wait_for("the letters removed", Duration::from_secs(10), || async {
+        letters_of(&s, "hook").await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliver_goes_through_the_endpoints_circuit_and_the_rules_rate_limit() {
     let (s, paced, paced_base, db) = with_receiver("redeliver-paths", "d").await;
     let (broken, broken_base) = Receiver::start().await;

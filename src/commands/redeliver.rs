@@ -3,8 +3,12 @@
 //! signature, and removes the ones that succeed. A failure keeps the letter,
 //! with the new error. Letters go the way every request goes ([`Delivery`]):
 //! at the rule's `rate_limit`, through the endpoint's circuit and share; one
-//! that the circuit holds back is kept as it is. It needs no worker to be
-//! running, and does not check the rule's `if` or `selector` again.
+//! that the circuit holds back is kept as it is. Each letter is claimed
+//! before it is sent (written with `redelivering_since`), so that two
+//! redeliveries at once send it once; a letter someone else changes or
+//! removes meanwhile is left as it is and the others go on. It needs no
+//! worker to be running, and does not check the rule's `if` or `selector`
+//! again.
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,7 +34,14 @@ pub struct Redelivered {
     pub held: usize,
     /// Dead letters whose on_change document no longer exists (kept).
     pub orphaned: usize,
+    /// Dead letters another redelivery was sending (left to it).
+    pub skipped: usize,
 }
+
+/// How long a claim keeps other redeliveries off a letter: longer than an
+/// attempt takes. A redelivery stopped midway leaves its claims, which
+/// expire after this.
+const CLAIM_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 /// Sends the dead letters that `--rule` and `--database` select once each,
 /// and removes the ones delivered.
@@ -57,20 +68,13 @@ pub async fn redeliver(
             report.orphaned += 1;
             continue;
         };
-        match send_again(rule, &letter, delivery).await {
-            Again::Delivered => {
-                client.delete_doc(spiegel_db, &id, &rev).await?;
-                report.delivered += 1;
-            }
-            Again::Held(why) => {
-                tracing::info!(letter = %id, rule = %letter.rule, "{why}: kept");
-                report.held += 1;
-            }
-            Again::Failed(error) => {
-                failed_again(client, spiegel_db, (&id, &rev), letter, error).await?;
-                report.failed += 1;
-            }
-        }
+        let Some((rev, letter)) = claim(client, spiegel_db, (&id, &rev), letter).await? else {
+            tracing::info!(letter = %id, "another redelivery has this dead letter: skipped");
+            report.skipped += 1;
+            continue;
+        };
+        let again = send_again(rule, &letter, delivery).await;
+        settle(client, spiegel_db, (&id, &rev), letter, again, &mut report).await?;
     }
     Ok(report)
 }
@@ -86,23 +90,86 @@ enum Again {
     Failed(String),
 }
 
-/// Keeps a letter that failed again, with the new error and one more
-/// attempt.
-async fn failed_again(
+/// Claims a letter for this redelivery: writes it over its revision `rev`
+/// with `redelivering_since`. Its new revision, or `None` when another
+/// redelivery has it (its claim is recent, or it wrote the letter first)
+/// or it is gone: so that two redeliveries at once send it once.
+async fn claim(
     client: &CouchClient,
     spiegel_db: &str,
     (id, rev): (&str, &str),
     mut letter: DeadLetter,
-    error: String,
+) -> Result<Option<(String, DeadLetter)>, CouchError> {
+    if letter.redelivering_since.as_deref().is_some_and(recent) {
+        return Ok(None);
+    }
+    letter.redelivering_since = Some(crate::ids::timestamp());
+    match write_back(client, spiegel_db, (id, rev), &letter).await {
+        Ok(rev) => Ok(Some((rev, letter))),
+        Err(CouchError::Conflict | CouchError::DocNotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a claim made at `since` still keeps others off the letter.
+fn recent(since: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(since)
+        .is_ok_and(|at| chrono::Utc::now().signed_duration_since(at) < CLAIM_LIFETIME)
+}
+
+/// Removes a delivered letter, or writes it back without its claim (a
+/// failure with the new error and one more attempt), and counts it. A
+/// letter changed or removed by someone else meanwhile is left as it is,
+/// said in the log, and the others go on.
+async fn settle(
+    client: &CouchClient,
+    spiegel_db: &str,
+    (id, rev): (&str, &str),
+    mut letter: DeadLetter,
+    again: Again,
+    report: &mut Redelivered,
 ) -> Result<(), CouchError> {
-    letter.attempts += 1;
-    letter.last_error = error;
-    letter.last_attempt_at = crate::ids::timestamp();
-    let doc = Revised {
-        rev,
-        letter: &letter,
+    letter.redelivering_since = None;
+    let written = match again {
+        Again::Delivered => {
+            report.delivered += 1;
+            client.delete_doc(spiegel_db, id, rev).await.map(|_| ())
+        }
+        Again::Held(why) => {
+            tracing::info!(letter = %id, rule = %letter.rule, "{why}: kept");
+            report.held += 1;
+            write_back(client, spiegel_db, (id, rev), &letter)
+                .await
+                .map(|_| ())
+        }
+        Again::Failed(error) => {
+            report.failed += 1;
+            letter.attempts += 1;
+            letter.last_error = error;
+            letter.last_attempt_at = crate::ids::timestamp();
+            write_back(client, spiegel_db, (id, rev), &letter)
+                .await
+                .map(|_| ())
+        }
     };
-    client.put_doc(spiegel_db, id, &doc).await.map(|_| ())
+    match written {
+        Err(CouchError::Conflict | CouchError::DocNotFound { .. }) => {
+            tracing::warn!(letter = %id, "dead letter changed or removed by someone else meanwhile: left as it is");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Writes a letter over its revision `rev`; its new revision.
+async fn write_back(
+    client: &CouchClient,
+    spiegel_db: &str,
+    (id, rev): (&str, &str),
+    letter: &DeadLetter,
+) -> Result<String, CouchError> {
+    let doc = Revised { rev, letter };
+    Ok(client.put_doc(spiegel_db, id, &doc).await?.rev)
 }
 
 /// A dead letter written over its revision `rev`. Serialized as it is, so

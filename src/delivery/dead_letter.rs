@@ -50,6 +50,10 @@ pub struct DeadLetter {
     pub first_attempt_at: String,
     /// When the last attempt was made (RFC 3339).
     pub last_attempt_at: String,
+    /// Since when a `spiegel redeliver` has claimed it and is sending it
+    /// (RFC 3339); another one leaves it alone meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivering_since: Option<String>,
 }
 
 /// One change of a batch dead letter.
@@ -98,6 +102,7 @@ impl DeadLetter {
             attempts: 0,
             first_attempt_at: now.clone(),
             last_attempt_at: now,
+            redelivering_since: None,
         }
     }
 }

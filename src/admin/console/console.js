@@ -83,7 +83,7 @@ async function refreshTail() {
 
 const ACTIONS = {
   "redeliver": (b) => ["/console/redeliver", { rule: b.dataset.rule || null },
-    (r) => `Redelivered ${r.delivered}, failed again ${r.failed}, held by an open circuit ${r.held}, kept without their rule ${r.orphaned}.`],
+    (r) => `Redelivered ${r.delivered}, failed again ${r.failed}, held by an open circuit ${r.held}, kept without their rule ${r.orphaned}, skipped (another redelivery had them) ${r.skipped}.`],
   "run-now": (b) => ["/console/run-now", { db: b.dataset.db, role: b.dataset.role },
     (r) => `${r.db} runs now (${r.roles.join(", ")}).`],
   "pause": (b) => ["/console/pause", { rule: b.dataset.rule, paused: b.dataset.paused === "true" },

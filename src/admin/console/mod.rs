@@ -357,6 +357,7 @@ async fn redeliver(
         "failed": done.failed,
         "held": done.held,
         "orphaned": done.orphaned,
+        "skipped": done.skipped,
     })))
 }
 
