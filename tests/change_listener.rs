@@ -1423,15 +1423,17 @@ async fn a_hanging_route_holds_only_its_own_rule_whose_changes_end_as_dead_lette
     // The hanging route's circuit is open: the other rule's requests to
     // the same host go on.
     slowest = slowest.max(round_trip(&s, &receiver, "/ok", &healthy, "open").await);
-    // Its first change had its two attempts; the two after it were held
-    // past their one retry's time.
+    // The two attempts that opened the route's circuit, and no other: the
+    // rest were held past their one retry's time. Which changes had them
+    // depends on the order `_changes` gives when read again (q > 1).
     let letters = wait_for("three dead letters", Duration::from_secs(20), || async {
         let letters = letters_with_errors(&s, "hang").await;
         (letters.len() == 3).then_some(letters)
     })
     .await;
-    assert_eq!(letters.iter().map(|l| l.0).collect::<Vec<_>>(), [0, 0, 2]);
-    for (_, error) in &letters[..2] {
+    let attempts: Vec<u32> = letters.iter().map(|l| l.0).collect();
+    assert_eq!(attempts.iter().sum::<u32>(), 2, "{attempts:?}");
+    for (_, error) in letters.iter().filter(|l| l.0 < 2) {
         assert!(error.starts_with("circuit open for "), "{error}");
         assert!(error.contains("(on_change hang): no answer"), "{error}");
     }
