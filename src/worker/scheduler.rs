@@ -1034,4 +1034,162 @@ mod tests {
         assert!(s.take_startable(now).is_empty());
         assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(7))]);
     }
+
+    /// The checkpoint last taken, as the number of its test seq.
+    fn checkpoint(s: &mut Scheduler, last: &mut u64) -> u64 {
+        for (_, seq) in s.take_dirty_checkpoints() {
+            let text = seq.as_json().as_str().expect("a test seq").to_string();
+            *last = text.trim_end_matches("-x").parse().expect("a test seq");
+        }
+        *last
+    }
+
+    #[test]
+    fn a_database_reported_again_by_its_replay_counts_once_until_a_run_handles_it() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(1, 4, HashSet::new());
+        let epoch = s.acquire(0, Some(seq(5)));
+        let mut last = 5;
+        s.on_catch_up_event(0, epoch, "d", now);
+        s.on_catch_up_event(0, epoch, "d", now);
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        s.on_catch_up_event(0, epoch, "d", now);
+        s.on_catch_up_done(0, epoch, seq(18));
+        assert_eq!(s.on_finished("d", Finished::Retry, now), Some(1));
+        assert_eq!(checkpoint(&mut s, &mut last), 5, "d is not handled yet");
+        s.retry_due("d", s.timer("d"));
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        assert_eq!(checkpoint(&mut s, &mut last), 5, "its retry is in flight");
+        s.on_finished("d", Finished::Handled, now);
+        assert_eq!(checkpoint(&mut s, &mut last), 18, "the replay's end");
+        assert_eq!(s.active_databases(), 0);
+    }
+
+    /// Partition 0 is lost and acquired again (checkpoint 1) while a run of
+    /// `d` started in the old ownership is in flight; `d` changes again in
+    /// the new one (seq 2), then `x` (seq 3, handled). The old run ends
+    /// with `old_run`.
+    fn epoch_change_during_a_run(old_run: Finished) {
+        let now = Instant::now();
+        let mut s = live_scheduler(4);
+        let mut last = 0;
+        s.on_live_event(&update("d", 1, DbUpdateKind::Updated), now);
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        s.remove(0);
+        let epoch = s.acquire(0, Some(seq(1)));
+        s.on_catch_up_done(0, epoch, seq(1));
+        assert_eq!(checkpoint(&mut s, &mut last), 1);
+        s.on_live_event(&update("d", 2, DbUpdateKind::Updated), now);
+        s.on_live_event(&update("x", 3, DbUpdateKind::Updated), now);
+        assert_eq!(dbs(s.take_startable(now)), ["x"], "d's run is in flight");
+        s.on_finished("x", Finished::Handled, now);
+        s.on_finished("d", old_run, now);
+        assert_eq!(checkpoint(&mut s, &mut last), 1, "d's seq 2 holds it");
+        if old_run == Finished::Retry {
+            s.retry_due("d", s.timer("d"));
+        }
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        assert_eq!(checkpoint(&mut s, &mut last), 1, "d's seq 2 holds it");
+        s.on_finished("d", Finished::Handled, now);
+        assert_eq!(checkpoint(&mut s, &mut last), 3);
+        assert_eq!((s.active_databases(), s.watermark_entries()), (0, 0));
+    }
+
+    #[test]
+    fn a_run_of_an_earlier_ownership_that_fails_leaves_the_new_hold_in_place() {
+        epoch_change_during_a_run(Finished::Retry);
+    }
+
+    #[test]
+    fn a_run_of_an_earlier_ownership_that_succeeds_leaves_the_new_hold_in_place() {
+        epoch_change_during_a_run(Finished::Handled);
+    }
+
+    /// Sends 1,000 events of `d` from seq `from`, asserting at each that
+    /// the watermark keeps at most `entries` entries and the checkpoint
+    /// stays at 0 (below d's first event).
+    fn flood(s: &mut Scheduler, from: u64, entries: usize) -> u64 {
+        let mut last = 0;
+        for n in from..from + 1000 {
+            s.on_live_event(&update("d", n, DbUpdateKind::Updated), Instant::now());
+            assert!(s.take_startable(Instant::now()).is_empty(), "d waits");
+            assert!(
+                s.watermark_entries() <= entries,
+                "{} entries",
+                s.watermark_entries()
+            );
+            assert_eq!(checkpoint(s, &mut last), 0);
+        }
+        from + 1000
+    }
+
+    #[test]
+    fn events_during_a_backoff_a_run_now_and_a_hold_keep_constant_state() {
+        let now = Instant::now();
+        let mut s = live_scheduler(4);
+        let mut last = 0;
+        s.on_live_event(&update("d", 1, DbUpdateKind::Updated), now);
+        s.take_startable(now);
+        assert_eq!(s.on_finished("d", Finished::Retry, now), Some(1));
+        let next = flood(&mut s, 2, 3);
+        assert!(s.run_now("d", now));
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        let next = flood(&mut s, next, 5);
+        assert_eq!(
+            s.on_finished("d", Finished::Held, now),
+            Some(1),
+            "not a failure"
+        );
+        let next = flood(&mut s, next, 3);
+        s.retry_due("d", s.timer("d"));
+        assert_eq!(dbs(s.take_startable(now)), ["d"]);
+        s.on_finished("d", Finished::Handled, now);
+        assert_eq!(checkpoint(&mut s, &mut last), next - 1);
+        assert_eq!((s.active_databases(), s.watermark_entries()), (0, 0));
+    }
+
+    /// Partition 0 of 2, caught up at 0, with `d` in it backing off after
+    /// a failed run of its seq 1, and more of its events pending.
+    fn backing_off_with_pending_events() -> (Scheduler, String) {
+        let now = Instant::now();
+        let mut s = Scheduler::new(2, 4, HashSet::new());
+        let d = (0..100)
+            .map(|i| format!("db{i}"))
+            .find(|n| s.partition_of(n) == 0)
+            .expect("a database of partition 0");
+        let epoch = s.acquire(0, None);
+        s.on_catch_up_done(0, epoch, seq(0));
+        s.take_dirty_checkpoints();
+        s.on_live_event(&update(&d, 1, DbUpdateKind::Updated), now);
+        s.take_startable(now);
+        assert_eq!(s.on_finished(&d, Finished::Retry, now), Some(1));
+        for n in 2..10 {
+            s.on_live_event(&update(&d, n, DbUpdateKind::Updated), now);
+        }
+        (s, d)
+    }
+
+    #[test]
+    fn a_partition_released_while_a_database_backs_off_keeps_its_checkpoint_below_it() {
+        let (mut s, d) = backing_off_with_pending_events();
+        s.release(0);
+        assert_eq!(s.take_drained(), [(0, Some(seq(0)))], "d's seq 1 holds it");
+        s.retry_due(&d, s.timer(&d));
+        assert!(s.take_startable(Instant::now()).is_empty());
+        assert_eq!(s.active_databases(), 0);
+    }
+
+    #[test]
+    fn a_partition_released_during_a_retry_keeps_its_checkpoint_below_it() {
+        let now = Instant::now();
+        let (mut s, d) = backing_off_with_pending_events();
+        s.retry_due(&d, s.timer(&d));
+        assert_eq!(dbs(s.take_startable(now)), std::slice::from_ref(&d));
+        s.on_live_event(&update(&d, 10, DbUpdateKind::Updated), now);
+        s.release(0);
+        assert!(s.take_drained().is_empty(), "the retry is in flight");
+        assert_eq!(s.on_finished(&d, Finished::Retry, now), None, "not ours");
+        assert_eq!(s.take_drained(), [(0, Some(seq(0)))], "d's seq 1 holds it");
+        assert_eq!(s.active_databases(), 0);
+    }
 }

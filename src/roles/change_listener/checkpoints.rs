@@ -10,12 +10,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use crate::couch::{CouchClient, CouchError, Revised, Saved, Seq};
 use crate::flush::{Flush, Turn};
 use crate::ids::change_listener_checkpoint_id;
+
+use super::books::IDLE;
 
 /// The document type Spiegel 1.2 reads. Spiegel 2.0.0-alpha.1 wrote
 /// `change-listener`: such documents are found by id all the same and get
@@ -40,6 +43,16 @@ struct Entry {
     saving: bool,
     /// Delete the document at the next flush.
     remove: bool,
+    /// When it was last read or set: a saved entry unused for
+    /// [`IDLE`] is dropped (CouchDB has it).
+    used: Option<Instant>,
+}
+
+impl Entry {
+    /// Nothing of it waits to be written.
+    fn saved(&self) -> bool {
+        !self.dirty && !self.saving
+    }
 }
 
 impl Checkpoints {
@@ -77,6 +90,7 @@ impl Checkpoints {
             .map(Seq::from);
         let mut cache = self.lock();
         let entry = cache.entry(db.to_string()).or_default();
+        entry.used = Some(Instant::now());
         // On a cluster a read may come from a copy that has not received our
         // last write yet: a revision older than the one we wrote is stale.
         let stale = generation(doc.as_ref()) < generation(entry.doc.as_ref());
@@ -92,6 +106,7 @@ impl Checkpoints {
         let mut cache = self.lock();
         let entry = cache.entry(db.to_string()).or_default();
         entry.last_seq = Some(seq);
+        entry.used = Some(Instant::now());
         entry.dirty = true;
         entry.remove = false;
     }
@@ -104,6 +119,28 @@ impl Checkpoints {
         entry.last_seq = None;
         entry.dirty = true;
         entry.remove = true;
+    }
+
+    /// Drops the saved entries of the databases for which `gone` holds
+    /// (their partition is another worker's): what is dirty stays until
+    /// written.
+    pub fn evict_where(&self, gone: impl Fn(&str) -> bool) {
+        self.lock().retain(|db, e| !(e.saved() && gone(db)));
+    }
+
+    /// Drops the saved entries not used for [`IDLE`] before `now`.
+    fn evict_idle(&self, now: Instant) {
+        let idle = |e: &Entry| {
+            e.used
+                .is_none_or(|at| now.saturating_duration_since(at) >= IDLE)
+        };
+        self.lock().retain(|_, e| !(e.saved() && idle(e)));
+    }
+
+    /// The databases with an entry.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
     }
 
     /// The documents to write, each marked as being saved.
@@ -155,8 +192,10 @@ impl Flush for Checkpoints {
 
     /// Writes every changed checkpoint in one request. A conflict (another
     /// worker wrote around a failover) is written again on the stored
-    /// revision.
+    /// revision. Saved checkpoints unused for [`IDLE`] leave the cache
+    /// first.
     async fn write_changes(&self) {
+        self.evict_idle(Instant::now());
         let pending = self.take_pending();
         if pending.is_empty() {
             return;
@@ -211,4 +250,45 @@ fn checkpoint_doc(db: &str, entry: &Entry) -> Value {
         obj.remove("locked_at");
     }
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::couch::SecretUrl;
+
+    fn checkpoints() -> Checkpoints {
+        let url = SecretUrl::parse("http://127.0.0.1:9/").expect("a URL");
+        let client = CouchClient::new(&url, Default::default()).expect("a client");
+        Checkpoints::new(client, "spiegel")
+    }
+
+    /// As a flush leaves what it wrote.
+    fn written(checkpoints: &Checkpoints) {
+        for (db, _) in checkpoints.take_pending() {
+            checkpoints.lock().get_mut(&db).expect("taken").saving = false;
+        }
+    }
+
+    #[test]
+    fn saved_checkpoints_leave_the_cache_when_idle_or_gone_and_dirty_ones_stay() {
+        let checkpoints = checkpoints();
+        for n in 0..1000 {
+            checkpoints.set(&format!("db{n}"), Seq::from(serde_json::json!(n)));
+        }
+        checkpoints.evict_idle(Instant::now() + IDLE);
+        assert_eq!(checkpoints.len(), 1000, "not written yet: kept");
+        written(&checkpoints);
+        checkpoints.set("db1", Seq::from(serde_json::json!("newer")));
+        checkpoints.evict_where(|db| db.starts_with("db1"));
+        assert_eq!(
+            checkpoints.len(),
+            1000 - 111 + 1,
+            "db1 is dirty again: kept"
+        );
+        checkpoints.evict_idle(Instant::now());
+        assert_eq!(checkpoints.len(), 1000 - 111 + 1, "used just now: kept");
+        checkpoints.evict_idle(Instant::now() + IDLE);
+        assert_eq!(checkpoints.len(), 1, "only the dirty one is left");
+    }
 }

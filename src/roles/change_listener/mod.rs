@@ -15,18 +15,20 @@
 //! database at the first change it matches until it is resumed, fixed or
 //! deleted.
 
+mod books;
 mod checkpoints;
 mod jobs;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use self::books::{Attempts, Books, Progress};
 pub use self::checkpoints::Checkpoints;
 use self::jobs::{DeliveryKey, Job, Page, Work};
 use crate::backoff::Backoff;
@@ -67,34 +69,10 @@ pub struct ChangeListener {
     status: StatusBook,
     metrics: RoleMetrics,
     rules: RuleCache<OnChangeRule>,
-    progress: Mutex<HashMap<String, Progress>>,
-    /// Per paused or unusable rule, the databases it holds back: they run
-    /// again as soon as it is resumed, fixed or deleted.
-    held: Mutex<HashMap<String, HashSet<String>>>,
+    /// What is kept about each database between its runs.
+    books: Books,
     /// Databases to run now, to the worker.
     nudges: mpsc::Sender<String>,
-    /// Per database and batch rule: the first member of the incomplete
-    /// batch that waits for more changes, and when it was first seen.
-    batch_seen: Mutex<HashMap<(String, String), (DeliveryKey, Instant)>>,
-}
-
-/// What a database's failed run leaves for its retry.
-#[derive(Default)]
-struct Progress {
-    /// Requests already delivered (or dead-lettered) since the checkpoint.
-    delivered: HashSet<DeliveryKey>,
-    /// Attempts of the requests that failed.
-    attempts: HashMap<DeliveryKey, Attempts>,
-    /// Deleted while we held it: the next run starts from the beginning.
-    deleted: bool,
-}
-
-struct Attempts {
-    count: u32,
-    first_at: String,
-    /// When its last attempt failed, or an open circuit first held it: its
-    /// backoff schedule runs from there.
-    since: Instant,
 }
 
 enum Sent {
@@ -141,10 +119,8 @@ impl ChangeListener {
             status,
             metrics,
             rules: RuleCache::new("on_change"),
-            progress: Mutex::default(),
-            held: Mutex::default(),
+            books: Books::default(),
             nudges,
-            batch_seen: Mutex::default(),
         };
         Ok((role, flushing, nudged))
     }
@@ -155,8 +131,7 @@ impl ChangeListener {
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
-        // Bookkeeping only; a poisoned lock is safe to reuse.
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+        self.books.progress()
     }
 
     pub async fn rules(&self) -> Arc<Vec<OnChangeRule>> {
@@ -219,8 +194,7 @@ impl ChangeListener {
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
-        // Bookkeeping only; a poisoned lock is safe to reuse.
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        self.books.held()
     }
 
     /// The databases held back by rules that no longer hold them: resumed,
@@ -254,27 +228,21 @@ impl ChangeListener {
             p.attempts.remove(key);
             p.delivered.insert(key.clone());
         }
-        drop(progress);
         if !job.members.is_empty() {
-            self.batch_seen()
-                .remove(&(db.to_string(), job.rule.id.clone()));
+            p.batches.remove(&job.rule.id);
         }
-    }
-
-    fn batch_seen(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (DeliveryKey, Instant)>> {
-        // Bookkeeping only; a poisoned lock is safe to reuse.
-        self.batch_seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How long the incomplete batch of `rule` in `db` whose first member
     /// is `first` has been waiting (since this worker first saw it).
     fn batch_waited(&self, db: &str, rule: &OnChangeRule, first: &DeliveryKey) -> Duration {
         let now = Instant::now();
-        let mut seen = self.batch_seen();
-        let entry = seen
-            .entry((db.to_string(), rule.id.clone()))
+        let mut progress = self.progress();
+        let entry = progress
+            .entry(db.to_string())
+            .or_default()
+            .batches
+            .entry(rule.id.clone())
             .or_insert_with(|| (first.clone(), now));
         if entry.0 != *first {
             *entry = (first.clone(), now);
@@ -571,21 +539,15 @@ fn first_failure(kept: Option<(Wait, String)>, new: (Wait, String)) -> (Wait, St
     }
 }
 
-impl Role for ChangeListener {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    async fn handle(&self, db: &str) -> Outcome {
+impl ChangeListener {
+    /// One run of `db`: its changes from the checkpoint, page by page.
+    async fn run(&self, db: &str) -> Outcome {
         let rules = self.rules().await;
         let rules: Vec<&OnChangeRule> = rules.iter().filter(|r| r.applies_to_db(db)).collect();
         if rules.is_empty() {
             return Outcome::Done;
         }
-        let recreated = self
-            .progress()
-            .get_mut(db)
-            .is_some_and(|p| std::mem::take(&mut p.deleted));
+        let recreated = self.books.start_run(db, Instant::now());
         let mut since = if recreated {
             // The database was deleted and created again: its seqs restarted.
             self.checkpoints.forget(db);
@@ -631,6 +593,20 @@ impl Role for ChangeListener {
             }
         }
     }
+}
+
+impl Role for ChangeListener {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn handle(&self, db: &str) -> Outcome {
+        let outcome = self.run(db).await;
+        if outcome == Outcome::Done {
+            self.books.done(db);
+        }
+        outcome
+    }
 
     async fn deleted(&self, db: &str) {
         {
@@ -642,6 +618,14 @@ impl Role for ChangeListener {
         }
         // The checkpoint goes once the database has stayed deleted
         // (`forget`).
+    }
+
+    async fn partition_gone(&self, partition: u32, partitions: u32) {
+        let gone = |db: &str| crate::coordination::partition_of(db, partitions) == partition;
+        self.books.forget_where(gone);
+        // Checkpoints are dropped once saved: the next owner reads them.
+        self.checkpoints.flush().await;
+        self.checkpoints.evict_where(gone);
     }
 
     async fn forget(&self, db: &str) {
