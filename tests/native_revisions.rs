@@ -4,11 +4,12 @@
 //! /{db}/{id}?open_revs=`; one that the source says is missing there too is
 //! tried again after CouchDB's `missing_doc_retry_msec` (2 s), and otherwise
 //! the run fails without recording a checkpoint past it, and is retried.
-//! Only a write the target refuses (a validate function) is counted in
-//! `doc_write_failures` and passed over.
+//! Only a write the target refuses for good (a validate function, a
+//! document too large for it) is counted in `doc_write_failures`, named in
+//! the status, and passed over, as CouchDB's replicator passes it over.
 //!
-//! A refusal that looks permanent (413 from a proxy) is retried with
-//! backoff until the revision goes through, never taken for done.
+//! A request the target finds too large (413) is split in halves until
+//! the revision it refuses is alone: the others go through.
 //!
 //! Spiegel reaches the server through a [`RewritingProxy`] (the worker's
 //! `--url`, and the replicator document's source and target: a source on
@@ -308,14 +309,41 @@ async fn a_revision_the_target_forbids_is_counted_and_passed_over() {
 }
 
 #[tokio::test]
-async fn a_write_refused_with_413_is_retried_until_it_goes_through() {
+async fn a_document_too_large_for_the_target_is_named_in_the_status_and_passed_over_while_its_batch_goes_through(
+) {
     let run = Run::start("rev-413").await;
-    // More refusals than the runs the write's own events start (up to 4
-    // were seen): only retries of the failed run get past them all.
-    run.proxy.inject(Fault::BulkDocsTooLarge, VICTIM, 8);
+    run.proxy.inject(Fault::BulkDocsTooLarge, VICTIM, FOREVER);
     run.replicate().await;
-    let written = run.write(&[VICTIM]).await;
-    run.wait_injected(Fault::BulkDocsTooLarge).await;
-    run.wait_arrived(VICTIM, &written[0].1).await;
-    assert_eq!(run.proxy.injected(Fault::BulkDocsTooLarge), 8);
+    let revs = run.write(&["a", VICTIM, "b"]).await;
+    for (id, rev) in revs.iter().filter(|(id, _)| id != VICTIM) {
+        run.wait_arrived(id, rev).await;
+    }
+    run.wait_total("doc_write_failures", 1).await;
+    assert_eq!(run.target_rev(VICTIM).await, None);
+    let what = "the refused document named in the status";
+    let named = wait_for(what, DEADLINE, || async {
+        let reports = run.s.reports(REPLICATOR_DOC).await;
+        let passed = reports.iter().find_map(|r| {
+            let detail = r["passed_over"][&run.src]["detail"].as_str()?;
+            Some(detail.to_string())
+        });
+        passed
+    })
+    .await;
+    assert!(
+        named.contains(VICTIM) && named.contains("too large"),
+        "{named}"
+    );
+
+    // Never retried forever: the run recorded its checkpoint past it, and
+    // the next one goes on without sending it again.
+    let what = "a checkpoint with the refused write";
+    run.wait_checkpoint(what, |c| counter(c, "doc_write_failures") == 1)
+        .await;
+    let refusals = run.proxy.injected(Fault::BulkDocsTooLarge);
+    for (id, rev) in run.write(&["c"]).await {
+        run.wait_arrived(&id, &rev).await;
+    }
+    assert_eq!(run.proxy.injected(Fault::BulkDocsTooLarge), refusals);
+    assert_eq!(run.total("doc_write_failures").await, Some(1));
 }

@@ -14,7 +14,7 @@ use crate::coordination::{DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::ids::{settings_doc_id, status_doc_prefix};
-use crate::status::{DocStatus, StatusDoc};
+use crate::status::{DocStatus, Event, StatusDoc};
 
 /// What `spiegel status` shows.
 #[derive(Debug, Serialize)]
@@ -306,11 +306,8 @@ fn total(reports: &[DocReport]) -> DocTotal {
                 sum.last_success = Some(success.clone());
             }
         }
-        for (db, error) in &each.errors {
-            if sum.errors.get(db).is_none_or(|e| e.at < error.at) {
-                sum.errors.insert(db.clone(), error.clone());
-            }
-        }
+        newest(&mut sum.errors, &each.errors);
+        newest(&mut sum.passed_over, &each.passed_over);
     }
     let sum = &mut total.status;
     if let Some(success) = &sum.last_success {
@@ -318,6 +315,15 @@ fn total(reports: &[DocReport]) -> DocTotal {
             .retain(|db, e| !(db == &success.db && e.at < success.at));
     }
     total
+}
+
+/// Adds to `sum` each database's event of `each` that is newer.
+fn newest(sum: &mut BTreeMap<String, Event>, each: &BTreeMap<String, Event>) {
+    for (db, event) in each {
+        if sum.get(db).is_none_or(|e| e.at < event.at) {
+            sum.insert(db.clone(), event.clone());
+        }
+    }
 }
 
 fn dead_letter_counts(letters: &[dead_letter::Listed]) -> DeadLetterCounts {
@@ -419,6 +425,10 @@ fn render_doc(out: &mut String, id: &str, who: &str, d: &DocStatus) {
     for (db, e) in &d.errors {
         let detail = e.detail.as_deref().unwrap_or("");
         let _ = writeln!(out, "    {db}: {detail} ({})", e.at);
+    }
+    for (db, e) in &d.passed_over {
+        let detail = e.detail.as_deref().unwrap_or("");
+        let _ = writeln!(out, "    {db}: passed over: {detail} ({})", e.at);
     }
 }
 

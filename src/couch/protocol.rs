@@ -47,7 +47,10 @@ pub struct RevToFetch {
     pub id: String,
     /// The revision.
     pub rev: String,
-    /// Ancestors the target has: their attachments come as stubs.
+    /// Ancestors the target has: their attachments come as stubs. Left
+    /// out when empty: `[]` would leave as stubs the attachments of
+    /// revision position 0, which a write with `new_edits: false` can give.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub atts_since: Vec<String>,
 }
 
@@ -195,20 +198,26 @@ impl CouchClient {
         self.json(req, Some(db), None).await
     }
 
-    /// `POST /{db}/_bulk_get?revs=true&attachments=true&latest=true`: the
-    /// revisions with their history and attachments, in one request. One
+    /// `POST /{db}/_bulk_get?revs=true&latest=true`: the revisions with
+    /// their history, in one request; with `attachments`, the attachments'
+    /// data inline as well, else their stubs. One
     /// [`Fetched`] per revision asked for, in order: an error CouchDB gave
     /// for a revision, or a revision absent from the answer, is
     /// [`Fetched::Missing`]. [`CouchError::NotFound`] or
     /// [`CouchError::BadRequest`] when the server has no `_bulk_get`;
     /// [`CouchError::Decode`] for an answer of another shape.
-    pub async fn bulk_get(&self, db: &str, revs: &[RevToFetch]) -> Result<Vec<Fetched>> {
+    pub async fn bulk_get(
+        &self,
+        db: &str,
+        revs: &[RevToFetch],
+        attachments: bool,
+    ) -> Result<Vec<Fetched>> {
         let path = format!("{}/_bulk_get", encode_segment(db));
         let req = self
             .request(Method::POST, &path)
             .query(&[
                 ("revs", "true"),
-                ("attachments", "true"),
+                ("attachments", if attachments { "true" } else { "false" }),
                 ("latest", "true"),
             ])
             .json(&json!({ "docs": revs }));
@@ -216,28 +225,18 @@ impl CouchClient {
         Ok(answer.align(revs))
     }
 
-    /// `GET /{db}/{id}?open_revs=[...]&revs=true&attachments=true&latest=true`:
-    /// the revisions of one document that [`Self::bulk_get`] did not give,
-    /// or all of them on servers without `_bulk_get`.
-    pub async fn open_revs(
-        &self,
-        db: &str,
-        id: &str,
-        revs: &[String],
-        atts_since: &[String],
-    ) -> Result<OpenRevs> {
+    /// `GET /{db}/{id}?open_revs=[...]&revs=true&latest=true`: the
+    /// revisions of one document that [`Self::bulk_get`] did not give, or
+    /// all of them on servers without `_bulk_get`; attachments as stubs.
+    pub async fn open_revs(&self, db: &str, id: &str, revs: &[String]) -> Result<OpenRevs> {
         let open = serde_json::to_string(revs).map_err(|e| CouchError::Decode(e.to_string()))?;
-        let since =
-            serde_json::to_string(atts_since).map_err(|e| CouchError::Decode(e.to_string()))?;
         let req = self
             .request(Method::GET, &doc_path(db, id)?)
             .header(reqwest::header::ACCEPT, "application/json")
             .query(&[
                 ("open_revs", open.as_str()),
                 ("revs", "true"),
-                ("attachments", "true"),
                 ("latest", "true"),
-                ("atts_since", since.as_str()),
             ]);
         let answer: Vec<OpenRevsEntry> = self.json(req, Some(db), Some(id)).await?;
         Ok(OpenRevs::of(revs, answer))

@@ -11,35 +11,34 @@
 //! 2. read a page of the source's `_changes` (every leaf revision, with the
 //!    document's filter, selector or ids);
 //! 3. ask the target which revisions it lacks (`_revs_diff`);
-//! 4. fetch them with their history and the attachments the target does
-//!    not have (`_bulk_get`, or `GET ?open_revs=` where it is missing);
-//! 5. write them as they are (`_bulk_docs`, `new_edits: false`);
+//! 4. fetch them with their history, attachments as stubs (`_bulk_get`,
+//!    or `GET ?open_revs=` where it is missing; [`fetch`]);
+//! 5. write them as they are (`_bulk_docs`, `new_edits: false`; [`write`]),
+//!    except those with attachments: each is read as `multipart/related`
+//!    with the attachments the target lacks and streamed into a `PUT
+//!    ?new_edits=false`, as CouchDB's replicator copies them ([`attached`]);
 //! 6. record the checkpoint on both sides (after each batch; a run of one
 //!    batch only once the last checkpoint is `checkpoint_interval` old).
 
+mod attached;
 mod checkpoint;
+mod fetch;
 mod options;
 mod peer;
 mod sessions;
+mod write;
 
 use std::collections::BTreeMap;
 
-use std::time::Duration;
-
 use serde_json::Value;
 
+use self::attached::split_attached;
 pub use self::checkpoint::Progress;
 use self::checkpoint::{missing, replication_id, Logs};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
 pub use self::sessions::Sessions;
-use crate::couch::{
-    BulkResult, Change, ChangesPage, CouchError, Fetched, OpenRevs, RawDoc, RevToFetch, Seq,
-};
-
-/// How long a revision the source did not give waits before it is asked
-/// for again (CouchDB's `[replicator] missing_doc_retry_msec`).
-const MISSING_DOC_RETRY: Duration = Duration::from_secs(2);
+use crate::couch::{Change, ChangesPage, CouchError, RevToFetch, Seq};
 
 /// Which engine replicates a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -78,7 +77,13 @@ pub struct Report {
     pub doc_write_failures: u64,
     /// The source seq the run reached.
     pub last_seq: Option<Seq>,
+    /// The first revisions the target refused, each with why (at most
+    /// [`REFUSALS_KEPT`]: the count is `doc_write_failures`).
+    pub refused: Vec<String>,
 }
+
+/// Refusals a report names; the rest are counted only.
+pub const REFUSALS_KEPT: usize = 10;
 
 impl Report {
     /// Both runs' counts together (the seq of `other`).
@@ -90,6 +95,22 @@ impl Report {
             docs_written: self.docs_written + other.docs_written,
             doc_write_failures: self.doc_write_failures + other.doc_write_failures,
             last_seq: other.last_seq.clone(),
+            refused: [&self.refused[..], &other.refused[..]]
+                .concat()
+                .into_iter()
+                .take(REFUSALS_KEPT)
+                .collect(),
+        }
+    }
+
+    /// Counts a revision the target refused and will refuse again, names it
+    /// in the report and the log: it is passed over, as CouchDB's
+    /// replicator passes it over.
+    fn refuse(&mut self, db: &str, id: &str, rev: &str, why: &str) {
+        tracing::warn!(%db, %id, %rev, reason = why, "the target refused a revision: passed over");
+        self.doc_write_failures += 1;
+        if self.refused.len() < REFUSALS_KEPT {
+            self.refused.push(format!("{id} {rev} ({why})"));
         }
     }
 }
@@ -299,13 +320,48 @@ impl Replication {
     }
 
     /// Copies one page of changes: what the target lacks is fetched and
-    /// written.
+    /// written. Revisions with attachments are copied one by one, streamed,
+    /// as CouchDB's replicator copies them; the others in one `_bulk_docs`.
     async fn copy(
         &self,
         changes: &[Change],
         report: &mut Report,
         bulk_get: &mut bool,
     ) -> Result<(), ReplicationError> {
+        let wanted = self.missing(changes, report).await?;
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let docs = self.fetch(&wanted, report, bulk_get).await?;
+        let (plain, attached) = split_attached(docs);
+        if let Some((id, rev)) = self.write(plain, report).await? {
+            // Only a revision with attachments can lack one.
+            let reason = "an attachment stub in a revision without attachments".into();
+            let error = "missing_stub".into();
+            return Err(ReplicationError::Refused {
+                id,
+                rev,
+                error,
+                reason,
+            });
+        }
+        for head in attached {
+            let since = wanted
+                .iter()
+                .find(|w| w.id == head.id)
+                .map_or(&[][..], |w| &w.atts_since[..]);
+            self.copy_attached(&head, since, report).await?;
+        }
+        Ok(())
+    }
+
+    /// The revisions of `changes` the target lacks (`_revs_diff`), each
+    /// with the ancestors whose attachments the target has.
+    async fn missing(
+        &self,
+        changes: &[Change],
+        report: &mut Report,
+    ) -> Result<Vec<RevToFetch>, ReplicationError> {
         let mut revs: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for change in changes {
             let leaves = change.changes.iter().map(|c| c.rev.clone());
@@ -332,181 +388,6 @@ impl Replication {
             })
             .collect();
         report.missing_found += wanted.len() as u64;
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let docs = self.fetch(&wanted, report, bulk_get).await?;
-        let again = self.write(docs, report).await?;
-        if again.is_empty() {
-            return Ok(());
-        }
-        // The target lacks an attachment the source sent as a stub (the
-        // ancestor it has is on another branch): fetch those revisions with
-        // every attachment, as CouchDB's replicator does.
-        let docs = self.fetch(&again, report, bulk_get).await?;
-        match self.write(docs, report).await?.into_iter().next() {
-            None => Ok(()),
-            Some(left) => Err(ReplicationError::Refused {
-                id: left.id,
-                rev: left.rev,
-                error: "missing_stub".into(),
-                reason: "refused even with every attachment".into(),
-            }),
-        }
+        Ok(wanted)
     }
-
-    /// The wanted revisions from the source, each as the text it sent. A
-    /// revision `_bulk_get` did not give is asked for on its own.
-    async fn fetch(
-        &self,
-        wanted: &[RevToFetch],
-        report: &mut Report,
-        bulk_get: &mut bool,
-    ) -> Result<Vec<RawDoc>, ReplicationError> {
-        let (mut docs, left) = if *bulk_get {
-            self.fetch_bulk(wanted, bulk_get).await?
-        } else {
-            (Vec::new(), wanted.to_vec())
-        };
-        docs.extend(self.fetch_each(&left).await?);
-        report.docs_read += docs.len() as u64;
-        Ok(docs)
-    }
-
-    /// `_bulk_get`: the documents it gave, and the revisions to ask for on
-    /// their own (all of them after an answer of another shape).
-    async fn fetch_bulk(
-        &self,
-        wanted: &[RevToFetch],
-        bulk_get: &mut bool,
-    ) -> Result<(Vec<RawDoc>, Vec<RevToFetch>), ReplicationError> {
-        let source = &self.source;
-        let fetched = match source.client.bulk_get(&source.db, wanted).await {
-            Ok(fetched) => fetched,
-            Err(e) if no_bulk_get(&e) => {
-                *bulk_get = false;
-                return Ok((Vec::new(), wanted.to_vec()));
-            }
-            Err(CouchError::Decode(error)) => {
-                tracing::warn!(db = %source.db, %error, "an answer of _bulk_get of another shape: fetching each document on its own");
-                return Ok((Vec::new(), wanted.to_vec()));
-            }
-            Err(e) => return Err(ReplicationError::couch("fetching revisions")(e)),
-        };
-        let (mut docs, mut left) = (Vec::new(), Vec::new());
-        for (want, fetched) in wanted.iter().zip(fetched) {
-            match fetched {
-                Fetched::Docs(found) => docs.extend(found),
-                Fetched::Missing(reason) => {
-                    tracing::warn!(db = %source.db, id = %want.id, rev = %want.rev, %reason, "_bulk_get did not give a revision: fetching it on its own");
-                    left.push(want.clone());
-                }
-            }
-        }
-        Ok((docs, left))
-    }
-
-    /// One `open_revs` request per document. A revision the source does not
-    /// give is asked for once more after [`MISSING_DOC_RETRY`] (a copy of
-    /// a cluster may not have it yet), then fails the run.
-    async fn fetch_each(&self, wanted: &[RevToFetch]) -> Result<Vec<RawDoc>, ReplicationError> {
-        let mut by_id: BTreeMap<&str, (Vec<String>, &[String])> = BTreeMap::new();
-        for w in wanted {
-            let entry = by_id.entry(&w.id).or_insert((Vec::new(), &w.atts_since));
-            entry.0.push(w.rev.clone());
-        }
-        let mut docs = Vec::new();
-        for (id, (revs, since)) in by_id {
-            let mut got = self.open_revs(id, &revs, since).await?;
-            if !got.missing.is_empty() {
-                tracing::warn!(db = %self.source.db, id, missing = ?got.missing, "revisions unexpectedly missing from the source: asking again");
-                tokio::time::sleep(MISSING_DOC_RETRY).await;
-                let missing = std::mem::take(&mut got.missing);
-                let retried = self.open_revs(id, &missing, &[]).await?;
-                got.docs.extend(retried.docs);
-                if let Some(rev) = retried.missing.into_iter().next() {
-                    let reason = "missing (asked for twice with open_revs)".into();
-                    let id = id.to_string();
-                    return Err(ReplicationError::Unreadable { id, rev, reason });
-                }
-            }
-            docs.extend(got.docs);
-        }
-        Ok(docs)
-    }
-
-    async fn open_revs(
-        &self,
-        id: &str,
-        revs: &[String],
-        atts_since: &[String],
-    ) -> Result<OpenRevs, ReplicationError> {
-        let source = &self.source;
-        let got = source.client.open_revs(&source.db, id, revs, atts_since);
-        got.await
-            .map_err(ReplicationError::couch("fetching revisions"))
-    }
-
-    /// Writes revisions as they are. Returns those refused for a missing
-    /// attachment stub (to fetch again with every attachment). A revision
-    /// a validation function refuses counts as a failure and is passed
-    /// over; any other refusal fails the run.
-    async fn write(
-        &self,
-        docs: Vec<RawDoc>,
-        report: &mut Report,
-    ) -> Result<Vec<RevToFetch>, ReplicationError> {
-        let target = &self.target;
-        let refused = target
-            .client
-            .bulk_docs_replicated(&target.db, &docs)
-            .await
-            .map_err(ReplicationError::couch("writing to the target"))?;
-        report.docs_written += docs.len().saturating_sub(refused.len()) as u64;
-        let mut again = Vec::new();
-        for failure in refused {
-            let BulkResult::Failed {
-                id,
-                rev,
-                error,
-                reason,
-            } = failure
-            else {
-                continue;
-            };
-            let (id, rev) = (id.unwrap_or_default(), rev.unwrap_or_default());
-            match error.as_str() {
-                "missing_stub" => again.push(RevToFetch {
-                    id,
-                    rev,
-                    atts_since: Vec::new(),
-                }),
-                "forbidden" | "unauthorized" => {
-                    tracing::warn!(db = %target.db, %id, %rev, %error, reason = reason.as_deref().unwrap_or(""), "the target refused a revision");
-                    report.doc_write_failures += 1;
-                }
-                _ => {
-                    let reason = reason.unwrap_or_default();
-                    return Err(ReplicationError::Refused {
-                        id,
-                        rev,
-                        error,
-                        reason,
-                    });
-                }
-            }
-        }
-        Ok(again)
-    }
-}
-
-/// The answer of a server without `_bulk_get` (CouchDB before 2.3).
-fn no_bulk_get(e: &CouchError) -> bool {
-    matches!(
-        e,
-        CouchError::NotFound(_)
-            | CouchError::DocNotFound { .. }
-            | CouchError::BadRequest(_)
-            | CouchError::Unexpected { status: 405, .. }
-    )
 }

@@ -165,11 +165,16 @@ impl Replicator {
         match self.run_native(&replication, db).await {
             Ok(report) => {
                 let seq = report.last_seq.map(|s| s.to_string()).unwrap_or_default();
-                let extra = format!(
+                let mut extra = format!(
                     " missing_checked={} engine=native seq={seq} took_ms={}",
                     report.missing_checked,
                     started.elapsed().as_millis()
                 );
+                if !report.refused.is_empty() {
+                    let refused = report.refused.join(", ");
+                    extra.push_str(&format!(" refused=[{refused}]"));
+                    self.status.passed_over(&rule.id, db, refused);
+                }
                 let counts = [
                     report.docs_read,
                     report.docs_written,

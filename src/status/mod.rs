@@ -29,6 +29,11 @@ pub struct DocStatus {
     /// The last error of each database that is failing now.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, Event>,
+    /// Per database, the last revisions its target refused for good and
+    /// that were passed over (a validation function, a document too
+    /// large): kept after later successes, for an operator to see.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub passed_over: BTreeMap<String, Event>,
     /// Why the document itself cannot be used, if it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<String>,
@@ -47,6 +52,31 @@ pub struct Event {
     pub since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// Records `detail` as the last event of `db`, keeping the time its events
+/// in a row began, and at most [`MAX_ERRORS`] databases (the oldest goes).
+fn record(events: &mut BTreeMap<String, Event>, db: &str, detail: String) {
+    if events.len() >= MAX_ERRORS && !events.contains_key(db) {
+        let oldest = events.iter().min_by(|a, b| a.1.at.cmp(&b.1.at));
+        if let Some(oldest) = oldest.map(|(k, _)| k.clone()) {
+            events.remove(&oldest);
+        }
+    }
+    let at = crate::ids::timestamp();
+    let since = events.get(db).map(|e| e.since.as_ref().unwrap_or(&e.at));
+    let since = Some(since.unwrap_or(&at).clone());
+    let db = db.to_string();
+    let detail = Some(detail);
+    events.insert(
+        db.clone(),
+        Event {
+            db,
+            at,
+            since,
+            detail,
+        },
+    );
 }
 
 /// The status document of one worker.
@@ -152,29 +182,17 @@ impl StatusBook {
         self.with(|b| {
             let s = b.docs.entry(doc.to_string()).or_default();
             s.failed += 1;
-            if s.errors.len() >= MAX_ERRORS && !s.errors.contains_key(db) {
-                // Keep the newest: drop the oldest entry.
-                if let Some(oldest) = s
-                    .errors
-                    .iter()
-                    .min_by(|a, b| a.1.at.cmp(&b.1.at))
-                    .map(|(k, _)| k.clone())
-                {
-                    s.errors.remove(&oldest);
-                }
-            }
-            let at = crate::ids::timestamp();
-            let since = s.errors.get(db).map(|e| e.since.as_ref().unwrap_or(&e.at));
-            let since = Some(since.unwrap_or(&at).clone());
-            s.errors.insert(
-                db.into(),
-                Event {
-                    db: db.into(),
-                    at,
-                    since,
-                    detail: Some(error),
-                },
-            );
+            record(&mut s.errors, db, error);
+            b.dirty = true;
+        });
+    }
+
+    /// Records revisions of `db` that its target refused for good and that
+    /// were passed over.
+    pub fn passed_over(&self, doc: &str, db: &str, detail: String) {
+        self.with(|b| {
+            let s = b.docs.entry(doc.to_string()).or_default();
+            record(&mut s.passed_over, db, detail);
             b.dirty = true;
         });
     }
