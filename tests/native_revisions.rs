@@ -279,33 +279,43 @@ async fn a_revision_the_source_says_is_missing_fails_the_run_and_no_checkpoint_p
 async fn a_revision_the_target_forbids_is_counted_and_passed_over() {
     let run = Run::start("forbidden").await;
     let guard = json!({"validate_doc_update":
-        "function(doc) { if (doc._id === 'forbidden') { throw({forbidden: 'not here'}); } }"});
+        "function(doc) { if (doc._id.indexOf('forbidden') === 0) { throw({forbidden: 'not here'}); } }"});
     run.s
         .couch
         .put_doc(&run.dst, "_design/guard", &guard)
         .await
         .expect("the target's validate function");
     run.replicate().await;
+    // One with an attachment too: its streamed write is refused as a
+    // proxy could refuse it, and `_bulk_docs` tells the function's refusal.
+    let attached =
+        json!({"_attachments": {"a.txt": {"content_type": "text/plain", "data": "aGk="}}});
+    run.s
+        .couch
+        .put_doc(&run.src, "forbidden-att", &attached)
+        .await
+        .expect("a document with an attachment");
     let revs = run.write(&["a", "forbidden", "b"]).await;
     for (id, rev) in revs.iter().filter(|(id, _)| id != "forbidden") {
         run.wait_arrived(id, rev).await;
     }
-    run.wait_total("doc_write_failures", 1).await;
+    run.wait_total("doc_write_failures", 2).await;
     assert_eq!(run.target_rev("forbidden").await, None);
+    assert_eq!(run.target_rev("forbidden-att").await, None);
 
     // Passed over: the run recorded its checkpoint past it, and the next
     // run goes on from there without writing it again. (The counts of a
     // run's report in `spiegel status` are those of the worker's last run,
     // which may be one that found nothing new.)
     let what = "a checkpoint with the refused write";
-    run.wait_checkpoint(what, |c| counter(c, "doc_write_failures") == 1)
+    run.wait_checkpoint(what, |c| counter(c, "doc_write_failures") == 2)
         .await;
     for (id, rev) in run.write(&["c"]).await {
         run.wait_arrived(&id, &rev).await;
     }
     run.wait_total("docs_written", 3).await;
     let failures = run.total("doc_write_failures").await;
-    assert_eq!(failures, Some(1), "the refused write was tried once");
+    assert_eq!(failures, Some(2), "each refused write was tried once");
 }
 
 #[tokio::test]

@@ -73,6 +73,11 @@ impl Replication {
             Err(CouchError::PreconditionFailed(e)) if e.starts_with("missing_stub") => {
                 return Ok(Streamed::MissingStub)
             }
+            // A validation function's refusal, or a proxy's: `_bulk_docs`
+            // tells them apart (a refusal per document, or of the request).
+            Err(CouchError::Forbidden(_) | CouchError::Unauthorized(_)) => {
+                return self.inline(head, atts_since, report).await
+            }
             Err(e) => match passed_over(&e) {
                 Some(why) => report.refuse(&target.db, &head.id, &head.rev, why),
                 None => return Err(ReplicationError::couch("writing to the target")(e)),
@@ -81,8 +86,10 @@ impl Replication {
         Ok(Streamed::Done)
     }
 
-    /// A revision with attachments whose id no URL path can carry, fetched
-    /// with its attachments inline: `_bulk_get` carries any id.
+    /// A revision with attachments fetched with its attachments inline and
+    /// written with `_bulk_docs`: for an id no URL path can carry
+    /// (`_bulk_get` carries any id), and for a refusal of the streamed
+    /// write whose cause only `_bulk_docs` tells.
     async fn inline(
         &self,
         head: &Head,
@@ -167,13 +174,11 @@ pub(super) fn split_attached(docs: Vec<RawDoc>) -> (Vec<RawDoc>, Vec<Head>) {
     (plain, attached)
 }
 
-/// Why the target's refusal of one document passes it over, as CouchDB's
-/// replicator passes it over (validation functions, size, media type, an
-/// attachment's name); `None` fails the run.
+/// Why the target's refusal of one streamed document passes it over, as
+/// CouchDB's replicator passes it over (size, media type, an attachment's
+/// name); `None` fails the run.
 fn passed_over(e: &CouchError) -> Option<&'static str> {
     match e {
-        CouchError::Forbidden(_) => Some("forbidden"),
-        CouchError::Unauthorized(_) => Some("unauthorized"),
         CouchError::Unexpected { status: 413, .. } => Some("too large for the target"),
         CouchError::Unexpected { status: 415, .. } => Some("unsupported media type"),
         CouchError::BadRequest(reason) if reason.contains("Attachment name") => {
