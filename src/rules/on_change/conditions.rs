@@ -76,7 +76,7 @@ impl Conditions {
 
 impl IfCondition {
     fn parse(name: &str, test: &Value) -> Result<Self> {
-        let field = format!("if.{name}");
+        let field = || format!("if.{name}");
         let test = match test {
             Value::Null => IfTest::MissingOrNull,
             Value::String(pattern) => IfTest::Regex(regex(pattern, field)?),

@@ -74,6 +74,8 @@ use self::template::SignSpec;
 pub use self::template::{Method, Signing, Template};
 use crate::backoff::{Backoff, Strategy};
 use crate::config::Passwords;
+#[cfg(doc)]
+use crate::rules::MAX_JSON_DEPTH;
 
 /// The same ranges as the `--backoff-delay` and `--backoff-multiplier`
 /// options, so that a rule cannot ask for what the command line refuses.
@@ -114,6 +116,9 @@ pub enum OnChangeDocError {
     NotABoolean(&'static str),
     #[error("bad `selector`: {0}")]
     BadSelector(String),
+    /// Nested deeper than any document CouchDB stores ([`MAX_JSON_DEPTH`]).
+    #[error("`{0}` nests more than 128 arrays and objects, one inside the other")]
+    TooDeep(&'static str),
     #[error("unknown selector operator `{0}`: supported are $eq, $ne, $gt, $gte, $lt, $lte, $in, $nin, $exists, $regex, $and, $or and $not")]
     UnknownOperator(String),
     #[error("bad `backoff`: {0}")]
@@ -193,7 +198,7 @@ impl OnChangeRule {
     pub fn compile(id: &str, doc: &Value, context: &Context) -> Result<Self> {
         let db_name = match present(doc, "db_name") {
             None => return Err(OnChangeDocError::MissingDbName),
-            Some(Value::String(pattern)) => regex(pattern, "db_name")?,
+            Some(Value::String(pattern)) => regex(pattern, || "db_name".into())?,
             Some(_) => return Err(OnChangeDocError::DbNameNotString),
         };
         let conditions = Conditions::parse(present(doc, "if"))?;
@@ -255,7 +260,7 @@ impl OnChangeRule {
     fn holding(id: &str, doc: &Value, error: OnChangeDocError, context: &Context) -> Result<Self> {
         let Some(Ok(db_name)) = present(doc, "db_name")
             .and_then(Value::as_str)
-            .map(|pattern| regex(pattern, "db_name"))
+            .map(|pattern| regex(pattern, || "db_name".into()))
         else {
             return Err(error);
         };
@@ -313,10 +318,11 @@ fn flag(doc: &Value, field: &'static str, default: bool) -> Result<bool> {
     }
 }
 
-/// A regular expression of the document; `field` names it in the error.
-fn regex(pattern: &str, field: impl Into<String>) -> Result<Regex> {
+/// A regular expression of the document; `field` names it in the error
+/// (made only then: a selector's path is not copied for every `$regex`).
+fn regex(pattern: &str, field: impl FnOnce() -> String) -> Result<Regex> {
     Regex::new(pattern).map_err(|e| OnChangeDocError::BadRegex {
-        field: field.into(),
+        field: field(),
         reason: e.to_string(),
     })
 }
