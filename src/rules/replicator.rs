@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::Passwords;
 use crate::couch::{encode_segment, SecretUrl, UrlError};
 use crate::replication::{Engine, Options, Unsupported};
+use crate::rules::{nests_within, MAX_JSON_DEPTH};
 
 /// Fields that are Spiegel's, never `_replicate`'s.
 const NOT_PARAMETERS: [&str; 10] = [
@@ -52,6 +53,9 @@ pub enum ReplicatorDocError {
     NoSourceDatabase,
     #[error("`engine` must be \"native\" or \"couchdb\"")]
     BadEngine,
+    /// Nested deeper than any document CouchDB stores ([`MAX_JSON_DEPTH`]).
+    #[error("the document nests more than 128 arrays and objects, one inside the other")]
+    TooDeep,
 }
 
 /// Where the replicator doc's source lives, relative to this server.
@@ -161,6 +165,10 @@ impl ReplicatorRule {
     /// Parses a replicator doc; `server` is `--url`, to tell which sources
     /// are databases of this server.
     pub fn parse(id: &str, doc: &Value, server: &SecretUrl) -> Result<Self, ReplicatorDocError> {
+        // Its parameters are copied and written by recursion.
+        if !nests_within(doc, MAX_JSON_DEPTH) {
+            return Err(ReplicatorDocError::TooDeep);
+        }
         let source = Endpoint::parse(doc, "source")?;
         let target = Endpoint::parse(doc, "target")?;
         let pattern = db_name_pattern(doc)?;
@@ -376,6 +384,7 @@ fn db_name_in(url: &SecretUrl, server: &SecretUrl) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
     use serde_json::json;
 
     fn server() -> SecretUrl {
@@ -478,5 +487,17 @@ mod tests {
         let rule = ReplicatorRule::parse("x", &doc, &server()).unwrap();
         assert_eq!(rule.trigger, Trigger::Elsewhere);
         assert!(!rule.applies_to("a"));
+    }
+
+    #[test]
+    fn a_document_nested_far_deeper_than_json_allows_is_an_error_not_a_stack_overflow() {
+        let deep = hostile_input::nested(10_000, json!(1), hostile_input::array);
+        let mut doc = json!({"source": "http://127.0.0.1:5984/a", "target": "http://h/b"});
+        doc["query_params"] = hostile_input::member("k", deep);
+        assert_eq!(
+            ReplicatorRule::parse("r", &doc, &server()).unwrap_err(),
+            ReplicatorDocError::TooDeep
+        );
+        hostile_input::dismantle(doc);
     }
 }

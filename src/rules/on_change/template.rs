@@ -21,6 +21,7 @@ use super::placeholder::{fill_url, query_text, replace_all, write_object, Change
 use super::{option_members, present, string_member, OnChangeDocError, Result};
 use crate::config::Passwords;
 use crate::couch::{redact_credentials, SecretUrl, UrlError};
+use crate::rules::{nests_within, MAX_JSON_DEPTH};
 
 /// The signature header when `sign` does not name one.
 pub const DEFAULT_SIGN_HEADER: &str = "X-Spiegel-Signature";
@@ -153,6 +154,10 @@ impl Template {
         };
         let params = match present(doc, "params") {
             None => None,
+            // Filled in for each change by recursion: see `MAX_JSON_DEPTH`.
+            Some(params) if !nests_within(params, MAX_JSON_DEPTH) => {
+                return Err(OnChangeDocError::TooDeep("params"))
+            }
             Some(params @ Value::Object(_)) => Some(params.clone()),
             Some(_) => return Err(OnChangeDocError::ParamsNotObject),
         };
@@ -526,6 +531,7 @@ fn json_type(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
     use serde_json::json;
 
     fn passwords() -> Passwords {
@@ -595,5 +601,18 @@ mod tests {
             Some("own")
         );
         assert!(!format!("{:?}", UrlPassword::lookup(fixed, &passwords())).contains("pw1"));
+    }
+
+    #[test]
+    fn params_nested_far_deeper_than_json_allows_are_an_error_not_a_stack_overflow() {
+        let params = hostile_input::nested(10_000, json!("$change"), hostile_input::array);
+        let doc = hostile_input::member("params", hostile_input::member("a", params));
+        let mut doc = doc;
+        doc["url"] = json!("https://h/");
+        assert_eq!(
+            Template::parse(&doc).unwrap_err(),
+            OnChangeDocError::TooDeep("params")
+        );
+        hostile_input::dismantle(doc);
     }
 }
