@@ -385,6 +385,7 @@ fn db_name_in(url: &SecretUrl, server: &SecretUrl) -> Option<String> {
 mod tests {
     use super::*;
     use crate::hostile_input;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn server() -> SecretUrl {
@@ -487,6 +488,85 @@ mod tests {
         let rule = ReplicatorRule::parse("x", &doc, &server()).unwrap();
         assert_eq!(rule.trigger, Trigger::Elsewhere);
         assert!(!rule.applies_to("a"));
+    }
+
+    /// An endpoint: a URL on this server or another, templated or not,
+    /// with any text after it, or any JSON.
+    fn endpoint() -> impl Strategy<Value = Value> {
+        let scheme = proptest::sample::select(
+            &[
+                "",
+                "http://127.0.0.1:5984/",
+                "http://u@127.0.0.1:5984/${db_name}",
+                "https://u:p@backup.example.com/",
+                "http://127.0.0.1:5984/a/",
+            ][..],
+        );
+        prop_oneof![
+            3 => (scheme.clone(), hostile_input::text()).prop_map(|(s, t)| json!(format!("{s}{t}"))),
+            1 => (scheme, hostile_input::json()).prop_map(|(s, extra)| {
+                json!({"url": format!("{s}db"), "headers": extra})
+            }),
+            1 => hostile_input::json(),
+        ]
+    }
+
+    /// A member name of a replicator document, or any.
+    fn member() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(&[
+                "db_name", "engine", "continuous", "create_target", "create_target_params",
+                "filter", "query_params", "selector", "doc_ids", "since_seq",
+                "use_checkpoints", "winning_revs_only", "worker_batch_size",
+                "checkpoint_interval",
+            ][..]).prop_map(String::from),
+            1 => hostile_input::key(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Ok or a clear Err for a document of any shape; a usable one
+        /// answers for any database name without panicking, and its
+        /// `_replicate` body has its source and target.
+        #[test]
+        fn a_replicator_document_of_any_json_parses_or_errs_without_panic(
+            source in endpoint(),
+            target in endpoint(),
+            db_name in prop_oneof![
+                2 => Just(Value::Null),
+                2 => Just(json!("^users/")),
+                1 => hostile_input::text().prop_map(Value::String),
+                1 => hostile_input::json(),
+            ],
+            members in proptest::collection::vec((member(), hostile_input::json()), 0..6),
+            db in hostile_input::text(),
+        ) {
+            let mut doc = hostile_input::object(members);
+            doc.insert("source".into(), source);
+            doc.insert("target".into(), target);
+            doc.insert("db_name".into(), db_name);
+            match ReplicatorRule::parse("r", &Value::Object(doc), &server()) {
+                Ok(rule) => {
+                    rule.applies_to(&db);
+                    rule.describe(&db);
+                    let passwords = Passwords::default();
+                    let _ = rule.endpoints(&db, &passwords);
+                    for style in [AuthStyle::InUrl, AuthStyle::AuthObject] {
+                        if let Ok(body) = rule.request(&db, &passwords, style) {
+                            prop_assert!(body.get("source").is_some() && body.get("target").is_some());
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn a_server_version_of_any_text_gives_an_auth_style(version in hostile_input::text()) {
+            AuthStyle::for_version(&version);
+        }
     }
 
     #[test]

@@ -486,6 +486,10 @@ impl BackoffOverride {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::collection::vec;
+    use proptest::prelude::{prop_assert, prop_assert_eq, prop_oneof, proptest, ProptestConfig};
+    use proptest::strategy::Strategy as _;
     use serde_json::json;
 
     use super::template::{SecretSource, SignScheme, DEFAULT_SIGN_HEADER};
@@ -1053,5 +1057,68 @@ mod tests {
         ] {
             assert!(regex(ordinary, || "db_name".into()).is_ok(), "{ordinary}");
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A document of any shape compiles, loads as a rule that holds,
+        /// or says why, without panicking; a compiled rule matches any
+        /// document and any database name.
+        #[test]
+        fn an_on_change_document_of_any_json_compiles_or_errs_without_panic(
+            members in vec((rule_member(), hostile_input::json()), 0..10),
+            changed in hostile_input::json(),
+            db in hostile_input::text(),
+        ) {
+            let doc = Value::Object(hostile_input::object(members));
+            let compiled = compile("rule", &doc);
+            if let Err(error) = &compiled {
+                prop_assert!(!error.to_string().is_empty());
+            }
+            let passwords = Passwords::default();
+            let backoff = base();
+            let context = Context { passwords: &passwords, backoff: &backoff };
+            if let Ok(rule) = OnChangeRule::load("rule", &doc, &context) {
+                prop_assert_eq!(rule.unusable.is_some(), compiled.is_err());
+                rule.matches(&changed);
+                rule.applies_to_db(&db);
+            }
+        }
+
+        /// Valid rules with hostile values where the document allows any:
+        /// the request's texts, a selector, conditions.
+        #[test]
+        fn an_on_change_document_with_hostile_values_compiles_or_errs_without_panic(
+            url in hostile_input::text(),
+            db_name in hostile_input::text(),
+            params in hostile_input::json(),
+            headers in vec((hostile_input::text(), hostile_input::text()), 0..4),
+            selector in hostile_input::json(),
+            changed in hostile_input::json(),
+        ) {
+            let headers: Map<String, Value> =
+                headers.into_iter().map(|(n, v)| (n, Value::String(v))).collect();
+            for doc in [
+                doc(json!({"url": format!("https://h/{url}"), "db_name": db_name})),
+                doc(json!({"params": params, "headers": headers, "method": "POST"})),
+                doc(json!({"selector": selector})),
+            ] {
+                if let Ok(rule) = compile("rule", &doc) {
+                    rule.matches(&changed);
+                }
+            }
+        }
+    }
+
+    /// A member name of an on_change document, or any.
+    fn rule_member() -> impl proptest::strategy::Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(&[
+                "db_name", "if", "selector", "url", "method", "params", "headers", "timeout",
+                "sign", "block", "debounce", "batch", "rate_limit", "paused", "backoff",
+            ][..]).prop_map(String::from),
+            1 => hostile_input::key(),
+        ]
     }
 }
