@@ -68,6 +68,22 @@ pub fn text() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Any bytes: random ones, or the UTF-8 of [`text`] cut anywhere (invalid
+/// UTF-8 at the cut), or JSON text of any shape.
+pub fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        vec(any::<u8>(), 0..256),
+        (text(), any::<prop::sample::Index>()).prop_map(|(text, cut)| {
+            let mut bytes = text.into_bytes();
+            if !bytes.is_empty() {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            bytes
+        }),
+        json_text().prop_map(String::into_bytes),
+    ]
+}
+
 /// A JSON number: small, at the ends of the 64-bit ranges, beyond them (a
 /// double), tiny, huge.
 pub fn number() -> impl Strategy<Value = Value> {
@@ -155,6 +171,35 @@ pub fn json() -> impl Strategy<Value = Value> {
 /// An object of `members`, the last of those with the same key winning.
 pub fn object(members: Vec<(String, Value)>) -> Map<String, Value> {
     members.into_iter().collect()
+}
+
+/// JSON text, well formed or not: a value's text, cut anywhere, with any
+/// text spliced in, or a run of unbalanced brackets.
+pub fn json_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => json().prop_map(|v| v.to_string()),
+        2 => (json(), any::<prop::sample::Index>()).prop_map(|(v, cut)| {
+            let text = v.to_string();
+            let at = floor_char_boundary(&text, cut.index(text.len() + 1));
+            text[..at].to_string()
+        }),
+        2 => (json(), any::<prop::sample::Index>(), text()).prop_map(|(v, at, garbage)| {
+            let mut text = v.to_string();
+            let at = floor_char_boundary(&text, at.index(text.len() + 1));
+            text.insert_str(at, &garbage);
+            text
+        }),
+        1 => (select(&["[", "{", "]", "}", "{\"a\":", "[1,"][..]), 0..300usize)
+            .prop_map(|(piece, n)| piece.repeat(n)),
+    ]
+}
+
+/// The largest char boundary of `text` at or before `at`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    (0..=at.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0)
 }
 
 /// `depth` values, each wrapped in the next by `wrap`, around `inner`:
