@@ -450,6 +450,45 @@ mod tests {
             prop_assert_eq!(got, whole);
             prop_assert_eq!(rest, partial);
         }
+
+        /// Any bytes make a heartbeat, a `last_seq`, an item or a clear
+        /// reason to reconnect; the reason grows at most with the line.
+        #[test]
+        fn a_feed_line_of_any_bytes_is_read_or_refused_without_panic(line in hostile_input::bytes()) {
+            for reason in [bad_reason(parse_line::<Change>(&line)), bad_reason(parse_line::<DbUpdate>(&line))]
+                .into_iter()
+                .flatten()
+            {
+                prop_assert!(!reason.is_empty());
+                prop_assert!(reason.len() <= 6 * line.len() + 128, "{}", reason);
+            }
+        }
+
+        /// Feed lines of hostile changes and events: read as items when
+        /// they have the shape, each keeping its document's text.
+        #[test]
+        fn a_feed_line_of_hostile_json_is_read_or_refused_without_panic(
+            id in hostile_input::text(),
+            seq in prop_oneof![hostile_input::number(), hostile_input::text().prop_map(Value::String), hostile_input::json()],
+            doc in hostile_input::json(),
+            kind in prop_oneof![hostile_input::text(), Just("updated".to_string())],
+        ) {
+            let change = serde_json::json!({"seq": seq, "id": id, "changes": [{"rev": id}], "doc": doc});
+            if let Line::Item(item) = parse_line::<Change>(change.to_string().as_bytes()) {
+                let item: Change = item;
+                let text = item.doc.map(|d| d.raw().get().to_string());
+                prop_assert_eq!(text, (!doc.is_null()).then(|| doc.to_string()));
+            }
+            let update = serde_json::json!({"db_name": id, "type": kind, "seq": seq});
+            let _ = bad_reason(parse_line::<DbUpdate>(update.to_string().as_bytes()));
+        }
+    }
+
+    fn bad_reason<T>(line: Line<T>) -> Option<String> {
+        match line {
+            Line::Bad(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     #[test]
@@ -472,5 +511,27 @@ mod tests {
         lines.push(b"}\n");
         assert_eq!(lines.next_line(), Some(&b"{}\n"[..]));
         assert!(lines.buf.len() <= 3, "the long line is dropped");
+    }
+
+    #[test]
+    fn a_feed_line_nested_far_deeper_than_json_allows_is_refused_not_a_stack_overflow() {
+        let deep = format!(
+            r#"{{"seq":1,"id":"a","doc":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(matches!(
+            parse_line::<Change>(deep.as_bytes()),
+            Line::Bad(_)
+        ));
+        let deep_seq = format!(
+            r#"{{"last_seq":{}{}}}"#,
+            "{\"a\":".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        assert!(matches!(
+            parse_line::<DbUpdate>(deep_seq.as_bytes()),
+            Line::Bad(_)
+        ));
     }
 }
