@@ -24,8 +24,7 @@
 //!   use the Rust `regex` syntax, which differs little from JavaScript's for
 //!   ordinary patterns; lookaround (`(?=`, `(?!`, `(?<=`, `(?<!`) and
 //!   backreferences (`\1`) are not supported, and a document using them is
-//!   rejected, as is one whose compiled form would pass 1 MiB (a Unicode
-//!   class repeated many times, such as `\w{200}`).
+//!   rejected.
 //! - **`if`** (optional): attribute names and regular expressions (or
 //!   `null`), see [`conditions`].
 //! - **`selector`** (optional): a CouchDB Mango-style selector (a subset),
@@ -319,24 +318,13 @@ fn flag(doc: &Value, field: &'static str, default: bool) -> Result<bool> {
     }
 }
 
-/// The most memory one compiled regular expression of a document may
-/// take: a tenth of the `regex` crate's default, so that a short pattern
-/// cannot make a rule hold megabytes (`\w{200}`, 7 bytes, compiles to
-/// about 10 MB). Ordinary patterns take well under 100 kB; a Unicode class
-/// such as `\w` takes about 50 kB, so a pattern may repeat one about 20
-/// times.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
-
 /// A regular expression of the document; `field` names it in the error
 /// (made only then: a selector's path is not copied for every `$regex`).
 fn regex(pattern: &str, field: impl FnOnce() -> String) -> Result<Regex> {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| OnChangeDocError::BadRegex {
-            field: field(),
-            reason: e.to_string(),
-        })
+    Regex::new(pattern).map_err(|e| OnChangeDocError::BadRegex {
+        field: field(),
+        reason: e.to_string(),
+    })
 }
 
 /// The members of an object option (`sign`, `backoff`): `bad(expected)`
@@ -1036,27 +1024,6 @@ mod tests {
         assert!(OnChangeDocError::MissingDbName
             .to_string()
             .contains("db_name"));
-    }
-
-    #[test]
-    fn a_short_pattern_that_compiles_to_megabytes_is_refused() {
-        // A few bytes each, that the `regex` crate's default limit (10 MB)
-        // lets compile to megabytes.
-        for pattern in [r"\w{200}", r"\d{1000}", r"(?s).{2000}"] {
-            let error = regex(pattern, || "db_name".into()).unwrap_err();
-            assert!(
-                matches!(&error, OnChangeDocError::BadRegex { reason, .. } if reason.contains("size limit")),
-                "{pattern}: {error}"
-            );
-        }
-        for ordinary in [
-            r"^[\w.+-]+@example\.com$",
-            r"\p{L}+",
-            r"^\d{4}-\d{2}-\d{2}$",
-            r"\w{15}",
-        ] {
-            assert!(regex(ordinary, || "db_name".into()).is_ok(), "{ordinary}");
-        }
     }
 
     proptest! {
