@@ -29,6 +29,8 @@ pub mod couch;
 pub mod delivery;
 pub mod error;
 pub(crate) mod flush;
+#[cfg(test)]
+mod hostile_input;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

@@ -121,6 +121,8 @@ impl Passwords {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
 
     #[test]
     fn fills_in_the_password_for_user_at_host() {
@@ -154,5 +156,65 @@ mod tests {
         let err = Passwords::parse(r#"{"h": {"u": "secret""#, "p.json").unwrap_err();
         assert!(matches!(err, PasswordsError::Json { .. }));
         assert!(!err.to_string().contains("secret"));
+    }
+
+    /// A passwords file's text: any JSON, or hosts of users of any values.
+    fn file() -> impl Strategy<Value = String> {
+        let users = proptest::collection::vec((hostile_input::text(), hostile_input::json()), 0..4)
+            .prop_map(|u| serde_json::Value::Object(hostile_input::object(u)));
+        prop_oneof![
+            hostile_input::json_text(),
+            proptest::collection::vec((hostile_input::text(), users), 0..4)
+                .prop_map(|h| serde_json::Value::Object(hostile_input::object(h)).to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text gives passwords or a clear Err that never quotes a
+        /// password; the passwords hold no more text than the file, and
+        /// fill in any URL without panicking.
+        #[test]
+        fn a_passwords_file_of_any_text_parses_or_errs_without_panic(
+            text in prop_oneof![file(), hostile_input::text()],
+            url in hostile_input::text(),
+        ) {
+            match Passwords::parse(&text, "p.json") {
+                Ok(passwords) => {
+                    let held: usize = passwords.0.iter()
+                        .map(|(host, users)| host.len() + users.iter().map(|(u, p)| u.len() + p.len()).sum::<usize>())
+                        .sum();
+                    prop_assert!(held <= text.len());
+                    if let Ok(url) = SecretUrl::parse(&format!("https://{url}")) {
+                        passwords.apply(&url);
+                    }
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    prop_assert!(message.contains("p.json"));
+                    let value: Option<Value> = serde_json::from_str(&text).ok();
+                    for password in value.iter().flat_map(passwords_in) {
+                        prop_assert!(!message.contains(&format!("{password:?}")), "{}", message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The strings where a file has its passwords (`{host: {user: here}}`),
+    /// if long enough not to appear in a message by chance.
+    fn passwords_in(value: &Value) -> Vec<String> {
+        let users = value
+            .as_object()
+            .into_iter()
+            .flat_map(|hosts| hosts.values());
+        users
+            .filter_map(Value::as_object)
+            .flat_map(|users| users.values())
+            .filter_map(Value::as_str)
+            .filter(|p| p.len() >= 8)
+            .map(String::from)
+            .collect()
     }
 }

@@ -172,7 +172,7 @@ fn read_connection<T: FeedItem>(
 ) -> impl Stream<Item = Read<T>> + Send {
     async_stream::stream! {
         let mut body = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut lines = Lines::default();
         loop {
             let chunk = match next_chunk(&mut body, idle_limit).await {
                 Ok(chunk) => chunk,
@@ -182,10 +182,9 @@ fn read_connection<T: FeedItem>(
                 }
             };
             yield Read::Alive;
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                match parse_line::<T>(&line) {
+            lines.push(&chunk);
+            while let Some(line) = lines.next_line() {
+                match parse_line::<T>(line) {
                     Line::Heartbeat => {}
                     Line::LastSeq(seq) => yield Read::LastSeq(seq),
                     Line::Item(item) => yield Read::Item(item),
@@ -196,6 +195,43 @@ fn read_connection<T: FeedItem>(
                 }
             }
         }
+    }
+}
+
+/// The lines of a feed's body as its chunks arrive: a line can span
+/// chunks, and its bytes wait here until its newline comes. Each byte is
+/// searched for a newline once, so that a long line (a large document read
+/// in many chunks) takes time in proportion to its length, not to its
+/// length times its chunks; it is held once, in a buffer that at most
+/// doubles as it grows.
+#[derive(Default)]
+struct Lines {
+    buf: Vec<u8>,
+    /// Where the first line not given yet starts.
+    start: usize,
+    /// How far `buf` has been searched for a newline.
+    searched: usize,
+}
+
+impl Lines {
+    /// Adds a chunk, after dropping the lines already given.
+    fn push(&mut self, chunk: &[u8]) {
+        self.buf.drain(..self.start);
+        self.searched -= self.start;
+        self.start = 0;
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole line, its newline included.
+    fn next_line(&mut self) -> Option<&[u8]> {
+        let Some(at) = self.buf[self.searched..].iter().position(|b| *b == b'\n') else {
+            self.searched = self.buf.len();
+            return None;
+        };
+        let line = self.start..self.searched + at + 1;
+        self.start = line.end;
+        self.searched = line.end;
+        Some(&self.buf[line])
     }
 }
 
@@ -333,6 +369,8 @@ fn parse_line<T: FeedItem>(line: &[u8]) -> Line<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
 
     #[tokio::test(start_paused = true)]
     async fn an_error_right_after_an_outage_is_retried_soon() {
@@ -368,5 +406,132 @@ mod tests {
             Line::Bad(r) if !r.contains(":p@")
         ));
         assert!(matches!(parse_line::<DbUpdate>(b"{not json"), Line::Bad(_)));
+    }
+
+    /// Every line `input` gives when it arrives cut at `cuts`, and what is
+    /// left waiting for its newline.
+    fn lines_of(input: &[u8], cuts: &[prop::sample::Index]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+        at.push(0);
+        at.push(input.len());
+        at.sort_unstable();
+        let mut lines = Lines::default();
+        let mut got = Vec::new();
+        for chunk in at.windows(2) {
+            lines.push(&input[chunk[0]..chunk[1]]);
+            while let Some(line) = lines.next_line() {
+                got.push(line.to_vec());
+            }
+            assert_eq!(lines.searched, lines.buf.len(), "searched to the end");
+        }
+        (got, lines.buf[lines.start..].to_vec())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// However a body is cut into chunks, the lines are those of the
+        /// whole body, each ended by its newline, and the rest waits.
+        #[test]
+        fn lines_are_the_same_however_the_body_is_cut(
+            input in prop_oneof![
+                hostile_input::bytes(),
+                proptest::collection::vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..512),
+            ],
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..16),
+        ) {
+            let (got, rest) = lines_of(&input, &cuts);
+            let mut whole: Vec<Vec<u8>> =
+                input.split_inclusive(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+            let partial = match whole.last() {
+                Some(last) if !last.ends_with(b"\n") => whole.pop().unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            prop_assert_eq!(got, whole);
+            prop_assert_eq!(rest, partial);
+        }
+
+        /// Any bytes make a heartbeat, a `last_seq`, an item or a clear
+        /// reason to reconnect; the reason grows at most with the line.
+        #[test]
+        fn a_feed_line_of_any_bytes_is_read_or_refused_without_panic(line in hostile_input::bytes()) {
+            for reason in [bad_reason(parse_line::<Change>(&line)), bad_reason(parse_line::<DbUpdate>(&line))]
+                .into_iter()
+                .flatten()
+            {
+                prop_assert!(!reason.is_empty());
+                prop_assert!(reason.len() <= 6 * line.len() + 128, "{}", reason);
+            }
+        }
+
+        /// Feed lines of hostile changes and events: read as items when
+        /// they have the shape, each keeping its document's text.
+        #[test]
+        fn a_feed_line_of_hostile_json_is_read_or_refused_without_panic(
+            id in hostile_input::text(),
+            seq in prop_oneof![hostile_input::number(), hostile_input::text().prop_map(Value::String), hostile_input::json()],
+            doc in hostile_input::json(),
+            kind in prop_oneof![hostile_input::text(), Just("updated".to_string())],
+        ) {
+            let change = serde_json::json!({"seq": seq, "id": id, "changes": [{"rev": id}], "doc": doc});
+            if let Line::Item(item) = parse_line::<Change>(change.to_string().as_bytes()) {
+                let item: Change = item;
+                let text = item.doc.map(|d| d.raw().get().to_string());
+                prop_assert_eq!(text, (!doc.is_null()).then(|| doc.to_string()));
+            }
+            let update = serde_json::json!({"db_name": id, "type": kind, "seq": seq});
+            let _ = bad_reason(parse_line::<DbUpdate>(update.to_string().as_bytes()));
+        }
+    }
+
+    fn bad_reason<T>(line: Line<T>) -> Option<String> {
+        match line {
+            Line::Bad(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_long_line_in_small_chunks_is_searched_once() {
+        // Each chunk once searched the whole buffer again: 8 MB in 4 kB
+        // chunks made 8 GB of comparisons.
+        let mut lines = Lines::default();
+        let chunk = vec![b'x'; 4096];
+        for _ in 0..2048 {
+            lines.push(&chunk);
+            assert!(lines.next_line().is_none());
+            assert_eq!(lines.searched, lines.buf.len());
+        }
+        lines.push(b"\n{");
+        assert_eq!(
+            lines.next_line().map(<[u8]>::len),
+            Some(8 * 1024 * 1024 + 1)
+        );
+        assert!(lines.next_line().is_none());
+        lines.push(b"}\n");
+        assert_eq!(lines.next_line(), Some(&b"{}\n"[..]));
+        assert!(lines.buf.len() <= 3, "the long line is dropped");
+    }
+
+    #[test]
+    fn a_feed_line_nested_far_deeper_than_json_allows_is_refused_not_a_stack_overflow() {
+        let deep = format!(
+            r#"{{"seq":1,"id":"a","doc":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(matches!(
+            parse_line::<Change>(deep.as_bytes()),
+            Line::Bad(_)
+        ));
+        let deep_seq = format!(
+            r#"{{"last_seq":{}{}}}"#,
+            "{\"a\":".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        assert!(matches!(
+            parse_line::<DbUpdate>(deep_seq.as_bytes()),
+            Line::Bad(_)
+        ));
     }
 }

@@ -297,6 +297,8 @@ fn filter_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
 
     fn wanted(id: &str, rev: &str) -> RevToFetch {
         RevToFetch {
@@ -358,5 +360,100 @@ mod tests {
         assert_eq!(got.missing, ["1-b"]);
         let answer: Vec<OpenRevsEntry> = serde_json::from_str(r#"[{"other":1}]"#).unwrap();
         assert_eq!(OpenRevs::of(&revs, answer).missing, revs);
+    }
+
+    /// A `_bulk_get` entry: a document, an error, both, neither, or any
+    /// JSON.
+    fn entry() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            hostile_input::json().prop_map(|doc| json!({"ok": doc})),
+            hostile_input::json().prop_map(|e| json!({"error": e})),
+            (hostile_input::json(), hostile_input::json())
+                .prop_map(|(d, e)| json!({"ok": d, "error": e})),
+            hostile_input::json(),
+        ]
+    }
+
+    /// The text of a `_bulk_get` answer with hostile results for ids `a`
+    /// to `d`, and the revisions asked for.
+    fn bulk_get() -> impl Strategy<Value = (String, Vec<RevToFetch>)> {
+        let id = proptest::sample::select(&["a", "b", "c", "d"][..]);
+        let result = prop_oneof![
+            (id.clone(), proptest::collection::vec(entry(), 0..4))
+                .prop_map(|(id, docs)| json!({"id": id, "docs": docs})),
+            hostile_input::json(),
+        ];
+        (
+            proptest::collection::vec(result, 0..6),
+            proptest::collection::vec(id, 0..6),
+        )
+            .prop_map(|(results, ids)| {
+                let revs = ids.into_iter().map(|id| wanted(id, "1-x")).collect();
+                (json!({ "results": results }).to_string(), revs)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Any bytes decode as an answer or a clear Err; an answer gives
+        /// one result per revision asked for, whatever it holds.
+        #[test]
+        fn a_bulk_get_answer_of_any_bytes_decodes_or_errs_without_panic(
+            bytes in hostile_input::bytes(),
+            ids in proptest::collection::vec(hostile_input::text(), 0..4),
+        ) {
+            let revs: Vec<RevToFetch> = ids.iter().map(|id| wanted(id, "1-x")).collect();
+            if let Ok(answer) = serde_json::from_slice::<BulkGetAnswer>(&bytes) {
+                prop_assert_eq!(answer.align(&revs).len(), revs.len());
+            }
+            if let Ok(answer) = serde_json::from_slice::<Vec<OpenRevsEntry>>(&bytes) {
+                let entries = answer.len();
+                let revs = ids.clone();
+                let found = OpenRevs::of(&revs, answer);
+                prop_assert!(found.docs.len() <= entries);
+                prop_assert!(found.missing.len() <= entries.max(revs.len()));
+            }
+        }
+
+        /// An answer of hostile results: one per revision asked for, the
+        /// documents only of a result for that revision's id and without
+        /// an error, kept as the text they came as.
+        #[test]
+        fn a_bulk_get_answer_of_hostile_results_aligns_with_the_revisions_asked(
+            (text, revs) in bulk_get(),
+        ) {
+            let Ok(answer) = serde_json::from_str::<BulkGetAnswer>(&text) else {
+                return Ok(());
+            };
+            let ids: Vec<String> = answer.results.iter().map(|r| r.id.clone()).collect();
+            let got = answer.align(&revs);
+            prop_assert_eq!(got.len(), revs.len());
+            for (i, fetched) in got.iter().enumerate() {
+                if let Fetched::Docs(docs) = fetched {
+                    prop_assert_eq!(ids.get(i), Some(&revs[i].id));
+                    prop_assert!(!docs.is_empty());
+                    for doc in docs {
+                        prop_assert!(text.contains(doc.get()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_document_nested_far_deeper_than_json_allows_is_carried_as_text_without_recursion() {
+        // Documents are never parsed, only delimited: their depth does not
+        // reach the stack.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let answer = format!(r#"{{"results":[{{"id":"a","docs":[{{"ok":{deep}}}]}}]}}"#);
+        let got = fetched(&answer, &[wanted("a", "1-x")]);
+        assert!(matches!(&got[..], [Fetched::Docs(docs)] if docs[0].get() == deep));
+        let answer = format!(r#"{{"results":[{{"id":"a","docs":[{{"error":{deep}}}]}}]}}"#);
+        let got = fetched(&answer, &[wanted("a", "1-x")]);
+        assert!(matches!(&got[..], [Fetched::Missing(why)] if why.len() == deep.len()));
+        let entries: Vec<OpenRevsEntry> =
+            serde_json::from_str(&format!(r#"[{{"ok":{deep}}}]"#)).unwrap();
+        assert_eq!(OpenRevs::of(&[], entries).docs[0].get(), deep);
     }
 }

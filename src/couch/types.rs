@@ -367,6 +367,8 @@ pub struct DbUpdatesPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
     use serde_json::json;
 
     #[test]
@@ -407,5 +409,84 @@ mod tests {
             serde_json::from_value(json!({"db_name": "a", "type": "ddoc_updated", "seq": "1-x"}))
                 .unwrap();
         assert_eq!(u.kind, DbUpdateKind::Other);
+    }
+
+    /// The text of a `_changes` or `_db_updates` page: its results any
+    /// JSON or of the right shape with hostile members.
+    fn page() -> impl Strategy<Value = (String, usize)> {
+        let result = prop_oneof![
+            hostile_input::json(),
+            (hostile_input::text(), hostile_input::number(), hostile_input::json(), any::<bool>())
+                .prop_map(|(id, seq, doc, deleted)| json!({
+                    "seq": seq, "id": id, "changes": [{"rev": "1-a"}], "deleted": deleted, "doc": doc
+                })),
+            (hostile_input::text(), hostile_input::text())
+                .prop_map(|(db_name, kind)| json!({"db_name": db_name, "type": kind, "seq": "1-a"})),
+        ];
+        (
+            proptest::collection::vec(result, 0..8),
+            prop_oneof![hostile_input::json(), Just(json!("9-z"))],
+        )
+            .prop_map(|(results, last_seq)| {
+                let count = results.len();
+                (
+                    json!({"results": results, "last_seq": last_seq, "pending": 0}).to_string(),
+                    count,
+                )
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Any bytes decode as a page or a clear Err; a page has fewer
+        /// results than its text has `{` and `[` (a struct may be written
+        /// as an array too).
+        #[test]
+        fn a_page_of_any_bytes_decodes_or_errs_without_panic(bytes in hostile_input::bytes()) {
+            let objects = hostile_input::count(&bytes, b'{') + hostile_input::count(&bytes, b'[');
+            match serde_json::from_slice::<ChangesPage>(&bytes) {
+                Ok(page) => prop_assert!(page.results.len() < objects),
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+            if let Ok(page) = serde_json::from_slice::<DbUpdatesPage>(&bytes) {
+                prop_assert!(page.results.len() < objects);
+            }
+            let _ = serde_json::from_slice::<Change>(&bytes);
+            let _ = serde_json::from_slice::<DbUpdate>(&bytes);
+        }
+
+        /// A page of hostile results: at most as many as were sent, each
+        /// change's document kept as the text it came as.
+        #[test]
+        fn a_page_of_hostile_results_decodes_or_errs_without_panic((text, sent) in page()) {
+            if let Ok(page) = serde_json::from_str::<ChangesPage>(&text) {
+                prop_assert_eq!(page.results.len(), sent);
+                for change in &page.results {
+                    if let Some(doc) = &change.doc {
+                        prop_assert!(text.contains(doc.raw().get()));
+                    }
+                    let stub = change.doc_or_stub();
+                    prop_assert!(stub.value().is_object() || !change.deleted);
+                }
+            }
+            if let Ok(page) = serde_json::from_str::<DbUpdatesPage>(&text) {
+                prop_assert_eq!(page.results.len(), sent);
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_nested_far_deeper_than_json_allows_is_an_error_not_a_stack_overflow() {
+        let open = "[".repeat(100_000);
+        let close = "]".repeat(100_000);
+        for text in [
+            format!(r#"{{"results":[{{"seq":1,"id":"a","doc":{open}{close}}}],"last_seq":1}}"#),
+            format!(r#"{{"results":[],"last_seq":{open}{close}}}"#),
+            format!(r#"{{"results":{open}{close},"last_seq":1}}"#),
+        ] {
+            assert!(serde_json::from_str::<ChangesPage>(&text).is_err());
+            assert!(serde_json::from_str::<DbUpdatesPage>(&text).is_err());
+        }
     }
 }

@@ -185,6 +185,7 @@ fn rewrite_urls(text: &str, rewrite: impl Fn(&str, &str) -> String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn urls_in_texts_are_cut_to_their_origin() {
@@ -247,5 +248,22 @@ mod tests {
         );
         assert_eq!(redact_credentials("no url here"), "no url here");
         assert_eq!(redact_credentials("\"http://a:b@h\""), "\"http://a:***@h\"");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Text from the server, with URLs or not: each URL's password
+        /// becomes `***` and each cut URL gains at most `/…`, so the text
+        /// grows by at most 4 bytes a `://`.
+        #[test]
+        fn urls_in_any_text_are_redacted_without_panic(text in crate::hostile_input::text()) {
+            let urls = text.matches("://").count();
+            prop_assert!(redact_credentials(&text).len() <= text.len() + 3 * urls);
+            prop_assert!(origins_only(&text).len() <= text.len() + 4 * urls);
+            if let Ok(url) = SecretUrl::parse(&text) {
+                prop_assert!(!url.to_string().is_empty());
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::Passwords;
 use crate::couch::{encode_segment, SecretUrl, UrlError};
 use crate::replication::{Engine, Options, Unsupported};
+use crate::rules::{nests_within, MAX_JSON_DEPTH};
 
 /// Fields that are Spiegel's, never `_replicate`'s.
 const NOT_PARAMETERS: [&str; 10] = [
@@ -52,6 +53,9 @@ pub enum ReplicatorDocError {
     NoSourceDatabase,
     #[error("`engine` must be \"native\" or \"couchdb\"")]
     BadEngine,
+    /// Nested deeper than any document CouchDB stores ([`MAX_JSON_DEPTH`]).
+    #[error("the document nests more than 128 arrays and objects, one inside the other")]
+    TooDeep,
 }
 
 /// Where the replicator doc's source lives, relative to this server.
@@ -161,6 +165,10 @@ impl ReplicatorRule {
     /// Parses a replicator doc; `server` is `--url`, to tell which sources
     /// are databases of this server.
     pub fn parse(id: &str, doc: &Value, server: &SecretUrl) -> Result<Self, ReplicatorDocError> {
+        // Its parameters are copied and written by recursion.
+        if !nests_within(doc, MAX_JSON_DEPTH) {
+            return Err(ReplicatorDocError::TooDeep);
+        }
         let source = Endpoint::parse(doc, "source")?;
         let target = Endpoint::parse(doc, "target")?;
         let pattern = db_name_pattern(doc)?;
@@ -376,6 +384,8 @@ fn db_name_in(url: &SecretUrl, server: &SecretUrl) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn server() -> SecretUrl {
@@ -478,5 +488,96 @@ mod tests {
         let rule = ReplicatorRule::parse("x", &doc, &server()).unwrap();
         assert_eq!(rule.trigger, Trigger::Elsewhere);
         assert!(!rule.applies_to("a"));
+    }
+
+    /// An endpoint: a URL on this server or another, templated or not,
+    /// with any text after it, or any JSON.
+    fn endpoint() -> impl Strategy<Value = Value> {
+        let scheme = proptest::sample::select(
+            &[
+                "",
+                "http://127.0.0.1:5984/",
+                "http://u@127.0.0.1:5984/${db_name}",
+                "https://u:p@backup.example.com/",
+                "http://127.0.0.1:5984/a/",
+            ][..],
+        );
+        prop_oneof![
+            3 => (scheme.clone(), hostile_input::text()).prop_map(|(s, t)| json!(format!("{s}{t}"))),
+            1 => (scheme, hostile_input::json()).prop_map(|(s, extra)| {
+                json!({"url": format!("{s}db"), "headers": extra})
+            }),
+            1 => hostile_input::json(),
+        ]
+    }
+
+    /// A member name of a replicator document, or any.
+    fn member() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(&[
+                "db_name", "engine", "continuous", "create_target", "create_target_params",
+                "filter", "query_params", "selector", "doc_ids", "since_seq",
+                "use_checkpoints", "winning_revs_only", "worker_batch_size",
+                "checkpoint_interval",
+            ][..]).prop_map(String::from),
+            1 => hostile_input::key(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Ok or a clear Err for a document of any shape; a usable one
+        /// answers for any database name without panicking, and its
+        /// `_replicate` body has its source and target.
+        #[test]
+        fn a_replicator_document_of_any_json_parses_or_errs_without_panic(
+            source in endpoint(),
+            target in endpoint(),
+            db_name in prop_oneof![
+                2 => Just(Value::Null),
+                2 => Just(json!("^users/")),
+                1 => hostile_input::text().prop_map(Value::String),
+                1 => hostile_input::json(),
+            ],
+            members in proptest::collection::vec((member(), hostile_input::json()), 0..6),
+            db in hostile_input::text(),
+        ) {
+            let mut doc = hostile_input::object(members);
+            doc.insert("source".into(), source);
+            doc.insert("target".into(), target);
+            doc.insert("db_name".into(), db_name);
+            match ReplicatorRule::parse("r", &Value::Object(doc), &server()) {
+                Ok(rule) => {
+                    rule.applies_to(&db);
+                    rule.describe(&db);
+                    let passwords = Passwords::default();
+                    let _ = rule.endpoints(&db, &passwords);
+                    for style in [AuthStyle::InUrl, AuthStyle::AuthObject] {
+                        if let Ok(body) = rule.request(&db, &passwords, style) {
+                            prop_assert!(body.get("source").is_some() && body.get("target").is_some());
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn a_server_version_of_any_text_gives_an_auth_style(version in hostile_input::text()) {
+            AuthStyle::for_version(&version);
+        }
+    }
+
+    #[test]
+    fn a_document_nested_far_deeper_than_json_allows_is_an_error_not_a_stack_overflow() {
+        let deep = hostile_input::nested(10_000, json!(1), hostile_input::array);
+        let mut doc = json!({"source": "http://127.0.0.1:5984/a", "target": "http://h/b"});
+        doc["query_params"] = hostile_input::member("k", deep);
+        assert_eq!(
+            ReplicatorRule::parse("r", &doc, &server()).unwrap_err(),
+            ReplicatorDocError::TooDeep
+        );
+        hostile_input::dismantle(doc);
     }
 }

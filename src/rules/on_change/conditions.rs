@@ -76,7 +76,7 @@ impl Conditions {
 
 impl IfCondition {
     fn parse(name: &str, test: &Value) -> Result<Self> {
-        let field = format!("if.{name}");
+        let field = || format!("if.{name}");
         let test = match test {
             Value::Null => IfTest::MissingOrNull,
             Value::String(pattern) => IfTest::Regex(regex(pattern, field)?),
@@ -139,6 +139,9 @@ fn number_text(n: &Number) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn with_if(conditions: Value) -> Conditions {
@@ -252,5 +255,34 @@ mod tests {
         let rule = with_if(json!({"type": "^work$", "owner": "^bob$"}));
         assert!(rule.matches(&json!({"type": "work", "owner": "bob"})));
         assert!(!rule.matches(&json!({"type": "work", "owner": "alice"})));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Ok or a clear Err for any JSON; what compiles has one condition
+        /// per member, each path at most one segment more than the dots
+        /// of its name, and tests any document.
+        #[test]
+        fn if_conditions_of_any_json_compile_or_err_without_panic(
+            conditions in prop_oneof![
+                3 => vec((hostile_input::key(), hostile_input::json()), 0..6)
+                    .prop_map(|members| Value::Object(hostile_input::object(members))),
+                1 => hostile_input::json(),
+            ],
+            doc in hostile_input::json(),
+        ) {
+            match Conditions::parse(Some(&conditions)) {
+                Ok(compiled) => {
+                    prop_assert_eq!(compiled.0.len(), conditions.as_object().map_or(0, |m| m.len()));
+                    for condition in &compiled.0 {
+                        let dots = hostile_input::count(condition.name.as_bytes(), b'.');
+                        prop_assert!(condition.path.as_ref().map_or(0, Vec::len) <= dots + 1);
+                    }
+                    compiled.matches(&doc);
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
     }
 }

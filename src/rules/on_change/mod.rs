@@ -74,6 +74,8 @@ use self::template::SignSpec;
 pub use self::template::{Method, Signing, Template};
 use crate::backoff::{Backoff, Strategy};
 use crate::config::Passwords;
+#[cfg(doc)]
+use crate::rules::MAX_JSON_DEPTH;
 
 /// The same ranges as the `--backoff-delay` and `--backoff-multiplier`
 /// options, so that a rule cannot ask for what the command line refuses.
@@ -114,6 +116,9 @@ pub enum OnChangeDocError {
     NotABoolean(&'static str),
     #[error("bad `selector`: {0}")]
     BadSelector(String),
+    /// Nested deeper than any document CouchDB stores ([`MAX_JSON_DEPTH`]).
+    #[error("`{0}` nests more than 128 arrays and objects, one inside the other")]
+    TooDeep(&'static str),
     #[error("unknown selector operator `{0}`: supported are $eq, $ne, $gt, $gte, $lt, $lte, $in, $nin, $exists, $regex, $and, $or and $not")]
     UnknownOperator(String),
     #[error("bad `backoff`: {0}")]
@@ -193,7 +198,7 @@ impl OnChangeRule {
     pub fn compile(id: &str, doc: &Value, context: &Context) -> Result<Self> {
         let db_name = match present(doc, "db_name") {
             None => return Err(OnChangeDocError::MissingDbName),
-            Some(Value::String(pattern)) => regex(pattern, "db_name")?,
+            Some(Value::String(pattern)) => regex(pattern, || "db_name".into())?,
             Some(_) => return Err(OnChangeDocError::DbNameNotString),
         };
         let conditions = Conditions::parse(present(doc, "if"))?;
@@ -255,7 +260,7 @@ impl OnChangeRule {
     fn holding(id: &str, doc: &Value, error: OnChangeDocError, context: &Context) -> Result<Self> {
         let Some(Ok(db_name)) = present(doc, "db_name")
             .and_then(Value::as_str)
-            .map(|pattern| regex(pattern, "db_name"))
+            .map(|pattern| regex(pattern, || "db_name".into()))
         else {
             return Err(error);
         };
@@ -313,10 +318,11 @@ fn flag(doc: &Value, field: &'static str, default: bool) -> Result<bool> {
     }
 }
 
-/// A regular expression of the document; `field` names it in the error.
-fn regex(pattern: &str, field: impl Into<String>) -> Result<Regex> {
+/// A regular expression of the document; `field` names it in the error
+/// (made only then: a selector's path is not copied for every `$regex`).
+fn regex(pattern: &str, field: impl FnOnce() -> String) -> Result<Regex> {
     Regex::new(pattern).map_err(|e| OnChangeDocError::BadRegex {
-        field: field.into(),
+        field: field(),
         reason: e.to_string(),
     })
 }
@@ -468,6 +474,10 @@ impl BackoffOverride {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::collection::vec;
+    use proptest::prelude::{prop_assert, prop_assert_eq, prop_oneof, proptest, ProptestConfig};
+    use proptest::strategy::Strategy as _;
     use serde_json::json;
 
     use super::template::{SecretSource, SignScheme, DEFAULT_SIGN_HEADER};
@@ -1014,5 +1024,68 @@ mod tests {
         assert!(OnChangeDocError::MissingDbName
             .to_string()
             .contains("db_name"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A document of any shape compiles, loads as a rule that holds,
+        /// or says why, without panicking; a compiled rule matches any
+        /// document and any database name.
+        #[test]
+        fn an_on_change_document_of_any_json_compiles_or_errs_without_panic(
+            members in vec((rule_member(), hostile_input::json()), 0..10),
+            changed in hostile_input::json(),
+            db in hostile_input::text(),
+        ) {
+            let doc = Value::Object(hostile_input::object(members));
+            let compiled = compile("rule", &doc);
+            if let Err(error) = &compiled {
+                prop_assert!(!error.to_string().is_empty());
+            }
+            let passwords = Passwords::default();
+            let backoff = base();
+            let context = Context { passwords: &passwords, backoff: &backoff };
+            if let Ok(rule) = OnChangeRule::load("rule", &doc, &context) {
+                prop_assert_eq!(rule.unusable.is_some(), compiled.is_err());
+                rule.matches(&changed);
+                rule.applies_to_db(&db);
+            }
+        }
+
+        /// Valid rules with hostile values where the document allows any:
+        /// the request's texts, a selector, conditions.
+        #[test]
+        fn an_on_change_document_with_hostile_values_compiles_or_errs_without_panic(
+            url in hostile_input::text(),
+            db_name in hostile_input::text(),
+            params in hostile_input::json(),
+            headers in vec((hostile_input::text(), hostile_input::text()), 0..4),
+            selector in hostile_input::json(),
+            changed in hostile_input::json(),
+        ) {
+            let headers: Map<String, Value> =
+                headers.into_iter().map(|(n, v)| (n, Value::String(v))).collect();
+            for doc in [
+                doc(json!({"url": format!("https://h/{url}"), "db_name": db_name})),
+                doc(json!({"params": params, "headers": headers, "method": "POST"})),
+                doc(json!({"selector": selector})),
+            ] {
+                if let Ok(rule) = compile("rule", &doc) {
+                    rule.matches(&changed);
+                }
+            }
+        }
+    }
+
+    /// A member name of an on_change document, or any.
+    fn rule_member() -> impl proptest::strategy::Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(&[
+                "db_name", "if", "selector", "url", "method", "params", "headers", "timeout",
+                "sign", "block", "debounce", "batch", "rate_limit", "paused", "backoff",
+            ][..]).prop_map(String::from),
+            1 => hostile_input::key(),
+        ]
     }
 }

@@ -280,6 +280,8 @@ fn write_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
 
     #[test]
     fn unbalanced_braces_match_whole_values_as_in_spiegel_1_2() {
@@ -358,6 +360,48 @@ mod tests {
             ),
         ] {
             assert_eq!(url_for_id(template, id).unwrap(), url, "{template} {id}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text, unbalanced braces and all: each placeholder found
+        /// spans at least one `$` of it, so the text grows by at most the
+        /// replacement per `$`.
+        #[test]
+        fn any_text_has_its_placeholders_replaced_without_panic(
+            input in hostile_input::text(),
+            by in hostile_input::text(),
+        ) {
+            let out = replace_all(&input, &by);
+            let dollars = hostile_input::count(input.as_bytes(), b'$');
+            prop_assert!(out.len() <= input.len() + dollars * by.len());
+            whole_placeholder(&input);
+        }
+
+        /// A URL of any text is filled in for a change of any texts, each
+        /// placeholder by at most its text percent-encoded (three bytes a
+        /// byte), or refused for a `.` or `..` segment.
+        #[test]
+        fn any_url_is_filled_for_any_change_or_refused_as_a_dot_segment(
+            url in hostile_input::text(),
+            id in hostile_input::text(),
+            db_name in hostile_input::text(),
+            seq in prop_oneof![hostile_input::number(), hostile_input::text().prop_map(Value::String)],
+        ) {
+            let doc = serde_json::value::to_raw_value(&serde_json::json!({"_id": id})).unwrap();
+            let change = ChangeContext { rule: "r", db_name: &db_name, doc: &doc, id: &id, rev: "1-a", seq: &seq };
+            let longest = [db_name.len(), id.len(), seq.to_string().len(), doc.get().len(), 32]
+                .into_iter().max().unwrap_or(0);
+            match fill_url(&url, &change) {
+                Ok(filled) => {
+                    let dollars = hostile_input::count(url.as_bytes(), b'$');
+                    prop_assert!(filled.len() <= url.len() + dollars * 3 * longest);
+                }
+                Err(UrlError::DotSegment(text)) => prop_assert!(is_dot_segment(&text)),
+                Err(other) => prop_assert!(false, "{other}"),
+            }
         }
     }
 }

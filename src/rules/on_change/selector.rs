@@ -37,15 +37,29 @@ use serde_json::{Map, Number, Value};
 
 use super::path::{lookup, Segment};
 use super::{regex, OnChangeDocError, Result};
+use crate::rules::{nests_within, MAX_JSON_DEPTH};
 
 /// A compiled selector. Field paths are split and regular expressions
 /// compiled when the rule is read, so evaluation only walks the document.
+///
+/// A field's conditions are compiled beneath it, on paths relative to it:
+/// `{"a.b": {"c": 1, "$ne": 2}}` is `At([a, b], All([At([c], Eq(1)),
+/// Ne(2)]))`. Each path segment is thus made once, from the name that
+/// writes it, and the compiled selector grows with the text of the
+/// selector, not with the length of a path times the conditions under it.
 #[derive(Debug, Clone)]
 pub(super) enum Selector {
     All(Vec<Selector>),
     Any(Vec<Selector>),
     Not(Box<Selector>),
-    Field { path: Vec<Segment>, test: FieldTest },
+    /// The selector of the value at `path`, below the value it applies to
+    /// (a missing value included: `$exists: false` holds for it).
+    At {
+        path: Vec<Segment>,
+        inner: Box<Selector>,
+    },
+    /// An operator on the value the selector applies to.
+    Test(FieldTest),
 }
 
 #[derive(Debug, Clone)]
@@ -63,10 +77,16 @@ pub(super) enum FieldTest {
 }
 
 impl Selector {
-    /// Compiles the value of `selector`.
+    /// Compiles the value of `selector`. Err: anything outside the subset
+    /// above, or a selector nested deeper than CouchDB's JSON parser
+    /// allows (it is compiled and evaluated by recursion: the bound keeps
+    /// the stack small).
     pub(super) fn parse(value: &Value) -> Result<Selector> {
+        if !nests_within(value, MAX_JSON_DEPTH) {
+            return Err(OnChangeDocError::TooDeep("selector"));
+        }
         match value {
-            Value::Object(members) => parse_members(&[], members),
+            Value::Object(members) => parse_members(&Place::Top, members),
             _ => Err(OnChangeDocError::BadSelector(
                 "must be an object, such as {\"type\": \"invoice\"}".to_string(),
             )),
@@ -75,12 +95,43 @@ impl Selector {
 
     /// Whether the document satisfies the selector.
     pub(super) fn matches(&self, doc: &Value) -> bool {
+        self.holds(Some(doc))
+    }
+
+    /// Whether the selector holds for a value, or for a missing one.
+    fn holds(&self, value: Option<&Value>) -> bool {
         match self {
-            Selector::All(parts) => parts.iter().all(|p| p.matches(doc)),
-            Selector::Any(parts) => parts.iter().any(|p| p.matches(doc)),
-            Selector::Not(inner) => !inner.matches(doc),
-            Selector::Field { path, test } => test.holds(lookup(doc, path)),
+            Selector::All(parts) => parts.iter().all(|p| p.holds(value)),
+            Selector::Any(parts) => parts.iter().any(|p| p.holds(value)),
+            Selector::Not(inner) => !inner.holds(value),
+            Selector::At { path, inner } => inner.holds(value.and_then(|v| lookup(v, path))),
+            Selector::Test(test) => test.holds(value),
         }
+    }
+}
+
+/// Where in the selector a part is compiled: at the top, or under the
+/// fields named so far. Kept on the stack and read only for an error
+/// message, so that no path is copied while compiling.
+enum Place<'a> {
+    Top,
+    Field {
+        parent: &'a Place<'a>,
+        segments: &'a [Segment],
+    },
+}
+
+impl Place<'_> {
+    /// The field's whole path, for error messages.
+    fn text(&self) -> String {
+        let mut names = Vec::new();
+        let mut place = self;
+        while let Place::Field { parent, segments } = place {
+            names.extend(segments.iter().rev().map(|s| s.key.as_str()));
+            place = parent;
+        }
+        names.reverse();
+        names.join(".")
     }
 }
 
@@ -159,19 +210,16 @@ fn number_cmp(x: &Number, y: &Number) -> Option<Ordering> {
     x.as_f64()?.partial_cmp(&y.as_f64()?)
 }
 
-/// The members of a selector object found at `path` (empty at the top
-/// level): operators apply to `path`, other names extend it. All members
-/// must hold.
-fn parse_members(path: &[Segment], members: &Map<String, Value>) -> Result<Selector> {
+/// The members of a selector object found at `place`: operators apply
+/// there, other names are fields beneath it. All members must hold.
+fn parse_members(place: &Place, members: &Map<String, Value>) -> Result<Selector> {
     let mut parts = members
         .iter()
         .map(|(name, value)| {
             if name.starts_with('$') {
-                parse_operator(path, name, value)
+                parse_operator(place, name, value)
             } else {
-                let mut nested = path.to_vec();
-                nested.extend(field_segments(name));
-                parse_field(nested, value)
+                parse_field(place, field_segments(name), value)
             }
         })
         .collect::<Result<Vec<_>>>()?;
@@ -184,42 +232,46 @@ fn parse_members(path: &[Segment], members: &Map<String, Value>) -> Result<Selec
 
 /// A field's value: an object of operators and/or nested fields, or else a
 /// value the field must equal.
-fn parse_field(path: Vec<Segment>, value: &Value) -> Result<Selector> {
-    match value {
-        Value::Object(members) if !members.is_empty() => parse_members(&path, members),
-        other => Ok(Selector::Field {
-            path,
-            test: FieldTest::Eq(other.clone()),
-        }),
-    }
+fn parse_field(parent: &Place, path: Vec<Segment>, value: &Value) -> Result<Selector> {
+    let inner = match value {
+        Value::Object(members) if !members.is_empty() => {
+            let place = Place::Field {
+                parent,
+                segments: &path,
+            };
+            parse_members(&place, members)?
+        }
+        other => Selector::Test(FieldTest::Eq(other.clone())),
+    };
+    Ok(Selector::At {
+        path,
+        inner: Box::new(inner),
+    })
 }
 
-fn parse_operator(path: &[Segment], operator: &str, operand: &Value) -> Result<Selector> {
+fn parse_operator(place: &Place, operator: &str, operand: &Value) -> Result<Selector> {
     match operator {
-        "$and" | "$or" => parse_combination(path, operator, operand),
+        "$and" | "$or" => parse_combination(place, operator, operand),
         "$not" => match operand {
-            Value::Object(members) => Ok(Selector::Not(Box::new(parse_members(path, members)?))),
+            Value::Object(members) => Ok(Selector::Not(Box::new(parse_members(place, members)?))),
             _ => Err(OnChangeDocError::BadSelector(
                 "`$not` needs a selector (an object)".to_string(),
             )),
         },
         _ => {
-            let test = parse_field_test(path, operator, operand)?;
-            if path.is_empty() {
+            let test = parse_field_test(place, operator, operand)?;
+            if let Place::Top = place {
                 return Err(OnChangeDocError::BadSelector(format!(
                     "`{operator}` needs a field, as in {{\"field\": {{\"{operator}\": ...}}}}"
                 )));
             }
-            Ok(Selector::Field {
-                path: path.to_vec(),
-                test,
-            })
+            Ok(Selector::Test(test))
         }
     }
 }
 
-/// `$and` or `$or`: an array of selectors at `path`.
-fn parse_combination(path: &[Segment], operator: &str, operand: &Value) -> Result<Selector> {
+/// `$and` or `$or`: an array of selectors at `place`.
+fn parse_combination(place: &Place, operator: &str, operand: &Value) -> Result<Selector> {
     let Value::Array(items) = operand else {
         return Err(OnChangeDocError::BadSelector(format!(
             "`{operator}` needs an array of selectors"
@@ -228,7 +280,7 @@ fn parse_combination(path: &[Segment], operator: &str, operand: &Value) -> Resul
     let parts = items
         .iter()
         .map(|item| match item {
-            Value::Object(members) => parse_members(path, members),
+            Value::Object(members) => parse_members(place, members),
             _ => Err(OnChangeDocError::BadSelector(format!(
                 "`{operator}` needs an array of selectors (objects)"
             ))),
@@ -242,12 +294,12 @@ fn parse_combination(path: &[Segment], operator: &str, operand: &Value) -> Resul
 }
 
 /// A field operator and its operand; an unknown operator is an error.
-fn parse_field_test(path: &[Segment], operator: &str, operand: &Value) -> Result<FieldTest> {
-    let at = path_text(path);
+fn parse_field_test(place: &Place, operator: &str, operand: &Value) -> Result<FieldTest> {
     let list = || match operand {
         Value::Array(items) => Ok(items.clone()),
         _ => Err(OnChangeDocError::BadSelector(format!(
-            "`{operator}` on `{at}` needs an array"
+            "`{operator}` on `{}` needs an array",
+            place.text()
         ))),
     };
     Ok(match operator {
@@ -263,17 +315,19 @@ fn parse_field_test(path: &[Segment], operator: &str, operand: &Value) -> Result
             Value::Bool(wanted) => FieldTest::Exists(*wanted),
             _ => {
                 return Err(OnChangeDocError::BadSelector(format!(
-                    "`$exists` on `{at}` needs true or false"
+                    "`$exists` on `{}` needs true or false",
+                    place.text()
                 )))
             }
         },
         "$regex" => match operand {
-            Value::String(pattern) => {
-                FieldTest::Regex(regex(pattern, format!("selector.{at}.$regex"))?)
-            }
+            Value::String(pattern) => FieldTest::Regex(regex(pattern, || {
+                format!("selector.{}.$regex", place.text())
+            })?),
             _ => {
                 return Err(OnChangeDocError::BadSelector(format!(
-                    "`$regex` on `{at}` needs a regular expression string"
+                    "`$regex` on `{}` needs a regular expression string",
+                    place.text()
                 )))
             }
         },
@@ -304,17 +358,12 @@ fn field_segments(name: &str) -> Vec<Segment> {
     segments
 }
 
-/// A path for error messages.
-fn path_text(path: &[Segment]) -> String {
-    path.iter()
-        .map(|s| s.key.as_str())
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn with_selector(selector: Value) -> Selector {
@@ -491,6 +540,153 @@ mod tests {
             assert!(
                 matches!(error(bad.clone()), OnChangeDocError::BadSelector(_)),
                 "{bad}"
+            );
+        }
+    }
+
+    /// What a compiled selector holds: its nodes, path segments and their
+    /// bytes, and the text of its operands.
+    fn weight(selector: &Selector) -> usize {
+        1 + match selector {
+            Selector::All(parts) | Selector::Any(parts) => parts.iter().map(weight).sum(),
+            Selector::Not(inner) => weight(inner),
+            Selector::At { path, inner } => {
+                path.iter().map(|s| 1 + s.key.len()).sum::<usize>() + weight(inner)
+            }
+            Selector::Test(test) => match test {
+                FieldTest::Eq(v)
+                | FieldTest::Ne(v)
+                | FieldTest::Gt(v)
+                | FieldTest::Gte(v)
+                | FieldTest::Lt(v)
+                | FieldTest::Lte(v) => v.to_string().len(),
+                FieldTest::In(list) | FieldTest::Nin(list) => {
+                    list.iter().map(|v| v.to_string().len()).sum()
+                }
+                FieldTest::Exists(_) => 0,
+                FieldTest::Regex(re) => re.as_str().len(),
+            },
+        }
+    }
+
+    /// A selector-like object: members named by operators, paths or
+    /// anything, of any value.
+    fn selector_like() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => vec((hostile_input::key(), hostile_input::json()), 0..6)
+                .prop_map(|members| Value::Object(hostile_input::object(members))),
+            1 => hostile_input::json(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Ok or a clear Err for any JSON; what compiles holds at most
+        /// twice the selector's text and evaluates any document.
+        #[test]
+        fn a_selector_of_any_json_compiles_or_errs_without_panic(
+            selector in selector_like(),
+            doc in hostile_input::json(),
+        ) {
+            let text = selector.to_string().len();
+            match Selector::parse(&selector) {
+                Ok(compiled) => {
+                    prop_assert!(weight(&compiled) <= 2 * text, "{} > 2 * {text}", weight(&compiled));
+                    compiled.matches(&doc);
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Dots in a field name are the same as nested fields: the path
+        /// is split where it is written, and each part applies below it.
+        #[test]
+        fn a_dotted_path_means_the_same_as_nested_fields(
+            inner in selector_like(),
+            doc in hostile_input::json(),
+        ) {
+            let Value::Object(members) = &inner else { return Ok(()) };
+            prop_assume!(!members.is_empty());
+            let dotted = Selector::parse(&json!({"a.b": inner}));
+            let nested = Selector::parse(&json!({"a": {"b": inner}}));
+            match (dotted, nested) {
+                (Ok(dotted), Ok(nested)) => {
+                    let doc = json!({"a": {"b": doc}});
+                    prop_assert_eq!(dotted.matches(&doc), nested.matches(&doc));
+                }
+                (dotted, nested) => prop_assert_eq!(dotted.is_ok(), nested.is_ok()),
+            }
+        }
+
+        /// A field name gives one segment more than its unescaped dots,
+        /// holding no more bytes than the name.
+        #[test]
+        fn a_field_name_splits_into_at_most_its_bytes(name in hostile_input::text()) {
+            let segments = field_segments(&name);
+            prop_assert!(segments.len() <= hostile_input::count(name.as_bytes(), b'.') + 1);
+            prop_assert!(segments.iter().map(|s| s.key.len()).sum::<usize>() <= name.len());
+        }
+    }
+
+    #[test]
+    fn a_selector_nested_far_deeper_than_json_allows_is_an_error_not_a_stack_overflow() {
+        use hostile_input::{array, member};
+        let wraps: [fn(Value) -> Value; 4] = [
+            |v| member("$not", v),
+            |v| member("$and", array(v)),
+            |v| member("a", v),
+            |v| member("a", member("$eq", array(v))),
+        ];
+        for wrap in wraps {
+            let deep = hostile_input::nested(10_000, json!({"a": 1}), wrap);
+            assert_eq!(
+                Selector::parse(&deep).unwrap_err(),
+                OnChangeDocError::TooDeep("selector")
+            );
+            hostile_input::dismantle(deep);
+        }
+    }
+
+    #[test]
+    fn a_selector_as_deep_as_a_couchdb_document_allows_compiles_and_matches() {
+        // A document's members are one level down: its selector nests at
+        // most 127 levels.
+        let fields = format!("{}1{}", r#"{"a":"#.repeat(127), "}".repeat(127));
+        let doc: Value = serde_json::from_str(&fields).unwrap();
+        assert!(with_selector(doc.clone()).matches(&doc));
+        let nots = format!(
+            "{}{{\"a\":1}}{}",
+            r#"{"$not":"#.repeat(126),
+            "}".repeat(126)
+        );
+        let selector = with_selector(serde_json::from_str(&nots).unwrap());
+        assert!(selector.matches(&json!({"a": 1})));
+    }
+
+    #[test]
+    fn a_long_path_under_many_conditions_compiles_in_size_linear_in_the_selector() {
+        // Every condition under a path once held its own copy of the path:
+        // each of these 80 kB selectors compiled to 80 million segments,
+        // about 6 GB.
+        let path = vec!["a"; 20_000].join(".");
+        let conditions: Vec<Value> = (0..4_000).map(|_| json!({"$eq": 1})).collect();
+        let fields: Map<String, Value> = (0..4_000).map(|i| (format!("f{i}"), json!(1))).collect();
+        for selector in [
+            json!({ &path: {"$and": conditions} }),
+            json!({ &path: fields }),
+        ] {
+            let compiled = with_selector(selector.clone());
+            let text = selector.to_string().len();
+            assert!(
+                weight(&compiled) <= 2 * text,
+                "{} > 2 * {text}",
+                weight(&compiled)
             );
         }
     }

@@ -21,6 +21,7 @@ use super::placeholder::{fill_url, query_text, replace_all, write_object, Change
 use super::{option_members, present, string_member, OnChangeDocError, Result};
 use crate::config::Passwords;
 use crate::couch::{redact_credentials, SecretUrl, UrlError};
+use crate::rules::{nests_within, MAX_JSON_DEPTH};
 
 /// The signature header when `sign` does not name one.
 pub const DEFAULT_SIGN_HEADER: &str = "X-Spiegel-Signature";
@@ -153,6 +154,10 @@ impl Template {
         };
         let params = match present(doc, "params") {
             None => None,
+            // Filled in for each change by recursion: see `MAX_JSON_DEPTH`.
+            Some(params) if !nests_within(params, MAX_JSON_DEPTH) => {
+                return Err(OnChangeDocError::TooDeep("params"))
+            }
             Some(params @ Value::Object(_)) => Some(params.clone()),
             Some(_) => return Err(OnChangeDocError::ParamsNotObject),
         };
@@ -526,6 +531,8 @@ fn json_type(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostile_input;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn passwords() -> Passwords {
@@ -595,5 +602,138 @@ mod tests {
             Some("own")
         );
         assert!(!format!("{:?}", UrlPassword::lookup(fixed, &passwords())).contains("pw1"));
+    }
+
+    /// A change of hostile texts, and the longest text a placeholder can
+    /// stand for in it.
+    fn with_change<T>(
+        (db_name, id, rev, seq, doc): (String, String, String, Value, Value),
+        body: impl FnOnce(&ChangeContext, usize) -> T,
+    ) -> T {
+        let doc = serde_json::value::to_raw_value(&doc).unwrap();
+        let change = ChangeContext {
+            rule: "rule",
+            db_name: &db_name,
+            doc: &doc,
+            id: &id,
+            rev: &rev,
+            seq: &seq,
+        };
+        let longest = [
+            db_name.len(),
+            id.len(),
+            rev.len(),
+            seq.to_string().len(),
+            doc.get().len(),
+            32,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        body(&change, longest)
+    }
+
+    fn change() -> impl Strategy<Value = (String, String, String, Value, Value)> {
+        (
+            hostile_input::text(),
+            hostile_input::text(),
+            hostile_input::text(),
+            prop_oneof![
+                hostile_input::number(),
+                hostile_input::text().prop_map(Value::String)
+            ],
+            hostile_input::json(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Ok or a clear Err for any `url` text; what compiles keeps the
+        /// URL as written, and gives each change a URL or an Err.
+        #[test]
+        fn a_template_of_any_text_compiles_or_errs_without_panic(
+            url in hostile_input::text(),
+            scheme in proptest::sample::select(&["", "http://", "https://u@h/", "https://${db_name}/"][..]),
+            change in change(),
+        ) {
+            let url = format!("{scheme}{url}");
+            match Template::parse(&json!({ "url": url })) {
+                Ok(template) => {
+                    prop_assert_eq!(&template.url, &url);
+                    let template = template.resolve(None, &passwords()).unwrap();
+                    with_change(change, |change, _| template.url_for(change).map(|_| ()).ok());
+                }
+                Err(error) => prop_assert!(matches!(error, OnChangeDocError::BadUrl(_))),
+            }
+        }
+
+        /// Every member of the request may be of any shape: Ok or a clear
+        /// Err, and a compiled request holds no more text than the document.
+        #[test]
+        fn a_request_of_any_json_compiles_or_errs_without_panic(
+            members in proptest::collection::vec((
+                prop_oneof![
+                    4 => proptest::sample::select(&["url", "method", "params", "headers", "timeout", "sign"][..])
+                        .prop_map(String::from),
+                    1 => hostile_input::key(),
+                ],
+                prop_oneof![
+                    hostile_input::json(),
+                    hostile_input::number(),
+                    Just(json!("https://u@api.example.com/$db_name")),
+                ],
+            ), 0..8),
+        ) {
+            let doc = Value::Object(hostile_input::object(members));
+            let text = doc.to_string().len();
+            let parsed = Template::parse(&doc);
+            let sign = present(&doc, "sign").map(SignSpec::parse);
+            if let (Ok(template), Some(Ok(sign))) = (parsed.clone(), &sign) {
+                let _ = template.resolve(Some(sign), &passwords());
+            }
+            match parsed {
+                Ok(template) => {
+                    let held = template.url.len()
+                        + template.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+                        + template.params.map_or(0, |p| p.to_string().len());
+                    prop_assert!(held <= text);
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+        /// For any params and any change, the body is JSON, and grows with
+        /// the placeholders in it at most by what they stand for, escaped.
+        #[test]
+        fn filled_params_are_json_for_any_params_and_change(
+            params in proptest::collection::vec((hostile_input::key(), hostile_input::json()), 0..6),
+            change in change(),
+        ) {
+            let params = Value::Object(hostile_input::object(params));
+            let text = params.to_string();
+            let template = Template { params: Some(params), ..Template::default() };
+            with_change(change, |change, longest| {
+                let body = template.body_for(change).unwrap();
+                prop_assert!(serde_json::from_str::<Value>(&body).is_ok(), "{}", body);
+                let dollars = hostile_input::count(text.as_bytes(), b'$');
+                prop_assert!(body.len() <= text.len() + dollars * 6 * longest);
+                template.query_for(change).unwrap();
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn params_nested_far_deeper_than_json_allows_are_an_error_not_a_stack_overflow() {
+        let params = hostile_input::nested(10_000, json!("$change"), hostile_input::array);
+        let doc = hostile_input::member("params", hostile_input::member("a", params));
+        let mut doc = doc;
+        doc["url"] = json!("https://h/");
+        assert_eq!(
+            Template::parse(&doc).unwrap_err(),
+            OnChangeDocError::TooDeep("params")
+        );
+        hostile_input::dismantle(doc);
     }
 }
