@@ -76,6 +76,11 @@ pub struct Coordinator<S> {
     timing: Timing,
     renewer: Renewer,
     liveness: Liveness,
+    /// The members live at the last rebalance: a look that finds others
+    /// rebalances at once.
+    live: BTreeSet<String>,
+    /// Whether the last heartbeat was written: without it, claim nothing.
+    beat_ok: bool,
     /// Each partition's lease document as last read or written by us.
     leases: Vec<LeaseDoc>,
     /// Each partition's place in the lease lifecycle.
@@ -112,7 +117,9 @@ impl<S: LeaseStore> Coordinator<S> {
             orphans: HashMap::new(),
             beats_since_statuses: 0,
             renewer: Renewer::new(doc, member.timing.clone(), link.beats),
-            liveness: Liveness::new(member.timing.lease),
+            liveness: Liveness::new(member.timing.window()),
+            live: BTreeSet::new(),
+            beat_ok: false,
             role: member.role,
             me: member.worker_id,
             timing: member.timing,
@@ -125,9 +132,12 @@ impl<S: LeaseStore> Coordinator<S> {
     pub async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         let mut tick = tokio::time::interval(self.timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = tokio::time::interval(self.timing.watch());
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => self.beat().await,
+                _ = look.tick() => self.look().await,
                 request = requests.recv() => match request {
                     Some(request) => {
                         if self.on_request(request).await {
@@ -211,6 +221,7 @@ impl<S: LeaseStore> Coordinator<S> {
         // the partitions before a heartbeat that may hang.
         self.drop_if_fenced();
         let alive = self.renewer.renew(&self.store).await;
+        self.beat_ok = alive;
         bounded(self.step_limit(), "finishing releases", self.settle()).await;
         if self.drop_if_fenced() || !alive {
             // Without a fresh heartbeat our standing is unknown: claim nothing.
@@ -232,6 +243,38 @@ impl<S: LeaseStore> Coordinator<S> {
                 tracing::warn!(role = %self.role, "reading the leases timed out; retrying at the next heartbeat")
             }
         }
+    }
+
+    /// A look between heartbeats: reads the members only, and rebalances
+    /// at once when one has died (or joined), rather than at the next
+    /// heartbeat. So a dead worker's partitions are taken within a lease
+    /// time of its last heartbeat ([`Timing::window`]).
+    async fn look(&mut self) {
+        if self.drop_if_fenced() || !self.beat_ok {
+            return;
+        }
+        let read = tokio::time::timeout(self.step_limit(), self.store.members()).await;
+        let Ok(Ok(members)) = read else {
+            return;
+        };
+        if self.observe(&members) == self.live {
+            return;
+        }
+        let limit = self.step_limit();
+        if let Ok(Err(e)) = tokio::time::timeout(limit, self.rebalance()).await {
+            tracing::debug!(role = %self.role, error = %e, "cannot read the leases; retrying at the next heartbeat");
+        }
+    }
+
+    /// Records the members read just now; returns the live ones.
+    fn observe(&mut self, members: &[WorkerDoc]) -> BTreeSet<String> {
+        // Observed now, after the read: a revision cannot be older than this
+        // from our point of view.
+        let now = Instant::now();
+        let ids = members
+            .iter()
+            .filter_map(|m| Some((m.worker_id.as_str(), m.rev.as_deref()?)));
+        self.liveness.observe(now, ids)
     }
 
     /// Fencing: once heartbeats have failed for too long, every partition
@@ -289,15 +332,9 @@ impl<S: LeaseStore> Coordinator<S> {
 
     async fn rebalance(&mut self) -> Result<(), crate::couch::CouchError> {
         let members = self.store.members().await?;
-        // Observed now, after the read: a revision cannot be older than this
-        // from our point of view.
+        let live = self.observe(&members);
+        self.live.clone_from(&live);
         let now = Instant::now();
-        let live = self.liveness.observe(
-            now,
-            members
-                .iter()
-                .filter_map(|m| Some((m.worker_id.as_str(), m.rev.as_deref()?))),
-        );
         self.remove_dead_members(now, &members).await;
         self.remove_orphaned_statuses(now, &live).await;
         for lease in self.store.leases().await? {
@@ -672,7 +709,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_dead_workers_partitions_are_taken_one_lease_time_after_its_last_beat() {
+    async fn a_dead_workers_partitions_are_taken_within_a_lease_time_of_its_last_beat_not_before_it_fenced(
+    ) {
         let store = store();
         let mut a = start(&store, "a");
         a.until_owning(4).await;
@@ -689,16 +727,16 @@ mod tests {
             }
         }
         b.until_owning(2).await;
-        // "b" dies: its last heartbeat is its last write.
+        // "b" dies, some time after its last heartbeat.
+        tokio::time::sleep(TIMING.heartbeat / 2).await;
+        let last_beat = b.beats.borrow().expect("a heartbeat");
         b.task.abort();
-        let died = Instant::now();
         let taken = a.until_owning(4).await;
-        let waited = taken - died;
-        assert!(waited >= TIMING.lease, "taken after {waited:?}");
-        assert!(
-            waited <= TIMING.lease + 2 * TIMING.heartbeat,
-            "taken after {waited:?}"
-        );
+        let waited = taken - last_beat;
+        // Not before "b" fenced itself, and within a lease time.
+        let fenced = TIMING.lease - TIMING.heartbeat;
+        assert!(waited > fenced, "taken after {waited:?}");
+        assert!(waited <= TIMING.lease, "taken after {waited:?}");
         assert_eq!(store.lease(3).unwrap().owner.as_deref(), Some("a"));
     }
 

@@ -1,5 +1,6 @@
 //! Who is live, judged by each observer on its own monotonic clock: a
-//! member whose revision has not changed for a lease time is dead. No two
+//! member whose revision has not changed for the liveness window
+//! ([`super::renewer::Timing::window`]) is dead. No two
 //! hosts' clocks need to agree, only their rates (within a few percent).
 
 use std::collections::{BTreeSet, HashMap};
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 /// Who is live, as seen from one worker.
 #[derive(Debug)]
 pub struct Liveness {
-    lease: Duration,
+    window: Duration,
     /// worker id -> (revision last seen, when it was first seen).
     seen: HashMap<String, (String, Instant)>,
     /// When the observer last looked.
@@ -18,9 +19,9 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    pub fn new(lease: Duration) -> Self {
+    pub fn new(window: Duration) -> Self {
         Liveness {
-            lease,
+            window,
             seen: HashMap::new(),
             last_look: None,
         }
@@ -28,7 +29,7 @@ impl Liveness {
 
     /// Records the membership documents read at `now` and returns the ids of
     /// the live workers. A worker seen for the first time counts as live for
-    /// one lease time: it may have just started, or just died.
+    /// one window: it may have just started, or just died.
     pub fn observe<'a>(
         &mut self,
         now: Instant,
@@ -39,7 +40,7 @@ impl Liveness {
         // fresh lease rather than being declared dead at once.
         let blind = self
             .last_look
-            .is_none_or(|t| now.duration_since(t) > self.lease);
+            .is_none_or(|t| now.duration_since(t) > self.window);
         self.last_look = Some(now);
         let mut present = HashMap::new();
         for (worker, rev) in members {
@@ -52,7 +53,7 @@ impl Liveness {
         self.seen = present;
         self.seen
             .iter()
-            .filter(|(_, (_, since))| now.duration_since(*since) < self.lease)
+            .filter(|(_, (_, since))| now.duration_since(*since) < self.window)
             .map(|(id, _)| id.clone())
             .collect()
     }

@@ -31,6 +31,24 @@ impl Timing {
         last_beat.is_none_or(|t| now.saturating_duration_since(t) + self.heartbeat >= self.lease)
     }
 
+    /// How often a worker looks, between its heartbeats, for members that
+    /// stopped beating: a fifth of a heartbeat (1 s by default).
+    pub fn watch(&self) -> Duration {
+        self.heartbeat / 5
+    }
+
+    /// How long a member's revision must stay unchanged, on the observer's
+    /// clock, for the member to be taken for dead: the lease time less
+    /// three looks. The observer first sees a heartbeat within a look of its
+    /// write and notices the silence within a look of the window's end, so
+    /// a dead worker's partitions are taken within a lease time of its last
+    /// heartbeat; and the window stays above the `lease − heartbeat` at
+    /// which the dead worker fenced itself (by two fifths of a heartbeat),
+    /// so they are never taken while it may still start work on them.
+    pub fn window(&self) -> Duration {
+        self.lease.saturating_sub(self.watch() * 3)
+    }
+
     /// How long from `now` until [`Timing::fenced`] holds; zero once it does.
     pub fn until_fenced(&self, last_beat: Option<Instant>, now: Instant) -> Duration {
         last_beat.map_or(Duration::ZERO, |t| {
