@@ -171,15 +171,22 @@ async fn a_silent_replicate_is_abandoned_and_the_database_keeps_replicating() {
     spiegel_test_server = "external",
     ignore = "owns its CouchDB: kills and restarts it"
 )]
-async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
+async fn after_couchdb_returns_readiness_replication_and_delivery_follow_within_seconds() {
     let (mut server, couch) = own_installation().await;
     let url = server.url();
     let (receiver, base) = Receiver::start().await;
     let db = "returns";
+    let copy = "returns_copy";
     couch.create_db(db).await.unwrap();
     let rule = json!({"type": "on_change", "db_name": format!("^{db}$"),
                       "url": format!("{base}/hook"), "method": "POST", "params": {"id": "$change.id"}});
     couch.put_doc("spiegel", "hook", &rule).await.unwrap();
+    let replication = json!({"type": "replicator", "source": format!("{url}/{db}"),
+                             "target": format!("{url}/{copy}"), "create_target": true});
+    couch
+        .put_doc("spiegel", "copy", &replication)
+        .await
+        .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -228,6 +235,8 @@ async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
         delivered("before"),
     )
     .await;
+    let what = "the first replication";
+    wait_doc(&couch, copy, "before", true, Duration::from_secs(30), what).await;
 
     server.kill();
     wait_for("unreadiness", Duration::from_secs(20), readyz(503)).await;
@@ -248,14 +257,22 @@ async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
     wait_published(&couch, &since, &["probe".to_string()]).await;
     let written = Instant::now();
     couch.put_doc(db, "after", &json!({})).await.unwrap();
-    wait_for(
-        "the delivery after",
-        Duration::from_secs(20),
-        delivered("after"),
-    )
-    .await;
-    let delivery = written.elapsed();
-    eprintln!("after CouchDB returned: ready in {readiness:?}; a write delivered in {delivery:?}");
+    let what = "the replication after";
+    let replicated_in = async {
+        wait_doc(&couch, copy, "after", true, Duration::from_secs(20), what).await;
+        written.elapsed()
+    };
+    let delivered_in = async {
+        wait_for(
+            "the delivery after",
+            Duration::from_secs(20),
+            delivered("after"),
+        )
+        .await;
+        written.elapsed()
+    };
+    let (replication, delivery) = tokio::join!(replicated_in, delivered_in);
+    eprintln!("after CouchDB returned: ready in {readiness:?}; a write replicated in {replication:?}, delivered in {delivery:?}");
     assert!(
         readiness < Duration::from_secs(3),
         "ready {readiness:?} after CouchDB returned"
@@ -263,5 +280,9 @@ async fn after_couchdb_returns_readiness_and_delivery_follow_within_seconds() {
     assert!(
         delivery < Duration::from_secs(3),
         "delivered {delivery:?} after its write"
+    );
+    assert!(
+        replication < Duration::from_secs(5),
+        "replicated {replication:?} after its write"
     );
 }
