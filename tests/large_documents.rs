@@ -13,23 +13,12 @@ use common::*;
 
 /// Peak resident memory of a process (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    status_bytes(pid, "VmHWM:")
+    proc_status_bytes(pid, "VmHWM:")
 }
 
 /// Resident memory of a process now (`VmRSS`), in bytes.
 fn rss(pid: u32) -> u64 {
-    status_bytes(pid, "VmRSS:")
-}
-
-/// A size in `/proc/{pid}/status`, in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in {status}"));
-    kb * 1024
+    proc_status_bytes(pid, "VmRSS:")
 }
 
 /// The attachment `name` of `doc` as the database describes it: its

@@ -757,13 +757,7 @@ async fn a_native_replication_killed_midway_resumes_from_its_checkpoint() {
 
 /// Peak resident memory of a process (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kb * 1024
+    proc_status_bytes(pid, "VmHWM:")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -463,3 +463,14 @@ pub fn incompressible(size: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A size in `/proc/{pid}/status` (`VmRSS:`, `VmHWM:`), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in {status}"));
+    kb * 1024
+}
