@@ -1094,6 +1094,47 @@ async fn native_replication_matches_couchdbs_for_attachments_small_large_replace
     d.assert_same().await;
 }
 
+/// Batches of 5 over 40 new documents: after three batches that found the
+/// target lacking everything, the native engine stops asking `_revs_diff`
+/// (one batch in ten still asks), and copies revisions with attachments
+/// whole. The second replication goes on in the same session, still
+/// skipping, over documents the target partly has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    spiegel_test_server = "test-server",
+    ignore = "compares with CouchDB's own replicator: needs real CouchDB"
+)]
+async fn native_replication_matches_couchdbs_while_it_skips_revs_diff_over_many_batches() {
+    let mut d = Differential::new("skipdiff").await;
+    let (h, src) = (d.http.clone(), d.source.clone());
+    for i in 0..40 {
+        let id = format!("d{i:02}");
+        let root = h.put(&src, &id, json!({"i": i, "x": 0.1 * i as f64})).await;
+        if i % 4 == 0 {
+            let data = noise(2000 + i, i as u64);
+            h.put_attachment(&src, &id, "a.bin", "application/octet-stream", data)
+                .await;
+        }
+        if i % 7 == 0 {
+            let body = json!({"branch": i});
+            h.branch(&src, &id, Some(&root), &format!("b{i}"), body)
+                .await;
+        }
+    }
+    d.replicate(json!({"worker_batch_size": 5})).await;
+    d.assert_same().await;
+    for i in (0..40).step_by(3) {
+        h.edit(&src, &format!("d{i:02}"), |doc| {
+            doc.insert("edited".into(), json!(true));
+        })
+        .await;
+    }
+    h.put_attachment(&src, "d05", "late.txt", "text/plain", b"late".to_vec())
+        .await;
+    d.replicate_again().await;
+    d.assert_same().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     spiegel_test_server = "test-server",

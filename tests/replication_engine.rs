@@ -32,6 +32,7 @@ fn replication(couch: &CouchClient, source: &str, target: &str, params: Value) -
         source: peer(source),
         target: peer(target),
         options: Options::parse(&params).unwrap(),
+        group: None,
     }
 }
 

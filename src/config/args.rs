@@ -39,7 +39,7 @@ pub enum CommandArgs {
     /// `update-listener`: idle until stopped.
     UpdateListener,
     /// `replicator`, `change-listener` or `run`: workers.
-    Work(RunArgs),
+    Work(Box<RunArgs>),
 }
 
 impl CommandArgs {
@@ -204,6 +204,8 @@ pub struct RunArgs {
     pub batch_size: u64,
     /// The engine of replicator documents that name none.
     pub replication_engine: Engine,
+    /// How long a native run waits to share its target's requests.
+    pub group_window: Duration,
     /// The admin HTTP server.
     pub admin: AdminSettings,
 }
@@ -260,7 +262,7 @@ impl Cli {
             }),
             Command::UpdateListener => CommandArgs::UpdateListener,
             Command::Run | Command::Replicator | Command::ChangeListener => {
-                CommandArgs::Work(self.run_args(checked, matches))
+                CommandArgs::Work(Box::new(self.run_args(checked, matches)))
             }
         };
         Ok(Config {
@@ -382,6 +384,7 @@ impl Cli {
             delivery: self.delivery_settings(),
             batch_size: self.batch_size,
             replication_engine: self.replication_engine,
+            group_window: Duration::from_millis(self.group_window),
             admin,
         }
     }

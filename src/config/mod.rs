@@ -306,6 +306,20 @@ pub struct Cli {
     )]
     pub replication_engine: Engine,
 
+    /// Milliseconds a native replication run waits for other runs writing
+    /// to the same target, to share their requests to it (checkpoint read,
+    /// `_revs_diff`, `_bulk_docs`). A run alone on its target never waits,
+    /// and a group goes as soon as every run on the target has joined it.
+    /// 0: every run sends its own.
+    #[arg(
+        long,
+        env = "GROUP_WINDOW",
+        default_value_t = 25,
+        global = true,
+        value_name = "MS"
+    )]
+    pub group_window: u64,
+
     /// Seconds a stopping worker waits for its runs in flight before it
     /// abandons them (they are handled again by the next owner).
     #[arg(

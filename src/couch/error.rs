@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::url::redact_credentials;
 
 /// What went wrong talking to CouchDB, classified so that callers can tell a retry from a mistake.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CouchError {
     /// The database does not exist.
     #[error("database {0:?} does not exist")]

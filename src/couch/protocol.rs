@@ -198,6 +198,44 @@ impl CouchClient {
         self.json(req, Some(db), None).await
     }
 
+    /// `POST /{db}/_local_docs?include_docs=true` with `keys`: the local
+    /// documents `ids` (each `_local/…`) in one request, None for those
+    /// that do not exist. A server without it answers
+    /// [`CouchError::DocNotFound`] (about `_local_docs`) or
+    /// [`CouchError::BadRequest`].
+    pub async fn local_docs(&self, db: &str, ids: &[String]) -> Result<Vec<Option<Value>>> {
+        #[derive(Deserialize)]
+        struct Rows {
+            rows: Vec<Row>,
+        }
+        #[derive(Deserialize)]
+        struct Row {
+            key: String,
+            doc: Option<Value>,
+            error: Option<String>,
+        }
+        let path = format!("{}/_local_docs", encode_segment(db));
+        let req = self
+            .request(Method::POST, &path)
+            .query(&[("include_docs", "true")])
+            .json(&json!({ "keys": ids }));
+        let answer: Rows = self.json(req, Some(db), Some("_local_docs")).await?;
+        let mut found: BTreeMap<String, Row> = answer
+            .rows
+            .into_iter()
+            .map(|r| (r.key.clone(), r))
+            .collect();
+        ids.iter()
+            .map(|id| match found.remove(id) {
+                Some(Row { doc: Some(doc), .. }) => Ok(Some(doc)),
+                Some(Row { error: Some(e), .. }) if e != "not_found" => Err(CouchError::Decode(
+                    format!("_local_docs answered {e} for {id}"),
+                )),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+
     /// `POST /{db}/_bulk_get?revs=true&latest=true`: the revisions with
     /// their history, in one request; with `attachments`, the attachments'
     /// data inline as well, else their stubs. One

@@ -7,8 +7,10 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::group::Member;
 use super::options::Options;
 use super::peer::Peer;
+use super::skip::MissingRate;
 use super::{ReplicationError, Report};
 use crate::couch::{CouchError, Seq};
 
@@ -55,6 +57,8 @@ pub struct Progress {
     recorded_at: Instant,
     /// Where the last run ended: `recorded` or beyond.
     reached: Seq,
+    /// How much the target lacked of what it was asked about.
+    missing: MissingRate,
 }
 
 /// A session: one process's replication, over one or more runs, whose
@@ -122,21 +126,25 @@ pub struct Logs {
     start: Option<Seq>,
     /// This session's last checkpoint, and when it was written.
     recorded: Option<(Seq, Instant)>,
+    /// How much the target lacked of what it was asked about.
+    missing: MissingRate,
 }
 
 impl Logs {
     /// Reads the checkpoints: the target's only when `known` still holds
     /// for it. A missing database is reported as such.
+    /// The target's is read with those of the other runs on it (`group`).
     pub async fn read(
         source: &Peer,
         target: &Peer,
+        group: Option<&Member>,
         id: &str,
         known: Option<Progress>,
     ) -> Result<Logs, ReplicationError> {
         let local = format!("_local/{id}");
         let mut target_log = None;
         if let Some(known) = known {
-            let log = read_log(target, &local, ReplicationError::TargetMissing).await?;
+            let log = read_target_log(target, group, &local).await?;
             if known.holds_for(log.as_ref()) {
                 return Ok(Logs::resumed(id, known, log));
             }
@@ -145,7 +153,7 @@ impl Logs {
         let source_log = read_log(source, &local, ReplicationError::SourceMissing).await?;
         let target_log = match target_log {
             Some(log) => log,
-            None => read_log(target, &local, ReplicationError::TargetMissing).await?,
+            None => read_target_log(target, group, &local).await?,
         };
         let start = start_seq(source_log.as_ref(), target_log.as_ref());
         Ok(Logs {
@@ -166,6 +174,7 @@ impl Logs {
             session: Session::new(None),
             start: None,
             recorded: None,
+            missing: MissingRate::default(),
         }
     }
 
@@ -178,12 +187,18 @@ impl Logs {
             session: known.session,
             start: Some(known.reached),
             recorded: Some((known.recorded, known.recorded_at)),
+            missing: known.missing,
         }
     }
 
     /// Where the run starts (None: from the beginning).
     pub fn start_seq(&self) -> Option<Seq> {
         self.start.clone()
+    }
+
+    /// How much the target lacked, which the run updates as it asks.
+    pub fn missing_rate(&mut self) -> &mut MissingRate {
+        &mut self.missing
     }
 
     /// Starts a new session at `seq` (`since_seq`) instead.
@@ -225,6 +240,7 @@ impl Logs {
             },
             recorded,
             recorded_at,
+            missing: self.missing,
         })
     }
 
@@ -304,6 +320,23 @@ async fn read_log(
 ) -> Result<Option<Value>, ReplicationError> {
     let log = peer.client.get_doc_opt(&peer.db, local).await;
     log.map_err(|e| missing(e, when_missing, "reading a checkpoint"))
+}
+
+/// The target's checkpoint document, read with the other runs' where
+/// there are any.
+async fn read_target_log(
+    target: &Peer,
+    group: Option<&Member>,
+    local: &str,
+) -> Result<Option<Value>, ReplicationError> {
+    let step = "reading a checkpoint";
+    match group.map(|g| g.read_log(local)) {
+        Some(shared) => match shared.await {
+            Ok(log) => log.map_err(|e| missing(e, ReplicationError::TargetMissing, step)),
+            Err(local) => read_log(target, &local, ReplicationError::TargetMissing).await,
+        },
+        None => read_log(target, local, ReplicationError::TargetMissing).await,
+    }
 }
 
 /// Where both sides last agreed: the newest session the two histories

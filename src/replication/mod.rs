@@ -10,7 +10,8 @@
 //!    start where that run ended ([`Progress`]);
 //! 2. read a page of the source's `_changes` (every leaf revision, with the
 //!    document's filter, selector or ids);
-//! 3. ask the target which revisions it lacks (`_revs_diff`);
+//! 3. ask the target which revisions it lacks (`_revs_diff`), unless it has
+//!    lacked nearly all lately ([`skip`]);
 //! 4. fetch them with their history, attachments as stubs (`_bulk_get`,
 //!    or `GET ?open_revs=` where it is missing; [`fetch`]);
 //! 5. write them as they are (`_bulk_docs`, `new_edits: false`; [`write`]),
@@ -19,13 +20,20 @@
 //!    ?new_edits=false`, as CouchDB's replicator copies them ([`attached`]);
 //! 6. record the checkpoint on both sides (after each batch; a run of one
 //!    batch only once the last checkpoint is `checkpoint_interval` old).
+//!
+//! Runs into the same target share its requests of steps 1, 3 and 5
+//! ([`group`]), so that thousands of sources fanned into one aggregate do
+//! not each cost it three requests per change.
 
 mod attached;
 mod checkpoint;
 mod fetch;
+mod group;
+mod lane;
 mod options;
 mod peer;
 mod sessions;
+mod skip;
 mod write;
 
 use std::collections::BTreeMap;
@@ -35,10 +43,13 @@ use serde_json::Value;
 use self::attached::split_attached;
 pub use self::checkpoint::Progress;
 use self::checkpoint::{missing, replication_id, Logs};
+use self::group::Revs;
+pub use self::group::{Groups, Member};
 pub use self::options::{Options, Unsupported};
 pub use self::peer::Peer;
 pub use self::sessions::Sessions;
-use crate::couch::{Change, ChangesPage, CouchError, RevToFetch, Seq};
+use self::skip::MissingRate;
+use crate::couch::{Change, ChangesPage, CouchError, RevToFetch, RevsDiff, Seq};
 
 /// Which engine replicates a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -183,6 +194,9 @@ pub struct Replication {
     pub target: Peer,
     /// How.
     pub options: Options,
+    /// This run's place among the runs writing to the same target, whose
+    /// requests it shares (None: it sends its own).
+    pub group: Option<Member>,
 }
 
 impl Replication {
@@ -241,7 +255,9 @@ impl Replication {
             let page = self.changes(since.as_ref()).await?;
             let count = page.results.len() as u64;
             if count > 0 {
-                self.copy(&page.results, &mut report, &mut bulk_get).await?;
+                let missing = logs.missing_rate();
+                self.copy(&page.results, &mut report, &mut bulk_get, missing)
+                    .await?;
             }
             let last = count < self.options.batch;
             let moved = since.as_ref() != Some(&page.last_seq);
@@ -295,7 +311,7 @@ impl Replication {
             return Ok(Logs::empty(id));
         }
         let known = known.filter(|_| self.options.since_seq.is_none());
-        Logs::read(&self.source, &self.target, id, known).await
+        Logs::read(&self.source, &self.target, self.group.as_ref(), id, known).await
     }
 
     async fn create_target(&self) -> Result<(), ReplicationError> {
@@ -327,8 +343,9 @@ impl Replication {
         changes: &[Change],
         report: &mut Report,
         bulk_get: &mut bool,
+        missing: &mut MissingRate,
     ) -> Result<(), ReplicationError> {
-        let wanted = self.missing(changes, report).await?;
+        let wanted = self.missing(changes, report, missing).await?;
         if wanted.is_empty() {
             return Ok(());
         }
@@ -356,26 +373,40 @@ impl Replication {
     }
 
     /// The revisions of `changes` the target lacks (`_revs_diff`), each
-    /// with the ancestors whose attachments the target has.
+    /// with the ancestors whose attachments the target has; every revision
+    /// of `changes`, without asking, while the target has lacked nearly
+    /// all ([`MissingRate`]).
     async fn missing(
         &self,
         changes: &[Change],
         report: &mut Report,
+        rate: &mut MissingRate,
     ) -> Result<Vec<RevToFetch>, ReplicationError> {
-        let mut revs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut revs = Revs::new();
         for change in changes {
             let leaves = change.changes.iter().map(|c| c.rev.clone());
             revs.entry(change.id.clone()).or_default().extend(leaves);
         }
-        report.missing_checked += revs.values().map(|r| r.len() as u64).sum::<u64>();
-        let diff = self
-            .target
-            .client
-            .revs_diff(&self.target.db, &revs)
-            .await
-            .map_err(ReplicationError::couch(
-                "comparing revisions with the target",
-            ))?;
+        let checked = revs.values().map(|r| r.len() as u64).sum::<u64>();
+        report.missing_checked += checked;
+        let diff = if rate.skip() {
+            tracing::debug!(db = %self.target.db, revisions = checked, "_revs_diff skipped: the target has lacked nearly everything");
+            let all = revs.into_iter().map(|(id, missing)| {
+                let diff = RevsDiff {
+                    missing,
+                    possible_ancestors: Vec::new(),
+                };
+                (id, diff)
+            });
+            all.collect()
+        } else {
+            let step = "comparing revisions with the target";
+            let diff = self.revs_diff(revs).await;
+            let diff = diff.map_err(ReplicationError::couch(step))?;
+            let found = diff.values().map(|d| d.missing.len() as u64).sum();
+            rate.asked(checked, found);
+            diff
+        };
         let wanted: Vec<RevToFetch> = diff
             .into_iter()
             .flat_map(|(id, d)| {
@@ -389,5 +420,17 @@ impl Replication {
             .collect();
         report.missing_found += wanted.len() as u64;
         Ok(wanted)
+    }
+
+    /// `_revs_diff` on the target, shared with the other runs on it.
+    async fn revs_diff(&self, revs: Revs) -> Result<BTreeMap<String, RevsDiff>, CouchError> {
+        let revs = match &self.group {
+            Some(group) => match group.revs_diff(revs).await {
+                Ok(diff) => return diff,
+                Err(revs) => revs,
+            },
+            None => revs,
+        };
+        self.target.client.revs_diff(&self.target.db, &revs).await
     }
 }

@@ -13,12 +13,17 @@ impl Replication {
     /// CouchDB's replicator does). A revision a validation function refuses
     /// counts as a failure and is passed over; any other refusal fails the
     /// run. Returns a revision refused for lacking an attachment sent as a
-    /// stub, if any.
+    /// stub, if any. The first try is shared with the other runs on the
+    /// target; a run writes alone what that try could not settle.
     pub(super) async fn write(
         &self,
         docs: Vec<RawDoc>,
         report: &mut Report,
     ) -> Result<Option<(String, String)>, ReplicationError> {
+        let docs = match self.write_shared(docs, report).await? {
+            Ok(stubs) => return Ok(stubs),
+            Err(docs) => docs,
+        };
         let target = &self.target;
         let mut batches = VecDeque::from([docs]);
         let mut stubs = None;
@@ -40,7 +45,7 @@ impl Replication {
                     continue;
                 }
                 // CouchDB answers a missing stub for the whole request.
-                Err(CouchError::PreconditionFailed(e)) if e.starts_with("missing_stub") => {
+                Err(e) if missing_stub(&e) => {
                     let head = Head::of(&batch[0]);
                     stubs = Some((head.id, head.rev));
                     continue;
@@ -48,10 +53,46 @@ impl Replication {
                 Err(e) => return Err(ReplicationError::couch("writing to the target")(e)),
                 Ok(refused) => refused,
             };
-            report.docs_written += batch.len().saturating_sub(refused.len()) as u64;
-            for failure in refused {
-                stubs = stubs.or(self.refused(failure, report)?);
-            }
+            stubs = stubs.or(self.settle(batch.len(), refused, report)?);
+        }
+        Ok(stubs)
+    }
+
+    /// Writes `docs` in one `_bulk_docs` with the other runs on the target.
+    /// Err: the documents to write alone (no other run, too many, or a
+    /// shared request too large or with a missing stub, which only a write
+    /// alone can tell apart).
+    async fn write_shared(
+        &self,
+        docs: Vec<RawDoc>,
+        report: &mut Report,
+    ) -> Result<Result<Option<(String, String)>, Vec<RawDoc>>, ReplicationError> {
+        let Some(group) = self.group.as_ref().filter(|_| !docs.is_empty()) else {
+            return Ok(Err(docs));
+        };
+        let (docs, written) = match group.write(docs).await {
+            Ok(written) => written,
+            Err(docs) => return Ok(Err(docs)),
+        };
+        match written {
+            Ok(refused) => Ok(Ok(self.settle(docs.len(), refused, report)?)),
+            Err(e) if too_large(&e) || missing_stub(&e) => Ok(Err(docs)),
+            Err(e) => Err(ReplicationError::couch("writing to the target")(e)),
+        }
+    }
+
+    /// Counts a written batch of `n` revisions, of which `refused` were
+    /// refused; returns one refused for a missing stub, if any.
+    fn settle(
+        &self,
+        n: usize,
+        refused: Vec<BulkResult>,
+        report: &mut Report,
+    ) -> Result<Option<(String, String)>, ReplicationError> {
+        report.docs_written += n.saturating_sub(refused.len()) as u64;
+        let mut stubs = None;
+        for failure in refused {
+            stubs = stubs.or(self.refused(failure, report)?);
         }
         Ok(stubs)
     }
@@ -95,4 +136,9 @@ impl Replication {
 /// or `too_large`).
 fn too_large(e: &CouchError) -> bool {
     matches!(e, CouchError::Unexpected { status: 413, .. })
+}
+
+/// A request refused for an attachment stub the target lacks.
+fn missing_stub(e: &CouchError) -> bool {
+    matches!(e, CouchError::PreconditionFailed(e) if e.starts_with("missing_stub"))
 }

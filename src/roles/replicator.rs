@@ -14,7 +14,7 @@ use crate::config::{Passwords, RunArgs};
 use crate::couch::{CouchClient, CouchError, SecretUrl};
 use crate::flush::Flush;
 use crate::metrics::{self, OutcomeLabel, RoleMetrics};
-use crate::replication::{Engine, Peer, Replication, ReplicationError, Report, Sessions};
+use crate::replication::{Engine, Groups, Peer, Replication, ReplicationError, Report, Sessions};
 use crate::rules::cache::{Parsed, RuleCache};
 use crate::rules::follower::{self, DocsWatch};
 use crate::rules::replicator::{AuthStyle, ReplicatorRule, Trigger};
@@ -37,6 +37,8 @@ pub struct Replicator {
     rules: RuleCache<ReplicatorRule>,
     /// The native engine's progress between runs.
     sessions: Sessions,
+    /// The runs on each target, which share their requests to it.
+    groups: Groups,
 }
 
 /// One replication's result.
@@ -69,6 +71,7 @@ impl Replicator {
             metrics,
             rules: RuleCache::new("replicator"),
             sessions: Sessions::default(),
+            groups: Groups::new(args.group_window),
         }
     }
 
@@ -157,6 +160,7 @@ impl Replicator {
             return Replicated::Failed("the source or the target URL names no database".into());
         };
         let replication = Replication {
+            group: Some(self.groups.join(&target)),
             source,
             target,
             options: options.clone(),

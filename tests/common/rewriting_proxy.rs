@@ -42,6 +42,10 @@ pub enum Fault {
     /// `POST /{db}/_bulk_docs` holding the document: `413 too_large`, as a
     /// proxy with a body limit answers. Not forwarded: nothing is written.
     BulkDocsTooLarge,
+    /// `POST /{db}/_bulk_docs` whose body holds the text of the rule's id
+    /// (such as `_local/spiegel-`, which names a checkpoint): never
+    /// forwarded, never answered, so the client waits until it is killed.
+    BulkDocsHeld,
 }
 
 /// The number of times of a fault that lasts until
@@ -175,6 +179,11 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             );
         }
     }
+    if let Some((Fault::BulkDocsHeld, id)) = &fault {
+        if shared.consume(Fault::BulkDocsHeld, id) {
+            return std::future::pending().await;
+        }
+    }
     let upstream = match shared.forward(&parts, body).await {
         Ok(upstream) => upstream,
         Err(_) => return answer(StatusCode::BAD_GATEWAY, HeaderMap::new(), Body::empty()),
@@ -273,6 +282,11 @@ fn asks_for(fault: Fault, id: &str, parts: &Parts, body: &[u8]) -> bool {
                 && parts.uri.path().ends_with("/_bulk_docs")
                 && String::from_utf8_lossy(body).contains(&quoted)
         }
+        Fault::BulkDocsHeld => {
+            parts.method == Method::POST
+                && parts.uri.path().ends_with("/_bulk_docs")
+                && String::from_utf8_lossy(body).contains(id)
+        }
         Fault::BulkGetError | Fault::BulkGetDropped | Fault::BulkGetUnexpected => {
             #[derive(Deserialize)]
             struct Asked {
@@ -315,7 +329,7 @@ struct BulkGetResult {
 fn rewrite(fault: Fault, id: &str, parts: &Parts, original: &[u8]) -> Option<Vec<u8>> {
     let rewritten = match fault {
         // Answered without forwarding (see `handle`).
-        Fault::BulkDocsTooLarge => return None,
+        Fault::BulkDocsTooLarge | Fault::BulkDocsHeld => return None,
         Fault::BulkGetUnexpected => json!({"unexpected": true}).to_string(),
         Fault::OpenRevsMissing => {
             let missing: Vec<_> = open_revs(parts)?
