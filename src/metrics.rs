@@ -41,6 +41,8 @@ pub struct WorkerMetrics {
     pub(crate) sweeps: Counters,
     pub(crate) sweep_found: Counters,
     pub(crate) last_event: Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) catch_up_found: Gauges,
+    pub(crate) catch_up_handled: Gauges,
 }
 
 /// CouchDB requests by operation (method and path shape).
@@ -176,6 +178,8 @@ impl WorkerMetrics {
             sweeps: Counters::default(),
             sweep_found: Counters::default(),
             last_event: Family::default(),
+            catch_up_found: Gauges::default(),
+            catch_up_handled: Gauges::default(),
         }
     }
 
@@ -187,7 +191,22 @@ impl WorkerMetrics {
         worker.register_runs(registry);
         worker.register_ownership(registry);
         worker.register_discovery(registry);
+        worker.register_catch_up(registry);
         worker
+    }
+
+    /// A first start's (or a takeover's) catch-up over the databases' history.
+    fn register_catch_up(&self, registry: &mut Registry) {
+        registry.register(
+            "catch_up_databases_found",
+            "Databases the current (or last) catch-up found so far",
+            self.catch_up_found.clone(),
+        );
+        registry.register(
+            "catch_up_databases_handled",
+            "Databases the current (or last) catch-up has handled",
+            self.catch_up_handled.clone(),
+        );
     }
 
     /// What the `_db_updates` feed delivered, and how often it reconnected.

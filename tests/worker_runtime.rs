@@ -201,6 +201,7 @@ impl Setup {
             namespace: String::new(),
             worker_id: worker_id.into(),
             concurrency: 4,
+            catch_up_concurrency: 4,
             timing: Timing {
                 lease: LEASE,
                 heartbeat: HEARTBEAT,

@@ -153,6 +153,8 @@ pub struct WorkerSettings {
     pub worker_id: String,
     /// Runs at once per role, at most.
     pub concurrency: usize,
+    /// Of those, runs of a catch-up's history, at most.
+    pub catch_up_concurrency: usize,
     /// Time without a heartbeat after which a worker is taken for dead.
     pub lease_time: Duration,
     /// Where a partition without a checkpoint starts.
@@ -346,6 +348,11 @@ impl Cli {
                 .clone()
                 .unwrap_or_else(super::default_worker_id),
             concurrency: self.concurrency as usize,
+            // Half the runs by default: live changes keep the other half.
+            catch_up_concurrency: self
+                .catch_up_concurrency
+                .map_or(self.concurrency.div_ceil(2), |n| n.min(self.concurrency))
+                as usize,
             lease_time: self.lease_time(),
             since: self.since,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),

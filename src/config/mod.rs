@@ -306,6 +306,13 @@ pub struct Cli {
     )]
     pub replication_engine: Engine,
 
+    /// The most runs at once, per role, of databases that only a catch-up
+    /// asks for (a first start's history, or a takeover's replay); live
+    /// changes always go first. Default: half of `--concurrency`.
+    #[arg(long, env = "CATCH_UP_CONCURRENCY", global = true, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub catch_up_concurrency: Option<u64>,
+
     /// Milliseconds a native replication run waits for other runs writing
     /// to the same target, to share their requests to it (checkpoint read,
     /// `_revs_diff`, `_bulk_docs`). A run alone on its target never waits,

@@ -156,6 +156,8 @@ pub struct WorkerOptions {
     pub worker_id: String,
     /// Runs at once, at most.
     pub concurrency: usize,
+    /// Of those, runs of history only (a catch-up's), at most.
+    pub catch_up_concurrency: usize,
     /// Lease, heartbeat and drain times.
     pub timing: Timing,
     /// Longest time between checkpoint saves.
@@ -195,6 +197,7 @@ impl WorkerOptions {
             namespace: args.connection.namespace.clone(),
             worker_id: format!("{}-{role}", w.worker_id),
             concurrency: w.concurrency,
+            catch_up_concurrency: w.catch_up_concurrency,
             timing: Timing {
                 lease: w.lease_time,
                 heartbeat: w.lease_time / 3,
@@ -282,7 +285,8 @@ pub async fn run<R: Role>(
         "worker started"
     );
     let skip = HashSet::from([options.db_name.clone(), GLOBAL_CHANGES.to_string()]);
-    let sched = Scheduler::new(settings.partitions, options.concurrency, skip);
+    let sched = Scheduler::new(settings.partitions, options.concurrency, skip)
+        .with_history_concurrency(options.catch_up_concurrency);
     let (mut worker, inbox, ends) =
         Worker::new(role, options, client, metrics, sched, extras.nudges);
     let handle = WorkerHandle::new(

@@ -15,7 +15,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::catch_up::{self, CatchUpEvent};
 use super::control::{Control, WaitState, WaitingDb};
-use super::scheduler::{Finished, Scheduler};
+use super::scheduler::{CatchUpProgress, Finished, Scheduler};
 use super::{Outcome, Role, Wait, WorkerOptions, RECONNECT_CAP};
 use crate::backoff::Backoff;
 use crate::coordination::coordinator::{Assignment, Request};
@@ -27,6 +27,9 @@ const PARKED_NUDGES: usize = 100_000;
 
 /// Partition replays at once: each holds a connection and reads a feed.
 const REPLAYS: usize = 2;
+
+/// How often a catch-up's progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Internal messages of the worker's own tasks.
 pub(super) enum Event {
@@ -104,6 +107,8 @@ pub(super) struct Worker<R: Role> {
     pub events: mpsc::UnboundedSender<Event>,
     /// To this loop, from replays.
     pub catch_up: mpsc::Sender<CatchUpEvent>,
+    /// The catch-up's progress when last reported.
+    pub catching_up: Option<CatchUpProgress>,
 }
 
 impl<R: Role> Worker<R> {
@@ -141,6 +146,7 @@ impl<R: Role> Worker<R> {
             requests,
             events,
             catch_up,
+            catching_up: None,
         };
         let inbox = Inbox {
             live,
@@ -169,6 +175,8 @@ impl<R: Role> Worker<R> {
     pub async fn run(mut self, mut inbox: Inbox, shutdown: impl std::future::Future<Output = ()>) {
         let mut flush = tokio::time::interval(self.options.checkpoint_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         // Catch-up events and nudges are read only while few runs are
         // queued: a first start over 100,000 databases is paced by the
@@ -192,6 +200,7 @@ impl<R: Role> Worker<R> {
                 Some(db) = inbox.nudges.recv(), if room => self.on_nudge(db),
                 Some(control) = inbox.control.recv() => self.on_control(control),
                 _ = flush.tick() => self.save_checkpoints(),
+                _ = progress.tick() => self.report_catch_up(),
             }
             self.release_drained();
             if self.sched.take_urgent() {
@@ -201,6 +210,41 @@ impl<R: Role> Worker<R> {
             self.start_runs(fenced);
         }
         self.stop(inbox.events).await;
+    }
+
+    /// Shows how far the catch-up is (a log line, and two gauges), every
+    /// [`PROGRESS_EVERY`] while it lasts, and once when it ends.
+    fn report_catch_up(&mut self) {
+        let Some(progress) = self.sched.catch_up_progress() else {
+            return;
+        };
+        let was_running = self
+            .catching_up
+            .replace(progress)
+            .is_some_and(|p| p.running);
+        if !progress.running && !was_running {
+            return;
+        }
+        let (found, handled) = (progress.found, progress.handled);
+        let label = &self.label;
+        self.metrics
+            .catch_up_found
+            .get_or_create(label)
+            .set(found as i64);
+        self.metrics
+            .catch_up_handled
+            .get_or_create(label)
+            .set(handled as i64);
+        let elapsed = progress.since.elapsed();
+        if !progress.running {
+            tracing::info!(role = %self.name(), databases = found, took_s = elapsed.as_secs(), "catch-up done");
+            return;
+        }
+        let rate = handled as f64 / elapsed.as_secs_f64().max(1.0);
+        let left = (found - handled) as f64 / rate.max(f64::MIN_POSITIVE);
+        let left = (!progress.listing && rate > 0.0).then(|| format!("{left:.0} s"));
+        let left = left.unwrap_or_else(|| "unknown while listing".into());
+        tracing::info!(role = %self.name(), handled, found, listing = progress.listing, per_s = format!("{rate:.1}"), left, "catching up");
     }
 
     /// An event of the live `_db_updates` feed.
@@ -694,6 +738,7 @@ mod tests {
             namespace: String::new(),
             worker_id: "w1".into(),
             concurrency: 2,
+            catch_up_concurrency: 2,
             timing: Timing {
                 lease: Duration::from_secs(30),
                 heartbeat: Duration::from_secs(10),

@@ -64,6 +64,12 @@ impl Cover {
         }
     }
 
+    /// True when only a catch-up asks for the run: history, which waits
+    /// behind live changes.
+    fn history_only(&self) -> bool {
+        self.catch_up.is_some() && self.live.is_none()
+    }
+
     /// The events whose handling moves a checkpoint.
     fn events(self) -> impl Iterator<Item = EventRef> {
         let live = self.live.map(|(epoch, id)| EventRef::Live { epoch, id });
@@ -80,6 +86,10 @@ struct DbState {
     running: Cover,
     in_flight: bool,
     queued: bool,
+    /// Queued with history only, in [`Ready::history`].
+    queued_as_history: bool,
+    /// The run in flight is history only: it holds a catch-up slot.
+    history_run: bool,
     /// Waiting for a retry timer.
     backing_off: bool,
     /// The id of the retry timer it waits for: a timer that another one
@@ -101,6 +111,8 @@ impl DbState {
 
 #[derive(Debug)]
 struct CatchUp {
+    /// Databases the catch-up reported, each counted once.
+    found: u64,
     /// Catch-up events whose run has not finished yet.
     outstanding: usize,
     /// The seq the catch-up read ended at, once it has.
@@ -167,15 +179,67 @@ pub struct Start {
     pub waited: Duration,
 }
 
+/// Databases that may run, live changes first: a first start over
+/// thousands of databases must not hold back the changes made meanwhile.
+#[derive(Debug, Default)]
+struct Ready {
+    live: VecDeque<String>,
+    history: VecDeque<String>,
+}
+
+impl Ready {
+    fn push(&mut self, db: &str, state: &mut DbState) {
+        state.queued_as_history = state.pending.history_only();
+        let queue = match state.queued_as_history {
+            true => &mut self.history,
+            false => &mut self.live,
+        };
+        queue.push_back(db.to_string());
+    }
+
+    /// The next database: a live one, else history if `history` allows.
+    fn pop(&mut self, history: bool) -> Option<String> {
+        match self.live.pop_front() {
+            Some(db) => Some(db),
+            None if history => self.history.pop_front(),
+            None => None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.live.len() + self.history.len()
+    }
+}
+
+/// How far the catch-ups of the owned partitions are: databases found and
+/// handled since the first of them began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatchUpProgress {
+    pub found: u64,
+    pub handled: u64,
+    /// Some partition is still listing (or replaying) its databases: more
+    /// may be found.
+    pub listing: bool,
+    /// Some partition is still catching up; false once all have.
+    pub running: bool,
+    pub since: Instant,
+}
+
 #[derive(Debug)]
 pub struct Scheduler {
     partitions_total: u32,
     concurrency: usize,
+    /// The most runs of history only (a catch-up's) at once.
+    history_concurrency: usize,
+    history_in_flight: usize,
+    /// Databases handled by the catch-ups that ended since the current
+    /// ones began, and when the first began.
+    caught_up: (u64, Option<Instant>),
     skip: HashSet<String>,
     partitions: HashMap<u32, Partition>,
     in_flight_by_partition: HashMap<u32, usize>,
     dbs: HashMap<String, DbState>,
-    ready: VecDeque<String>,
+    ready: Ready,
     in_flight: usize,
     next_id: u64,
     next_epoch: u64,
@@ -190,17 +254,47 @@ impl Scheduler {
         Scheduler {
             partitions_total,
             concurrency: concurrency.max(1),
+            history_concurrency: concurrency.max(1),
+            history_in_flight: 0,
+            caught_up: (0, None),
             skip,
             partitions: HashMap::new(),
             in_flight_by_partition: HashMap::new(),
             dbs: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: Ready::default(),
             in_flight: 0,
             next_id: 0,
             next_epoch: 0,
             next_timer: 0,
             stopping: false,
         }
+    }
+
+    /// At most `n` runs of history only at once (at least 1).
+    pub fn with_history_concurrency(mut self, n: usize) -> Self {
+        self.history_concurrency = n.clamp(1, self.concurrency);
+        self
+    }
+
+    /// The progress of the current catch-ups, or of the last ones once
+    /// they ended; None before any began.
+    pub fn catch_up_progress(&self) -> Option<CatchUpProgress> {
+        let (done, since) = self.caught_up;
+        let mut progress = CatchUpProgress {
+            found: done,
+            handled: done,
+            listing: false,
+            running: false,
+            since: since?,
+        };
+        let active = self.partitions.values().filter(|p| !p.releasing);
+        for c in active.filter_map(|p| p.catch_up.as_ref()) {
+            progress.running = true;
+            progress.found += c.found;
+            progress.handled += c.found.saturating_sub(c.outstanding as u64);
+            progress.listing |= c.end.is_none();
+        }
+        Some(progress)
     }
 
     /// The installation's partition count.
@@ -214,12 +308,16 @@ impl Scheduler {
 
     /// Starts owning a partition; returns the epoch that tags its catch-up.
     pub fn acquire(&mut self, partition: u32, checkpoint: Option<Seq>) -> u64 {
+        if !self.catch_up_progress().is_some_and(|p| p.running) {
+            self.caught_up = (0, Some(Instant::now()));
+        }
         self.next_epoch += 1;
         self.partitions.insert(
             partition,
             Partition {
                 epoch: self.next_epoch,
                 catch_up: Some(CatchUp {
+                    found: 0,
                     outstanding: 0,
                     end: None,
                 }),
@@ -321,7 +419,7 @@ impl Scheduler {
                 let event = EventRef::Live { epoch: p.epoch, id };
                 add_event(&mut self.dbs, &mut self.ready, &update.db_name, event, now);
             }
-            advance(p);
+            self.caught_up.0 += advance(p);
         }
         deleted_here
     }
@@ -345,6 +443,7 @@ impl Scheduler {
             .is_none_or(|s| s.pending.catch_up != Some(epoch))
         {
             catch_up.outstanding += 1;
+            catch_up.found += 1;
         }
         let event = EventRef::CatchUp { epoch };
         add_event(&mut self.dbs, &mut self.ready, db, event, now);
@@ -371,7 +470,7 @@ impl Scheduler {
             if let Some(catch_up) = p.catch_up.as_mut() {
                 catch_up.end = Some(end);
             }
-            advance(p);
+            self.caught_up.0 += advance(p);
         }
     }
 
@@ -379,7 +478,8 @@ impl Scheduler {
     pub fn take_startable(&mut self, now: Instant) -> Vec<Start> {
         let mut starts = Vec::new();
         while !self.stopping && self.in_flight < self.concurrency {
-            let Some(db) = self.ready.pop_front() else {
+            let history = self.history_in_flight < self.history_concurrency;
+            let Some(db) = self.ready.pop(history) else {
                 break;
             };
             let Some(state) = self.dbs.get_mut(&db) else {
@@ -395,6 +495,14 @@ impl Scheduler {
                 }
                 continue;
             }
+            if state.pending.history_only() && !history {
+                // Live when queued, history now: it waits for a slot.
+                state.queued = true;
+                self.ready.push(&db, state);
+                continue;
+            }
+            state.history_run = state.pending.history_only();
+            self.history_in_flight += usize::from(state.history_run);
             state.running = std::mem::take(&mut state.pending);
             state.in_flight = true;
             let waited = state
@@ -431,6 +539,9 @@ impl Scheduler {
         let partition = self.partition_of(db);
         let state = self.dbs.get_mut(db).filter(|s| s.in_flight)?;
         state.in_flight = false;
+        if std::mem::take(&mut state.history_run) {
+            self.history_in_flight -= 1;
+        }
         let ran = std::mem::take(&mut state.running);
         if outcome == Finished::Handled {
             state.retries = 0;
@@ -531,7 +642,7 @@ impl Scheduler {
             return;
         };
         if enqueue_if_ready(state) {
-            self.ready.push_back(db.to_string());
+            self.ready.push(db, state);
         } else if state.idle() {
             self.dbs.remove(db);
         }
@@ -595,7 +706,7 @@ impl Scheduler {
             }
             _ => return,
         }
-        advance(p);
+        self.caught_up.0 += advance(p);
     }
 
     /// Checkpoints that moved since the last call.
@@ -655,7 +766,7 @@ impl Scheduler {
 /// run.
 fn add_event(
     dbs: &mut HashMap<String, DbState>,
-    ready: &mut VecDeque<String>,
+    ready: &mut Ready,
     db: &str,
     event: EventRef,
     now: Instant,
@@ -667,7 +778,11 @@ fn add_event(
     state.waiting_since.get_or_insert(now);
     state.pending.add(event);
     if enqueue_if_ready(state) {
-        ready.push_back(db.to_string());
+        ready.push(db, state);
+    } else if state.queued && state.queued_as_history && !state.pending.history_only() {
+        // A live change to a database waiting as history: it goes ahead
+        // (its entry in the history queue is then skipped as stale).
+        ready.push(db, state);
     }
 }
 
@@ -681,16 +796,19 @@ fn enqueue_if_ready(state: &mut DbState) -> bool {
     true
 }
 
-/// Moves a partition's checkpoint as far as its done events allow.
-fn advance(p: &mut Partition) {
+/// Moves a partition's checkpoint as far as its done events allow. Returns
+/// the databases of its catch-up if that ended now.
+fn advance(p: &mut Partition) -> u64 {
     let live = p.live.advance();
     match &mut p.catch_up {
         Some(c) => {
             if c.outstanding == 0 {
                 if let Some(end) = c.end.take() {
+                    let found = c.found;
                     p.catch_up = None;
                     p.checkpoint = Some(end);
                     p.dirty = true;
+                    return found;
                 }
             }
             // Live events popped while catching up were handled, but the
@@ -703,6 +821,7 @@ fn advance(p: &mut Partition) {
             }
         }
     }
+    0
 }
 
 #[cfg(test)]
@@ -777,6 +896,55 @@ mod tests {
             !live_scheduler(1).run_now("spiegel", now),
             "skipped databases never run"
         );
+    }
+
+    #[test]
+    fn live_changes_go_before_a_first_starts_history_which_runs_within_its_share() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(1, 3, HashSet::new()).with_history_concurrency(2);
+        let epoch = s.acquire(0, None);
+        for db in ["h1", "h2", "h3", "h4"] {
+            s.on_catch_up_event(0, epoch, db, now);
+        }
+        s.on_live_event(&update("live", 1, DbUpdateKind::Updated), now);
+        s.on_live_event(&update("h4", 2, DbUpdateKind::Updated), now);
+        assert_eq!(
+            dbs(s.take_startable(now)),
+            ["live", "h4", "h1"],
+            "live changes first, then history within its two slots"
+        );
+        s.on_finished("live", Finished::Handled, now);
+        assert_eq!(
+            dbs(s.take_startable(now)),
+            ["h2"],
+            "the second history slot"
+        );
+        s.on_finished("h4", Finished::Handled, now);
+        assert!(
+            s.take_startable(now).is_empty(),
+            "a free slot, but history holds its two"
+        );
+        let progress = s.catch_up_progress().expect("catching up");
+        assert_eq!(
+            (progress.found, progress.handled, progress.listing),
+            (4, 1, true)
+        );
+        s.on_catch_up_done(0, epoch, seq(9));
+        s.on_finished("h1", Finished::Handled, now);
+        assert_eq!(dbs(s.take_startable(now)), ["h3"]);
+        let progress = s.catch_up_progress().expect("catching up");
+        assert_eq!(
+            (progress.found, progress.handled, progress.listing),
+            (4, 2, false)
+        );
+        s.on_finished("h2", Finished::Handled, now);
+        s.on_finished("h3", Finished::Handled, now);
+        let progress = s.catch_up_progress().expect("the last catch-up");
+        assert_eq!(
+            (progress.found, progress.handled, progress.running),
+            (4, 4, false)
+        );
+        assert_eq!(s.take_dirty_checkpoints(), vec![(0, seq(9))]);
     }
 
     #[test]
@@ -956,7 +1124,7 @@ mod tests {
         let epoch = s.acquire(0, Some(seq(5)));
         s.on_catch_up_event(0, epoch, "old", now);
         s.on_live_event(&update("new", 20, DbUpdateKind::Updated), now);
-        assert_eq!(dbs(s.take_startable(now)), ["old", "new"]);
+        assert_eq!(dbs(s.take_startable(now)), ["new", "old"], "live first");
         s.on_finished("new", Finished::Handled, now);
         s.on_catch_up_done(0, epoch, seq(18));
         assert!(
