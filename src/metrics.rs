@@ -16,7 +16,7 @@ pub(crate) struct RoleLabel {
 }
 
 type Counters = Family<RoleLabel, Counter>;
-type Gauges = Family<RoleLabel, Gauge>;
+pub(crate) type Gauges = Family<RoleLabel, Gauge>;
 type Histograms = Family<RoleLabel, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {

@@ -194,6 +194,76 @@ async fn one_templated_doc_fans_200_databases_into_one() {
     s.wait_doc(&aggregate, "late-doc").await;
 }
 
+/// A first start over 150 databases with history, one run of history at a
+/// time: its progress shows in `spiegel status` and the metrics, and a
+/// change made meanwhile goes ahead of the history.
+#[tokio::test]
+async fn a_first_start_shows_its_progress_and_lets_live_changes_go_first() {
+    const HISTORY: u64 = 150;
+    let s = Installation::new("firststart").await;
+    let aggregate = s.db("all");
+    s.couch.create_db(&aggregate).await.unwrap();
+    for i in 0..HISTORY {
+        let db = s.db(&format!("u_{i:03}"));
+        s.couch.create_db(&db).await.unwrap();
+        let doc = json!({"i": i});
+        s.couch
+            .put_doc(&db, &format!("old{i}"), &doc)
+            .await
+            .unwrap();
+    }
+    let source = format!("{}/${{db_name}}", s.url.trim_end_matches('/'));
+    let doc = json!({"type": "replicator", "db_name": format!("^{}_u_", s.prefix),
+                     "source": source, "target": format!("{}/{}", s.url, aggregate)});
+    s.couch
+        .put_doc(&s.spiegel_db, "fan-in", &doc)
+        .await
+        .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let args = ["--concurrency", "2", "--catch-up-concurrency", "1"];
+    let worker = s.start(&[&args[..], &["--admin-addr", &admin]].concat());
+
+    let what = "the catch-up in spiegel status";
+    let shown = wait_for(what, Duration::from_secs(60), || async {
+        let status = s.status().await;
+        let catch_up = status["catch_ups"].as_array()?.first()?.clone();
+        (catch_up["role"] == "replicator").then_some(catch_up)
+    })
+    .await;
+    let handled = shown["handled"].as_u64().unwrap();
+    assert!(handled < HISTORY, "shown while under way: {shown}");
+
+    let live = s.db("u_live");
+    s.couch.create_db(&live).await.unwrap();
+    s.couch.put_doc(&live, "new", &json!({})).await.unwrap();
+    s.wait_doc(&aggregate, "new").await;
+    let copied = s.couch.db_info(&aggregate).await.unwrap().doc_count;
+    assert!(
+        copied < HISTORY,
+        "the change went ahead of the history ({copied} copied before it)\n{}",
+        worker.logs()
+    );
+
+    let metrics = format!("http://{admin}/metrics");
+    let gauge = |text: &str, name: &str| -> Option<u64> {
+        let series = format!("spiegel_{name}{{role=\"replicator\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+    };
+    let what = "the catch-up done in the metrics and gone from the status";
+    wait_for(what, Duration::from_secs(120), || async {
+        let (_, text) = http_get(&metrics).await?;
+        let found = gauge(&text, "catch_up_databases_found")?;
+        let handled = gauge(&text, "catch_up_databases_handled")?;
+        let shown = s.status().await["catch_ups"].as_array()?.len();
+        (found >= HISTORY && found == handled && shown == 0).then_some(())
+    })
+    .await;
+    let all = s.couch.db_info(&aggregate).await.unwrap().doc_count;
+    assert_eq!(all, HISTORY + 1);
+    assert!(worker.logs().contains("catch-up done"));
+}
+
 #[tokio::test]
 async fn a_new_templated_doc_skips_empty_databases_until_their_first_write() {
     let s = Installation::new("empty").await;

@@ -223,6 +223,7 @@ impl Setup {
             assume_deleted_after: Duration::from_secs(300),
             health: Arc::default(),
             workers: Arc::default(),
+            status: Default::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::coordination::{DocIds, LeaseDoc, Settings, WorkerDoc};
 use crate::couch::{AllDocsQuery, CouchClient, CouchError};
 use crate::delivery::dead_letter::{self, DeadLetter};
 use crate::ids::{settings_doc_id, status_doc_prefix};
-use crate::status::{DocStatus, Event, StatusDoc};
+use crate::status::{CatchUpStatus, DocStatus, Event, StatusDoc};
 
 /// What `spiegel status` shows.
 #[derive(Debug, Serialize)]
@@ -39,6 +39,20 @@ pub struct Report {
     /// Circuits not closed, per worker that sees them: an endpoint's, or a
     /// rule's route to it (`<endpoint> (on_change <rule>)`).
     pub circuits: Vec<CircuitReport>,
+    /// Catch-ups under way (a first start's, a takeover's), per worker.
+    pub catch_ups: Vec<CatchUpReport>,
+}
+
+/// A worker's catch-up under way.
+#[derive(Debug, Serialize)]
+pub struct CatchUpReport {
+    /// The worker's role.
+    pub role: String,
+    /// The worker.
+    pub worker: String,
+    /// How far it is.
+    #[serde(flatten)]
+    pub progress: CatchUpStatus,
 }
 
 /// A circuit a change-listener worker has open: an endpoint's, or a rule's
@@ -166,6 +180,20 @@ pub async fn report_with(
             })
         })
         .collect();
+    let now = Utc::now();
+    // A worker updates its catch-up every 10 s: an older one stopped.
+    let current = |s: &&StatusDoc| age(&s.updated_at, now).is_some_and(|a| a <= 60);
+    let catch_ups = statuses
+        .iter()
+        .filter(current)
+        .filter_map(|s| {
+            Some(CatchUpReport {
+                role: s.role.clone(),
+                worker: s.worker_id.clone(),
+                progress: s.catch_up.clone()?,
+            })
+        })
+        .collect();
     let documents = documents(statuses);
     let mut dead_letters = dead_letter_counts(&letters);
     dead_letters.total = total;
@@ -179,6 +207,7 @@ pub async fn report_with(
         documents,
         letters: letters.into_iter().map(|(_, _, letter)| letter).collect(),
         circuits,
+        catch_ups,
     })
 }
 
@@ -261,6 +290,20 @@ fn roles(leases: &[LeaseDoc], workers: &[WorkerDoc]) -> BTreeMap<String, RoleRep
 pub(crate) fn age(time: &str, now: chrono::DateTime<Utc>) -> Option<i64> {
     let time = chrono::DateTime::parse_from_rfc3339(time).ok()?;
     Some((now - time.with_timezone(&Utc)).num_seconds().max(0))
+}
+
+/// A catch-up's progress in words: `1200 of 10000 databases (12 %), 85.0/s,
+/// about 104 s left`.
+pub(crate) fn catch_up_line(c: &CatchUpStatus) -> String {
+    let percent = (c.handled * 100).checked_div(c.found).unwrap_or(0);
+    let of = match c.listing {
+        true => format!("{} of {}+ databases (still listing)", c.handled, c.found),
+        false => format!("{} of {} databases ({percent} %)", c.handled, c.found),
+    };
+    let left = c
+        .seconds_left
+        .map_or(String::new(), |s| format!(", about {s} s left"));
+    format!("{of}, {}/s{left}", c.per_second)
 }
 
 /// Per document id, the state each worker reported.
@@ -360,6 +403,18 @@ pub fn render(report: &Report, per_worker: bool) -> String {
             let _ = writeln!(out, "  {rule}: {n}");
         }
     }
+    if !report.catch_ups.is_empty() {
+        let _ = writeln!(out, "\nCatching up (a first start, or a takeover):");
+        for c in &report.catch_ups {
+            let _ = writeln!(
+                out,
+                "  {} on {}: {}",
+                c.role,
+                c.worker,
+                catch_up_line(&c.progress)
+            );
+        }
+    }
     if !report.circuits.is_empty() {
         let _ = writeln!(out, "\nCircuits not closed (their changes wait):");
         for c in &report.circuits {
@@ -446,6 +501,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_catch_up_reads_as_done_of_found_with_its_rate_and_time_left() {
+        let mut c = CatchUpStatus {
+            found: 10_000,
+            handled: 1_200,
+            listing: false,
+            per_second: 85.0,
+            seconds_left: Some(104),
+        };
+        assert_eq!(
+            catch_up_line(&c),
+            "1200 of 10000 databases (12 %), 85/s, about 104 s left"
+        );
+        c.listing = true;
+        c.seconds_left = None;
+        assert_eq!(
+            catch_up_line(&c),
+            "1200 of 10000+ databases (still listing), 85/s"
+        );
+    }
+
     fn report(worker: &str, at: &str, status: DocStatus) -> DocReport {
         DocReport {
             status,
@@ -510,6 +586,7 @@ mod tests {
             documents,
             letters: Vec::new(),
             circuits: Vec::new(),
+            catch_ups: Vec::new(),
         };
         let lines = |text: String| text.lines().filter(|l| l.starts_with("  r (")).count();
         assert_eq!(lines(render(&report, false)), 1);

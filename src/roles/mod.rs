@@ -132,8 +132,9 @@ impl Host<'_> {
     ) -> Result<()> {
         let (args, client) = (self.args, self.client);
         let conn = &args.connection;
-        let options = self.options(replicator::NAME);
+        let mut options = self.options(replicator::NAME);
         let (book, saver) = self.status_book(replicator::NAME, &options.worker_id);
+        options.status = book.clone();
         let (nudge_tx, nudges) = mpsc::channel(256);
         let already_run =
             status::reported_docs(client, &conn.db_name, &conn.namespace, replicator::NAME).await?;
@@ -166,8 +167,9 @@ impl Host<'_> {
         workers: &mut JoinSet<Result<()>>,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let options = self.options(change_listener::NAME);
+        let mut options = self.options(change_listener::NAME);
         let (book, saver) = self.status_book(change_listener::NAME, &options.worker_id);
+        options.status = book.clone();
         let (role, flusher, nudges) = change_listener::ChangeListener::start(
             self.args,
             self.client.clone(),

@@ -96,6 +96,25 @@ pub struct StatusDoc {
     /// state (`open`, `half-open`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub circuits: BTreeMap<String, String>,
+    /// The worker's catch-up, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<CatchUpStatus>,
+}
+
+/// How far a worker's catch-up over the databases' history is (a first
+/// start, or a takeover's replay).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatchUpStatus {
+    /// Databases found so far.
+    pub found: u64,
+    /// Of those, handled.
+    pub handled: u64,
+    /// Databases are still being listed: more may be found.
+    pub listing: bool,
+    /// Databases handled per second, since it began.
+    pub per_second: f64,
+    /// At that rate, once the listing is done.
+    pub seconds_left: Option<u64>,
 }
 
 impl StatusDoc {
@@ -118,6 +137,7 @@ pub struct StatusBook {
 struct Book {
     docs: BTreeMap<String, DocStatus>,
     circuits: BTreeMap<String, String>,
+    catch_up: Option<CatchUpStatus>,
     dirty: bool,
     /// The revision of the status document, once saved.
     rev: Option<String>,
@@ -236,6 +256,14 @@ impl StatusBook {
         });
     }
 
+    /// The worker's catch-up, or None once it ended.
+    pub fn catch_up(&self, progress: Option<CatchUpStatus>) {
+        self.with(|b| {
+            b.dirty |= b.catch_up != progress;
+            b.catch_up = progress;
+        });
+    }
+
     /// Forgets documents that no longer exist.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.with(|b| {
@@ -252,9 +280,31 @@ impl StatusBook {
 
     /// What to save, if anything changed: the documents' statuses and the
     /// circuits.
-    fn take_if_dirty(&self) -> Option<(BTreeMap<String, DocStatus>, BTreeMap<String, String>)> {
-        self.with(|b| std::mem::take(&mut b.dirty).then(|| (b.docs.clone(), b.circuits.clone())))
+    fn take_if_dirty(&self) -> Option<Saved> {
+        self.with(|b| {
+            std::mem::take(&mut b.dirty).then(|| Saved {
+                docs: b.docs.clone(),
+                circuits: b.circuits.clone(),
+                catch_up: b.catch_up.clone(),
+            })
+        })
     }
+}
+
+impl std::fmt::Debug for StatusBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let saved_as = self.target.as_ref().map(|t| &t.worker_id);
+        f.debug_struct("StatusBook")
+            .field("saved_as", &saved_as)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a status document is written with.
+struct Saved {
+    docs: BTreeMap<String, DocStatus>,
+    circuits: BTreeMap<String, String>,
+    catch_up: Option<CatchUpStatus>,
 }
 
 impl Flush for StatusBook {
@@ -267,7 +317,12 @@ impl Flush for StatusBook {
         let Some(target) = &self.target else {
             return;
         };
-        let Some((docs, circuits)) = self.take_if_dirty() else {
+        let Some(Saved {
+            docs,
+            circuits,
+            catch_up,
+        }) = self.take_if_dirty()
+        else {
             return;
         };
         let doc = StatusDoc {
@@ -283,6 +338,7 @@ impl Flush for StatusBook {
             updated_at: crate::ids::timestamp(),
             docs,
             circuits,
+            catch_up,
         };
         match target.client.save(&target.db, doc).await {
             Ok(saved) => self.with(|b| b.rev = saved.rev),

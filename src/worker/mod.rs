@@ -179,6 +179,9 @@ pub struct WorkerOptions {
     pub health: Arc<Health>,
     /// Where the worker registers for the admin console's questions.
     pub workers: Arc<Workers>,
+    /// Where the worker shows its catch-up's progress (its role's status
+    /// document).
+    pub status: crate::status::StatusBook,
 }
 
 impl WorkerOptions {
@@ -217,6 +220,7 @@ impl WorkerOptions {
             assume_deleted_after: w.assume_deleted_after,
             health,
             workers,
+            status: crate::status::StatusBook::default(),
         }
     }
 }

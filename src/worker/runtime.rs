@@ -21,6 +21,7 @@ use crate::backoff::Backoff;
 use crate::coordination::coordinator::{Assignment, Request};
 use crate::couch::{CouchClient, CouchError, DbUpdate};
 use crate::metrics::{RoleLabel, WorkerMetrics};
+use crate::status::CatchUpStatus;
 
 /// Nudges kept for partitions not yet acquired, at most.
 const PARKED_NUDGES: usize = 100_000;
@@ -28,8 +29,25 @@ const PARKED_NUDGES: usize = 100_000;
 /// Partition replays at once: each holds a connection and reads a feed.
 const REPLAYS: usize = 2;
 
-/// How often a catch-up's progress is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often a catch-up's progress is updated in the status and the
+/// metrics; it is logged every [`LOG_EVERY`] of these.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+const LOG_EVERY: u32 = 5;
+
+/// A catch-up's progress as the status shows it: its rate since it began,
+/// and the time left at that rate once every database is listed.
+fn catch_up_status(progress: &CatchUpProgress) -> CatchUpStatus {
+    let elapsed = progress.since.elapsed().as_secs_f64().max(1.0);
+    let per_second = progress.handled as f64 / elapsed;
+    let left = progress.found.saturating_sub(progress.handled) as f64 / per_second;
+    CatchUpStatus {
+        found: progress.found,
+        handled: progress.handled,
+        listing: progress.listing,
+        per_second: (per_second * 10.0).round() / 10.0,
+        seconds_left: (!progress.listing && per_second > 0.0).then_some(left.ceil() as u64),
+    }
+}
 
 /// Internal messages of the worker's own tasks.
 pub(super) enum Event {
@@ -107,8 +125,9 @@ pub(super) struct Worker<R: Role> {
     pub events: mpsc::UnboundedSender<Event>,
     /// To this loop, from replays.
     pub catch_up: mpsc::Sender<CatchUpEvent>,
-    /// The catch-up's progress when last reported.
-    pub catching_up: Option<CatchUpProgress>,
+    /// The catch-up's progress when last reported, and reports since it
+    /// was last logged.
+    pub catching_up: (Option<CatchUpProgress>, u32),
 }
 
 impl<R: Role> Worker<R> {
@@ -146,7 +165,7 @@ impl<R: Role> Worker<R> {
             requests,
             events,
             catch_up,
-            catching_up: None,
+            catching_up: (None, 0),
         };
         let inbox = Inbox {
             live,
@@ -212,39 +231,41 @@ impl<R: Role> Worker<R> {
         self.stop(inbox.events).await;
     }
 
-    /// Shows how far the catch-up is (a log line, and two gauges), every
-    /// [`PROGRESS_EVERY`] while it lasts, and once when it ends.
+    /// Shows how far the catch-up is, in the status and two gauges every
+    /// [`PROGRESS_EVERY`] while it lasts (and in a log line every
+    /// [`LOG_EVERY`] of these), and once when it ends.
     fn report_catch_up(&mut self) {
         let Some(progress) = self.sched.catch_up_progress() else {
             return;
         };
-        let was_running = self
-            .catching_up
-            .replace(progress)
-            .is_some_and(|p| p.running);
+        let (last, reports) = &mut self.catching_up;
+        let was_running = last.replace(progress).is_some_and(|p| p.running);
         if !progress.running && !was_running {
             return;
         }
-        let (found, handled) = (progress.found, progress.handled);
+        let log = *reports % LOG_EVERY == 0;
+        *reports = if progress.running { *reports + 1 } else { 0 };
         let label = &self.label;
-        self.metrics
-            .catch_up_found
-            .get_or_create(label)
-            .set(found as i64);
-        self.metrics
-            .catch_up_handled
-            .get_or_create(label)
-            .set(handled as i64);
-        let elapsed = progress.since.elapsed();
+        let gauge = |g: &crate::metrics::Gauges, n: u64| g.get_or_create(label).set(n as i64);
+        gauge(&self.metrics.catch_up_found, progress.found);
+        gauge(&self.metrics.catch_up_handled, progress.handled);
+        let role = self.role.name();
         if !progress.running {
-            tracing::info!(role = %self.name(), databases = found, took_s = elapsed.as_secs(), "catch-up done");
+            let took_s = progress.since.elapsed().as_secs();
+            tracing::info!(role, databases = progress.found, took_s, "catch-up done");
+            self.options.status.catch_up(None);
             return;
         }
-        let rate = handled as f64 / elapsed.as_secs_f64().max(1.0);
-        let left = (found - handled) as f64 / rate.max(f64::MIN_POSITIVE);
-        let left = (!progress.listing && rate > 0.0).then(|| format!("{left:.0} s"));
-        let left = left.unwrap_or_else(|| "unknown while listing".into());
-        tracing::info!(role = %self.name(), handled, found, listing = progress.listing, per_s = format!("{rate:.1}"), left, "catching up");
+        let status = catch_up_status(&progress);
+        if log {
+            let left = status
+                .seconds_left
+                .map_or("unknown while listing".into(), |s| format!("{s} s"));
+            let (handled, found, per_s) = (status.handled, status.found, status.per_second);
+            let listing = status.listing;
+            tracing::info!(role, handled, found, listing, per_s, left, "catching up");
+        }
+        self.options.status.catch_up(Some(status));
     }
 
     /// An event of the live `_db_updates` feed.
@@ -753,6 +774,7 @@ mod tests {
             assume_deleted_after: Duration::from_secs(600),
             health: Arc::default(),
             workers: Arc::default(),
+            status: Default::default(),
         }
     }
 

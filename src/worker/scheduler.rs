@@ -64,10 +64,11 @@ impl Cover {
         }
     }
 
-    /// True when only a catch-up asks for the run: history, which waits
-    /// behind live changes.
+    /// True when no live change asks for the run: history (a catch-up, the
+    /// sweep, a document added over existing databases), which waits behind
+    /// live changes.
     fn history_only(&self) -> bool {
-        self.catch_up.is_some() && self.live.is_none()
+        self.live.is_none()
     }
 
     /// The events whose handling moves a checkpoint.
@@ -197,8 +198,15 @@ impl Ready {
         queue.push_back(db.to_string());
     }
 
-    /// The next database: a live one, else history if `history` allows.
-    fn pop(&mut self, history: bool) -> Option<String> {
+    /// The next database: a live one, else history if `history` allows;
+    /// history first when `starved` (none of it runs), so that a steady
+    /// stream of live changes never stops it.
+    fn pop(&mut self, history: bool, starved: bool) -> Option<String> {
+        if starved {
+            if let Some(db) = self.history.pop_front() {
+                return Some(db);
+            }
+        }
         match self.live.pop_front() {
             Some(db) => Some(db),
             None if history => self.history.pop_front(),
@@ -479,7 +487,7 @@ impl Scheduler {
         let mut starts = Vec::new();
         while !self.stopping && self.in_flight < self.concurrency {
             let history = self.history_in_flight < self.history_concurrency;
-            let Some(db) = self.ready.pop(history) else {
+            let Some(db) = self.ready.pop(history, self.history_in_flight == 0) else {
                 break;
             };
             let Some(state) = self.dbs.get_mut(&db) else {
@@ -899,7 +907,7 @@ mod tests {
     }
 
     #[test]
-    fn live_changes_go_before_a_first_starts_history_which_runs_within_its_share() {
+    fn live_changes_go_before_history_which_runs_within_its_share_and_never_starves() {
         let now = Instant::now();
         let mut s = Scheduler::new(1, 3, HashSet::new()).with_history_concurrency(2);
         let epoch = s.acquire(0, None);
@@ -910,8 +918,8 @@ mod tests {
         s.on_live_event(&update("h4", 2, DbUpdateKind::Updated), now);
         assert_eq!(
             dbs(s.take_startable(now)),
-            ["live", "h4", "h1"],
-            "live changes first, then history within its two slots"
+            ["h1", "live", "h4"],
+            "one history run always goes, then live changes first"
         );
         s.on_finished("live", Finished::Handled, now);
         assert_eq!(
@@ -1124,7 +1132,7 @@ mod tests {
         let epoch = s.acquire(0, Some(seq(5)));
         s.on_catch_up_event(0, epoch, "old", now);
         s.on_live_event(&update("new", 20, DbUpdateKind::Updated), now);
-        assert_eq!(dbs(s.take_startable(now)), ["new", "old"], "live first");
+        assert_eq!(dbs(s.take_startable(now)), ["old", "new"]);
         s.on_finished("new", Finished::Handled, now);
         s.on_catch_up_done(0, epoch, seq(18));
         assert!(

@@ -10,7 +10,7 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::commands::status::{age, DocTotal, Report, RoleReport};
+use crate::commands::status::{age, catch_up_line, DocTotal, Report, RoleReport};
 use crate::couch::origins_only;
 use crate::delivery::circuit::CircuitState;
 use crate::delivery::dead_letter::DeadLetter;
@@ -45,10 +45,22 @@ pub struct View {
     pub dead_grouped: usize,
     /// This process's API endpoints whose circuit is not closed.
     pub circuits: Vec<(String, String)>,
+    /// Catch-ups under way, over every worker.
+    pub catch_ups: Vec<CatchUpView>,
     /// Whether actions are possible (a token is set).
     pub actions: bool,
     /// The page's refresh interval ([`REFRESH`]).
     pub refresh_ms: u128,
+}
+
+/// A worker's catch-up, as a bar and a line.
+#[derive(Debug, Serialize)]
+pub struct CatchUpView {
+    pub role: String,
+    pub worker: String,
+    pub handled: u64,
+    pub found: u64,
+    pub line: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -171,6 +183,17 @@ impl View {
                 .into_iter()
                 .filter(|(_, state)| *state != CircuitState::Closed)
                 .map(|(origin, state)| (origin, circuit_name(state).to_string()))
+                .collect(),
+            catch_ups: report
+                .catch_ups
+                .iter()
+                .map(|c| CatchUpView {
+                    role: c.role.clone(),
+                    worker: c.worker.clone(),
+                    handled: c.progress.handled,
+                    found: c.progress.found,
+                    line: catch_up_line(&c.progress),
+                })
                 .collect(),
             actions: parts.actions,
             refresh_ms: REFRESH.as_millis(),
