@@ -239,8 +239,9 @@ impl<R: Role> Worker<R> {
             return;
         };
         let (last, reports) = &mut self.catching_up;
-        let was_running = last.replace(progress).is_some_and(|p| p.running);
-        if !progress.running && !was_running {
+        // An end is reported once, even of a catch-up shorter than a report.
+        let ended_before = last.replace(progress).is_some_and(|p| !p.running);
+        if !progress.running && ended_before {
             return;
         }
         let log = *reports % LOG_EVERY == 0;

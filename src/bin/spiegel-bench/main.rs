@@ -406,7 +406,9 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
     let probe_dbs: Vec<&String> = (0..4.min(probed.len()))
         .map(|k| probed[k * probed.len() / 4.min(probed.len())])
         .collect();
-    progress("waiting until probe writes come through (initial pass over every database included)");
+    progress(
+        "waiting until probe writes come through and the first pass over every database has ended",
+    );
     let ready_start = Instant::now();
     let mut probe_ids = Vec::new();
     let mut ready = false;
@@ -467,6 +469,15 @@ async fn run(args: &Args) -> Result<(Value, bool)> {
         if !balanced {
             bail!(
                 "the partitions were not spread over the processes in time (logs in {})",
+                logs.display()
+            );
+        }
+        // Live changes (the probes) go before the first pass over every
+        // database: the load starts once that pass is over.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !wait_until_async(left, || measure::caught_up(&workers.metrics_urls)).await {
+            bail!(
+                "the first pass over the databases did not end in time (logs in {})",
                 logs.display()
             );
         }

@@ -82,6 +82,26 @@ pub(crate) async fn balanced(urls: &[String], partitions: u32, per_role: usize) 
     true
 }
 
+/// True when every process's catch-up has ended: each role reports it
+/// (`spiegel_catch_up_databases_found`), and has handled all it found.
+pub(crate) async fn caught_up(urls: &[String]) -> bool {
+    for url in urls {
+        let series = scrape_one(url).await;
+        let value = |name: &str| -> HashMap<String, f64> {
+            let prefix = format!("spiegel_catch_up_databases_{name}{{");
+            let found = series
+                .iter()
+                .filter_map(|(s, v)| Some((s.strip_prefix(&prefix)?.to_string(), *v)));
+            found.collect()
+        };
+        let (found, handled) = (value("found"), value("handled"));
+        if found.is_empty() || found.iter().any(|(role, n)| handled.get(role) != Some(n)) {
+            return false;
+        }
+    }
+    true
+}
+
 /// One process's series.
 async fn scrape_one(url: &str) -> Vec<(String, f64)> {
     let Ok(resp) = reqwest::get(url).await else {
