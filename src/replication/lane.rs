@@ -82,53 +82,76 @@ impl<T: Send + 'static, R: Send + 'static> Lane<T, R> {
             return Err(item);
         }
         let (answer, answered) = oneshot::channel();
-        let (id, deadline) = {
-            let mut open = self.lock();
-            if open.group.is_none() && runs <= 1 {
-                return Err(item);
-            }
-            let full = open
-                .group
-                .as_ref()
-                .is_some_and(|g| g.weight + weight > limits.capacity);
-            if full {
-                dispatch(open.group.take());
-            }
-            let next = open.next;
-            let group = open.group.get_or_insert_with(|| Group {
-                id: next,
-                deadline: Instant::now() + limits.window,
-                items: Vec::new(),
-                answers: Vec::new(),
-                weight: 0,
-                request: request(),
-            });
-            group.items.push(item);
-            group.answers.push(answer);
-            group.weight += weight;
-            let (id, deadline) = (group.id, group.deadline);
-            if id == next {
-                open.next += 1;
-            }
-            let group = open.group.as_ref();
-            if group.is_some_and(|g| g.items.len() >= runs || g.weight >= limits.capacity) {
-                dispatch(open.group.take());
-            }
-            (id, deadline)
+        let joined = Joining {
+            item,
+            weight,
+            runs,
+            answer,
         };
+        let (id, deadline) = self.enter(joined, limits, request)?;
         tokio::pin!(answered);
         tokio::select! {
             answer = &mut answered => return Ok(answer.ok()),
             () = tokio::time::sleep_until(deadline) => {}
         }
-        {
-            let mut open = self.lock();
-            if open.group.as_ref().is_some_and(|g| g.id == id) {
-                dispatch(open.group.take());
-            }
-        }
+        self.close(id);
         Ok(answered.await.ok())
     }
+
+    /// Puts an item in the open group, which goes at once if every run has
+    /// joined or it is full; returns the group's id and deadline. Err: the
+    /// run is alone on its target.
+    fn enter(
+        &self,
+        joining: Joining<T, R>,
+        limits: Limits,
+        request: impl FnOnce() -> Request<T, R>,
+    ) -> Result<(u64, Instant), T> {
+        let mut open = self.lock();
+        if open.group.is_none() && joining.runs <= 1 {
+            return Err(joining.item);
+        }
+        let fits = |g: &Group<T, R>| g.weight + joining.weight <= limits.capacity;
+        if !open.group.as_ref().is_none_or(fits) {
+            dispatch(open.group.take());
+        }
+        if open.group.is_none() {
+            open.next += 1;
+        }
+        let id = open.next;
+        let group = open.group.get_or_insert_with(|| Group {
+            id,
+            deadline: Instant::now() + limits.window,
+            items: Vec::new(),
+            answers: Vec::new(),
+            weight: 0,
+            request: request(),
+        });
+        group.items.push(joining.item);
+        group.answers.push(joining.answer);
+        group.weight += joining.weight;
+        let (id, deadline) = (group.id, group.deadline);
+        if group.items.len() >= joining.runs || group.weight >= limits.capacity {
+            dispatch(open.group.take());
+        }
+        Ok((id, deadline))
+    }
+
+    /// Sends group `id` if it is still open (its window ended).
+    fn close(&self, id: u64) {
+        let mut open = self.lock();
+        if open.group.as_ref().is_some_and(|g| g.id == id) {
+            dispatch(open.group.take());
+        }
+    }
+}
+
+/// A run's item on its way into a group.
+struct Joining<T, R> {
+    item: T,
+    weight: usize,
+    runs: usize,
+    answer: oneshot::Sender<R>,
 }
 
 /// Sends a closed group on its own task, so that a run cancelled meanwhile

@@ -391,14 +391,7 @@ impl Replication {
         report.missing_checked += checked;
         let diff = if rate.skip() {
             tracing::debug!(db = %self.target.db, revisions = checked, "_revs_diff skipped: the target has lacked nearly everything");
-            let all = revs.into_iter().map(|(id, missing)| {
-                let diff = RevsDiff {
-                    missing,
-                    possible_ancestors: Vec::new(),
-                };
-                (id, diff)
-            });
-            all.collect()
+            all_missing(revs)
         } else {
             let step = "comparing revisions with the target";
             let diff = self.revs_diff(revs).await;
@@ -433,4 +426,20 @@ impl Replication {
         };
         self.target.client.revs_diff(&self.target.db, &revs).await
     }
+}
+
+/// Every revision of `revs` taken for missing, as `_revs_diff` would answer
+/// of a target that has none of them.
+fn all_missing(revs: Revs) -> BTreeMap<String, RevsDiff> {
+    let missing = |(id, missing)| {
+        let possible_ancestors = Vec::new();
+        (
+            id,
+            RevsDiff {
+                missing,
+                possible_ancestors,
+            },
+        )
+    };
+    revs.into_iter().map(missing).collect()
 }
