@@ -57,7 +57,7 @@ impl FanIn {
         let server = proxy.url(s.url.trim_end_matches('/'));
         let doc = json!({
             "type": "replicator",
-            "db_name": format!("^{}", regex_escape(&s.db("u_"))),
+            "db_name": format!("^{}", regex::escape(&s.db("u_"))),
             "source": format!("{server}/${{db_name}}"),
             "target": format!("{server}/{}", encode_segment(&target)),
             "engine": "native",
@@ -100,13 +100,7 @@ impl FanIn {
     /// The id of `source`'s checkpoint (`_local/<replication id>` on both
     /// sides), as the worker asked the source for it.
     fn checkpoint_id(&self, source: &str) -> String {
-        let prefix = format!("/{}/_local/", encode_segment(source));
-        let requests = self.proxy.requests();
-        let id = requests.iter().find_map(|request| {
-            let at = request.find(&prefix)? + prefix.len();
-            let name = request[at..].split('?').next()?;
-            Some(format!("_local/{name}"))
-        });
+        let id = self.proxy.checkpoint_id(source);
         id.expect("the source's checkpoint was read")
     }
 
@@ -136,15 +130,6 @@ impl FanIn {
         let requests = self.proxy.requests();
         requests.iter().filter(|r| r.starts_with(&path)).count()
     }
-}
-
-fn regex_escape(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| match c {
-            c if c.is_ascii_alphanumeric() || c == '_' => vec![c],
-            c => vec!['\\', c],
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

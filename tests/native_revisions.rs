@@ -130,12 +130,7 @@ impl Run {
     /// The id of the replication's checkpoints (`_local/<replication id>`
     /// on both sides), as the engine asked the source for it.
     fn checkpoint_id(&self) -> Option<String> {
-        let prefix = format!("/{}/_local/", encode_segment(&self.src));
-        self.proxy.requests().iter().find_map(|request| {
-            let at = request.find(&prefix)? + prefix.len();
-            let name = request[at..].split('?').next()?;
-            Some(format!("_local/{name}"))
-        })
+        self.proxy.checkpoint_id(&self.src)
     }
 
     /// Whether the source's changes since `seq` (a checkpoint's

@@ -148,6 +148,17 @@ impl RewritingProxy {
         self.injected_at(fault).len()
     }
 
+    /// The id of the checkpoint (`_local/<replication id>`) a replication
+    /// from database `db` read there, if it did.
+    pub fn checkpoint_id(&self, db: &str) -> Option<String> {
+        let prefix = format!("/{}/_local/", spiegel::couch::encode_segment(db));
+        self.requests().iter().find_map(|request| {
+            let at = request.find(&prefix)? + prefix.len();
+            let name = request[at..].split('?').next()?;
+            Some(format!("_local/{name}"))
+        })
+    }
+
     /// `METHOD /path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared.requests).clone()
